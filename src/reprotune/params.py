@@ -1,0 +1,372 @@
+"""Validated parameters: one typed config object per params.yaml section.
+
+Every stage loads its own section with :func:`load_section` (or the top-level knobs with
+:func:`load_top`). Unknown keys, wrong types and out-of-range values raise
+:class:`ParamsError` naming the full key (``dedup.threshold``) before any heavy work starts.
+
+params.yaml is read with a YAML 1.2 loader (ruamel.yaml) because ``dvc exp run -S lr=2e-5``
+writes ``2e-05``, which YAML 1.1 loaders (PyYAML ``safe_load``) return as a *string*.
+Numbers given as strings are also coerced here, so either way ``lr`` is a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from ruamel.yaml import YAML
+
+DEFAULT_PARAMS = Path("params.yaml")
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A parameter is unknown, mistyped or out of range; the message names the key."""
+
+
+def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+         hi_open: bool = False) -> dict[str, Any]:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+def _f(default: Any, **meta: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class TopParams:
+    """Top-level knobs (swept with ``dvc exp run -S lr=...``)."""
+
+    method: Literal["full", "freeze", "lora", "qlora", "prompt_tuning", "prefix_tuning"] = "lora"
+    lr: float = _f(2e-3, **_rng(0, 1, lo_open=True))
+    epochs: float = _f(4, **_rng(0, None, lo_open=True))
+    batch_size: int = _f(16, **_rng(1, 4096))
+    seed: int = _f(42, **_rng(0, 2**32 - 1))
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    rows: int = _f(2400, **_rng(10, 10_000_000))
+    seed: int = _f(0, **_rng(0, 2**32 - 1))
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    inputs: list[str] = _f(["data/raw/demo.jsonl"])
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
+    columns: dict[str, str] = _f({})
+    label_field: str | None = "label"
+    group_field: str | None = "group"
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    vocab: int = _f(2048, **_rng(300, 200_000))
+    hidden: int = _f(128, **_rng(8, 16384))
+    layers: int = _f(2, **_rng(1, 256))
+    heads: int = _f(4, **_rng(1, 256))
+    kv_heads: int = _f(2, **_rng(1, 256))
+    head_dim: int = _f(32, **_rng(4, 1024))
+    intermediate: int = _f(384, **_rng(8, 65536))
+    max_positions: int = _f(1024, **_rng(16, 1_000_000))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = "tiny"
+    trust_remote_code: bool = False
+    tiny: TinyModelParams = field(default_factory=TinyModelParams)
+
+
+@dataclass(frozen=True)
+class DedupParams:
+    threshold: float = _f(0.85, **_rng(0, 1, lo_open=True))
+    ngram_min: int = _f(2, **_rng(1, 10))
+    ngram_max: int = _f(4, **_rng(1, 10))
+    num_perm: int = _f(128, **_rng(8, 1024))
+    bands: int = _f(32, **_rng(1, 1024))
+    min_chars: int = _f(1, **_rng(0, None))
+    max_chars: int = _f(20000, **_rng(1, None))
+    max_repetition: float = _f(0.5, **_rng(0, 1, lo_open=True))
+    sample_pairs: int = _f(50, **_rng(0, 100_000))
+
+
+@dataclass(frozen=True)
+class FormatParams:
+    max_length: int = _f(384, **_rng(8, 1_000_000))
+    enable_thinking: bool = False
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_ratio: float = _f(0.1, **_rng(0, 1, hi_open=True))
+    test_ratio: float = _f(0.1, **_rng(0, 1, hi_open=True))
+    stratify: str | None = "label"
+    group: str | None = "group"
+    leakage_threshold: float = _f(0.7, **_rng(0, 1, lo_open=True))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    max_steps: int = _f(-1, **_rng(-1, None))
+    eval_steps: int = _f(25, **_rng(1, None))
+    logging_steps: int = _f(5, **_rng(1, None))
+    patience: int = _f(4, **_rng(0, None))
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = _f(0.05, **_rng(0, 1))
+    weight_decay: float = _f(0.0, **_rng(0, 10))
+    grad_accum: int = _f(1, **_rng(1, 4096))
+    max_grad_norm: float = _f(1.0, **_rng(0, None))
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = _f(16, **_rng(1, 4096))
+    alpha: float = _f(32, **_rng(0, None, lo_open=True))
+    dropout: float = _f(0.0, **_rng(0, 1, hi_open=True))
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+@dataclass(frozen=True)
+class QloraParams:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+@dataclass(frozen=True)
+class FreezeParams:
+    trainable_layers: int = _f(1, **_rng(1, None))
+    train_norm: bool = True
+    train_lm_head: bool = False
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    num_virtual_tokens: int = _f(16, **_rng(1, 4096))
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    max_new_tokens: int = _f(48, **_rng(1, 32768))
+    batch_size: int = _f(32, **_rng(1, 4096))
+    max_rows: int = _f(0, **_rng(0, None))
+    do_sample: bool = False
+    temperature: float = _f(0.7, **_rng(0, 10, lo_open=True))
+    top_p: float = _f(0.9, **_rng(0, 1, lo_open=True))
+    bleu_tokenize: Literal["auto", "zh", "13a", "intl", "char", "none"] = "auto"
+    task: Literal["auto", "generation", "classification"] = "auto"
+    report_examples: int = _f(5, **_rng(0, 1000))
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    methods: list[Literal["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0"]] = _f(
+        ["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0"])
+    keep_full_precision: list[str] = _f(["embed_tokens", "lm_head"])
+    eval_rows: int = _f(0, **_rng(0, None))
+
+
+SECTIONS: dict[str, type] = {
+    "demo": DemoParams,
+    "ingest": IngestParams,
+    "model": ModelParams,
+    "dedup": DedupParams,
+    "format": FormatParams,
+    "split": SplitParams,
+    "train": TrainParams,
+    "lora": LoraParams,
+    "qlora": QloraParams,
+    "freeze": FreezeParams,
+    "prompt": PromptParams,
+    "eval": EvalParams,
+    "quantize": QuantizeParams,
+}
+TOP_KEYS = tuple(f.name for f in dataclasses.fields(TopParams))
+
+
+# --------------------------------------------------------------------------- coercion
+def _suggest(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ParamsError naming ``key``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in get_args(tp):
+                return None
+            raise ParamsError(f"{key}: must not be null")
+        return _coerce(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, v_tp = get_args(tp)
+        return {str(k): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ParamsError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # `dvc exp run -S lr=2e-5` may reach us as the string "2e-05"
+                return float(value)
+            except ValueError:
+                pass
+        raise ParamsError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ParamsError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise TypeError(f"unsupported param type {tp!r} for {key}")  # programming error
+
+
+def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
+    if "range" not in meta:
+        return
+    lo, hi, lo_open, hi_open = meta["range"]
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ParamsError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ParamsError(f"{key}: {value!r} must be {'<' if hi_open else '<='} {hi}")
+
+
+def build(cls: type[T], raw: Any, prefix: str) -> T:
+    """Build dataclass ``cls`` from mapping ``raw``; keys are reported as ``prefix.key``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            raise ParamsError(f"{prefix}.{k}: unknown key{_suggest(str(k), fields)}; "
+                              f"known keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        val = _coerce(raw[name], hints[name], key)
+        _check_range(val, dict(f.metadata), key)
+        kwargs[name] = val
+    obj = cls(**kwargs)
+    _cross_checks(obj, prefix)
+    return obj
+
+
+def _cross_checks(obj: Any, prefix: str) -> None:
+    """Constraints that involve more than one key of a section."""
+    if isinstance(obj, DedupParams):
+        if obj.ngram_min > obj.ngram_max:
+            raise ParamsError(f"{prefix}.ngram_min: {obj.ngram_min} must be <= "
+                              f"{prefix}.ngram_max ({obj.ngram_max})")
+        if obj.num_perm % obj.bands:
+            raise ParamsError(f"{prefix}.bands: {obj.bands} must divide "
+                              f"{prefix}.num_perm ({obj.num_perm})")
+    if isinstance(obj, SplitParams) and obj.val_ratio + obj.test_ratio >= 1:
+        raise ParamsError(f"{prefix}.val_ratio + {prefix}.test_ratio must be < 1, got "
+                          f"{obj.val_ratio} + {obj.test_ratio}")
+    if isinstance(obj, TinyModelParams) and obj.heads % obj.kv_heads:
+        raise ParamsError(f"{prefix}.kv_heads: {obj.kv_heads} must divide "
+                          f"{prefix}.heads ({obj.heads})")
+    if isinstance(obj, LoraParams) and not obj.target_modules:
+        raise ParamsError(f"{prefix}.target_modules: must name at least one module")
+
+
+# --------------------------------------------------------------------------- loading
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read params.yaml with a YAML 1.2 loader and check its top-level keys."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found (run from the repository root)")
+    yaml = YAML(typ="safe", pure=True)
+    with path.open(encoding="utf-8") as fh:
+        raw = yaml.load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    known = set(SECTIONS) | set(TOP_KEYS)
+    for k in raw:
+        if k not in known:
+            raise ParamsError(f"{k}: unknown top-level key in {path}{_suggest(str(k), known)}")
+    return raw
+
+
+def validate_all(raw: dict[str, Any]) -> None:
+    """Validate every section (used by tests and `python -m reprotune.params`)."""
+    build(TopParams, {k: raw[k] for k in TOP_KEYS if k in raw}, "")
+    for name, cls in SECTIONS.items():
+        build(cls, raw.get(name), name)
+
+
+def load_top(path: str | Path = DEFAULT_PARAMS) -> TopParams:
+    """The top-level training knobs (method, lr, epochs, batch_size, seed)."""
+    raw = read_params(path)
+    return build(TopParams, {k: raw[k] for k in TOP_KEYS if k in raw}, "")
+
+
+def load_section(name: str, path: str | Path = DEFAULT_PARAMS) -> Any:
+    """One validated section of params.yaml, e.g. ``load_section("dedup")``."""
+    if name not in SECTIONS:
+        raise ParamsError(f"{name}: no such params section{_suggest(name, SECTIONS)}")
+    return build(SECTIONS[name], read_params(path).get(name), name)
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config object (for logging and metrics files)."""
+    return dataclasses.asdict(cfg)
+
+
+if __name__ == "__main__":  # `python -m reprotune.params` validates params.yaml
+    validate_all(read_params())
+    print("params.yaml is valid")

@@ -1,0 +1,40 @@
+"""Process set-up shared by every stage entry point: logging, offline mode, seeds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+
+def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
+    """Configure logging for a stage process and keep hub libraries offline-safe.
+
+    Hub clients are told not to phone home: downloads only happen when the user asks for
+    a hub model, and then :mod:`reprotune.modeling` fails fast if the hub is unreachable.
+    """
+    logging.basicConfig(level=level, format=f"%(asctime)s {stage} %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return logging.getLogger(f"reprotune.stages.{stage}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (if imported) from one explicit seed."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
