@@ -83,6 +83,7 @@ class TinyModelParams:
 class ModelParams:
     name: str = "tiny"
     trust_remote_code: bool = False
+    seed: int = _f(0, **_rng(0, 2**32 - 1))
     tiny: TinyModelParams = field(default_factory=TinyModelParams)
 
 
