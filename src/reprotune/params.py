@@ -113,6 +113,7 @@ class SplitParams:
     stratify: str | None = "label"
     group: str | None = "group"
     leakage_threshold: float = _f(0.7, **_rng(0, 1, lo_open=True))
+    seed: int = _f(0, **_rng(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
