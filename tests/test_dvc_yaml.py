@@ -1,0 +1,84 @@
+"""dvc.yaml lists, for every stage, exactly the library modules its entry point imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from reprotune.params import SECTIONS, TOP_KEYS, read_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "src" / "reprotune"
+# Data files a module reads at run time, which are deps wherever the module is.
+DATA_DEPS = {"chat_template": ["src/reprotune/templates/qwen3_chat_template.jinja"]}
+
+
+def _imports(path: Path) -> set[str]:
+    """reprotune modules imported (anywhere in the file, incl. inside functions) by ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("reprotune."):
+                    found.add(a.name.split(".")[1])
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level and path.is_relative_to(PKG):
+                mod = f"reprotune.{mod}" if mod else "reprotune"
+            if mod == "reprotune":
+                found.update(a.name for a in node.names if (PKG / f"{a.name}.py").exists())
+            elif mod.startswith("reprotune."):
+                found.add(mod.split(".")[1])
+    return found
+
+
+def _closure(stage_file: Path) -> set[str]:
+    todo, seen = list(_imports(stage_file)), set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo.extend(_imports(PKG / f"{m}.py"))
+    return seen
+
+
+def _stages() -> dict:
+    return YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_deps_are_exactly_its_imports(name: str) -> None:
+    stage = _stages()[name]
+    script = re.search(r"stages/(\w+)\.py", stage["cmd"]).group(0)
+    mods = _closure(ROOT / script)
+    expected = {script, "src/reprotune/__init__.py"} | {f"src/reprotune/{m}.py" for m in mods}
+    for m in mods:
+        expected.update(DATA_DEPS.get(m, []))
+    declared = {d for d in stage["deps"] if d.startswith(("src/", "stages/"))}
+    assert declared == expected, (f"{name}: missing {sorted(expected - declared)}, "
+                                  f"extra {sorted(declared - expected)}")
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_params_cover_the_sections_it_loads(name: str) -> None:
+    stage = _stages()[name]
+    script = re.search(r"stages/(\w+)\.py", stage["cmd"]).group(0)
+    src = (ROOT / script).read_text(encoding="utf-8")
+    loaded = set(re.findall(r"load_section\(\s*[\"'](\w+)[\"']", src))
+    declared = {p.split(".")[0] for p in stage.get("params", [])}
+    assert loaded <= declared, f"{name} loads {sorted(loaded - declared)} without declaring them"
+    if "load_top(" in src:
+        assert declared & set(TOP_KEYS), f"{name} reads top-level knobs but declares none"
+    raw = read_params(ROOT / "params.yaml")
+    for p in stage.get("params", []):  # every declared key exists
+        node = raw
+        for part in p.split("."):
+            assert isinstance(node, dict) and part in node, f"{name}: params key {p} not in params.yaml"
+            node = node[part]
+    assert set(SECTIONS) | set(TOP_KEYS) >= {p.split(".")[0] for p in stage.get("params", [])}
