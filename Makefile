@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.reprotune-installed
 export DVC_NO_ANALYTICS := 1
+# dvc.yaml commands call `python`: make it the project's venv interpreter.
+export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: install repro test test-fast lint dag clean-venv
