@@ -1,0 +1,451 @@
+"""Raw rows → canonical conversation records (docs/DESIGN.md) or rejected-row entries.
+
+Formats (``ingest.format: auto`` detects per row, first match wins):
+
+* ``messages``  – OpenAI ``messages`` [{role, content, tool_calls?}], optional ``tools``;
+* ``sharegpt``  – ``conversations`` [{from, value}] with human/gpt/system/function_call/
+  observation, optional ``system`` and ``tools``; DPO rows use ``chosen`` as the final answer;
+* ``prompt_completion`` – ``prompt``/``completion`` as strings or lists of messages;
+* ``alpaca``    – ``instruction``/``input``/``output``, optional ``system``, ``history``.
+
+Every row ends as exactly one record or one reject, so ``rows_in = kept + rejected``.
+Empty assistant answers are kept on purpose: the dedup stage's quality filter counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from reprotune.readers import RAW_LIMIT, RawRow, iter_rows
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")  # auto-detection order
+CANONICAL_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations",
+                     "messages", "prompt", "completion", "chosen", "tools")
+REASONS = ("parse_error", "unknown_format", "missing_field", "wrong_type", "unknown_role",
+           "no_assistant_turn", "ends_on_non_assistant", "role_order", "special_token",
+           "invalid_tool_call", "invalid_tools")
+# Chat-template control tokens inside data would let a row forge turns (prompt injection).
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "function_call": "assistant", "observation": "tool",
+                  "tool": "tool"}
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
+                "assistant": "assistant", "tool": "tool", "function": "tool"}
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except \t and \n
+_BLANKS = re.compile(r"[ \t]+")
+
+
+class RowError(ValueError):
+    """A row cannot become a canonical record: ``reason`` is one of REASONS."""
+
+    def __init__(self, reason: str, fld: str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, fld, detail
+        self.format: str | None = None  # the detected format, once known
+
+
+@dataclass
+class IngestResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- text
+def normalize_text(text: str) -> str:
+    """NFKC, \\r\\n → \\n, drop control characters (not \\n/\\t), collapse blanks, strip.
+
+    Runs of spaces/tabs collapse to one space inside a line; leading indentation is kept
+    because alpaca-style data carries code whose meaning depends on it.
+    """
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    lines = []
+    for line in text.split("\n"):
+        body = line.lstrip(" \t")
+        lines.append(line[: len(line) - len(body)] + _BLANKS.sub(" ", body).rstrip(" \t"))
+    return "\n".join(lines).strip()
+
+
+def record_id(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    """sha1 of the canonical JSON of (messages, tools): equal conversations, equal ids."""
+    blob = json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
+def _text(value: Any, fld: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a numeric answer column (e.g. from Parquet) is still text
+    raise RowError("wrong_type", fld, f"{fld} must be a string, got {type(value).__name__}")
+
+
+def _json_field(value: Any, want: type, fld: str, reason: str = "wrong_type") -> Any:
+    """Lists/objects may arrive JSON-encoded (CSV cells, glaive ``tools``): decode them."""
+    if isinstance(value, str) and want is not str:
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(reason, fld, f"{fld} is a string that is not valid JSON: {exc.msg}") from exc
+    if not isinstance(value, want):
+        raise RowError(reason, fld, f"{fld} must be a {want.__name__}, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- tools
+def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
+    """{"name","arguments"} / OpenAI {"type","function":{...}} (one or a list) → canonical."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError("invalid_tool_call", fld, f"{fld}: tool call is not valid JSON: {exc.msg}") from exc
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise RowError("invalid_tool_call", fld, f"{fld}: empty tool call list")
+    calls = []
+    for item in items:
+        fn = item.get("function", item) if isinstance(item, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise RowError("invalid_tool_call", fld, f"{fld}: tool call needs a string 'name'")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise RowError("invalid_tool_call", fld,
+                               f"{fld}: arguments of {name!r} are not valid JSON: {exc.msg}") from exc
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise RowError("invalid_tool_call", fld, f"{fld}: arguments of {name!r} must be an object")
+        calls.append({"type": "function", "function": {"name": name.strip(), "arguments": args}})
+    return calls
+
+
+def _tools(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    value = row.get("tools")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    value = _json_field(value, list, "tools", "invalid_tools") if not isinstance(value, dict) else [value]
+    if not all(isinstance(t, dict) for t in value):
+        raise RowError("invalid_tools", "tools", "tools must be a list of JSON objects")
+    return value or None
+
+
+# --------------------------------------------------------------------------- formats
+def _msg(role: str, content: str, src: str, tool_calls: list | None = None) -> dict[str, Any]:
+    m: dict[str, Any] = {"role": role, "content": content, "_src": src}
+    if tool_calls:
+        m["tool_calls"] = tool_calls
+    return m
+
+
+def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: str = "content",
+                 roles: Mapping[str, str] = OPENAI_ROLES) -> dict[str, Any]:
+    if not isinstance(turn, dict):
+        raise RowError("wrong_type", fld, f"{fld} must be an object, got {type(turn).__name__}")
+    raw_role = turn.get(role_key)
+    if raw_role is None:
+        raise RowError("missing_field", f"{fld}.{role_key}", f"{fld} has no {role_key!r}")
+    if not isinstance(raw_role, str) or raw_role.strip().lower() not in roles:
+        raise RowError("unknown_role", f"{fld}.{role_key}",
+                       f"{fld}: unknown role {raw_role!r}; expected one of {', '.join(roles)}")
+    raw_role = raw_role.strip().lower()
+    role, content, cfld = roles[raw_role], turn.get(content_key), f"{fld}.{content_key}"
+    if raw_role == "function_call":  # sharegpt: the value is the call itself
+        return _msg("assistant", "", fld, _tool_calls(content, cfld))
+    if content is None:
+        if role != "assistant":  # OpenAI: an assistant turn with tool_calls has null content
+            raise RowError("missing_field", cfld, f"{fld} has no {content_key!r}")
+        content = ""
+    elif isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                           for p in content):  # OpenAI content parts
+        content = "".join(_text(p.get("text"), cfld) for p in content)
+    elif role == "tool" and isinstance(content, (dict, list)):
+        content = json.dumps(content, ensure_ascii=False)  # observations are often JSON objects
+    calls = turn.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise RowError("invalid_tool_call", f"{fld}.tool_calls", f"{fld}: tool_calls on a {role} message")
+    return _msg(role, _text(content, cfld), fld,
+                _tool_calls(calls, f"{fld}.tool_calls") if calls else None)
+
+
+def _turns(value: Any, fld: str, **kw: Any) -> list[dict[str, Any]]:
+    turns = _json_field(value, list, fld)
+    return [_openai_turn(t, f"{fld}[{i}]", **kw) for i, t in enumerate(turns)]
+
+
+def _system(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    text = _text(row["system"], "system") if "system" in row else ""
+    return [_msg("system", text, "system")] if text.strip() else []
+
+
+def _decoded(value: Any, role_key: str) -> Any:
+    """A message or list of messages stored as JSON text (CSV cells); other text stays text."""
+    if not (isinstance(value, str) and value.lstrip().startswith(("{", "["))):
+        return value
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    if isinstance(decoded, dict) and role_key in decoded:
+        return decoded
+    if isinstance(decoded, list) and decoded and all(isinstance(m, dict) for m in decoded):
+        return decoded
+    return value
+
+
+def _chosen(row: Mapping[str, Any], **kw: Any) -> list[dict[str, Any]]:
+    """DPO-style rows: the preferred answer becomes the final assistant turn."""
+    value = _decoded(row["chosen"], kw.get("role_key", "role"))
+    if isinstance(value, list):
+        return _turns(value, "chosen", **kw)
+    if isinstance(value, dict):
+        return [_openai_turn(value, "chosen", **kw)]
+    return [_msg("assistant", _text(value, "chosen"), "chosen")]
+
+
+def _from_alpaca(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    if "instruction" not in row:
+        raise RowError("missing_field", "instruction", "alpaca row has no 'instruction'")
+    if "output" not in row and "chosen" not in row:
+        raise RowError("missing_field", "output", "alpaca row has no 'output'")
+    prompt = "\n".join(p for p in (_text(row["instruction"], "instruction"),
+                                   _text(row.get("input", ""), "input")) if p.strip())
+    msgs = _system(row)
+    for i, pair in enumerate(_json_field(row.get("history", []), list, "history")):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise RowError("wrong_type", f"history[{i}]", f"history[{i}] must be a [query, answer] pair")
+        msgs += [_msg("user", _text(pair[0], f"history[{i}][0]"), f"history[{i}][0]"),
+                 _msg("assistant", _text(pair[1], f"history[{i}][1]"), f"history[{i}][1]")]
+    msgs.append(_msg("user", prompt, "instruction"))
+    if "output" in row:
+        return msgs + [_msg("assistant", _text(row["output"], "output"), "output")]
+    return msgs + _chosen(row)
+
+
+def _from_sharegpt(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    kw = {"role_key": "from", "content_key": "value", "roles": SHAREGPT_ROLES}
+    conv = _json_field(row["conversations"], list, "conversations")
+    if conv and isinstance(conv[0], dict) and "from" not in conv[0] and "role" in conv[0]:
+        kw = {"roles": {**SHAREGPT_ROLES, **OPENAI_ROLES}}  # sharegpt with role/content tags
+    msgs = _system(row) + _turns(conv, "conversations", **kw)
+    return msgs + (_chosen(row, **kw) if "chosen" in row else [])
+
+
+def _from_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return _system(row) + _turns(row["messages"], "messages")
+
+
+def _side(row: Mapping[str, Any], key: str, role: str) -> list[dict[str, Any]]:
+    value = _decoded(row[key], "role")
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        return _turns(value, key)
+    return [_msg(role, _text(value, key), key)]
+
+
+def _from_prompt_completion(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    if "completion" not in row and "chosen" not in row:
+        raise RowError("missing_field", "completion", "prompt/completion row has no 'completion'")
+    answer = _side(row, "completion" if "completion" in row else "chosen", "assistant")
+    return _system(row) + _side(row, "prompt", "user") + answer
+
+
+CONVERTERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _from_messages,
+              "prompt_completion": _from_prompt_completion}
+_MARKERS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "prompt",
+            "alpaca": "instruction"}
+
+
+def detect_format(row: Mapping[str, Any]) -> str | None:
+    """The first format whose marker field the row has (``output`` alone also means alpaca)."""
+    for fmt in FORMATS:
+        if _MARKERS[fmt] in row:
+            return fmt
+    return "alpaca" if "output" in row else None
+
+
+# --------------------------------------------------------------------------- validation
+def _check(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+    """Role order, final assistant turn and the special-token injection guard."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("no_assistant_turn", None, "conversation has no assistant turn")
+    prev: dict[str, Any] | None = None
+    for i, m in enumerate(messages):
+        role, before = m["role"], prev["role"] if prev else None
+        ok = {"system": i == 0,
+              "user": before in (None, "system", "assistant"),
+              "assistant": before in ("user", "tool"),
+              "tool": before == "tool" or (before == "assistant" and bool(prev.get("tool_calls")))}[role]
+        if not ok:
+            raise RowError("role_order", m["_src"],
+                           f"{m['_src']}: {role} turn after {before or 'the start'}")
+        prev = m
+    if messages[-1]["role"] != "assistant":
+        raise RowError("ends_on_non_assistant", messages[-1]["_src"],
+                       f"conversation ends on a {messages[-1]['role']} turn")
+    for m in messages:
+        # tool-call JSON is not normalised, so NFKC it here: full-width ＜｜ would become <|
+        text = m["content"] + unicodedata.normalize(
+            "NFKC", json.dumps(m.get("tool_calls", ""), ensure_ascii=False))
+        for tok in SPECIAL_TOKENS:
+            if tok in text:
+                raise RowError("special_token", m["_src"], f"{m['_src']} contains {tok}")
+    blob = unicodedata.normalize("NFKC", json.dumps(tools or [], ensure_ascii=False))
+    for tok in SPECIAL_TOKENS:
+        if tok in blob:
+            raise RowError("special_token", "tools", f"tools contain {tok}")
+
+
+def _remap(row: dict[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """Rename user columns to canonical names; null values count as absent (Parquet/CSV gaps)."""
+    picked = {canon: row[user] for canon, user in columns.items() if user in row}
+    out = {k: v for k, v in row.items() if k not in set(columns.values())}
+    out.update(picked)
+    # An empty CSV cell in an optional structured column means "none", not bad JSON.
+    return {k: v for k, v in out.items()
+            if v is not None and not (k in ("history", "tools") and v == "")}
+
+
+def _meta(row: Mapping[str, Any], key: str | None) -> str | None:
+    if not key or row.get(key) is None:
+        return None
+    v = row[key]
+    v = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
+    return normalize_text(v) or None
+
+
+def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
+                label_field: str | None = "label", group_field: str | None = "group",
+                ) -> tuple[str, dict[str, Any]]:
+    """One parsed row → ``(format, record without source)``; raises RowError on rejection."""
+    row = _remap(row, columns or {})
+    detected = detect_format(row) if fmt == "auto" else fmt
+    if detected is None:
+        raise RowError("unknown_format", None, "no known format: expected messages, conversations, "
+                       f"prompt/completion or instruction/output; got keys {sorted(row)}")
+    try:
+        if detected != "alpaca" and _MARKERS[detected] not in row:
+            raise RowError("missing_field", _MARKERS[detected], f"{detected} row has no "
+                           f"{_MARKERS[detected]!r}")
+        messages = CONVERTERS[detected](row)
+        tools = _tools(row)
+        for m in messages:
+            m["content"] = normalize_text(m["content"])
+        _check(messages, tools)
+    except RowError as exc:
+        exc.format = detected
+        raise
+    messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
+    return detected, {"id": record_id(messages, tools), "messages": messages, "tools": tools,
+                      "label": _meta(row, label_field), "group": _meta(row, group_field)}
+
+
+def _raw_text(raw: RawRow) -> str:
+    if raw.data is None:
+        return (raw.raw or "")[:RAW_LIMIT]
+    return json.dumps(raw.data, ensure_ascii=False, default=str)[:RAW_LIMIT]
+
+
+def _bucket() -> dict[str, Any]:
+    return {"rows_in": 0, "kept": 0, "rejected": Counter()}
+
+
+def ingest_rows(rows: Iterable[RawRow], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
+                label_field: str | None = "label", group_field: str | None = "group") -> IngestResult:
+    """Convert raw rows; every row becomes one record or one reject (see module docstring)."""
+    if fmt != "auto" and fmt not in CONVERTERS:
+        raise ValueError(f"ingest.format: {fmt!r} is not auto or one of {', '.join(FORMATS)}")
+    unknown = sorted(set(columns or {}) - set(CANONICAL_COLUMNS))
+    if unknown:
+        raise ValueError(f"ingest.columns: unknown canonical field(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(CANONICAL_COLUMNS)}")
+    res = IngestResult()
+    files: dict[str, dict[str, Any]] = {}
+    formats: dict[str, dict[str, Any]] = {}
+    for raw in rows:
+        try:
+            if raw.data is None:
+                raise RowError("parse_error", None, raw.error or "unparseable row")
+            detected, rec = convert_row(raw.data, fmt=fmt, columns=columns,
+                                        label_field=label_field, group_field=group_field)
+        except RowError as exc:
+            detected = exc.format or (
+                "unparsed" if exc.reason == "parse_error" else "unknown")
+            res.rejects.append({"source": raw.source, "line": raw.line, "field": exc.field,
+                                "reason": exc.reason, "detail": exc.detail, "raw": _raw_text(raw)})
+            outcome = exc.reason
+        else:
+            res.records.append({"source": raw.where, **rec})
+            outcome = None
+        for bucket in (files.setdefault(raw.source, _bucket()), formats.setdefault(detected, _bucket())):
+            bucket["rows_in"] += 1
+            if outcome is None:
+                bucket["kept"] += 1
+            else:
+                bucket["rejected"][outcome] += 1
+    res.counts = _summary(res, files, formats)
+    return res
+
+
+def _summary(res: IngestResult, files: dict[str, Any], formats: dict[str, Any]) -> dict[str, Any]:
+    reasons = Counter(r["reason"] for r in res.rejects)
+
+    def plain(b: dict[str, Any]) -> dict[str, Any]:
+        return {"rows_in": b["rows_in"], "kept": b["kept"], "rejected": dict(sorted(b["rejected"].items()))}
+
+    roles = Counter(m["role"] for r in res.records for m in r["messages"])
+    return {
+        "rows_in": len(res.records) + len(res.rejects),
+        "kept": len(res.records),
+        "rejected_total": len(res.rejects),
+        "rejected": {k: reasons.get(k, 0) for k in REASONS},
+        "files": {k: plain(v) for k, v in files.items()},
+        "formats": {k: plain(v) for k, v in sorted(formats.items())},
+        "messages_by_role": dict(sorted(roles.items())),
+        "tool_calls": sum(len(m.get("tool_calls", [])) for r in res.records for m in r["messages"]),
+        "with_tools": sum(r["tools"] is not None for r in res.records),
+        "with_label": sum(r["label"] is not None for r in res.records),
+        "with_group": sum(r["group"] is not None for r in res.records),
+        "empty_answers": sum(not r["messages"][-1]["content"] and not r["messages"][-1].get("tool_calls")
+                             for r in res.records),
+    }
+
+
+def ingest_files(paths: Sequence[str], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
+                 label_field: str | None = "label", group_field: str | None = "group") -> IngestResult:
+    """Read and convert every file of ``ingest.inputs`` in the order given."""
+    if not paths:
+        raise ValueError("ingest.inputs: no input files listed")
+
+    def rows() -> Iterable[RawRow]:
+        for path in paths:
+            n = 0
+            for row in tqdm(iter_rows(path), desc=f"ingest {path}", unit="row", mininterval=2,
+                            disable=None):
+                n += 1
+                yield row
+            if n == 0:
+                logger.warning("%s: no rows (empty file)", path)
+
+    return ingest_rows(rows(), fmt=fmt, columns=columns, label_field=label_field,
+                       group_field=group_field)
