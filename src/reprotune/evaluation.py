@@ -1,0 +1,220 @@
+"""Evaluate a model on the test split: generation, every metric, per-sample records.
+
+Each test row is answered from its conversation up to (not including) its LAST assistant
+turn; that turn is the reference. Generation metrics (BLEU, chrF, ROUGE, token F1/EM) are
+always computed; classification metrics are added when the task is ``classification``, or
+``auto`` and some rows carry a label (scored on those rows). Perplexity is computed with
+teacher forcing when the rows carry the tokenised ``input_ids``/``labels`` columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reprotune import io
+from reprotune import metrics as M
+from reprotune.generation import generate, strip_think
+
+log = logging.getLogger(__name__)
+
+# Headline metrics, higher is better; perplexity is handled apart (lower is better).
+HEADLINE = ("bleu", "chrf", "rouge1", "rouge2", "rouge_l", "f1", "em", "accuracy", "macro_f1")
+# Settings that must agree for a base-vs-fine-tuned comparison to mean anything.
+COMPARABLE_SETTINGS = ("n_rows", "bleu_tokenize", "max_new_tokens", "do_sample", "task")
+DIGITS = 6
+
+
+class EvalDataError(ValueError):
+    """The test split cannot be evaluated; the message names the file, row and field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: list[dict[str, Any]]
+    tools: list[Any] | None
+    reference: str
+    user: str
+    label: str | None
+
+
+def _json_field(row: dict[str, Any], name: str, where: str) -> Any:
+    value = row.get(name)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise EvalDataError(f"{where}: field {name!r} is not valid JSON: {exc.msg}") from exc
+    return value
+
+
+def reference_text(message: dict[str, Any]) -> str:
+    """The answer text of an assistant message as the Qwen3 template renders it: content
+    (without any think block), then one ``<tool_call>`` block per tool call."""
+    parts = [strip_think(message.get("content") or "")]
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function", call)
+        args = fn.get("arguments")
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        parts.append(f'<tool_call>\n{{"name": "{fn.get("name")}", "arguments": {args}}}\n</tool_call>')
+    return "\n".join(p for p in parts if p)
+
+
+def parse_row(row: dict[str, Any], index: int, source: str) -> Example:
+    """One test row -> :class:`Example`; errors name ``source``, the 1-based row and field."""
+    where = f"{source}: row {index + 1} (id {row.get('id', '?')})"
+    messages = _json_field(row, "messages", where)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise EvalDataError(f"{where}: field 'messages' must be a list of message objects")
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise EvalDataError(f"{where}: field 'messages' has no assistant turn, so there is no "
+                            f"reference answer to evaluate against")
+    if last == 0:
+        raise EvalDataError(f"{where}: field 'messages' starts with the assistant turn: no prompt")
+    tools = _json_field(row, "tools", where)
+    user = next((m.get("content") or "" for m in reversed(messages[:last])
+                 if m.get("role") == "user"), "")
+    label = row.get("label")
+    return Example(id=str(row.get("id", index)), prompt=messages[:last], tools=tools or None,
+                   reference=reference_text(messages[last]), user=user,
+                   label=None if label in (None, "") else str(label))
+
+
+def load_test_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read the test split; fail naming the file when it is missing or empty."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalDataError(f"{path}: test split not found (run the split stage first)")
+    rows = io.read_jsonl(path) if path.suffix == ".jsonl" else io.read_parquet(path)
+    if not rows:
+        raise EvalDataError(f"{path}: test split has no rows")
+    return rows
+
+
+def _round(x: Any) -> Any:
+    return round(x, DIGITS) if isinstance(x, float) else x
+
+
+def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: Any, *,
+                   enable_thinking: bool, seed: int, source: str = "test split",
+                   progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate answers for ``rows`` and score them; ``cfg`` is the ``eval`` params section.
+
+    Returns ``(metrics, predictions)``: metrics hold the headline numbers, counts, a
+    ``settings`` dict and (classification) a ``confusion`` dict; predictions hold one
+    record per row, in row order: ``{id, prompt, reference, prediction, label, bleu,
+    rouge_l, f1, em}`` (+ ``pred_label`` when classification metrics are computed).
+    """
+    rows = list(rows[: cfg.max_rows] if cfg.max_rows else rows)
+    if not rows:
+        raise EvalDataError(f"{source}: no rows to evaluate")
+    examples = [parse_row(r, i, source) for i, r in enumerate(rows)]
+    labelled = [i for i, e in enumerate(examples) if e.label is not None]
+    if cfg.task == "classification" and not labelled:
+        raise EvalDataError(f"{source}: eval.task is classification but no row has a label")
+    classify = cfg.task == "classification" or (cfg.task == "auto" and bool(labelled))
+
+    preds = generate(model, tokenizer, [e.prompt for e in examples], [e.tools for e in examples],
+                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                     enable_thinking=enable_thinking, do_sample=cfg.do_sample,
+                     temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, progress=progress)
+    refs = [e.reference for e in examples]
+    bc = M.bleu_chrf(preds, refs, cfg.bleu_tokenize)
+    rg = M.rouge(preds, refs)
+    tf = M.token_f1_em(preds, refs)
+    out: dict[str, Any] = {"bleu": bc["bleu"], "chrf": bc["chrf"], "rouge1": rg["rouge1"],
+                           "rouge2": rg["rouge2"], "rouge_l": rg["rouge_l"], "f1": tf["f1"],
+                           "em": tf["em"], "n_rows": len(rows),
+                           "n_empty_predictions": sum(not p.strip() for p in preds)}
+    records = [{"id": e.id, "prompt": e.user, "reference": e.reference, "prediction": p,
+                "label": e.label, "bleu": _round(M.sentence_bleu(p, e.reference, bc["tokenize"])),
+                "rouge_l": _round(r["rouge_l"]), "f1": _round(f), "em": _round(em)}
+               for e, p, r, (f, em) in zip(examples, preds, rg["per_sample"], tf["per_sample"],
+                                           strict=True)]
+    if classify:
+        cm = M.classification_metrics([preds[i] for i in labelled],
+                                      [examples[i].label for i in labelled])
+        out.update(accuracy=cm["accuracy"], macro_f1=cm["macro_f1"], n_labelled=len(labelled),
+                   n_other=cm["n_other"], confusion=cm["confusion"])
+        for i, mapped in zip(labelled, cm["mapped"], strict=True):
+            records[i]["pred_label"] = mapped
+    if all("input_ids" in r and "labels" in r for r in rows):
+        out.update(_perplexity(model, tokenizer, rows, cfg.batch_size, source, progress))
+    else:
+        log.warning("%s: rows lack input_ids/labels: perplexity not computed", source)
+    out["settings"] = {
+        "task": cfg.task, "classification": classify, "bleu_tokenize": bc["tokenize"],
+        "bleu_signature": bc["bleu_signature"], "chrf_signature": bc["chrf_signature"],
+        "n_rows": len(rows), "max_rows": cfg.max_rows, "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size, "do_sample": cfg.do_sample,
+        "temperature": cfg.temperature if cfg.do_sample else None,
+        "top_p": cfg.top_p if cfg.do_sample else None, "seed": seed,
+        "enable_thinking": enable_thinking}
+    return {k: _round(v) for k, v in out.items()}, records
+
+
+def _perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int,
+                source: str, progress: bool) -> dict[str, Any]:
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    for i, r in enumerate(rows):
+        if len(r["input_ids"]) != len(r["labels"]):
+            raise EvalDataError(f"{source}: row {i + 1}: fields 'input_ids' and 'labels' differ "
+                                f"in length ({len(r['input_ids'])} vs {len(r['labels'])})")
+        if r["input_ids"] and max(r["input_ids"]) >= vocab:
+            raise EvalDataError(f"{source}: row {i + 1}: field 'input_ids' holds id "
+                                f"{max(r['input_ids'])} >= the model's vocabulary ({vocab}): "
+                                f"the split was tokenised with another tokenizer")
+    try:
+        ppl = M.corpus_perplexity(model, rows, batch_size, pad_id=tokenizer.pad_token_id or 0,
+                                  progress=progress)
+    except ValueError as exc:
+        raise EvalDataError(f"{source}: {exc} (every assistant turn was masked or truncated)") from exc
+    return {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "ppl_tokens": ppl["n_tokens"],
+            "ppl_rows_without_tokens": ppl["n_rows_without_tokens"]}
+
+
+def _numbers(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def compare(finetuned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """``{"finetuned": {...}, "base": {...}, "gain": {...}}`` of two :func:`evaluate_model`
+    metric dicts. ``gain[m] = finetuned - base`` for the higher-is-better metrics, and
+    ``gain["ppl_reduction"] = base - finetuned`` perplexity, so positive gain is always
+    better. Settings that must agree but differ are listed in ``settings_mismatch``.
+    """
+    ft, bs = _numbers(finetuned), _numbers(base)
+    gain = {k: _round(ft[k] - bs[k]) for k in HEADLINE if k in ft and k in bs}
+    if "perplexity" in ft and "perplexity" in bs:
+        gain["ppl_reduction"] = _round(bs["perplexity"] - ft["perplexity"])
+    out: dict[str, Any] = {"finetuned": ft, "base": bs, "gain": gain}
+    s_ft, s_bs = finetuned.get("settings", {}), base.get("settings", {})
+    mismatch = [k for k in COMPARABLE_SETTINGS if s_ft.get(k) != s_bs.get(k)] if base else []
+    if mismatch:
+        log.warning("base and fine-tuned evaluations differ in %s: the gain is not like for like",
+                    ", ".join(f"{k} ({s_bs.get(k)!r} vs {s_ft.get(k)!r})" for k in mismatch))
+        out["settings_mismatch"] = mismatch
+    return out
+
+
+def metrics_file(finetuned: dict[str, Any], comparison: dict[str, Any]) -> dict[str, Any]:
+    """eval.json content: fine-tuned values at the top level (as ``dvc metrics diff`` shows
+    them best), then ``base`` and ``gain`` sub-dicts and the eval ``settings``."""
+    out = {k: v for k, v in finetuned.items() if k != "confusion"}
+    out.update(base=comparison["base"], gain=comparison["gain"])
+    if "settings_mismatch" in comparison:
+        out["settings_mismatch"] = comparison["settings_mismatch"]
+    return out
+
+
+def is_finite_metrics(m: dict[str, Any]) -> bool:
+    """True when no number in ``m`` (nested dicts included) is NaN or infinite."""
+    return all(is_finite_metrics(v) if isinstance(v, dict) else
+               not (isinstance(v, float) and not math.isfinite(v)) for v in m.values())

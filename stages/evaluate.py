@@ -1,0 +1,126 @@
+"""DVC stages `eval_base` and `evaluate`: score a model on the test split.
+
+`--kind base` evaluates the base model dir; `--kind finetuned` evaluates the training
+output (adapter or full model) and, given `--base-metrics`, writes fine-tuned values, base
+values and the gain side by side, plus the Markdown report and the confusion-matrix plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from reprotune import io, runtime
+from reprotune.chat_template import template_fingerprint
+from reprotune.evaluation import (
+    compare,
+    evaluate_model,
+    is_finite_metrics,
+    load_test_rows,
+    metrics_file,
+)
+from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
+from reprotune.params import load_section
+from reprotune.report import plot_confusion, relative_link, render_report, write_report
+
+DEFAULTS = {
+    "base": {"model": "models/base", "metrics": "metrics/eval_base.json",
+             "predictions": "data/eval/predictions_base.jsonl"},
+    "finetuned": {"model": "models/finetuned", "metrics": "metrics/eval.json",
+                  "predictions": "data/eval/predictions.jsonl"},
+}
+
+
+def _load(kind: str, model_dir: str, thinking_param: bool, log: Any) -> tuple[Any, Any, bool, dict]:
+    """(model, tokenizer, enable_thinking, info) for a base or fine-tuned model dir.
+
+    Both kinds run in the same precision (bf16 on a bf16-capable GPU, else fp32) so the
+    base-vs-fine-tuned gain is not a precision artefact.
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if kind == "base":
+        tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir, dtype=dtype).to(device).eval()
+        info_path = Path(model_dir) / BASE_INFO_FILE
+        info = io.read_json(info_path) if info_path.exists() else {}
+        enable_thinking = thinking_param
+    else:
+        from reprotune.loading import load_finetuned
+
+        model, tokenizer, info = load_finetuned(model_dir, dtype=dtype, device=device)
+        # render prompts the way the model was trained, whatever params.yaml says now
+        enable_thinking = bool(info.get("enable_thinking", thinking_param))
+        if enable_thinking != thinking_param:
+            log.warning("format.enable_thinking=%s but %s was trained with %s: using the latter",
+                        thinking_param, model_dir, enable_thinking)
+    sha = template_fingerprint(tokenizer.chat_template or "")
+    if info.get("chat_template_sha256") and info["chat_template_sha256"] != sha:
+        log.warning("%s: tokenizer chat template %s differs from the recorded %s: prompts may "
+                    "not match training", model_dir, sha[:12], info["chat_template_sha256"][:12])
+    return model, tokenizer, enable_thinking, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--kind", choices=sorted(DEFAULTS), default="finetuned")
+    ap.add_argument("--model", help="model dir (default: models/base | models/finetuned)")
+    ap.add_argument("--test", default="data/processed/test.parquet")
+    ap.add_argument("--metrics", help="default: metrics/eval_base.json | metrics/eval.json")
+    ap.add_argument("--predictions",
+                    help="default: data/eval/predictions_base.jsonl | data/eval/predictions.jsonl")
+    ap.add_argument("--base-metrics", help="eval_base metrics to compare with (finetuned)")
+    ap.add_argument("--base-predictions", help="base predictions shown beside the examples")
+    ap.add_argument("--report", help="Markdown report to write, e.g. reports/eval.md")
+    ap.add_argument("--confusion", help="confusion-matrix PNG to write")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="sampling seed (used only with eval.do_sample)")
+    args = ap.parse_args()
+    for key, value in DEFAULTS[args.kind].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    log = runtime.setup("evaluate")
+    cfg = load_section("eval")
+    thinking_param = load_section("format").enable_thinking
+    runtime.seed_everything(args.seed)
+    rows = load_test_rows(args.test)
+    model, tokenizer, enable_thinking, info = _load(args.kind, args.model, thinking_param, log)
+    metrics, predictions = evaluate_model(model, tokenizer, rows, cfg,
+                                          enable_thinking=enable_thinking, seed=args.seed,
+                                          source=str(args.test))
+    confusion = metrics.pop("confusion", None)
+    metrics["settings"].update(kind=args.kind, model=args.model, method=info.get("method"))
+    if not is_finite_metrics(metrics):
+        raise SystemExit(f"{args.model}: non-finite metric values: {metrics}")
+    io.write_jsonl(args.predictions, predictions)
+
+    if args.base_metrics:
+        comparison = compare(metrics, io.read_json(args.base_metrics))
+        out = metrics_file(metrics, comparison)
+    else:
+        comparison = compare(metrics, {})
+        out = metrics
+    io.write_json(args.metrics, out)
+    if args.confusion:
+        plot_confusion(confusion, args.confusion)
+    if args.report:
+        base_preds = io.read_jsonl(args.base_predictions) if args.base_predictions else None
+        text = render_report(comparison, metrics["settings"], predictions,
+                             examples=cfg.report_examples, confusion=confusion,
+                             confusion_png=(relative_link(args.confusion, args.report)
+                                            if args.confusion else None),
+                             base_predictions=base_preds)
+        write_report(args.report, text)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                        if isinstance(v, float) and k in ("bleu", "rouge_l", "f1", "accuracy",
+                                                          "perplexity"))
+    log.info("%s (%s) on %d rows: %s; gain %s", args.model, args.kind, metrics["n_rows"], summary,
+             comparison["gain"] or "n/a")
+
+
+if __name__ == "__main__":
+    main()
