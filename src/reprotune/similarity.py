@@ -1,0 +1,446 @@
+"""Near-duplicate text detection: character n-gram TF-IDF, MinHash-LSH blocking, exact verification.
+
+Used by the dedup stage (pairs within one corpus) and by the split stage's leakage check
+(val/test rows against train). Three steps, each scaling to ~1e5-1e6 rows on a laptop:
+
+1. **Features.** The char n-grams (``ngram_range``, e.g. 2-4) of every lower-cased text whose
+   whitespace runs are collapsed, exactly as scikit-learn's
+   ``TfidfVectorizer(analyzer="char", sublinear_tf=True, norm="l2")`` defines them (smooth idf).
+   Characters, not words, so Chinese and other unspaced text work. The n-grams are hashed with
+   numpy (vectorised over the whole corpus) instead of scikit-learn's per-character Python loop,
+   which took 65 s for 20k rows here; tests check the cosines equal scikit-learn's. A feature is
+   a 52-bit hash of the n-gram: a collision between two distinct n-grams is expected about
+   once per 1e8 distinct n-grams and only merges two features.
+2. **Blocking.** One-permutation MinHash (one hash per feature, ``num_perm`` bins, the minimum
+   per bin, empty bins filled by "optimal densification") over the same feature sets, then LSH
+   banding: ``bands`` bands of ``r = num_perm / bands`` bins; rows whose band values agree in
+   any band become candidate pairs. A pair with n-gram-set Jaccard ``s`` becomes a candidate
+   with probability ``1 - (1 - s**r)**bands``. Defaults 128/32 (r=4) catch s=0.6 with 0.99 and
+   s=0.5 with 0.87; char 2-4-gram pairs at TF-IDF cosine >= 0.85 have s ~0.6-0.9 (measured
+   recall: bench/dedup.py). More bands or fewer rows per band raise recall and cost.
+3. **Verification.** Every candidate pair's exact TF-IDF cosine (row-wise sparse dot product);
+   pairs at or above ``threshold`` are returned. No dense n x n matrix is ever built.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+SEED = 20240611  # fixed: dedup must not rerun (or change) when the training `seed` changes
+
+_WS = re.compile(r"\s\s+")  # scikit-learn's char analyzer collapses runs of 2+ whitespace
+_U64 = np.uint64
+_FEAT_BITS = 52
+_DOC_BITS = 64 - _FEAT_BITS  # row-in-chunk bits packed above the feature hash for one sort
+_CHUNK_DOCS = 1 << _DOC_BITS
+_CHUNK_CHARS = 2_000_000  # bounds the temporary arrays of one extraction chunk
+_FNV_OFFSET = _U64(0xCBF29CE484222325)
+_FNV_PRIME = _U64(0x100000001B3)
+_EMPTY = np.uint32(0xFFFFFFFF)  # MinHash bin with no feature (a real 0xFFFFFFFF is just refilled)
+# MinHash leaves out n-grams found in more than MAX_DF of the rows (and in more than MIN_DF_CAP
+# rows). English bigrams like "th" make any two English texts share ~14% of their 2-4-grams
+# (alpaca: LSH candidates for 2% of all pairs, infeasible at 1e5 rows); without them unrelated
+# pairs drop to ~0.7% Jaccard (candidates for 0.005-0.03% of pairs) while planted near-duplicates
+# at cosine >= 0.85 keep Jaccard >= 0.5. Common n-grams carry little TF-IDF weight anyway.
+MAX_DF = 0.05
+MIN_DF_CAP = 100
+_DF_SAMPLE = 20_000  # rows (evenly spaced) from which the common n-grams are counted
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, vectorised: a well-spread 64-bit hash of each element (new array)."""
+    x = x ^ (x >> _U64(30))
+    x *= _U64(0xBF58476D1CE4E5B9)
+    x ^= x >> _U64(27)
+    x *= _U64(0x94D049BB133111EB)
+    x ^= x >> _U64(31)
+    return x
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """Role-tagged text of a canonical record: ``role: content`` per message, plus tool calls.
+
+    Tool calls are appended as sorted-key JSON so two rows calling the same function with
+    different arguments differ. The ``tools`` schemas are left out: rows that differ only in
+    the tools offered are the same conversation. ``messages`` may be a JSON string (Parquet).
+    """
+    msgs = record["messages"]
+    if isinstance(msgs, str):
+        msgs = json.loads(msgs)
+    parts = []
+    for m in msgs:
+        s = f"{m.get('role', '')}: {m.get('content') or ''}"
+        if m.get("tool_calls"):
+            s += "\n" + json.dumps(m["tool_calls"], ensure_ascii=False, sort_keys=True)
+        parts.append(s)
+    return "\n".join(parts)
+
+
+def _chunks(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Row ranges of at most _CHUNK_DOCS rows and about _CHUNK_CHARS characters."""
+    out, start, chars = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start >= _CHUNK_DOCS or chars + n > _CHUNK_CHARS):
+            out.append((start, i))
+            start, chars = i, 0
+        chars += n
+    if start < len(lengths):
+        out.append((start, len(lengths)))
+    return out
+
+
+def _chunk_features(texts: Sequence[str], nmin: int, nmax: int) -> tuple[np.ndarray, ...]:
+    """(row-in-chunk, feature hash, count) of every distinct n-gram of each text, row-sorted."""
+    lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    cp = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(_U64)
+    total, ends = cp.size, np.cumsum(lens)
+    doc = np.repeat(np.arange(len(texts), dtype=_U64), lens) << _U64(_FEAT_BITS)
+    state = np.full(total, _FNV_OFFSET, dtype=_U64)  # FNV-1a of the n chars starting at i
+    keys = []
+    for n in range(1, nmax + 1):
+        m = total - n + 1
+        if m <= 0:
+            break
+        st = state[:m]
+        st ^= cp[n - 1:n - 1 + m]
+        st *= _FNV_PRIME
+        if n < nmin:
+            continue
+        valid = np.ones(m, dtype=bool)
+        for k in range(1, n):  # n-grams that would run past the end of their text
+            e = ends - k
+            valid[e[(e >= 0) & (e < m)]] = False
+        h = _mix(st[valid] ^ _U64(n))
+        keys.append(doc[:m][valid] | (h >> _U64(_DOC_BITS)))
+    if not keys:
+        empty = np.empty(0, dtype=_U64)
+        return empty.astype(np.int64), empty, empty.astype(np.float32)
+    k = np.sort(np.concatenate(keys))
+    first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    uniq = k[first]
+    counts = np.diff(np.r_[first, k.size]).astype(np.float32)
+    return (uniq >> _U64(_FEAT_BITS)).astype(np.int64), uniq & _U64((1 << _FEAT_BITS) - 1), counts
+
+
+def _normalise(text: str) -> str:
+    """scikit-learn's char-analyzer preprocessing: lower-case, whitespace runs -> one space."""
+    return _WS.sub(" ", text.lower())
+
+
+def _features(texts: Sequence[str], nmin: int, nmax: int, *, desc: str | None = None):
+    """Yield (first row, rows, feats, counts) per chunk of already-normalised ``texts``."""
+    chunks = _chunks([len(t) for t in texts])
+    for a, b in tqdm(chunks, desc=desc, unit="chunk", disable=desc is None or len(chunks) < 4,
+                     leave=False):
+        r, f, c = _chunk_features(texts[a:b], nmin, nmax)
+        yield a, r + a, f, c
+
+
+def _sorted_counts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values and their counts of an already sorted array."""
+    if not x.size:
+        return x[:0].copy(), np.empty(0, dtype=np.int64)
+    first = np.flatnonzero(np.r_[True, x[1:] != x[:-1]])
+    return x[first], np.diff(np.r_[first, x.size])
+
+
+@dataclass(frozen=True)
+class NgramIndex:
+    """A corpus' char n-gram statistics: document frequencies and MinHash signatures.
+
+    Row features are not stored (1e5 rows have ~1e8 of them): TF-IDF rows are re-extracted on
+    demand for the rows being compared, typically the few that are LSH candidates.
+    """
+
+    texts: list[str]  # normalised as scikit-learn's char analyzer does
+    vocab: np.ndarray  # sorted distinct feature hashes (the TF-IDF columns)
+    df: np.ndarray  # document frequency of each vocab entry
+    sig: np.ndarray  # MinHash signatures, n_rows x num_perm uint32
+    has_features: np.ndarray  # rows with at least one n-gram (others are never candidates)
+    ngram_range: tuple[int, int]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.texts)
+
+    @classmethod
+    def build(cls, texts: Sequence[str], ngram_range: tuple[int, int] = (2, 4), *,
+              num_perm: int = 128, seed: int = SEED, progress: bool = True) -> NgramIndex:
+        """One pass over ``texts``: signatures per chunk, all features kept only for the df.
+
+        Peak memory is ~8 bytes per (row, distinct n-gram) entry (~1 GB for 1e5 rows of
+        ~400 characters), for sorting the entries in place to count document frequencies.
+        """
+        nmin, nmax = ngram_range
+        if not 1 <= nmin <= nmax:
+            raise ValueError(f"ngram_range {ngram_range}: need 1 <= min <= max")
+        norm = [_normalise(t) for t in texts]
+        n = len(norm)
+        lens = np.fromiter((len(t) for t in norm), dtype=np.int64, count=n)
+        cap = int(sum(np.clip(lens - k + 1, 0, None).sum() for k in range(nmin, nmax + 1)))
+        buf = np.empty(cap, dtype=_U64)  # upper bound of the entries: no concatenation copies
+        fill = 0
+        sig = np.full((n, num_perm), _EMPTY, dtype=np.uint32)
+        has = np.zeros(n, dtype=bool)
+        salt = _mix(np.array([seed], dtype=_U64))[0]
+        common = _common_features(norm, nmin, nmax)
+        desc = "n-grams + MinHash" if progress else None
+        for _, rows, feats, _counts in _features(norm, nmin, nmax, desc=desc):
+            buf[fill:fill + feats.size] = feats
+            fill += feats.size
+            has[rows] = True
+            _minhash_into(sig, rows, feats, common, salt)
+        entries = buf[:fill]
+        entries.sort()  # in place
+        vocab, df = _sorted_counts(entries)
+        del buf, entries
+        _densify(sig, has, salt)
+        logger.debug("%d rows, %d entries, %d distinct n-grams", n, fill, vocab.size)
+        return cls(norm, vocab, df.astype(np.int32), sig, has, (nmin, nmax))
+
+    # ------------------------------------------------------------------ TF-IDF
+    @functools.cached_property
+    def _buckets(self) -> tuple[int, np.ndarray]:
+        """(shift, start): vocab entries whose hash >> shift == b begin at start[b]."""
+        bits = min(max(1, int(self.vocab.size).bit_length() - 2), _FEAT_BITS)
+        shift = _FEAT_BITS - bits
+        start = np.zeros((1 << bits) + 1, dtype=np.int64)
+        np.cumsum(np.bincount((self.vocab >> _U64(shift)).astype(np.int64), minlength=1 << bits),
+                  out=start[1:])
+        return shift, start
+
+    def _columns(self, q: np.ndarray) -> np.ndarray:
+        """Vocab position of each feature hash in ``q`` (all present): bucketed lookup.
+
+        Hashes are uniform, so a table of bucket starts on their top bits lands within a few
+        steps of the answer, where a binary search would take ~25 cache misses per query.
+        """
+        v = self.vocab
+        shift, start = self._buckets
+        pos = start[(q >> _U64(shift)).astype(np.int64)]
+        todo = np.flatnonzero(v[pos.clip(max=v.size - 1)] != q)
+        while todo.size:
+            pos[todo] += 1
+            todo = todo[v[pos[todo]] != q[todo]]
+        return pos
+
+    def tfidf_rows(self, rows: Sequence[int] | np.ndarray) -> Any:
+        """L2-normalised TF-IDF rows (scipy CSR, float32, sorted column indices).
+
+        Equal to scikit-learn's ``TfidfVectorizer(analyzer="char", ngram_range=...,
+        sublinear_tf=True)`` rows fitted on the whole corpus, up to column order.
+        """
+        import scipy.sparse as sp
+
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        nmin, nmax = self.ngram_range
+        parts_r, parts_c, parts_w = [], [], []
+        for _, r, f, c in _features([self.texts[i] for i in rows], nmin, nmax):
+            cols = self._columns(f)
+            idf = np.log((1.0 + self.n_rows) / (1.0 + self.df[cols])) + 1.0
+            parts_r.append(r)
+            parts_c.append(cols.astype(np.int32))
+            parts_w.append(((1.0 + np.log(c)) * idf).astype(np.float32))
+        r = np.concatenate(parts_r) if parts_r else np.empty(0, np.int64)
+        w = np.concatenate(parts_w) if parts_w else np.empty(0, np.float32)
+        ptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=rows.size), out=ptr[1:])
+        sq = np.bincount(r, weights=w.astype(np.float64) ** 2, minlength=rows.size)
+        w /= np.sqrt(np.where(sq > 0, sq, 1.0))[r].astype(np.float32)
+        cols = np.concatenate(parts_c) if parts_c else np.empty(0, np.int32)
+        m = sp.csr_matrix((w, cols, ptr), shape=(rows.size, self.vocab.size))
+        m.has_sorted_indices = True  # features sorted per row and vocab sorted
+        return m
+
+    def tfidf_matrix(self) -> Any:
+        """The whole TF-IDF matrix (for small corpora and tests)."""
+        return self.tfidf_rows(np.arange(self.n_rows))
+
+    def cosine(self, i: Sequence[int] | np.ndarray, j: Sequence[int] | np.ndarray, *,
+               progress: bool = False) -> np.ndarray:
+        """Exact TF-IDF cosine of each pair (i[k], j[k]); rows of either side may repeat."""
+        i = np.asarray(i, dtype=np.int64).reshape(-1)
+        j = np.asarray(j, dtype=np.int64).reshape(-1)
+        out = np.zeros(i.size, dtype=np.float32)
+        if not i.size:
+            return out
+        rows = np.unique(np.concatenate([i, j]))
+        sub = self.tfidf_rows(rows)
+        li, lj = np.searchsorted(rows, i), np.searchsorted(rows, j)
+        # Chunks of pairs bounded by stored entries, so the gathered rows stay ~100 MB.
+        nnz = np.diff(sub.indptr)
+        cost = np.cumsum(nnz[li] + nnz[lj])
+        ends = np.unique(np.r_[np.searchsorted(cost, np.arange(8_000_000, cost[-1], 8_000_000)),
+                               i.size].clip(1, i.size))
+        start = 0
+        for end in tqdm(ends, desc="verify", unit="chunk", disable=not progress or ends.size < 4,
+                        leave=False):
+            a, b = sub[li[start:end]], sub[lj[start:end]]
+            out[start:end] = np.asarray(a.multiply(b).sum(axis=1)).ravel()
+            start = end
+        return np.clip(out, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------- MinHash
+def _common_features(norm: Sequence[str], nmin: int, nmax: int) -> np.ndarray:
+    """Sorted features in more than MAX_DF (and MIN_DF_CAP rows) of an evenly spaced sample."""
+    n = len(norm)
+    take = np.unique(np.linspace(0, n - 1, min(n, _DF_SAMPLE)).astype(np.int64)) if n else []
+    sample = [norm[i] for i in take]
+    parts = [f for _, _, f, _ in _features(sample, nmin, nmax)]
+    feats = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=_U64)
+    uniq, df = _sorted_counts(feats)
+    return uniq[df > max(MAX_DF, MIN_DF_CAP / max(n, 1)) * len(sample)]
+
+
+def _minhash_into(sig: np.ndarray, rows: np.ndarray, feats: np.ndarray, common: np.ndarray,
+                  salt: np.uint64) -> None:
+    """Fold the (row, feature) entries into one-permutation MinHash signatures ``sig``.
+
+    The hashed set of a row is its features minus ``common``; a row made only of common
+    features keeps them all. Each feature is hashed once: its top 32 bits pick a bin, its low
+    32 bits are the value, and a bin keeps its minimum.
+    """
+    k = sig.shape[1]
+    use = np.ones(feats.size, dtype=bool)
+    if common.size:  # membership in the small sorted `common` array
+        use = common[np.searchsorted(common, feats).clip(max=common.size - 1)] != feats
+    if rows.size:
+        r0 = int(rows.min())
+        only_common = np.bincount(rows[use] - r0, minlength=int(rows.max()) - r0 + 1) == 0
+        use |= only_common[rows - r0]
+    g = _mix(feats[use] ^ salt)
+    bins = (((g >> _U64(32)) * _U64(k)) >> _U64(32)).astype(np.int64)
+    np.minimum.at(sig.reshape(-1), rows[use] * k + bins, (g & _U64(0xFFFFFFFF)).astype(np.uint32))
+
+
+def _densify(sig: np.ndarray, ok: np.ndarray, salt: np.uint64) -> None:
+    """Fill empty bins in place ("optimal densification", Shrivastava 2017).
+
+    An empty bin copies a non-empty bin chosen by a probe sequence that depends only on
+    (bin, attempt), so two rows fill it alike and agreement per bin still estimates the
+    Jaccard similarity. Rows without any feature (``ok`` False) stay empty.
+    """
+    k = sig.shape[1]
+    empty = sig == _EMPTY
+    rows_e, bins_e = np.nonzero(empty & ok[:, None])
+    attempt = 0
+    while rows_e.size:
+        attempt += 1
+        probe = (_mix(bins_e.astype(_U64) * _U64(0x9E3779B97F4A7C15) + _U64(attempt) + salt)
+                 % _U64(k)).astype(np.int64)
+        hit = ~empty[rows_e, probe]
+        sig[rows_e[hit], bins_e[hit]] = sig[rows_e[hit], probe[hit]]
+        rows_e, bins_e = rows_e[~hit], bins_e[~hit]
+
+
+# ---------------------------------------------------------------------------- LSH blocking
+def _group_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (p, q), p < q, of every pair of equal ``keys`` (all pairs within each group)."""
+    order = np.argsort(keys, kind="stable")
+    ks = keys[order]
+    starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+    sizes = np.diff(np.r_[starts, ks.size])
+    starts, sizes = starts[sizes > 1], sizes[sizes > 1]
+    if not starts.size:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    pos = np.repeat(starts, sizes) + (np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+    partners = np.repeat(starts + sizes - 1, sizes) - pos  # later members of the same group
+    first = np.repeat(pos, partners)
+    second = first + 1 + (np.arange(partners.sum()) - np.repeat(np.cumsum(partners) - partners, partners))
+    return order[first], order[second]
+
+
+def lsh_candidates(sig: np.ndarray, ok: np.ndarray, bands: int, *,
+                   split: int | None = None, progress: bool = True) -> np.ndarray:
+    """Candidate pairs (m x 2, i < j, sorted, unique): rows agreeing on every bin of some band.
+
+    Rows without features (``ok`` False) are never candidates. With ``split`` set, only pairs
+    with ``i < split <= j`` are kept (queries first, corpus after: the cross-corpus search).
+    """
+    n, k = sig.shape
+    if k % bands:
+        raise ValueError(f"bands={bands} must divide num_perm={k}")
+    r = k // bands
+    rows = np.flatnonzero(ok)
+    codes = []
+    for b in tqdm(range(bands), desc="LSH bands", disable=not progress, leave=False):
+        key = np.full(rows.size, _mix(np.array([b], dtype=_U64))[0], dtype=_U64)
+        for c in range(b * r, (b + 1) * r):
+            key = _mix(key ^ sig[rows, c].astype(_U64))
+        p, q = _group_pairs(key)
+        i, j = rows[np.minimum(p, q)], rows[np.maximum(p, q)]
+        if split is not None:
+            keep = (i < split) & (j >= split)
+            i, j = i[keep], j[keep]
+        codes.append(np.unique(i * n + j))
+    code = np.unique(np.concatenate(codes)) if codes else np.empty(0, np.int64)
+    return np.stack([code // n, code % n], axis=1) if n else np.empty((0, 2), np.int64)
+
+
+@dataclass
+class NearDuplicates:
+    """Verified pairs plus what produced them (kept for metrics and follow-up cosines)."""
+
+    pairs: list[tuple[int, int, float]]
+    index: NgramIndex
+    n_candidates: int
+
+
+def find_near_duplicates(texts: Sequence[str], *, threshold: float,
+                         ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
+                         bands: int = 32, seed: int = SEED, split: int | None = None,
+                         progress: bool = True) -> NearDuplicates:
+    """Blocking + verification over ``texts``; see :func:`near_duplicate_pairs`."""
+    index = NgramIndex.build(texts, ngram_range, num_perm=num_perm, seed=seed, progress=progress)
+    cand = lsh_candidates(index.sig, index.has_features, bands, split=split, progress=progress)
+    sims = index.cosine(cand[:, 0], cand[:, 1], progress=progress)
+    # float32 dot products: an exact copy scores 0.99999994, so allow a rounding margin.
+    hit = sims >= threshold - 1e-6
+    pairs = [(int(a), int(b), float(s)) for (a, b), s in zip(cand[hit], sims[hit], strict=True)]
+    logger.info("%d rows: %d candidate pairs, %d at cosine >= %.3f", len(texts), len(cand),
+                len(pairs), threshold)
+    return NearDuplicates(pairs, index, len(cand))
+
+
+def near_duplicate_pairs(texts: Sequence[str], *, threshold: float,
+                         ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
+                         bands: int = 32, seed: int = SEED,
+                         progress: bool = True) -> list[tuple[int, int, float]]:
+    """All pairs (i, j, cosine), i < j, sorted, whose char n-gram TF-IDF cosine >= threshold.
+
+    Only pairs that share a MinHash-LSH band are scored, so recall is probabilistic (see the
+    module docstring); every returned pair is verified exactly.
+    """
+    return find_near_duplicates(texts, threshold=threshold, ngram_range=ngram_range,
+                                num_perm=num_perm, bands=bands, seed=seed,
+                                progress=progress).pairs
+
+
+def cross_near_duplicates(queries: Sequence[str], corpus: Sequence[str], *, threshold: float,
+                          ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
+                          bands: int = 32, seed: int = SEED,
+                          progress: bool = True) -> list[tuple[int, int, float]]:
+    """For each query with a corpus text at cosine >= threshold: (query index, best corpus
+    index, cosine), sorted by query. Ties go to the lowest corpus index. The TF-IDF
+    vocabulary and idf are fitted on queries and corpus together."""
+    nq = len(queries)
+    found = find_near_duplicates(list(queries) + list(corpus), threshold=threshold,
+                                 ngram_range=ngram_range, num_perm=num_perm, bands=bands,
+                                 seed=seed, split=nq, progress=progress)
+    best: dict[int, tuple[float, int]] = {}
+    for q, c, s in found.pairs:
+        if q not in best or s > best[q][0] or (s == best[q][0] and c - nq < best[q][1]):
+            best[q] = (s, c - nq)
+    return [(q, c, s) for q, (s, c) in sorted(best.items())]
