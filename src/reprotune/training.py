@@ -1,0 +1,484 @@
+"""The training loop: HF Trainer, dvclive curves, resumable checkpoints, final artifacts.
+
+:func:`train_model` runs one fine-tuning job from the split Parquet files:
+
+* loss only on assistant tokens: ``labels`` come from the format stage (-100 elsewhere) and
+  :class:`PaddingCollator` pads them with -100 too;
+* one evaluation before training (``initial_val_loss``), then every ``train.eval_steps`` and
+  at the last step; early stopping after ``train.patience`` evaluations without a better val
+  loss; the best checkpoint is restored at the end;
+* checkpoints go to their own directory with a fingerprint of params + data + base model.
+  A rerun with the same fingerprint resumes from the latest complete checkpoint; another
+  fingerprint clears them. A finished run deletes its checkpoints. Resuming reads the
+  Trainer's optimizer/scheduler/RNG ``.pt`` files with ``torch.load(weights_only=True)``
+  (the Trainer's own safe loader); they are this pipeline's own files, never downloads;
+* curves (train/val loss, learning rate, grad norm, tokens/s) go to dvclive with
+  ``dvcyaml=False``: dvclive's own dvc.yaml entries break pipeline metrics (DVC #8974).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reprotune import io
+from reprotune.chat_template import template_fingerprint
+from reprotune.loading import save_finetuned
+from reprotune.methods import (
+    TrainSetupError,
+    check_method,
+    load_base,
+    prepare_model,
+    trainable_summary,
+    virtual_tokens,
+)
+from reprotune.params import (
+    FreezeParams,
+    LoraParams,
+    PromptParams,
+    QloraParams,
+    TopParams,
+    TrainParams,
+)
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+RUN_STATE_FILE = "reprotune_run.json"      # in the checkpoint dir: fingerprint + initial loss
+COUNTERS_FILE = "reprotune_counters.json"  # in each checkpoint: label tokens seen so far
+LIVE_METRICS = ("train_loss", "val_loss", "learning_rate", "grad_norm", "tokens_per_s")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything from params.yaml that shapes a training run."""
+
+    top: TopParams = field(default_factory=TopParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    qlora: QloraParams = field(default_factory=QloraParams)
+    freeze: FreezeParams = field(default_factory=FreezeParams)
+    prompt: PromptParams = field(default_factory=PromptParams)
+    enable_thinking: bool = False
+    group_by_length: bool = False
+
+    def relevant(self) -> dict[str, Any]:
+        """The params that matter for this method (the run fingerprint's params part)."""
+        method = self.top.method
+        out: dict[str, Any] = {"top": dataclasses.asdict(self.top),
+                               "train": dataclasses.asdict(self.train),
+                               "group_by_length": self.group_by_length}
+        if method in ("lora", "qlora"):
+            out["lora"] = dataclasses.asdict(self.lora)
+        if method == "qlora":
+            out["qlora"] = dataclasses.asdict(self.qlora)
+        if method == "freeze":
+            out["freeze"] = dataclasses.asdict(self.freeze)
+        if method in ("prompt_tuning", "prefix_tuning"):
+            out["prompt"] = dataclasses.asdict(self.prompt)
+        return out
+
+
+# --------------------------------------------------------------------------- data
+def read_split(path: str | Path) -> list[dict[str, list[int]]]:
+    """``input_ids`` and ``labels`` of a split Parquet file."""
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(path).names)
+    missing = {"input_ids", "labels"} - names
+    if missing:
+        raise TrainSetupError(f"{path}: missing column(s) {sorted(missing)}; rerun the format "
+                              f"and split stages")
+    return pq.read_table(path, columns=["input_ids", "labels"]).to_pylist()
+
+
+def check_rows(rows: list[dict[str, Any]], path: str | Path, *, vocab_size: int,
+               max_positions: int, extra_positions: int = 0) -> None:
+    """Fail on rows the model cannot train on, naming file and row (1-based)."""
+    for i, row in enumerate(rows, 1):
+        ids, labels = row["input_ids"], row["labels"]
+        where = f"{path}: row {i}"
+        if not ids or len(ids) != len(labels):
+            raise TrainSetupError(f"{where}: input_ids ({len(ids)}) and labels ({len(labels)}) "
+                                  f"must be non-empty and of equal length; rerun the format stage")
+        if max(ids) >= vocab_size or min(ids) < 0:
+            raise TrainSetupError(f"{where}: token id {max(ids)} outside the model's vocab of "
+                                  f"{vocab_size}; the data was tokenised for another base model "
+                                  f"(rerun the format stage)")
+        if all(x == IGNORE_INDEX for x in labels):
+            raise TrainSetupError(f"{where}: no label tokens (every label is -100)")
+        if len(ids) + extra_positions > max_positions:
+            what = (f" + prompt.num_virtual_tokens {extra_positions}" if extra_positions else "")
+            raise TrainSetupError(f"{where}: {len(ids)} tokens{what} exceed the model's "
+                                  f"{max_positions} positions; lower format.max_length")
+
+
+def check_sizes(n_train: int, n_val: int, batch_size: int, grad_accum: int,
+                paths: tuple[str, str] = ("train split", "val split")) -> None:
+    """The val split must be non-empty and one optimizer step must fit in the train split."""
+    if n_train == 0:
+        raise TrainSetupError(f"{paths[0]}: no training rows; check the format and split metrics")
+    if n_val == 0:
+        raise TrainSetupError(f"{paths[1]}: the val split is empty; raise split.val_ratio (val "
+                              f"loss drives evaluation, early stopping and the best checkpoint)")
+    if batch_size * grad_accum > n_train:
+        raise TrainSetupError(
+            f"batch_size: {batch_size} x train.grad_accum {grad_accum} = {batch_size * grad_accum} "
+            f"sequences per optimizer step, but the train split has only {n_train} rows; use "
+            f"batch_size <= {max(1, n_train // grad_accum)}")
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pad a batch: input_ids with ``pad_id``, labels with -100, attention mask 0."""
+
+    pad_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :k] = torch.tensor(f["labels"], dtype=torch.long)
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------- run identity
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: RunConfig, train_path: str | Path, val_path: str | Path,
+                    base_dir: str | Path) -> str:
+    """sha256 over the relevant params, both splits and every file of the base model dir."""
+    base = Path(base_dir)
+    payload = {"params": cfg.relevant(), "train": sha256_file(train_path),
+               "val": sha256_file(val_path),
+               "base": {str(p.relative_to(base)): sha256_file(p)
+                        for p in sorted(base.rglob("*")) if p.is_file()}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _complete(ckpt: Path) -> bool:
+    # the Trainer writes trainer_state.json last, our counters right after it
+    return (ckpt / "trainer_state.json").is_file() and (ckpt / COUNTERS_FILE).is_file()
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.rsplit("-", 1)[-1])
+
+
+def resume_point(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict[str, Any]]:
+    """Latest complete checkpoint of this run config (or None) and the run state.
+
+    Checkpoints of another config are cleared; half-written ones are removed.
+    """
+    state_file = ckpt_dir / RUN_STATE_FILE
+    state = io.read_json(state_file) if state_file.is_file() else {}
+    if state.get("fingerprint") != fingerprint:
+        if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+            log.warning("checkpoints in %s belong to another run config (fingerprint %s, now %s); "
+                        "clearing them and starting fresh", ckpt_dir,
+                        str(state.get("fingerprint"))[:12], fingerprint[:12])
+            shutil.rmtree(ckpt_dir)
+        state = {"fingerprint": fingerprint, "status": "running", "initial_val_loss": None}
+    ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()), key=_step_of)
+    for p in [p for p in ckpts if not _complete(p)]:
+        log.warning("removing incomplete checkpoint %s (interrupted while saving)", p)
+        shutil.rmtree(p)
+    done = [p for p in ckpts if p.exists()]
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state["status"] = "running"
+    io.write_json(state_file, state)
+    return (done[-1] if done else None), state
+
+
+def finish_checkpoints(ckpt_dir: Path, state: dict[str, Any]) -> None:
+    """Delete the checkpoints of a finished run, keeping only its run state file."""
+    for p in ckpt_dir.glob("checkpoint-*"):
+        shutil.rmtree(p)
+    io.write_json(ckpt_dir / RUN_STATE_FILE, {**state, "status": "finished"})
+
+
+# --------------------------------------------------------------------------- environment
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """``auto``: bf16 on CUDA that supports it, else fp16 on CUDA; fp32 on CPU."""
+    import torch
+
+    if device == "cpu":
+        if name == "fp16":
+            raise TrainSetupError("train.precision: fp16 needs a CUDA GPU; use auto, fp32 or bf16 "
+                                  "on CPU")
+        return "fp32" if name == "auto" else name
+    if name == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return name
+
+
+def peak_memory(device: str) -> dict[str, Any]:
+    """CUDA max_memory_allocated on GPU; the process's peak RSS on CPU (says which)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "peak_memory_kind": "cuda_max_memory_allocated"}
+    # Linux reports ru_maxrss in KiB
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_memory_kind": "process_peak_rss"}
+
+
+# --------------------------------------------------------------------------- callbacks
+def trim_live(live_dir: str | Path, last_step: int) -> None:
+    """Drop curve rows logged after ``last_step`` (by a run killed after its last checkpoint)."""
+    for tsv in (Path(live_dir) / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text(encoding="utf-8").splitlines()
+        if not lines:
+            continue
+        col = lines[0].split("\t").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= last_step]
+        with io.atomic_path(tsv) as tmp:
+            tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
+
+
+def _callback_classes() -> tuple[type, type, type]:
+    """TrainerCallback subclasses, built on first use so importing this module stays light."""
+    from transformers import TrainerCallback
+
+    class LiveCallback(TrainerCallback):
+        """Per-log curves to dvclive: train/val loss, learning rate, grad norm, tokens/s."""
+
+        def __init__(self, live_dir: str | Path, resume_step: int | None) -> None:
+            from dvclive import Live
+
+            if resume_step is not None:
+                trim_live(live_dir, resume_step)
+            self.live = Live(dir=str(live_dir), resume=resume_step is not None, dvcyaml=False,
+                             save_dvc_exp=False)
+            self._t: float | None = None
+            self._tokens = 0
+
+        def _restart_clock(self, state: Any) -> None:
+            self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._restart_clock(state)
+
+        # evaluation and saving are not training throughput
+        def on_evaluate(self, args, state, control, **kw):
+            self._restart_clock(state)
+
+        def on_save(self, args, state, control, **kw):
+            self._restart_clock(state)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            self.live.step = state.global_step
+            if "loss" in logs:
+                self.live.log_metric("train_loss", logs["loss"])
+                for key in ("learning_rate", "grad_norm"):
+                    if key in logs:
+                        self.live.log_metric(key, float(logs[key]))
+                if self._t is not None and time.perf_counter() > self._t:
+                    rate = (state.num_input_tokens_seen - self._tokens) / (time.perf_counter() - self._t)
+                    self.live.log_metric("tokens_per_s", round(rate, 1))
+                self._restart_clock(state)
+            if "eval_loss" in logs:
+                self.live.log_metric("val_loss", logs["eval_loss"])
+            self.live.make_summary()
+
+    class EvalAtEnd(TrainerCallback):
+        """Evaluate and save at the last step too, so the tail of training can be the best."""
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps and state.global_step % args.eval_steps:
+                control.should_evaluate = control.should_save = True
+
+    class Counters(TrainerCallback):
+        """Store the label-token count next to each checkpoint (resume continues it)."""
+
+        def __init__(self, trainer: Any) -> None:
+            self.trainer = trainer
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                io.write_json(ckpt / COUNTERS_FILE,
+                              {"label_tokens_seen": self.trainer.label_tokens_seen})
+
+    return LiveCallback, EvalAtEnd, Counters
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        """Trainer that also counts the label (assistant) tokens it trains on."""
+
+        label_tokens_seen = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.label_tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingTrainer
+
+
+# --------------------------------------------------------------------------- the loop
+def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
+                       precision: str) -> Any:
+    """TrainingArguments for ``cfg`` (transformers 5 names)."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    scheduler = t.scheduler
+    if scheduler == "constant" and t.warmup_ratio > 0:
+        scheduler = "constant_with_warmup"
+    return TrainingArguments(
+        output_dir=str(output_dir), report_to="none", seed=cfg.top.seed, data_seed=cfg.top.seed,
+        learning_rate=cfg.top.lr, num_train_epochs=cfg.top.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=cfg.top.batch_size,
+        per_device_eval_batch_size=cfg.top.batch_size,
+        gradient_accumulation_steps=t.grad_accum, lr_scheduler_type=scheduler,
+        # a float in [0, 1) is a ratio of the total steps; 1.0 would read as "1 step"
+        warmup_steps=min(t.warmup_ratio, 0.999999), weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, bf16=precision == "bf16", fp16=precision == "fp16",
+        use_cpu=device == "cpu", activation_checkpointing=t.gradient_checkpointing,
+        eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps",
+        save_steps=t.eval_steps, save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=False,
+        restore_callback_states_from_checkpoint=True, prediction_loss_only=True,
+        label_names=["labels"], remove_unused_columns=False, logging_steps=t.logging_steps,
+        logging_first_step=True, include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        dataloader_num_workers=0, dataloader_pin_memory=device != "cpu", disable_tqdm=False)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path,
+                out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
+                cfg: RunConfig) -> dict[str, Any]:
+    """Fine-tune ``base_dir`` on the split files; write ``out_dir`` and return the metrics.
+
+    Every check that can fail (method, sizes, rows, LoRA targets, layer counts) runs
+    before the first training step.
+    """
+    import torch
+    from transformers import AutoConfig, EarlyStoppingCallback, set_seed
+
+    from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
+
+    t0 = time.perf_counter()
+    method = check_method(cfg.top.method)
+    device = pick_device()
+    precision = resolve_precision(cfg.train.precision, device)
+    train_rows, val_rows = read_split(train_path), read_split(val_path)
+    check_sizes(len(train_rows), len(val_rows), cfg.top.batch_size, cfg.train.grad_accum,
+                (str(train_path), str(val_path)))
+    tokenizer = load_tokenizer(base_dir)
+    info_file = Path(base_dir) / BASE_INFO_FILE
+    sha = template_fingerprint(tokenizer.chat_template or "")
+    if info_file.is_file() and io.read_json(info_file).get("chat_template_sha256") != sha:
+        raise TrainSetupError(f"{base_dir}: the tokenizer's chat template differs from the one in "
+                              f"{BASE_INFO_FILE}; rerun the base stage")
+    config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+    for rows, path in ((train_rows, train_path), (val_rows, val_path)):
+        check_rows(rows, path, vocab_size=config.vocab_size,
+                   max_positions=config.max_position_embeddings,
+                   extra_positions=virtual_tokens(method, cfg.prompt))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    ckpt_dir = Path(checkpoints_dir)
+    resume, run_state = resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
+    set_seed(cfg.top.seed)  # LoRA / soft-prompt init, dropout; the Trainer re-seeds data order
+    model = prepare_model(load_base(base_dir, method, qlora=cfg.qlora, device=device), method,
+                          lora=cfg.lora, freeze=cfg.freeze, prompt=cfg.prompt,
+                          gradient_checkpointing=cfg.train.gradient_checkpointing)
+    summary = trainable_summary(model)
+    log.info("method %s on %s (%s, %d torch threads): %d of %d parameters train (%.4f%%)",
+             method, device, precision, torch.get_num_threads(), summary["trainable"],
+             summary["total"], 100 * summary["share"])
+
+    LiveCallback, EvalAtEnd, Counters = _callback_classes()
+    resume_step = _step_of(resume) if resume else None
+    live_cb = LiveCallback(live_dir, resume_step)
+    callbacks: list[Any] = [live_cb, EvalAtEnd()]
+    if cfg.train.patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.patience))
+    trainer = _trainer_class()(
+        model=model, args=training_arguments(cfg, output_dir=ckpt_dir, device=device,
+                                             precision=precision),
+        train_dataset=train_rows, eval_dataset=val_rows, processing_class=tokenizer,
+        data_collator=PaddingCollator(pad_id, 8 if device != "cpu" else None),
+        callbacks=callbacks)
+    trainer.add_callback(Counters(trainer))
+    if resume is not None:
+        trainer.label_tokens_seen = io.read_json(resume / COUNTERS_FILE)["label_tokens_seen"]
+        log.info("resuming from checkpoint %s (global step %d)", resume, resume_step)
+        initial = run_state["initial_val_loss"]
+    else:
+        initial = trainer.evaluate()["eval_loss"]  # the "before" of "it learned"
+        run_state["initial_val_loss"] = initial
+        io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
+    log.info("initial val loss %.4f", initial)
+    t_train = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_s = time.perf_counter() - t_train
+    state = trainer.state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    session_tokens = state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
+    metrics = {
+        "method": method, "device": device, "precision": precision,
+        "trainable_params": summary["trainable"], "total_params": summary["total"],
+        "trainable_share": summary["share"], "train_rows": len(train_rows),
+        "val_rows": len(val_rows), "train_steps": state.global_step, "max_steps": state.max_steps,
+        "epochs_done": round(float(state.epoch or 0), 4),
+        "stopped_early": state.global_step < state.max_steps,
+        "resumed_from_step": resume_step or 0, "best_step": state.best_global_step,
+        "initial_val_loss": _round(initial), "best_val_loss": _round(state.best_metric),
+        "final_train_loss": _round(losses[-1]) if losses else None,
+        "mean_train_loss": _round(result.training_loss),
+        "tokens_seen": state.num_input_tokens_seen, "label_tokens_seen": trainer.label_tokens_seen,
+        "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
+        "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
+        **peak_memory(device),
+    }
+    save_finetuned(trainer.model, tokenizer, out_dir, method=method, base_dir=base_dir,
+                   enable_thinking=cfg.enable_thinking, qlora=cfg.qlora)
+    live_cb.live.end()
+    finish_checkpoints(ckpt_dir, run_state)
+    metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    log.info("val loss %.4f -> best %.4f at step %s; %d steps%s in %.1fs", initial,
+             state.best_metric or float("nan"), state.best_global_step, state.global_step,
+             " (stopped early)" if metrics["stopped_early"] else "", train_s)
+    return metrics

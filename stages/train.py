@@ -1,0 +1,43 @@
+"""DVC stage `train`: fine-tune the base model with the method chosen by the `method` param."""
+
+from __future__ import annotations
+
+import argparse
+
+from reprotune import io, runtime
+from reprotune.methods import TrainSetupError
+from reprotune.params import load_section, load_top
+from reprotune.training import RunConfig, train_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--train", default="data/processed/train.parquet")
+    ap.add_argument("--val", default="data/processed/val.parquet")
+    ap.add_argument("--base", default="models/base")
+    ap.add_argument("--out", default="models/finetuned")
+    ap.add_argument("--checkpoints", default="models/checkpoints")
+    ap.add_argument("--live-dir", default="metrics/train")
+    ap.add_argument("--metrics", default="metrics/train.json")
+    args = ap.parse_args()
+
+    log = runtime.setup("train")
+    cfg = RunConfig(top=load_top(), train=load_section("train"), lora=load_section("lora"),
+                    qlora=load_section("qlora"), freeze=load_section("freeze"),
+                    prompt=load_section("prompt"),
+                    enable_thinking=load_section("format").enable_thinking)
+    runtime.seed_everything(cfg.top.seed)
+    try:
+        metrics = train_model(train_path=args.train, val_path=args.val, base_dir=args.base,
+                              out_dir=args.out, checkpoints_dir=args.checkpoints,
+                              live_dir=args.live_dir, cfg=cfg)
+    except TrainSetupError as exc:  # bad input: one clear line, no traceback
+        raise SystemExit(f"train: {exc}") from None
+    io.write_json(args.metrics, metrics)
+    log.info("%s: val loss %s -> %s (%d steps, %.0f s)", metrics["method"],
+             metrics["initial_val_loss"], metrics["best_val_loss"], metrics["train_steps"],
+             metrics["wall_time_s"])
+
+
+if __name__ == "__main__":
+    main()
