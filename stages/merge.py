@@ -1,0 +1,36 @@
+"""DVC stage `merge`: fold a LoRA/DoRA adapter into the base weights (plain transformers model).
+
+Full/freeze fine-tunes pass through unchanged; prompt/prefix-tuning adapters cannot be
+merged, so the base is written with the soft prompt kept in ``soft_prompt/`` (said in the
+log and in the metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from reprotune import io, runtime
+from reprotune.merge import directory_size, merge_finetuned
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--finetuned", default="models/finetuned")
+    ap.add_argument("--out", default="models/merged")
+    ap.add_argument("--metrics", default="metrics/merge.json")
+    args = ap.parse_args()
+
+    log = runtime.setup("merge")
+    info = merge_finetuned(args.finetuned, args.out)
+    metrics = {k: info[k] for k in ("method", "kind", "merged", "reason", "enable_thinking",
+                                    "chat_template_sha256", "max_abs_logit_diff",
+                                    "soft_prompt_dir")}
+    metrics["size_mb"] = round(directory_size(args.out) / 2**20, 4)
+    io.write_json(args.metrics, metrics)
+    if not info["merged"]:
+        log.warning("NOT merged: %s", info["reason"])
+    log.info("merge output %s: %.3f MiB", args.out, metrics["size_mb"])
+
+
+if __name__ == "__main__":
+    main()

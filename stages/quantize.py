@@ -1,0 +1,47 @@
+"""DVC stage `quantize`: INT8 / bitsandbytes / GGUF artifacts of the merged model, each
+measured in a fresh process (size, compression, CPU tokens/s, perplexity, main metric)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reprotune import io, runtime
+from reprotune.params import as_dict, load_section, load_top
+from reprotune.quantize import TemplateMismatch, quantize_all, report_markdown
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--merged", default="models/merged")
+    ap.add_argument("--test", default="data/processed/test.parquet")
+    ap.add_argument("--out", default="models/quantized")
+    ap.add_argument("--metrics", default="metrics/quantize.json")
+    ap.add_argument("--report", default="reports/quantize.md")
+    args = ap.parse_args()
+
+    log = runtime.setup("quantize")
+    cfg = load_section("quantize")
+    top = load_top()
+    runtime.seed_everything(top.seed)
+    try:
+        metrics, details = quantize_all(
+            args.merged, args.test, args.out, methods=cfg.methods, keep=cfg.keep_full_precision,
+            eval_params=as_dict(load_section("eval")), eval_rows=cfg.eval_rows,
+            enable_thinking=load_section("format").enable_thinking, seed=top.seed)
+    except TemplateMismatch as exc:
+        if exc.results is not None:  # measured, but some artifact formats prompts differently
+            metrics, details = exc.results
+            io.write_json(args.metrics, metrics)
+            with io.atomic_path(args.report) as tmp:
+                tmp.write_text(report_markdown(metrics, details, cfg.methods), encoding="utf-8")
+        log.error("%s", exc)
+        sys.exit(1)
+    io.write_json(args.metrics, metrics)
+    with io.atomic_path(args.report) as tmp:
+        tmp.write_text(report_markdown(metrics, details, cfg.methods), encoding="utf-8")
+    log.info("wrote %s and %s", args.metrics, args.report)
+
+
+if __name__ == "__main__":
+    main()

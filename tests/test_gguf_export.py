@@ -1,0 +1,154 @@
+"""GGUF export: metadata, tensor names/shapes/types, and a transformers GGUF round trip."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+from reprotune.gguf_export import (  # noqa: E402
+    GGUF_FILE,
+    GGUFUnsupported,
+    export_gguf,
+    load_gguf,
+    read_gguf_summary,
+)
+
+KEEP = ["embed_tokens", "lm_head"]
+PER_LAYER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+             "attn_k_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _hf(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+            AutoTokenizer.from_pretrained(model_dir))
+
+
+def _greedy(model, ids: list[int], n: int = 6) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("gguf")
+    info = {}
+    for q in ("f16", "q8_0"):
+        info[q] = export_gguf(tiny_base_dir, out / q / GGUF_FILE, qtype=q, keep_full_precision=KEEP,
+                              enable_thinking=False, chat_template_sha256="abc123")
+        info[q]["path"] = out / q / GGUF_FILE
+    return info
+
+
+def test_metadata_and_tensors(exported: dict, tiny_base_dir: Path) -> None:
+    model, tok = _hf(tiny_base_dir)
+    cfg = model.config
+    for q, expected_2d in (("f16", "F16"), ("q8_0", "Q8_0")):
+        s = read_gguf_summary(exported[q]["path"])
+        assert s["architecture"] == "qwen3"
+        assert s["block_count"] == cfg.num_hidden_layers == 2
+        assert s["key_length"] == cfg.head_dim == 16
+        assert s["chat_template"] == tok.chat_template
+        assert s["enable_thinking"] is False and s["chat_template_sha256"] == "abc123"
+        assert s["n_vocab"] == cfg.vocab_size
+        names = {f"blk.{i}.{p}.weight" for i in range(2) for p in PER_LAYER}
+        # tied embeddings: no separate `output` tensor
+        assert set(s["tensors"]) == names | {"token_embd.weight", "output_norm.weight"}
+        assert exported[q]["n_tensors"] == len(names) + 2 == 24
+        sd = model.state_dict()
+        assert s["tensors"]["token_embd.weight"]["shape"] == list(sd["model.embed_tokens.weight"].shape)
+        assert s["tensors"]["blk.1.attn_k.weight"]["shape"] == list(
+            sd["model.layers.1.self_attn.k_proj.weight"].shape)
+        assert s["tensors"]["blk.0.attn_q_norm.weight"]["type"] == "F32"
+        assert s["tensors"]["blk.0.ffn_down.weight"]["type"] == expected_2d
+        # kept in higher precision in both files
+        assert s["tensors"]["token_embd.weight"]["type"] == "F16"
+    q8 = exported["q8_0"]
+    assert q8["tensor_types"] == {"F16": 1, "F32": 9, "Q8_0": 14}
+    assert len(q8["layer_errors"]) == 14 and max(q8["layer_errors"].values()) < 0.01
+    assert exported["f16"]["layer_errors"] == {}
+
+
+def test_tokenizer_metadata(exported: dict, tiny_base_dir: Path) -> None:
+    reader = gguf.GGUFReader(str(exported["f16"]["path"]))
+    _, tok = _hf(tiny_base_dir)
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "qwen2"
+    assert reader.get_field("tokenizer.ggml.eos_token_id").contents() == tok.eos_token_id
+    assert reader.get_field("tokenizer.ggml.padding_token_id").contents() == tok.pad_token_id
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    think = tok.convert_tokens_to_ids("<think>")
+    assert tokens[im_end] == "<|im_end|>" and types[im_end] == gguf.TokenType.CONTROL
+    assert tokens[think] == "<think>" and types[think] == gguf.TokenType.USER_DEFINED
+    assert len(reader.get_field("tokenizer.ggml.merges").contents()) > 0
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_transformers_roundtrip_same_greedy_tokens(exported: dict, tiny_base_dir: Path,
+                                                   qtype: str) -> None:
+    model, tok = _hf(tiny_base_dir)
+    g_model, g_tok = load_gguf(exported[qtype]["path"])
+    assert g_model.config.head_dim == 16  # read from qwen3.attention.key_length
+    assert g_tok.chat_template == tok.chat_template
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 plus 7? 计算"}],
+                                   tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert g_tok(text, add_special_tokens=False)["input_ids"] == ids
+    with torch.inference_mode():
+        diff = (model(torch.tensor([ids])).logits - g_model(torch.tensor([ids])).logits).abs().max()
+    assert float(diff) < (5e-3 if qtype == "f16" else 5e-2)
+    assert _greedy(g_model, ids) == _greedy(model, ids)
+
+
+def test_untied_model_writes_output_tensor(tiny_base_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_base_dir)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    src = tmp_path / "untied"
+    model.save_pretrained(src)
+    for f in tiny_base_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy2(f, src / f.name)
+    out = tmp_path / GGUF_FILE
+    export_gguf(src, out, qtype="q8_0", keep_full_precision=[], enable_thinking=True,
+                chat_template_sha256="x")
+    s = read_gguf_summary(out)
+    assert s["tensors"]["output.weight"]["shape"] == [cfg.vocab_size, cfg.hidden_size]
+    assert s["tensors"]["token_embd.weight"]["type"] == "Q8_0"  # nothing kept this time
+    assert s["enable_thinking"] is True
+    g_model, _ = load_gguf(out)
+    assert g_model.config.tie_word_embeddings is False
+    ids = [5, 6, 7, 8]
+    assert _greedy(g_model, ids, 4) == _greedy(model.eval(), ids, 4)
+
+
+def test_non_qwen3_is_unsupported(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(GGUFUnsupported, match="qwen3"):
+        export_gguf(tmp_path, tmp_path / GGUF_FILE, qtype="f16", keep_full_precision=[],
+                    enable_thinking=False, chat_template_sha256="x")
+    assert not (tmp_path / GGUF_FILE).exists()
+
+
+def test_bad_qtype(tiny_base_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="qtype"):
+        export_gguf(tiny_base_dir, tmp_path / GGUF_FILE, qtype="q4_0", keep_full_precision=[],
+                    enable_thinking=False, chat_template_sha256="x")

@@ -1,0 +1,249 @@
+"""Quantisation: each method on the tiny model, reloads, fresh-process measurement, checks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from reprotune import io  # noqa: E402
+from reprotune.merge import MERGED_INFO_FILE, merge_finetuned, render_probe  # noqa: E402
+from reprotune.modeling import load_model, load_tokenizer  # noqa: E402
+from reprotune.params import EvalParams, as_dict  # noqa: E402
+from reprotune.quantize import (  # noqa: E402
+    INT8_WEIGHTS,
+    QUANT_INFO_FILE,
+    MethodUnavailable,
+    TemplateMismatch,
+    build_artifact,
+    check_format,
+    load_artifact,
+    load_int8_dynamic,
+    measure,
+    measure_in_subprocess,
+    quantize_all,
+)
+
+KEEP = ["embed_tokens", "lm_head"]
+EVAL = as_dict(EvalParams(max_new_tokens=6, batch_size=4))
+QA = [("What is 12 plus 7?", "The answer is 19."), ("Translate 'apple' into Chinese", "苹果"),
+      ("计算 3 加 4", "答案是 7。"), ("Say hello", "Hello! How can I help you today?")]
+
+
+@pytest.fixture(scope="module")
+def work(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A merged LoRA model (non-trivial adapter) and a 4-row formatted test split."""
+    from peft import LoraConfig, get_peft_model
+
+    from reprotune.formatting import format_records, formatted_schema
+    from reprotune.loading import save_finetuned
+
+    root = tmp_path_factory.mktemp("quant")
+    tok = load_tokenizer(tiny_base_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_base_dir), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    save_finetuned(model, tok, root / "ft", method="lora", base_dir=tiny_base_dir,
+                   enable_thinking=False)
+    merge_finetuned(root / "ft", root / "merged")
+    records = [{"id": str(i), "source": f"inline:{i + 1}", "label": None, "group": None,
+                "tools": None, "messages": [{"role": "user", "content": q},
+                                            {"role": "assistant", "content": a}]}
+               for i, (q, a) in enumerate(QA)]
+    rows, _ = format_records(records, tok, max_length=128, enable_thinking=False)
+    io.write_parquet(root / "test.parquet", rows, schema=formatted_schema())
+    return root
+
+
+@pytest.fixture(scope="module")
+def float_model(work: Path):
+    return load_model(work / "merged", dtype=torch.float32).eval()
+
+
+def _logits(model, ids=((5, 17, 42, 99, 3, 7),)):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor(ids)).logits
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_int8_dynamic_roundtrip(work: Path, float_model, tmp_path: Path) -> None:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    info = build_artifact("int8_dynamic", work / "merged", tmp_path / "int8", KEEP, float_model)
+    files = {p.name for p in (tmp_path / "int8").iterdir()}
+    assert {INT8_WEIGHTS, "config.json", "tokenizer.json", "chat_template.jinja",
+            QUANT_INFO_FILE} <= files
+    assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in (tmp_path / "int8").iterdir())
+    assert info["quantized_modules"] == 14  # 7 linears x 2 layers; embeddings + head kept
+    assert 0 < info["layer_error_max"] < 0.01 and len(info["worst_layers"]) == 5
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "int8" / INT8_WEIGHTS), "pt") as fh:
+        assert fh.get_tensor("model.layers.0.mlp.up_proj.weight_int8").dtype == torch.int8
+        assert "model.embed_tokens.weight" in set(fh.keys())
+    model, tok = load_int8_dynamic(tmp_path / "int8")
+    assert isinstance(model.model.layers[1].mlp.down_proj, DynamicLinear)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tie restored
+    assert tok.chat_template == load_tokenizer(work / "merged").chat_template
+    # activations are quantised too (dynamically, per tensor): a few % on tiny random logits
+    assert _rel(_logits(model), _logits(float_model)) < 0.05
+    # the stored int8 values come back exactly
+    q = model.model.layers[0].mlp.up_proj.weight()
+    w = float_model.model.layers[0].mlp.up_proj.weight.detach()
+    scale = w.abs().amax(dim=1) / 127
+    assert torch.equal(q.int_repr(), torch.round(w / scale[:, None]).to(torch.int8))
+
+
+def test_int8_keep_full_precision_fragments(work: Path, float_model, tmp_path: Path) -> None:
+    info = build_artifact("int8_dynamic", work / "merged", tmp_path / "int8",
+                          KEEP + ["mlp"], float_model)
+    assert info["quantized_modules"] == 8  # only attention projections
+    assert not any("mlp" in name for name in info["layer_errors"])
+    model, _ = load_int8_dynamic(tmp_path / "int8")
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("method,max_err", [("bnb_int8", 0.01), ("bnb_nf4", 0.15)])
+def test_bnb_save_and_reload(work: Path, float_model, tmp_path: Path, method: str,
+                             max_err: float) -> None:
+    info = build_artifact(method, work / "merged", tmp_path / method, KEEP, float_model)
+    assert info["quantized_modules"] == 14
+    assert 0 < info["layer_error_max"] < max_err
+    cfg = io.read_json(tmp_path / method / "config.json")["quantization_config"]
+    assert cfg["llm_int8_skip_modules"] == KEEP
+    assert cfg["load_in_8bit" if method == "bnb_int8" else "load_in_4bit"] is True
+    model, tok, thinking = load_artifact(method, tmp_path / method)
+    layer = model.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == ("Linear8bitLt" if method == "bnb_int8" else "Linear4bit")
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert thinking is False and tok.chat_template
+    # int8 also rounds activations (via fp16): a few % on tiny random logits
+    assert _rel(_logits(model), _logits(float_model)) < (0.05 if method == "bnb_int8" else 0.25)
+
+
+def test_bnb_unavailable_is_reported(work: Path, float_model, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(MethodUnavailable, match="bitsandbytes cannot quantise"):
+        build_artifact("bnb_int8", work / "merged", tmp_path / "bnb", KEEP, float_model)
+
+
+def test_measure_in_fresh_process(work: Path, float_model, tmp_path: Path) -> None:
+    build_artifact("gguf_q8_0", work / "merged", tmp_path / "gguf_q8_0", KEEP, float_model)
+    req = {"method": "gguf_q8_0", "path": str(tmp_path / "gguf_q8_0"),
+           "test": str(work / "test.parquet"), "eval": EVAL, "eval_rows": 3, "seed": 0}
+    res = measure_in_subprocess(req)
+    assert res["peft_blocked"] is True  # served without peft
+    assert res["tokens_per_s"] > 0 and len(res["first_tokens"]) == 8
+    m = res["metrics"]
+    assert m["n_rows"] == 3 and m["perplexity"] > 1 and 0 <= m["rouge_l"] <= 1
+    tok = load_tokenizer(work / "merged")
+    render = render_probe(tok, False)
+    assert res["render"] == render
+    assert check_format(res, render, tok(render, add_special_tokens=False)["input_ids"],
+                        False) == []
+    # the same model measured from the merged dir gives the same first greedy tokens
+    ref = measure({**req, "method": "merged", "path": str(work / "merged")})
+    assert res["first_tokens"] == ref["first_tokens"]
+    assert abs(m["perplexity"] / ref["metrics"]["perplexity"] - 1) < 0.02
+
+
+def test_altered_template_fails_the_check(work: Path, float_model, tmp_path: Path) -> None:
+    dest = tmp_path / "int8"
+    build_artifact("int8_dynamic", work / "merged", dest, KEEP, float_model)
+    jinja = dest / "chat_template.jinja"
+    jinja.write_text(jinja.read_text(encoding="utf-8").replace("<|im_end|>", "<|im_end|>\n"),
+                     encoding="utf-8")
+    res = measure({"method": "int8_dynamic", "path": str(dest), "test": str(work / "test.parquet"),
+                   "eval": EVAL, "eval_rows": 1, "seed": 0})
+    tok = load_tokenizer(work / "merged")
+    render = render_probe(tok, False)
+    problems = check_format(res, render, tok(render, add_special_tokens=False)["input_ids"], False)
+    assert len(problems) == 1 and "renders the probe differently" in problems[0]
+    # and a thinking-mode mismatch is caught on its own
+    info = io.read_json(dest / QUANT_INFO_FILE)
+    io.write_json(dest / QUANT_INFO_FILE, {**info, "enable_thinking": True})
+    shutil.copy2(work / "merged" / "chat_template.jinja", jinja)
+    _, _, thinking = load_artifact("int8_dynamic", dest)
+    assert thinking is True
+    problems = check_format({**res, "enable_thinking": thinking, "render": render_probe(tok, True)},
+                            render, [], False)
+    assert any("enable_thinking=True" in p for p in problems)
+
+
+def test_quantize_all_refuses_drifted_training_template(work: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    shutil.copytree(work / "merged", merged)
+    jinja = merged / "chat_template.jinja"
+    jinja.write_text(jinja.read_text(encoding="utf-8") + " ", encoding="utf-8")
+    with pytest.raises(TemplateMismatch, match="not the one training used"):
+        quantize_all(merged, work / "test.parquet", tmp_path / "q", methods=["gguf_f16"],
+                     keep=KEEP, eval_params=EVAL, eval_rows=1, enable_thinking=False, seed=0)
+    with pytest.raises(TemplateMismatch, match="format.enable_thinking is True"):
+        quantize_all(work / "merged", work / "test.parquet", tmp_path / "q",
+                     methods=["gguf_f16"], keep=KEEP, eval_params=EVAL, eval_rows=1,
+                     enable_thinking=True, seed=0)
+    assert not (tmp_path / "q").exists()
+
+
+def test_skipped_method_has_recorded_reason(work: Path, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # a llama-architecture "merged" model: GGUF export maps qwen3 only -> skipped, not absent
+    merged = tmp_path / "merged"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer(work / "merged")), hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(merged)
+    for f in (work / "merged").iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")) or f.name == MERGED_INFO_FILE:
+            shutil.copy2(f, merged / f.name)
+    metrics, details = quantize_all(merged, work / "test.parquet", tmp_path / "q",
+                                    methods=["gguf_q8_0"], keep=KEEP, eval_params=EVAL,
+                                    eval_rows=2, enable_thinking=False, seed=0)
+    assert metrics["gguf_q8_0"]["status"] == "skipped"
+    assert "qwen3" in metrics["gguf_q8_0"]["reason"]
+    assert io.read_json(tmp_path / "q" / "gguf_q8_0" / QUANT_INFO_FILE)["status"] == "skipped"
+    assert metrics["merged"]["status"] == "ok" and metrics["format_ok"] is True
+
+
+@pytest.mark.slow
+def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    params = yaml.load((repo_root / "params.yaml").read_text(encoding="utf-8"))
+    params["eval"].update(max_new_tokens=6, batch_size=4)
+    params["quantize"].update(eval_rows=0)
+    with (tmp_path / "params.yaml").open("w", encoding="utf-8") as fh:
+        yaml.dump(params, fh)
+    out = tmp_path / "quantized"
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "stages" / "quantize.py"), "--merged",
+         str(work / "merged"), "--test", str(work / "test.parquet"), "--out", str(out),
+         "--metrics", str(tmp_path / "quantize.json"), "--report", str(tmp_path / "q.md")],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = io.read_json(tmp_path / "quantize.json")
+    assert metrics["format_ok"] is True and metrics["n_eval_rows"] == 4
+    sha = io.read_json(work / "merged" / MERGED_INFO_FILE)["chat_template_sha256"]
+    for method in params["quantize"]["methods"]:
+        row = metrics[method]
+        assert row["status"] == "ok", row
+        assert (out / method / QUANT_INFO_FILE).is_file()
+        assert row["size_mb"] > 0 and row["compression"] > 1.3 and row["tokens_per_s"] > 0
+        assert row["template_sha256"] == sha and row["template_ok"] is True
+        if method in ("int8_dynamic", "bnb_int8", "gguf_q8_0", "gguf_f16"):
+            assert abs(row["ppl_delta_pct"]) < 2 and row["first_tokens_match"] >= 4
+    report = (tmp_path / "q.md").read_text(encoding="utf-8")
+    assert report.count("| ok |") == 1 + len(params["quantize"]["methods"])
+    assert "All artifacts render it identically to training." in report
