@@ -45,8 +45,8 @@ def _f(default: Any, **meta: Any) -> Any:
 class TopParams:
     """Top-level knobs (swept with ``dvc exp run -S lr=...``)."""
 
-    method: Literal["full", "freeze", "lora", "qlora", "prompt_tuning", "prefix_tuning"] = "lora"
-    lr: float = _f(2e-3, **_rng(0, 1, lo_open=True))
+    method: Literal["full", "freeze", "lora", "qlora", "prompt_tuning", "prefix_tuning"] = "full"
+    lr: float = _f(1e-3, **_rng(0, 1, lo_open=True))
     epochs: float = _f(4, **_rng(0, None, lo_open=True))
     batch_size: int = _f(16, **_rng(1, 4096))
     seed: int = _f(42, **_rng(0, 2**32 - 1))
