@@ -4,9 +4,11 @@ Builds the embedded default base (tiny Qwen3, tokenizer trained on the demo text
 seeded demo data, formats ``--rows`` demo conversations and runs
 :func:`reprotune.evaluation.evaluate_model` with the default ``eval`` params (batched greedy
 decoding, left padding, BLEU/chrF/ROUGE/F1/classification/perplexity). The untrained base
-rarely emits its end-of-turn token, so most rows decode all ``max_new_tokens``: the worst case.
+ends many answers at once (empty predictions), so ``--model models/finetuned`` (after
+``dvc repro``) times the fine-tuned model, which answers every row, instead.
 
-    .venv/bin/python bench/eval_speed.py --rows 1000 --out bench/results/eval_cpu.json
+    .venv/bin/python bench/eval_speed.py --rows 1000 --model models/finetuned \
+        --out bench/results/eval_cpu.json
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from reprotune.demo import generate_demo  # noqa: E402
 from reprotune.evaluation import evaluate_model  # noqa: E402
 from reprotune.formatting import format_records  # noqa: E402
 from reprotune.ingest import ingest_files  # noqa: E402
+from reprotune.loading import load_finetuned  # noqa: E402
 from reprotune.modeling import create_tiny_base, load_model, load_tokenizer  # noqa: E402
 from reprotune.params import EvalParams, TinyModelParams, as_dict  # noqa: E402
 
@@ -34,6 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--model", default=None, help="a train-stage output dir to evaluate "
+                    "instead of a fresh untrained base")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     import torch
@@ -46,18 +51,23 @@ def main() -> None:
                        encoding="utf-8")
         records = ingest_files([str(raw)]).records[: args.rows]
         texts = [m.get("content") or "" for r in records for m in r["messages"]]
-        base = Path(tmp) / "base"
-        create_tiny_base(base, texts, TinyModelParams(), seed=0)
-        tok, model = load_tokenizer(base), load_model(base, dtype=torch.float32).eval()
+        if args.model:
+            model, tok, _ = load_finetuned(args.model, dtype=torch.float32, device="cpu")
+        else:
+            base = Path(tmp) / "base"
+            create_tiny_base(base, texts, TinyModelParams(), seed=0)
+            tok, model = load_tokenizer(base), load_model(base, dtype=torch.float32)
+        model.eval()
         rows, _ = format_records(records, tok, max_length=384, enable_thinking=False)
         cfg = EvalParams()
         t0 = time.perf_counter()
         metrics, _ = evaluate_model(model, tok, rows, cfg, enable_thinking=False, seed=0,
                                     source="demo")
         wall = time.perf_counter() - t0
-    figures = {"rows": metrics["n_rows"], "eval_wall_s": round(wall, 1),
+    figures = {"model": args.model or "untrained tiny base", "rows": metrics["n_rows"], "eval_wall_s": round(wall, 1),
                "rows_per_s": round(metrics["n_rows"] / wall, 1),
                "empty_predictions": metrics["n_empty_predictions"],
+               "bleu": metrics["bleu"], "f1": metrics["f1"],
                "torch_threads": torch.get_num_threads()}
     command = "python bench/eval_speed.py " + " ".join(sys.argv[1:])
     for k, v in figures.items():
