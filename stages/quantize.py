@@ -24,6 +24,11 @@ def main() -> None:
     cfg = load_section("quantize")
     top = load_top()
     runtime.seed_everything(top.seed)
+    def write(metrics: dict, details: dict) -> None:
+        io.write_json(args.metrics, metrics)
+        with io.atomic_path(args.report) as tmp:
+            tmp.write_text(report_markdown(metrics, details, cfg.methods), encoding="utf-8")
+
     try:
         metrics, details = quantize_all(
             args.merged, args.test, args.out, methods=cfg.methods, keep=cfg.keep_full_precision,
@@ -31,15 +36,10 @@ def main() -> None:
             enable_thinking=load_section("format").enable_thinking, seed=top.seed)
     except TemplateMismatch as exc:
         if exc.results is not None:  # measured, but some artifact formats prompts differently
-            metrics, details = exc.results
-            io.write_json(args.metrics, metrics)
-            with io.atomic_path(args.report) as tmp:
-                tmp.write_text(report_markdown(metrics, details, cfg.methods), encoding="utf-8")
+            write(*exc.results)
         log.error("%s", exc)
         sys.exit(1)
-    io.write_json(args.metrics, metrics)
-    with io.atomic_path(args.report) as tmp:
-        tmp.write_text(report_markdown(metrics, details, cfg.methods), encoding="utf-8")
+    write(metrics, details)
     log.info("wrote %s and %s", args.metrics, args.report)
 
 
