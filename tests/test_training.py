@@ -24,9 +24,12 @@ from reprotune.training import (
     RunConfig,
     check_rows,
     check_sizes,
+    mean_logged_loss,
+    out_of_memory_advice,
     resolve_precision,
     resume_point,
     train_model,
+    training_arguments,
 )
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
@@ -122,6 +125,42 @@ def test_precision():
         resolve_precision("fp16", "cpu")
 
 
+def test_training_arguments_follow_params(tmp_path):
+    cfg = config("full", lr=3e-4, batch_size=4, scheduler="linear", warmup_ratio=0.1,
+                 weight_decay=0.01, grad_accum=4, max_grad_norm=0.5, gradient_checkpointing=True)
+    a = training_arguments(cfg, output_dir=tmp_path, device="cpu", precision="fp32")
+    assert (a.learning_rate, a.per_device_train_batch_size, a.gradient_accumulation_steps) == (
+        3e-4, 4, 4)
+    assert str(a.lr_scheduler_type.value) == "linear" and a.warmup_steps == 0.1
+    assert (a.weight_decay, a.max_grad_norm, a.max_steps) == (0.01, 0.5, 8)
+    assert a.activation_checkpointing and not (a.bf16 or a.fp16) and a.use_cpu
+    assert (a.eval_steps, a.save_steps, a.seed, a.data_seed) == (4, 4, 0, 0)
+    assert a.load_best_model_at_end and a.metric_for_best_model == "eval_loss"
+    assert a.report_to == [] or a.report_to == "none" or a.report_to == ["none"]
+    const = training_arguments(config("full", scheduler="constant", warmup_ratio=0.2),
+                               output_dir=tmp_path, device="cpu", precision="fp32")
+    assert str(const.lr_scheduler_type.value) == "constant_with_warmup"
+
+
+def test_mean_logged_loss_weights_intervals_by_length():
+    history = [{"loss": 4.0, "step": 1}, {"eval_loss": 9.0, "step": 1}, {"loss": 2.0, "step": 5},
+               {"loss": 1.0, "step": 7}]
+    assert mean_logged_loss(history) == pytest.approx((4 * 1 + 2 * 4 + 1 * 2) / 7)
+    assert mean_logged_loss([{"eval_loss": 1.0, "step": 0}]) is None
+
+
+def test_out_of_memory_advice_names_the_params():
+    msg = out_of_memory_advice(config("full", batch_size=16, grad_accum=2), "full", 900, "cuda")
+    assert msg.startswith("out of memory on cuda with batch_size: 16 (x train.grad_accum 2)")
+    assert "batch_size: 8 with train.grad_accum: 4 (same 32 sequences" in msg
+    assert "train.gradient_checkpointing: true" in msg and "longest sequence now 900" in msg
+    assert "method: lora or qlora" in msg
+    one = out_of_memory_advice(config("lora", batch_size=1, gradient_checkpointing=True), "lora",
+                               50, "cuda")
+    assert "batch_size is already 1" in one and "gradient_checkpointing" not in one
+    assert "method:" not in one
+
+
 def test_resume_point_clears_other_configs_and_partial_checkpoints(tmp_path, caplog):
     ckpt = tmp_path / "ckpt"
     (ckpt / "checkpoint-4").mkdir(parents=True)
@@ -194,6 +233,30 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_base_dir):
     assert got == pytest.approx(m["best_val_loss"], abs=1e-4)
 
 
+def test_loop_options_schedule_accumulation_and_checkpointing(tmp_path, tiny_base_dir):
+    cfg = config("full", lr=1e-2, scheduler="linear", warmup_ratio=0.25, weight_decay=0.1,
+                 grad_accum=2, max_grad_norm=0.5, gradient_checkpointing=True, logging_steps=1)
+    m = run(tmp_path, tiny_base_dir, cfg)
+    assert m["train_steps"] == 8 and m["best_val_loss"] < m["initial_val_loss"] - 0.05, m
+    assert m["tokens_seen"] == 8 * 2 * 8 * 16  # steps x grad_accum x batch x tokens per row
+    lrs = [float(r.split("\t")[1]) for r in
+           (tmp_path / "live/plots/metrics/learning_rate.tsv").read_text().splitlines()[1:]]
+    # 2 warm-up steps (25 % of 8) from 0 to lr, then a straight line down (cosine would bend)
+    assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2])
+    drops = [a - b for a, b in zip(lrs[2:-1], lrs[3:], strict=True)]
+    assert len(drops) == 5 and drops == pytest.approx([1e-2 / 6] * 5)
+
+
+def test_bad_param_leaves_an_interrupted_runs_checkpoints(tmp_path, tiny_base_dir):
+    ckpt = tmp_path / "ckpt" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    io.write_json(tmp_path / "ckpt" / RUN_STATE_FILE, {"fingerprint": "x", "status": "running"})
+    bad = RunConfig(top=TopParams(method="lora"), lora=LoraParams(target_modules=["qproj"]))
+    with pytest.raises(TrainSetupError, match=r"lora.target_modules: 'qproj' matches no module"):
+        run(tmp_path, tiny_base_dir, bad)
+    assert ckpt.is_dir()  # fix the typo and rerun: the interrupted run can still resume
+
+
 def test_bad_input_fails_before_training(tmp_path, tiny_base_dir):
     with pytest.raises(TrainSetupError, match="split.val_ratio"):
         run(tmp_path, tiny_base_dir, config("full"), val=[])
@@ -254,3 +317,16 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_ro
     assert steps == list(range(0, 61, 10))  # no duplicate points from the killed run
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert not list((tmp_path / "ckpt").glob("checkpoint-*"))
+
+    # the same run without the kill (fresh checkpoint dir) ends where the resumed one did
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    for name in ("train.parquet", "val.parquet", "params.yaml"):
+        (straight / name).write_bytes((tmp_path / name).read_bytes())
+    third = subprocess.run(cmd, cwd=straight, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    s = io.read_json(straight / "train.json")
+    assert s["resumed_from_step"] == 0 and s["train_steps"] == 60
+    for key in ("best_val_loss", "best_step", "final_train_loss", "mean_train_loss",
+                "tokens_seen", "label_tokens_seen", "initial_val_loss"):
+        assert m[key] == s[key], key

@@ -255,6 +255,21 @@ def peak_memory(device: str) -> dict[str, Any]:
             "peak_memory_kind": "process_peak_rss"}
 
 
+def out_of_memory_advice(cfg: RunConfig, method: str, longest: int, device: str) -> str:
+    """What to change when a batch does not fit in memory, naming the params."""
+    b, acc = cfg.top.batch_size, cfg.train.grad_accum
+    tips = [f"batch_size: {max(1, b // 2)} with train.grad_accum: {acc * 2} (same "
+            f"{b * acc} sequences per optimizer step)" if b > 1 else
+            "batch_size is already 1"]
+    if not cfg.train.gradient_checkpointing:
+        tips.append("train.gradient_checkpointing: true")
+    tips.append(f"a lower format.max_length (longest sequence now {longest} tokens)")
+    if method in ("full", "freeze"):
+        tips.append("method: lora or qlora (no optimizer state for the frozen base)")
+    return (f"out of memory on {device} with batch_size: {b} (x train.grad_accum {acc}); "
+            f"try " + "; or ".join(tips))
+
+
 # --------------------------------------------------------------------------- callbacks
 def trim_live(live_dir: str | Path, last_step: int) -> None:
     """Drop curve rows logged after ``last_step`` (by a run killed after its last checkpoint)."""
@@ -315,11 +330,14 @@ def _callback_classes() -> tuple[type, type, type]:
             self.live.make_summary()
 
     class EvalAtEnd(TrainerCallback):
-        """Evaluate and save at the last step too, so the tail of training can be the best."""
+        """Evaluate and save at the last step too, so the tail of training can be the best;
+        log it too, so the logged train losses cover every step (see :func:`mean_logged_loss`)."""
 
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step >= state.max_steps and state.global_step % args.eval_steps:
-                control.should_evaluate = control.should_save = True
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+                if state.global_step % args.eval_steps:
+                    control.should_evaluate = control.should_save = True
 
     class Counters(TrainerCallback):
         """Store the label-token count next to each checkpoint (resume continues it)."""
@@ -381,6 +399,20 @@ def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
         dataloader_num_workers=0, dataloader_pin_memory=device != "cpu", disable_tqdm=False)
 
 
+def mean_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """Mean train loss per step over every logged interval, across resumed sessions.
+
+    Each logged ``loss`` is the mean of its interval, so intervals are weighted by their
+    length. (The Trainer's own ``training_loss`` only covers the current session.)
+    """
+    prev, total = 0, 0.0
+    for h in log_history:
+        if "loss" in h:
+            total += h["loss"] * (h["step"] - prev)
+            prev = h["step"]
+    return total / prev if prev else None
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
 
@@ -418,12 +450,14 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
                    extra_positions=virtual_tokens(method, cfg.prompt))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    ckpt_dir = Path(checkpoints_dir)
-    resume, run_state = resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
     set_seed(cfg.top.seed)  # LoRA / soft-prompt init, dropout; the Trainer re-seeds data order
     model = prepare_model(load_base(base_dir, method, qlora=cfg.qlora, device=device), method,
                           lora=cfg.lora, freeze=cfg.freeze, prompt=cfg.prompt,
                           gradient_checkpointing=cfg.train.gradient_checkpointing)
+    # only now, with the LoRA targets and layer counts checked: a mistyped param must not
+    # clear the checkpoints of an interrupted run before its error is shown
+    ckpt_dir = Path(checkpoints_dir)
+    resume, run_state = resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
     summary = trainable_summary(model)
     log.info("method %s on %s (%s, %d torch threads): %d of %d parameters train (%.4f%%)",
              method, device, precision, torch.get_num_threads(), summary["trainable"],
@@ -442,17 +476,21 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         data_collator=PaddingCollator(pad_id, 8 if device != "cpu" else None),
         callbacks=callbacks)
     trainer.add_callback(Counters(trainer))
-    if resume is not None:
-        trainer.label_tokens_seen = io.read_json(resume / COUNTERS_FILE)["label_tokens_seen"]
-        log.info("resuming from checkpoint %s (global step %d)", resume, resume_step)
-        initial = run_state["initial_val_loss"]
-    else:
-        initial = trainer.evaluate()["eval_loss"]  # the "before" of "it learned"
-        run_state["initial_val_loss"] = initial
-        io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
-    log.info("initial val loss %.4f", initial)
-    t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    longest = max(len(r["input_ids"]) for r in train_rows + val_rows)
+    try:
+        if resume is not None:
+            trainer.label_tokens_seen = io.read_json(resume / COUNTERS_FILE)["label_tokens_seen"]
+            log.info("resuming from checkpoint %s (global step %d)", resume, resume_step)
+            initial = run_state["initial_val_loss"]
+        else:
+            initial = trainer.evaluate()["eval_loss"]  # the "before" of "it learned"
+            run_state["initial_val_loss"] = initial
+            io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
+        log.info("initial val loss %.4f", initial)
+        t_train = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except torch.OutOfMemoryError as exc:
+        raise TrainSetupError(out_of_memory_advice(cfg, method, longest, device)) from exc
     train_s = time.perf_counter() - t_train
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -467,7 +505,7 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         "resumed_from_step": resume_step or 0, "best_step": state.best_global_step,
         "initial_val_loss": _round(initial), "best_val_loss": _round(state.best_metric),
         "final_train_loss": _round(losses[-1]) if losses else None,
-        "mean_train_loss": _round(result.training_loss),
+        "mean_train_loss": _round(mean_logged_loss(state.log_history)),
         "tokens_seen": state.num_input_tokens_seen, "label_tokens_seen": trainer.label_tokens_seen,
         "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
         "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
