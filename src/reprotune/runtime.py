@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
+from types import TracebackType
+
+from reprotune.params import ParamsError
 
 
 def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
@@ -20,7 +24,20 @@ def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    sys.excepthook = _params_error_hook(stage)
     return logging.getLogger(f"reprotune.stages.{stage}")
+
+
+def _params_error_hook(stage: str):  # noqa: ANN202 - a sys.excepthook
+    """A bad params.yaml value is the user's input, not a bug: one line, no traceback."""
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(kind, ParamsError):
+            print(f"{stage}: params.yaml: {exc}", file=sys.stderr)  # exit status stays 1
+        else:
+            sys.__excepthook__(kind, exc, tb)
+
+    return hook
 
 
 def seed_everything(seed: int) -> None:
