@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from types import TracebackType
 
 from reprotune.params import ParamsError
@@ -28,7 +29,8 @@ def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
     return logging.getLogger(f"reprotune.stages.{stage}")
 
 
-def _params_error_hook(stage: str):  # noqa: ANN202 - a sys.excepthook
+def _params_error_hook(
+        stage: str) -> Callable[[type[BaseException], BaseException, TracebackType | None], None]:
     """A bad params.yaml value is the user's input, not a bug: one line, no traceback."""
 
     def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

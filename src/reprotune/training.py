@@ -476,7 +476,6 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         data_collator=PaddingCollator(pad_id, 8 if device != "cpu" else None),
         callbacks=callbacks)
     trainer.add_callback(Counters(trainer))
-    longest = max(len(r["input_ids"]) for r in train_rows + val_rows)
     try:
         if resume is not None:
             trainer.label_tokens_seen = io.read_json(resume / COUNTERS_FILE)["label_tokens_seen"]
@@ -490,6 +489,7 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         t_train = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as exc:
+        longest = max(len(r["input_ids"]) for rows in (train_rows, val_rows) for r in rows)
         raise TrainSetupError(out_of_memory_advice(cfg, method, longest, device)) from exc
     train_s = time.perf_counter() - t_train
     state = trainer.state
