@@ -175,13 +175,12 @@ def test_killed_dvc_repro_resumes_training_and_keeps_its_curves(project: Path) -
     params["epochs"] = 6  # a param change that reruns train, long enough to be killed
     with (project / "params.yaml").open("w") as fh:
         yaml.dump(params, fh)
-    ckpts = project / "models" / "checkpoints"
+    saved = project / "models" / "checkpoints" / "checkpoint-10" / "reprotune_counters.json"
     first = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "train"],
                              cwd=project, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while (not list(ckpts.glob("checkpoint-10/reprotune_counters.json"))
-           and first.poll() is None and time.time() < deadline):
+    while not saved.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()

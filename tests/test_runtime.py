@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("stage", "params", "message"), [
@@ -18,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ("dedup", "dedup: {threshhold: 0.8}\n",
      "dedup: params.yaml: dedup.threshhold: unknown key (did you mean 'threshold'?)"),
 ])
-def test_bad_params_end_the_stage_with_one_line(tmp_path, stage, params, message):
+def test_bad_params_end_the_stage_with_one_line(tmp_path, repo_root, stage, params, message):
     (tmp_path / "params.yaml").write_text(params)
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(repo_root / "stages" / f"{stage}.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
