@@ -2,18 +2,58 @@
 
 Every writer goes through :func:`atomic_path`: it writes a temporary file next to the
 target and renames it into place, so an interrupted run never leaves a half-written file.
+Temporaries are named ``.<target>.<random>.tmp`` (:data:`TMP_GLOB`, git-ignored); a run
+killed with SIGKILL cannot remove its own, so stages call :func:`clean_stale_temporaries`
+on their output folders at start.
+
+Data rows keep the key order they arrived in (tool schemas and call arguments are the
+user's text); only metrics files are key-sorted, for stable diffs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TMP_GLOB = ".*.tmp"  # what atomic_path / atomic_dir leave behind when killed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: Path, *, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries: give them the mode open() would (umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def clean_stale_temporaries(*paths: str | Path) -> int:
+    """Remove ``.*.tmp`` files/folders left by killed runs next to ``paths`` (or inside them,
+    for folders). Returns how many were removed."""
+    n = 0
+    folders = {Path(p) if Path(p).is_dir() else Path(p).parent for p in paths}
+    for folder in sorted(folders):
+        if not folder.is_dir():
+            continue
+        for stale in sorted(folder.glob(TMP_GLOB)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            logger.info("removed %s (left by an interrupted run)", stale)
+            n += 1
+    return n
 
 
 @contextlib.contextmanager
@@ -24,6 +64,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    _chmod_default(tmp_path, directory=False)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -38,10 +79,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _chmod_default(tmp, directory=True)
     try:
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = target.with_name(f".{target.name}.old.tmp")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
@@ -66,11 +108,12 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write one JSON object per line; returns the number of rows written."""
+    """Write one JSON object per line, keys in their own order (never sorted: a tool
+    schema's key order is the user's); returns the number of rows written."""
     n = 0
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+            fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
             n += 1
     return n
 
