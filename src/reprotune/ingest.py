@@ -10,6 +10,18 @@ Formats (``ingest.format: auto`` detects per row, first match wins):
 
 Every row ends as exactly one record or one reject, so ``rows_in = kept + rejected``.
 Empty assistant answers are kept on purpose: the dedup stage's quality filter counts them.
+
+Fidelity: text is stored exactly as the user wrote it (no Unicode normalisation, no
+whitespace changes: ``，`` stays ``，``, ``5²`` stays ``5²``, aligned code keeps its spaces).
+Only the keys used to *compare* rows are normalised, in dedup and the split leakage check.
+Structure is made canonical: roles, OpenAI content parts joined, tool calls as
+``{"type": "function", "function": {"name", "arguments"}}`` and tool schemas wrapped the
+same way, as the Qwen3 template and LLaMA-Factory expect. Key order inside tool schemas and
+arguments is kept.
+
+Rows are rejected, never repaired, when their text contains the tokenizer's control or
+markup strings (:mod:`reprotune.markup`), when a tool name is not a plain identifier, or when
+a field holds JSON's ``NaN``/``Infinity``.
 """
 
 from __future__ import annotations
@@ -18,34 +30,35 @@ import hashlib
 import json
 import logging
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from reprotune.readers import RAW_LIMIT, RawRow, iter_rows
+from reprotune import markup
+from reprotune.readers import RAW_LIMIT, NonFinite, RawRow, is_non_finite, iter_rows
 
 logger = logging.getLogger(__name__)
+_DECODER = json.JSONDecoder(parse_constant=NonFinite)  # NaN/Infinity stay recognisable
 
+RAW_DIR = "data/raw"  # the ingest stage's declared dependency in dvc.yaml
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")  # auto-detection order
 CANONICAL_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations",
                      "messages", "prompt", "completion", "chosen", "tools")
-REASONS = ("parse_error", "unknown_format", "missing_field", "wrong_type", "unknown_role",
-           "no_assistant_turn", "ends_on_non_assistant", "role_order", "special_token",
-           "invalid_tool_call", "invalid_tools")
-# Chat-template control tokens inside data would let a row forge turns (prompt injection).
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+REASONS = ("parse_error", "unknown_format", "missing_field", "wrong_type", "non_finite_number",
+           "unknown_role", "no_assistant_turn", "ends_on_non_assistant", "role_order",
+           markup.REASON, "invalid_tool_call", "invalid_tools")
+# A tool name is rendered inside JSON quotes by the template; anything but a plain
+# identifier could close the quote and forge a second call (OpenAI allows [a-zA-Z0-9_-]{1,64}).
+TOOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "function_call": "assistant", "observation": "tool",
                   "tool": "tool"}
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
                 "assistant": "assistant", "tool": "tool", "function": "tool"}
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except \t and \n
-_BLANKS = re.compile(r"[ \t]+")
 
 
 class RowError(ValueError):
@@ -65,21 +78,6 @@ class IngestResult:
 
 
 # --------------------------------------------------------------------------- text
-def normalize_text(text: str) -> str:
-    """NFKC, \\r\\n → \\n, drop control characters (not \\n/\\t), collapse blanks, strip.
-
-    Runs of spaces/tabs collapse to one space inside a line; leading indentation is kept
-    because alpaca-style data carries code whose meaning depends on it.
-    """
-    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    lines = []
-    for line in text.split("\n"):
-        body = line.lstrip(" \t")
-        lines.append(line[: len(line) - len(body)] + _BLANKS.sub(" ", body).rstrip(" \t"))
-    return "\n".join(lines).strip()
-
-
 def record_id(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
     """sha1 of the canonical JSON of (messages, tools): equal conversations, equal ids."""
     blob = json.dumps({"messages": messages, "tools": tools}, ensure_ascii=False, sort_keys=True,
@@ -88,18 +86,42 @@ def record_id(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
 
 
 def _text(value: Any, fld: str) -> str:
+    """A string field as given; numbers become their text, NaN/Infinity are rejected."""
     if isinstance(value, str):
         return value
+    if is_non_finite(value):
+        raise RowError("non_finite_number", fld,
+                       f"{fld} is {value}, a number that is not finite, not text")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a numeric answer column (e.g. from Parquet) is still text
     raise RowError("wrong_type", fld, f"{fld} must be a string, got {type(value).__name__}")
+
+
+def _finite(value: Any, fld: str) -> Any:
+    """Reject NaN/Infinity anywhere inside a JSON value (tool arguments, tool schemas)."""
+    if is_non_finite(value):
+        raise RowError("non_finite_number", fld, f"{fld} holds {value}, which is not valid JSON")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{fld}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{fld}[{i}]")
+    return value
+
+
+def _tool_name(name: Any, fld: str, reason: str) -> str:
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        raise RowError(reason, fld, f"{fld}: tool name {name!r} is not a plain identifier "
+                       f"(letters, digits, '_', '.', '-'; at most 64 characters)")
+    return name
 
 
 def _json_field(value: Any, want: type, fld: str, reason: str = "wrong_type") -> Any:
     """Lists/objects may arrive JSON-encoded (CSV cells, glaive ``tools``): decode them."""
     if isinstance(value, str) and want is not str:
         try:
-            value = json.loads(value)
+            value = _DECODER.decode(value)
         except json.JSONDecodeError as exc:
             raise RowError(reason, fld, f"{fld} is a string that is not valid JSON: {exc.msg}") from exc
     if not isinstance(value, want):
@@ -112,7 +134,7 @@ def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
     """{"name","arguments"} / OpenAI {"type","function":{...}} (one or a list) → canonical."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = _DECODER.decode(value)
         except json.JSONDecodeError as exc:
             raise RowError("invalid_tool_call", fld, f"{fld}: tool call is not valid JSON: {exc.msg}") from exc
     items = value if isinstance(value, list) else [value]
@@ -122,12 +144,13 @@ def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
     for item in items:
         fn = item.get("function", item) if isinstance(item, dict) else None
         name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name.strip():
+        if name is None:
             raise RowError("invalid_tool_call", fld, f"{fld}: tool call needs a string 'name'")
+        name = _tool_name(name, f"{fld}.name", "invalid_tool_call")
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
-                args = json.loads(args) if args.strip() else {}
+                args = _DECODER.decode(args) if args.strip() else {}
             except json.JSONDecodeError as exc:
                 raise RowError("invalid_tool_call", fld,
                                f"{fld}: arguments of {name!r} are not valid JSON: {exc.msg}") from exc
@@ -135,8 +158,22 @@ def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
             args = {}
         if not isinstance(args, dict):
             raise RowError("invalid_tool_call", fld, f"{fld}: arguments of {name!r} must be an object")
-        calls.append({"type": "function", "function": {"name": name.strip(), "arguments": args}})
+        calls.append({"type": "function",
+                      "function": {"name": name, "arguments": _finite(args, f"{fld}.arguments")}})
     return calls
+
+
+def _tool_schema(tool: Any, fld: str) -> dict[str, Any]:
+    """One tool as OpenAI's ``{"type": "function", "function": {...}}``, as the Qwen3
+    template renders it; a bare function schema (glaive, LLaMA-Factory) is wrapped."""
+    if not isinstance(tool, dict):
+        raise RowError("invalid_tools", fld, f"{fld} must be a JSON object, got {type(tool).__name__}")
+    if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+        fn, wrapped = tool["function"], tool
+    else:
+        fn, wrapped = tool, {"type": "function", "function": tool}
+    _tool_name(fn.get("name"), f"{fld}.name", "invalid_tools")
+    return _finite(wrapped, fld)
 
 
 def _tools(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -144,9 +181,7 @@ def _tools(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     value = _json_field(value, list, "tools", "invalid_tools") if not isinstance(value, dict) else [value]
-    if not all(isinstance(t, dict) for t in value):
-        raise RowError("invalid_tools", "tools", "tools must be a list of JSON objects")
-    return value or None
+    return [_tool_schema(t, f"tools[{i}]") for i, t in enumerate(value)] or None
 
 
 # --------------------------------------------------------------------------- formats
@@ -155,6 +190,25 @@ def _msg(role: str, content: str, src: str, tool_calls: list | None = None) -> d
     if tool_calls:
         m["tool_calls"] = tool_calls
     return m
+
+
+def _content_parts(parts: list[Any], fld: str) -> str:
+    """OpenAI typed content parts ``[{"type": "text", "text": ...}]`` joined; LLaMA-Factory's
+    v1 format names the field ``value``. Other part types (images, audio) are rejected."""
+    texts = []
+    for i, part in enumerate(parts):
+        pfld = f"{fld}[{i}]"
+        if not isinstance(part, dict):
+            raise RowError("wrong_type", pfld, f"{pfld} must be a content part object, "
+                           f"got {type(part).__name__}")
+        if part.get("type", "text") != "text":
+            raise RowError("wrong_type", f"{pfld}.type", f"{pfld}: content part type "
+                           f"{part.get('type')!r} is not supported (only text)")
+        key = "text" if "text" in part else "value" if "value" in part else None
+        if key is None:
+            raise RowError("missing_field", f"{pfld}.text", f"{pfld} has neither 'text' nor 'value'")
+        texts.append(_text(part[key], f"{pfld}.{key}"))
+    return "".join(texts)
 
 
 def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: str = "content",
@@ -175,11 +229,10 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
         if role != "assistant":  # OpenAI: an assistant turn with tool_calls has null content
             raise RowError("missing_field", cfld, f"{fld} has no {content_key!r}")
         content = ""
-    elif isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                           for p in content):  # OpenAI content parts
-        content = "".join(_text(p.get("text"), cfld) for p in content)
+    elif isinstance(content, list) and role != "tool":
+        content = _content_parts(content, cfld)
     elif role == "tool" and isinstance(content, (dict, list)):
-        content = json.dumps(content, ensure_ascii=False)  # observations are often JSON objects
+        content = json.dumps(_finite(content, cfld), ensure_ascii=False)  # JSON observations
     calls = turn.get("tool_calls")
     if calls is not None and role != "assistant":
         raise RowError("invalid_tool_call", f"{fld}.tool_calls", f"{fld}: tool_calls on a {role} message")
@@ -202,7 +255,7 @@ def _decoded(value: Any, role_key: str) -> Any:
     if not (isinstance(value, str) and value.lstrip().startswith(("{", "["))):
         return value
     try:
-        decoded = json.loads(value)
+        decoded = _DECODER.decode(value)
     except json.JSONDecodeError:
         return value
     if isinstance(decoded, dict) and role_key in decoded:
@@ -303,17 +356,12 @@ def _check(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -
     if messages[-1]["role"] != "assistant":
         raise RowError("ends_on_non_assistant", messages[-1]["_src"],
                        f"conversation ends on a {messages[-1]['role']} turn")
-    for m in messages:
-        # tool-call JSON is not normalised, so NFKC it here: full-width ＜｜ would become <|
-        text = m["content"] + unicodedata.normalize(
-            "NFKC", json.dumps(m.get("tool_calls", ""), ensure_ascii=False))
-        for tok in SPECIAL_TOKENS:
-            if tok in text:
-                raise RowError("special_token", m["_src"], f"{m['_src']} contains {tok}")
-    blob = unicodedata.normalize("NFKC", json.dumps(tools or [], ensure_ascii=False))
-    for tok in SPECIAL_TOKENS:
-        if tok in blob:
-            raise RowError("special_token", "tools", f"tools contain {tok}")
+    hit = markup.find_forbidden(messages, tools, markup.default_forbidden())
+    if hit is not None:
+        where, tok = hit
+        fld = messages[int(where[9:where.index("]")])]["_src"] if where.startswith("messages[") else where
+        raise RowError(markup.REASON, fld, f"{fld} contains {tok!r}, a control/markup token of "
+                       f"the tokenizer or chat template (it would change the rendered conversation)")
 
 
 def _remap(row: dict[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
@@ -327,11 +375,13 @@ def _remap(row: dict[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _meta(row: Mapping[str, Any], key: str | None) -> str | None:
-    if not key or row.get(key) is None:
+    """A label/group value as text, exactly as given; null, NaN and blank mean "none"
+    (pandas writes a missing value as NaN)."""
+    if not key or row.get(key) is None or is_non_finite(row[key]):
         return None
     v = row[key]
     v = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
-    return normalize_text(v) or None
+    return v if v.strip() else None
 
 
 def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
@@ -349,8 +399,6 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
                            f"{_MARKERS[detected]!r}")
         messages = CONVERTERS[detected](row)
         tools = _tools(row)
-        for m in messages:
-            m["content"] = normalize_text(m["content"])
         _check(messages, tools)
     except RowError as exc:
         exc.format = detected
@@ -431,21 +479,67 @@ def _summary(res: IngestResult, files: dict[str, Any], formats: dict[str, Any]) 
     }
 
 
+class IngestError(ValueError):
+    """The inputs as a whole are unusable; the message names the file or param and the fix."""
+
+
+def check_inputs(paths: Sequence[str], raw_dir: str | Path = RAW_DIR) -> None:
+    """Every input must lie inside ``raw_dir``, the folder dvc.yaml declares as the ingest
+    dependency: a file elsewhere could change without ``dvc repro`` noticing."""
+    if not paths:
+        raise IngestError("ingest.inputs: no input files listed")
+    root = Path(raw_dir).resolve()
+    for path in paths:
+        if not Path(path).resolve().is_relative_to(root):
+            name = Path(path).name
+            raise IngestError(
+                f"ingest.inputs: {path} is outside {raw_dir}/, so DVC would not see it change; "
+                f"copy it in and track it: cp {path} {raw_dir}/ && dvc add {raw_dir}/{name} "
+                f"(or `dvc import <repo> <path> -o {raw_dir}/{name}` from another DVC repo), "
+                f"then list {raw_dir}/{name}")
+
+
+def check_files(res: IngestResult, paths: Sequence[str], min_kept_ratio: float) -> None:
+    """Fail when a file yields no rows, or keeps less than ``min_kept_ratio`` of its rows:
+    a wrong column mapping or a broken export must not vanish among other files' rows."""
+    files = res.counts.get("files", {})
+    for path in paths:
+        b = files.get(str(path), {"rows_in": 0, "kept": 0, "rejected": {}})
+        if b["rows_in"] == 0:
+            raise IngestError(f"{path}: the file yields no rows (empty, or only blank lines); "
+                              f"remove it from ingest.inputs or fix the export")
+        kept_ratio = b["kept"] / b["rows_in"]
+        if kept_ratio < min_kept_ratio:
+            reason, n = max(b["rejected"].items(), key=lambda kv: (kv[1], kv[0]))
+            example = next((r for r in res.rejects if r["source"] == str(path) and r["reason"] == reason), {})
+            raise IngestError(
+                f"{path}: kept {b['kept']} of {b['rows_in']} rows ({kept_ratio:.0%} < "
+                f"ingest.min_kept_ratio {min_kept_ratio:g}); top reason {reason} ({n} rows), "
+                f"e.g. line {example.get('line')}: {example.get('detail')}. Check ingest.format / "
+                f"ingest.columns, or lower ingest.min_kept_ratio to accept the losses")
+
+
 def ingest_files(paths: Sequence[str], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
                  label_field: str | None = "label", group_field: str | None = "group") -> IngestResult:
-    """Read and convert every file of ``ingest.inputs`` in the order given."""
+    """Read and convert every file of ``ingest.inputs`` in the order given.
+
+    File-level problems (missing, unsupported, wrong encoding, broken CSV quoting) raise;
+    row-level ones are rejects. Every listed file appears in ``counts["files"]``.
+    """
     if not paths:
-        raise ValueError("ingest.inputs: no input files listed")
+        raise IngestError("ingest.inputs: no input files listed")
+    seen = [p for i, p in enumerate(paths) if p in paths[:i]]
+    if seen:
+        raise IngestError(f"ingest.inputs: {seen[0]} is listed twice (its rows would be "
+                          f"counted twice)")
 
     def rows() -> Iterable[RawRow]:
         for path in paths:
-            n = 0
-            for row in tqdm(iter_rows(path), desc=f"ingest {path}", unit="row", mininterval=2,
-                            disable=None):
-                n += 1
-                yield row
-            if n == 0:
-                logger.warning("%s: no rows (empty file)", path)
+            yield from tqdm(iter_rows(path), desc=f"ingest {path}", unit="row", mininterval=2,
+                            disable=None)
 
-    return ingest_rows(rows(), fmt=fmt, columns=columns, label_field=label_field,
-                       group_field=group_field)
+    res = ingest_rows(rows(), fmt=fmt, columns=columns, label_field=label_field,
+                      group_field=group_field)
+    for path in paths:  # a file without rows still gets its (zero) line in the metrics
+        res.counts["files"].setdefault(str(path), {"rows_in": 0, "kept": 0, "rejected": {}})
+    return res

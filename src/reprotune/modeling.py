@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from reprotune import io
 from reprotune.chat_template import qwen3_template, template_fingerprint
+from reprotune.markup import qwen3_added_tokens
 from reprotune.params import TinyModelParams
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,10 @@ log = logging.getLogger(__name__)
 BASE_INFO_FILE = "reprotune_base.json"
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
-# Control tokens (dropped by decode(skip_special_tokens=True)), in Qwen3's id order.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Markup tokens Qwen3 keeps visible in decoded text (special=False in its tokenizer.json).
-MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>",
-                 "<tool_response>", "</tool_response>")
+# Qwen3's 26 added tokens, in its id order: special ones (dropped by
+# decode(skip_special_tokens=True)) and markup it keeps visible (<think>, <tool_call>, FIM...).
+SPECIAL_TOKENS = tuple(t for t, special in qwen3_added_tokens() if special)
+MARKUP_TOKENS = tuple(t for t, special in qwen3_added_tokens() if not special)
 # Qwen2/Qwen3 pre-tokenizer split pattern (digits one by one, letters grouped, CJK-safe).
 QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -65,7 +65,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, *, model_max_length: 
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    reserved = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + MARKUP_TOKENS]
+    # all of Qwen3's added tokens, in its order, so the tiny model tokenises markup as Qwen3 does
+    reserved = [AddedToken(t, special=True, normalized=False) for t, _ in qwen3_added_tokens()]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=reserved, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
@@ -185,6 +186,16 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False,
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                          local_files_only=local_files_only)
+
+
+def context_length(model_dir: str | Path) -> int | None:
+    """The longest sequence a saved model takes: ``max_position_embeddings`` of its config
+    (None when the config does not say)."""
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.exists():
+        return None
+    value = io.read_json(cfg).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def load_model(path: str | Path, *, dtype: Any = None, device_map: Any = None,
