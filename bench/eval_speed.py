@@ -58,7 +58,7 @@ def main() -> None:
             create_tiny_base(base, texts, TinyModelParams(), seed=0)
             tok, model = load_tokenizer(base), load_model(base, dtype=torch.float32)
         model.eval()
-        rows, _ = format_records(records, tok, max_length=384, enable_thinking=False)
+        rows, _, _ = format_records(records, tok, max_length="auto", enable_thinking=False)
         cfg = EvalParams()
         t0 = time.perf_counter()
         metrics, _ = evaluate_model(model, tok, rows, cfg, enable_thinking=False, seed=0,

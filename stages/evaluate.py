@@ -14,12 +14,14 @@ from typing import Any
 from reprotune import io, runtime
 from reprotune.chat_template import template_fingerprint
 from reprotune.evaluation import (
+    EvalDataError,
     compare,
     evaluate_model,
     is_finite_metrics,
     load_test_rows,
     metrics_file,
 )
+from reprotune.metrics import NonFiniteLossError
 from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
 from reprotune.params import load_section
 from reprotune.report import plot_confusion, relative_link, render_report, write_report
@@ -86,12 +88,23 @@ def main() -> None:
     log = runtime.setup("evaluate")
     cfg = load_section("eval")
     thinking_param = load_section("format").enable_thinking
+    io.clean_stale_temporaries(*(p for p in (args.metrics, args.predictions, args.report,
+                                             args.confusion) if p))
     runtime.seed_everything(args.seed)
-    rows = load_test_rows(args.test)
-    model, tokenizer, enable_thinking, info = _load(args.kind, args.model, thinking_param, log)
-    metrics, predictions = evaluate_model(model, tokenizer, rows, cfg,
-                                          enable_thinking=enable_thinking, seed=args.seed,
-                                          source=str(args.test))
+    try:
+        rows = load_test_rows(args.test)
+        model, tokenizer, enable_thinking, info = _load(args.kind, args.model, thinking_param, log)
+        metrics, predictions = evaluate_model(model, tokenizer, rows, cfg,
+                                              enable_thinking=enable_thinking, seed=args.seed,
+                                              source=str(args.test))
+    except EvalDataError as exc:
+        raise SystemExit(f"evaluate: {exc}") from None
+    except NonFiniteLossError as exc:
+        raise SystemExit(
+            f"evaluate: {args.model}: {exc}; the weights are probably corrupt (a changed byte "
+            f"keeps its size and time stamp, so `dvc status` misses it). Check with `dvc status "
+            f"--checksums` and restore with `dvc checkout --force {args.model}`, or rerun the "
+            f"stage that wrote it") from None
     confusion = metrics.pop("confusion", None)
     metrics["settings"].update(kind=args.kind, model=args.model, method=info.get("method"))
     if not is_finite_metrics(metrics):
@@ -118,8 +131,13 @@ def main() -> None:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                         if isinstance(v, float) and k in ("bleu", "rouge_l", "f1", "accuracy",
                                                           "perplexity"))
-    log.info("%s (%s) on %d rows: %s; gain %s", args.model, args.kind, metrics["n_rows"], summary,
-             comparison["gain"] or "n/a")
+    log.info("%s (%s) on %d rows, max_new_tokens %d (%s): %s; gain %s", args.model, args.kind,
+             metrics["n_rows"], metrics["settings"]["max_new_tokens"], cfg.max_new_tokens,
+             summary, comparison["gain"] or "n/a")
+    if metrics["cap_warning"]:
+        log.warning("SUMMARY: %.0f%% of answers hit eval.max_new_tokens=%d (more than "
+                    "eval.warn_capped=%g): raise it or use `auto`", 100 * metrics["capped_share"],
+                    metrics["settings"]["max_new_tokens"], cfg.warn_capped)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from reprotune import io, runtime
 from reprotune.chat_template import template_fingerprint
-from reprotune.formatting import format_records, formatted_schema
-from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
+from reprotune.formatting import FormatError, format_records, formatted_schema
+from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
 from reprotune.params import load_section
 from reprotune.plots import histogram
 
@@ -18,12 +18,14 @@ def main() -> None:
     ap.add_argument("--data", default="data/interim/deduped.jsonl")
     ap.add_argument("--base", default="models/base")
     ap.add_argument("--out", default="data/processed/formatted.parquet")
+    ap.add_argument("--dropped", default="data/interim/format_dropped.jsonl")
     ap.add_argument("--metrics", default="metrics/format.json")
     ap.add_argument("--plot", default="metrics/plots/token_lengths.png")
     args = ap.parse_args()
 
     log = runtime.setup("format")
     cfg = load_section("format")
+    io.clean_stale_temporaries(args.out, args.dropped, args.metrics, args.plot)
     records = io.read_jsonl(args.data)
     tokenizer = load_tokenizer(args.base)
     base_info = io.read_json(Path(args.base) / BASE_INFO_FILE)
@@ -32,19 +34,29 @@ def main() -> None:
         raise SystemExit(f"{args.base}: tokenizer chat template {sha[:12]} differs from the one "
                          f"recorded in {BASE_INFO_FILE} ({base_info['chat_template_sha256'][:12]}); "
                          f"rerun the base stage")
-    rows, stats = format_records(records, tokenizer, max_length=cfg.max_length,
-                                 enable_thinking=cfg.enable_thinking)
+    try:
+        rows, stats, dropped = format_records(
+            records, tokenizer, max_length=cfg.max_length, enable_thinking=cfg.enable_thinking,
+            model_limit=context_length(args.base), warn_truncated=cfg.warn_truncated)
+    except FormatError as exc:
+        raise SystemExit(f"format: {exc}") from None
+    io.write_jsonl(args.dropped, dropped)
     if not rows:
-        raise SystemExit(f"{args.data}: no rows left after formatting: {stats['dropped']}")
+        raise SystemExit(f"format: {args.data}: no rows left after formatting: "
+                         f"{stats['dropped']} (see {args.dropped})")
     io.write_parquet(args.out, rows, schema=formatted_schema())
     lengths = stats.pop("lengths")
     histogram(lengths, args.plot, title="Tokens per conversation (before truncation)",
-              xlabel="tokens", vline=cfg.max_length)
+              xlabel="tokens", vline=stats["max_length"])
     stats["chat_template_sha256"] = sha
     io.write_json(args.metrics, stats)
-    log.info("formatted %d/%d rows (%d truncated, dropped %s), %d label tokens",
-             stats["rows_out"], stats["rows_in"], stats["truncated"], stats["dropped"],
-             stats["label_tokens"])
+    log.info("formatted %d/%d rows at max_length %d (%s): %d truncated (%.1f%%), dropped %s, "
+             "%d label tokens", stats["rows_out"], stats["rows_in"], stats["max_length"],
+             cfg.max_length, stats["truncated"], 100 * stats["truncated_share"],
+             {k: v for k, v in stats["dropped"].items() if v}, stats["label_tokens"])
+    if stats["truncation_warning"]:
+        log.warning("SUMMARY: %.1f%% of rows truncated (more than format.warn_truncated=%g)",
+                    100 * stats["truncated_share"], cfg.warn_truncated)
 
 
 if __name__ == "__main__":

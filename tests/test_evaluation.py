@@ -67,7 +67,7 @@ def lm(tiny_base_dir):
 def rows(lm):
     from reprotune.formatting import format_records
 
-    out, stats = format_records(RECORDS, lm[1], max_length=256, enable_thinking=False)
+    out, stats, _ = format_records(RECORDS, lm[1], max_length=256, enable_thinking=False)
     assert stats["rows_out"] == len(RECORDS)
     return out
 
@@ -250,7 +250,7 @@ def test_alpaca_slice_ingest_format_evaluate(shared_dir, tiny_base_dir):
     res = ingest.ingest_files([str(shared_dir / "data" / "alpaca_en_demo.json")])
     records = res.records[:40]
     tok, model = load_tokenizer(tiny_base_dir), load_model(tiny_base_dir)
-    rows, stats = format_records(records, tok, max_length=256, enable_thinking=False)
+    rows, stats, _ = format_records(records, tok, max_length=256, enable_thinking=False)
     assert stats["rows_in"] == 40 == stats["rows_out"] + stats["rows_dropped"]
     metrics, preds = evaluate_model(model, tok, rows, EvalParams(max_new_tokens=16, batch_size=8),
                                     enable_thinking=False, seed=0, source="alpaca_en_demo.json",

@@ -10,12 +10,13 @@ import sys
 import pytest
 
 from reprotune.formatting import (
-    DROP_MARKER,
     DROP_TRUNCATED,
     IGNORE_INDEX,
+    FormatError,
     format_records,
     formatted_schema,
     label_tokens,
+    resolve_max_length,
     turn_markers,
 )
 
@@ -81,7 +82,7 @@ def test_turn_markers_from_the_qwen3_template(tok):
 
 
 def test_text_is_exactly_the_chat_template_rendering(tok):
-    rows, stats = format_records(RECORDS, tok, max_length=1024, enable_thinking=False)
+    rows, stats, _ = format_records(RECORDS, tok, max_length=1024, enable_thinking=False)
     assert [r["id"] for r in rows] == ["r1", "r2", "r3"]
     for rec, row in zip(RECORDS, rows, strict=True):
         want = tok.apply_chat_template(rec["messages"], tools=rec["tools"], tokenize=False,
@@ -95,7 +96,7 @@ def test_text_is_exactly_the_chat_template_rendering(tok):
 
 
 def test_every_assistant_turn_is_labelled_and_nothing_else(tok):
-    rows, stats = format_records(RECORDS, tok, max_length=1024, enable_thinking=False)
+    rows, stats, _ = format_records(RECORDS, tok, max_length=1024, enable_thinking=False)
     assert stats["assistant_turns"] == 5
     for rec, row in zip(RECORDS, rows, strict=True):
         ids, labels = row["input_ids"], row["labels"]
@@ -115,7 +116,7 @@ def test_every_assistant_turn_is_labelled_and_nothing_else(tok):
 
 
 def test_thinking_mode_labels_the_think_block(tok):
-    rows, _ = format_records(RECORDS[1:2], tok, max_length=1024, enable_thinking=True)
+    rows, _, _ = format_records(RECORDS[1:2], tok, max_length=1024, enable_thinking=True)
     assert _runs(rows[0]["input_ids"], rows[0]["labels"], tok) == [
         "19<|im_end|>", "<think>\n\n</think>\n\n20 🙂<|im_end|>"]
 
@@ -139,10 +140,14 @@ def test_truncation_counts_and_drops(tok):
                            add_special_tokens=False)) for r in recs]
     max_length = 64
     assert full[0] < max_length < min(full[1:])
-    rows, stats = format_records(recs, tok, max_length=max_length, enable_thinking=False)
+    rows, stats, dropped = format_records(recs, tok, max_length=max_length, enable_thinking=False)
     assert [r["id"] for r in rows] == ["r1", "r5"]
     assert stats["rows_in"] == 3 and stats["rows_out"] == 2 and stats["rows_dropped"] == 1
-    assert stats["dropped"] == {DROP_TRUNCATED: 1} and stats["truncated"] == 2
+    assert {k: v for k, v in stats["dropped"].items() if v} == {DROP_TRUNCATED: 1}
+    assert stats["truncated"] == 2 and stats["truncated_share"] == round(2 / 3, 4)
+    assert stats["truncation_warning"] is True  # 67% > format.warn_truncated (5%)
+    assert [(d["id"], d["reason"]) for d in dropped] == [("r4", DROP_TRUNCATED)]
+    assert f"cut at {max_length}" in dropped[0]["detail"]
     cut = rows[1]
     assert cut["truncated"] is True and rows[0]["truncated"] is False
     assert cut["n_tokens"] == len(cut["input_ids"]) == len(cut["labels"]) == max_length
@@ -152,17 +157,74 @@ def test_truncation_counts_and_drops(tok):
     assert stats["tokens_out"] == full[0] + max_length
 
 
-def test_template_markers_in_content_are_dropped_with_reason(tok):
-    bad = _rec(6, [{"role": "user", "content": "fake <|im_end|> end"},
-                   {"role": "assistant", "content": "ok"}])
-    rows, stats = format_records([RECORDS[0], bad], tok, max_length=256, enable_thinking=False)
-    assert [r["id"] for r in rows] == ["r1"] and stats["dropped"] == {DROP_MARKER: 1}
+@pytest.mark.parametrize("content", ["fake <|im_end|> end", "<think>hidden</think>answer",
+                                     "a <tool_response> b", "<|vision_start|>", "x<|fim_pad|>"])
+def test_markup_in_content_is_dropped_with_reason(tok, content):
+    bad = _rec(6, [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}])
+    rows, stats, dropped = format_records([RECORDS[0], bad], tok, max_length=256,
+                                          enable_thinking=False)
+    assert [r["id"] for r in rows] == ["r1"]
+    assert {k: v for k, v in stats["dropped"].items() if v} == {"special_token": 1}
+    assert dropped[0]["reason"] == "special_token" and "messages[1].content" in dropped[0]["detail"]
+
+
+def test_forbidden_strings_come_from_the_tokenizer_and_template(tok):
+    from reprotune.markup import default_forbidden, forbidden_strings, qwen3_added_tokens
+
+    found = forbidden_strings(tok)
+    assert {t for t, _ in qwen3_added_tokens()} <= set(found)  # all 26 added tokens
+    assert len(qwen3_added_tokens()) == 26
+    assert {"<tools>", "</tools>", "<think>", "</tool_response>"} <= set(found)  # template
+    assert set(found) == set(default_forbidden())  # ingest and format agree for Qwen3
+
+
+def test_max_length_auto_is_p99_capped_by_the_model(tok):
+    lengths = list(range(1, 101))  # p99 of 1..100 = 99.01 -> 100
+    assert resolve_max_length("auto", lengths, None) == 100
+    assert resolve_max_length("auto", lengths, 64) == 64
+    assert resolve_max_length(50, lengths, 1024) == 50 and resolve_max_length(4096, lengths, 1024) == 1024
+    rows, stats, _ = format_records(RECORDS, tok, max_length="auto", enable_thinking=False,
+                                    model_limit=512)
+    assert stats["max_length_setting"] == "auto" and stats["model_limit"] == 512
+    assert stats["max_length"] == min(512, int(-(-stats["token_length"]["p99"] // 1)))
+    assert stats["truncated"] <= 1 and len(rows) == 3
+
+
+def test_max_length_too_small_for_any_label_fails_naming_the_param(tok):
+    with pytest.raises(FormatError, match=r"format.max_length: 8 leaves no assistant token in 3 of 3"):
+        format_records(RECORDS, tok, max_length=8, enable_thinking=False)
+
+
+def test_tools_render_exactly_as_the_official_template(tok, shared_dir):
+    """OpenAI-style tools, as ingest stores them, render as the official Qwen3 template does."""
+    import jinja2
+
+    from reprotune.ingest import convert_row
+
+    glaive = {"tools": json.dumps([{"name": "get_weather", "description": "Weather for a city",
+                                    "parameters": {"type": "object", "required": ["city"],
+                                                   "properties": {"city": {"type": "string"}}}}]),
+              "conversations": [{"from": "human", "value": "Weather in Paris?"},
+                                {"from": "function_call",
+                                 "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                                {"from": "observation", "value": '{"temp_c": 21}'},
+                                {"from": "gpt", "value": "21 °C."}]}
+    _, rec = convert_row(glaive)
+    rows, _, _ = format_records([rec], tok, max_length=4096, enable_thinking=False)
+    official = (shared_dir / "fixtures" / "qwen3_chat_template.jinja").read_text(encoding="utf-8")
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)
+    want = env.from_string(official).render(messages=rec["messages"], tools=rec["tools"],
+                                            enable_thinking=False, add_generation_prompt=False)
+    assert rows[0]["text"] == want
+    assert '\n{"type": "function", "function": {"name": "get_weather", "description": ' in want
+    assert '"required": ["city"], "properties"' in want  # key order as written
 
 
 def test_rows_carry_canonical_fields_and_write_parquet(tok, tmp_path):
     from reprotune import io
 
-    rows, _ = format_records(RECORDS, tok, max_length=1024, enable_thinking=False)
+    rows, _, _ = format_records(RECORDS, tok, max_length=1024, enable_thinking=False)
     r1, _, r3 = rows
     assert (r1["id"], r1["source"], r1["label"], r1["group"]) == ("r1", "t.jsonl:1", "positive", None)
     assert json.loads(r3["messages"]) == RECORDS[2]["messages"]
@@ -206,7 +268,7 @@ def _glaive_to_canonical(row: dict, i: int) -> dict:
 def test_real_multi_turn_tool_data(tok, shared_dir):
     data = json.loads((shared_dir / "data" / "glaive_toolcall_en_demo.json").read_text())
     recs = [_glaive_to_canonical(r, i) for i, r in enumerate(data)]
-    rows, stats = format_records(recs, tok, max_length=100_000, enable_thinking=False)
+    rows, stats, _ = format_records(recs, tok, max_length=100_000, enable_thinking=False)
     assert stats["rows_out"] == len(recs) == 300 and stats["truncated"] == 0
     assert stats["decode_mismatch"] == 0 and stats["label_span_mismatch"] == 0
     n_turns = sum(m["role"] == "assistant" for r in recs for m in r["messages"])
@@ -228,7 +290,7 @@ def test_base_and_format_stages(tmp_path, repo_root):
     (tmp_path / "params.yaml").write_text(
         "model:\n  name: tiny\n  tiny: {vocab: 400, hidden: 16, layers: 1, heads: 2, kv_heads: 1,"
         " head_dim: 8, intermediate: 32, max_positions: 128}\n"
-        "format:\n  max_length: 40\n", encoding="utf-8")
+        "format:\n  max_length: 100\n", encoding="utf-8")
     io.write_jsonl(tmp_path / "in.jsonl", RECORDS)
     env = {**os.environ, "PYTHONPATH": str(repo_root / "src")}
     run = dict(cwd=tmp_path, env=env, check=True, capture_output=True)
@@ -237,10 +299,11 @@ def test_base_and_format_stages(tmp_path, repo_root):
     assert io.read_json(tmp_path / "m/base.json")["source"] == "embedded"
     subprocess.run([sys.executable, str(repo_root / "stages/format.py"), "--data", "in.jsonl",
                     "--base", "base", "--out", "f.parquet", "--metrics", "m/format.json",
-                    "--plot", "m/len.png"], **run)
+                    "--dropped", "d.jsonl", "--plot", "m/len.png"], **run)
     metrics = io.read_json(tmp_path / "m/format.json")
     assert metrics["rows_in"] == 3 == metrics["rows_out"] + metrics["rows_dropped"]
-    assert "lengths" not in metrics and metrics["max_length"] == 40
+    assert "lengths" not in metrics and metrics["max_length"] == 100
     rows = io.read_parquet(tmp_path / "f.parquet")
-    assert len(rows) == metrics["rows_out"] and max(r["n_tokens"] for r in rows) <= 40
+    assert len(rows) == metrics["rows_out"] and max(r["n_tokens"] for r in rows) <= 100
+    assert len(io.read_jsonl(tmp_path / "d.jsonl")) == metrics["rows_dropped"]
     assert (tmp_path / "m/len.png").read_bytes()[:4] == b"\x89PNG"

@@ -56,7 +56,7 @@ def work(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "tools": None, "messages": [{"role": "user", "content": q},
                                             {"role": "assistant", "content": a}]}
                for i, (q, a) in enumerate(QA)]
-    rows, _ = format_records(records, tok, max_length=128, enable_thinking=False)
+    rows, _, _ = format_records(records, tok, max_length=128, enable_thinking=False)
     io.write_parquet(root / "test.parquet", rows, schema=formatted_schema())
     return root
 

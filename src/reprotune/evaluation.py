@@ -19,7 +19,7 @@ from typing import Any
 
 from reprotune import io
 from reprotune import metrics as M
-from reprotune.generation import generate, strip_think
+from reprotune.generation import generate_detailed, strip_think
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,19 @@ def load_test_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def resolve_max_new_tokens(setting: int | str, tokenizer: Any, references: Sequence[str]) -> int:
+    """``eval.max_new_tokens``: a number as given; ``auto`` = the p95 of the references'
+    token lengths plus one for the end-of-turn token (at least 1)."""
+    import numpy as np
+
+    if setting != "auto":
+        return int(setting)
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+    if not lengths:
+        return 1
+    return int(math.ceil(float(np.percentile(np.asarray(lengths, dtype=np.float64), 95)))) + 1
+
+
 def _round(x: Any) -> Any:
     return round(x, DIGITS) if isinstance(x, float) else x
 
@@ -121,23 +134,35 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
         raise EvalDataError(f"{source}: eval.task is classification but no row has a label")
     classify = cfg.task == "classification" or (cfg.task == "auto" and bool(labelled))
 
-    preds = generate(model, tokenizer, [e.prompt for e in examples], [e.tools for e in examples],
-                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                     enable_thinking=enable_thinking, do_sample=cfg.do_sample,
-                     temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, progress=progress)
     refs = [e.reference for e in examples]
+    max_new = resolve_max_new_tokens(cfg.max_new_tokens, tokenizer, refs)
+    preds, capped = generate_detailed(
+        model, tokenizer, [e.prompt for e in examples], [e.tools for e in examples],
+        max_new_tokens=max_new, batch_size=cfg.batch_size, enable_thinking=enable_thinking,
+        do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+        progress=progress)
+    capped_share = sum(capped) / len(capped)
+    cap_warning = capped_share > getattr(cfg, "warn_capped", 1.0)
+    if cap_warning:
+        log.warning("GENERATION CAP: %d of %d answers (%.0f%%) stopped at eval.max_new_tokens=%d "
+                    "before the end of their turn; scores of cut answers are meaningless. Raise "
+                    "eval.max_new_tokens or use `auto`.", sum(capped), len(capped),
+                    100 * capped_share, max_new)
     bc = M.bleu_chrf(preds, refs, cfg.bleu_tokenize)
     rg = M.rouge(preds, refs)
     tf = M.token_f1_em(preds, refs)
     out: dict[str, Any] = {"bleu": bc["bleu"], "chrf": bc["chrf"], "rouge1": rg["rouge1"],
                            "rouge2": rg["rouge2"], "rouge_l": rg["rouge_l"], "f1": tf["f1"],
                            "em": tf["em"], "n_rows": len(rows),
-                           "n_empty_predictions": sum(not p.strip() for p in preds)}
+                           "n_empty_predictions": sum(not p.strip() for p in preds),
+                           "n_capped_predictions": sum(capped),
+                           "capped_share": round(capped_share, 4), "cap_warning": cap_warning}
     records = [{"id": e.id, "prompt": e.user, "reference": e.reference, "prediction": p,
-                "label": e.label, "bleu": _round(M.sentence_bleu(p, e.reference, bc["tokenize"])),
+                "label": e.label, "capped": cap,
+                "bleu": _round(M.sentence_bleu(p, e.reference, bc["tokenize"])),
                 "rouge_l": _round(r["rouge_l"]), "f1": _round(f), "em": _round(em)}
-               for e, p, r, (f, em) in zip(examples, preds, rg["per_sample"], tf["per_sample"],
-                                           strict=True)]
+               for e, p, cap, r, (f, em) in zip(examples, preds, capped, rg["per_sample"],
+                                                tf["per_sample"], strict=True)]
     if classify:
         cm = M.classification_metrics([preds[i] for i in labelled],
                                       [examples[i].label for i in labelled])
@@ -152,7 +177,8 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
     out["settings"] = {
         "task": cfg.task, "classification": classify, "bleu_tokenize": bc["tokenize"],
         "bleu_signature": bc["bleu_signature"], "chrf_signature": bc["chrf_signature"],
-        "n_rows": len(rows), "max_rows": cfg.max_rows, "max_new_tokens": cfg.max_new_tokens,
+        "n_rows": len(rows), "max_rows": cfg.max_rows, "max_new_tokens": max_new,
+        "max_new_tokens_setting": cfg.max_new_tokens,
         "batch_size": cfg.batch_size, "do_sample": cfg.do_sample,
         "temperature": cfg.temperature if cfg.do_sample else None,
         "top_p": cfg.top_p if cfg.do_sample else None, "seed": seed,
@@ -174,6 +200,8 @@ def _perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batc
     try:
         ppl = M.corpus_perplexity(model, rows, batch_size, pad_id=tokenizer.pad_token_id or 0,
                                   progress=progress)
+    except M.NonFiniteLossError:
+        raise  # broken weights, not bad data: the stage names the model folder
     except ValueError as exc:
         raise EvalDataError(f"{source}: {exc} (every assistant turn was masked or truncated)") from exc
     return {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "ppl_tokens": ppl["n_tokens"],

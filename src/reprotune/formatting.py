@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,16 +32,22 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from tqdm import tqdm
 
+from reprotune import markup
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 DROP_TRUNCATED = "no_label_tokens_after_truncation"
-DROP_MARKER = "template_marker_in_content"
 DROP_TURNS = "assistant_turn_mismatch"
 DROP_TEMPLATE = "template_error"
+DROP_REASONS = (markup.REASON, DROP_TEMPLATE, DROP_TURNS, DROP_TRUNCATED)
 CANONICAL_FIELDS = ("id", "source", "messages", "tools", "label", "group")
 # text no template alters; used to locate content inside probe renderings
 _PROBE = "\u2063reprotune-probe\u2063"
+
+
+class FormatError(ValueError):
+    """The data cannot be formatted with these params; the message names the param."""
 
 
 @dataclass(frozen=True)
@@ -119,18 +126,6 @@ def label_tokens(offsets: Sequence[tuple[int, int]], input_ids: Sequence[int],
     return labels
 
 
-def _has_marker(messages: list[dict], markers: TurnMarkers) -> bool:
-    """Content that contains template markers would shift the turn boundaries."""
-    needles = (markers.header, markers.end)
-    for m in messages:
-        parts = [m.get("content") or ""]
-        if m.get("tool_calls"):
-            parts.append(json.dumps(m["tool_calls"], ensure_ascii=False))
-        if any(n in p for p in parts for n in needles):
-            return True
-    return False
-
-
 def _length_stats(values: list[int]) -> dict[str, float]:
     import numpy as np
 
@@ -142,42 +137,77 @@ def _length_stats(values: list[int]) -> dict[str, float]:
             "p90": p90, "p99": p99, "max": int(arr.max())}
 
 
-def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: int,
-                   enable_thinking: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def resolve_max_length(setting: int | str, lengths: Sequence[int], model_limit: int | None) -> int:
+    """``format.max_length``: a number as given; ``auto`` = the p99 of the rendered lengths
+    (rounded up), capped by the model's context length. Neither is ever above the model limit."""
+    import numpy as np
+
+    if setting != "auto":
+        value = int(setting)
+    elif lengths:
+        value = int(math.ceil(float(np.percentile(np.asarray(lengths, dtype=np.float64), 99))))
+    else:
+        value = model_limit or 1
+    return min(value, model_limit) if model_limit else value
+
+
+@dataclass
+class _Rendered:
+    rec: dict[str, Any]
+    text: str
+    ids: list[int]
+    labels: list[int]
+
+
+def _drop(dropped: list[dict[str, Any]], rec: dict[str, Any], reason: str, detail: str) -> None:
+    dropped.append({"id": rec.get("id"), "source": rec.get("source"), "reason": reason,
+                    "detail": detail})
+
+
+def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: int | str,
+                   enable_thinking: bool, model_limit: int | None = None,
+                   warn_truncated: float = 0.05,
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     """Render, tokenise, mask and truncate canonical records.
 
-    Returns ``(rows, stats)``: rows carry the canonical fields (``messages``/``tools`` as JSON
-    strings) plus ``text``, ``input_ids``, ``labels``, ``n_tokens``, ``n_label_tokens`` and
-    ``truncated``; stats count rows in/out/dropped per reason, truncation, token lengths
-    (``token_length``: of the full rendering, before truncation) and label tokens. The
-    stats key ``lengths`` lists those full lengths per rendered row, for plotting.
-    Truncation keeps the first ``max_length`` tokens.
+    Returns ``(rows, stats, dropped)``: rows carry the canonical fields (``messages``/``tools``
+    as JSON strings) plus ``text``, ``input_ids``, ``labels``, ``n_tokens``,
+    ``n_label_tokens`` and ``truncated``; stats count rows in/out/dropped per reason,
+    truncation, token lengths (``token_length``: of the full rendering, before truncation)
+    and label tokens; ``dropped`` lists every dropped row with its reason and detail. The
+    stats key ``lengths`` lists the full lengths per rendered row, for plotting.
+
+    ``max_length`` is a number or ``"auto"`` (:func:`resolve_max_length`). Truncation keeps
+    the first ``max_length`` tokens. When more than ``warn_truncated`` of the rows are cut,
+    a warning says so and ``truncation_warning`` is set; when more than half of the rows
+    lose every assistant token, :class:`FormatError` names ``format.max_length``.
     """
     markers = turn_markers(tokenizer, enable_thinking=enable_thinking)
-    log.info("assistant turn markers: header=%r gen_prompt=%r end=%r", markers.header,
-             markers.gen_prompt, markers.end)
-    rows: list[dict[str, Any]] = []
-    dropped: Counter[str] = Counter()
-    lengths: list[int] = []
-    n_truncated = decode_mismatch = span_mismatch = turns = 0
+    forbidden = markup.forbidden_strings(tokenizer)
+    log.info("assistant turn markers: header=%r gen_prompt=%r end=%r; %d forbidden strings",
+             markers.header, markers.gen_prompt, markers.end, len(forbidden))
+    rendered: list[_Rendered] = []
+    dropped: list[dict[str, Any]] = []
+    decode_mismatch = span_mismatch = turns = 0
     for rec in tqdm(records, desc="format", unit="row", mininterval=2):
         messages, tools = rec["messages"], rec.get("tools") or None
         n_assistant = sum(m["role"] == "assistant" for m in messages)
-        if _has_marker(messages, markers):
-            dropped[DROP_MARKER] += 1
+        hit = markup.find_forbidden(messages, tools, forbidden)
+        if hit is not None:
+            _drop(dropped, rec, markup.REASON, f"{hit[0]} contains {hit[1]!r}")
             continue
         where = rec.get("source") or rec.get("id")
         try:
             text = _render(tokenizer, messages, tools, enable_thinking)
         except TemplateError as exc:  # e.g. a real model's template rejecting a role order
             log.warning("%s: chat template refused the conversation: %s", where, exc)
-            dropped[DROP_TEMPLATE] += 1
+            _drop(dropped, rec, DROP_TEMPLATE, str(exc))
             continue
         try:
             spans = assistant_spans(text, n_assistant, markers)
         except ValueError as exc:
             log.warning("%s: %s", where, exc)
-            dropped[DROP_TURNS] += 1
+            _drop(dropped, rec, DROP_TURNS, str(exc))
             continue
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -190,30 +220,46 @@ def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_len
             if tokenizer.decode(got) != text[start:stop]:
                 span_mismatch += 1
         turns += len(spans)
-        lengths.append(len(ids))
-        truncated = len(ids) > max_length
-        if truncated:
-            n_truncated += 1
-            ids, labels = ids[:max_length], labels[:max_length]
+        rendered.append(_Rendered(rec, text, ids, labels))
+
+    lengths = [len(r.ids) for r in rendered]
+    limit = resolve_max_length(max_length, lengths, model_limit)
+    rows: list[dict[str, Any]] = []
+    n_truncated = n_no_label = 0
+    for r in rendered:
+        truncated = len(r.ids) > limit
+        ids, labels = (r.ids[:limit], r.labels[:limit]) if truncated else (r.ids, r.labels)
+        n_truncated += truncated
         n_label = sum(x != IGNORE_INDEX for x in labels)
         if n_label == 0:
-            dropped[DROP_TRUNCATED] += 1
+            n_no_label += 1
+            _drop(dropped, r.rec, DROP_TRUNCATED, f"{len(r.ids)} tokens, cut at {limit}: "
+                  f"no assistant token left")
             continue
-        row = {k: rec.get(k) for k in CANONICAL_FIELDS}
-        for k in ("label", "group"):  # string columns; ingest may hand over numbers
-            row[k] = None if row[k] is None else str(row[k])
-        row["messages"] = json.dumps(messages, ensure_ascii=False)
-        row["tools"] = None if tools is None else json.dumps(tools, ensure_ascii=False)
-        row.update(text=text, input_ids=ids, labels=labels, n_tokens=len(ids),
-                   n_label_tokens=n_label, truncated=truncated)
-        rows.append(row)
+        rows.append(_row(r, ids, labels, n_label, truncated))
+    if rendered and n_no_label * 2 > len(rendered):
+        raise FormatError(
+            f"format.max_length: {limit} leaves no assistant token in {n_no_label} of "
+            f"{len(rendered)} rows (their prompts are longer; median length "
+            f"{_length_stats(lengths)['p50']:g} tokens); use `auto` or a larger value")
     if decode_mismatch or span_mismatch:
         log.warning("%d rows decode differently from their text, %d label spans differ from "
                     "their text (a normalising tokenizer?)", decode_mismatch, span_mismatch)
+    share = n_truncated / len(rendered) if rendered else 0.0
+    warning = share > warn_truncated
+    if warning:
+        log.warning("TRUNCATION: %d of %d rows (%.1f%%) are longer than format.max_length=%d "
+                    "and lose their end (%d lose every assistant token); p99 length is %s. "
+                    "Raise format.max_length or use `auto`.", n_truncated, len(rendered),
+                    100 * share, limit, n_no_label, _length_stats(lengths)["p99"])
+    reasons = Counter(d["reason"] for d in dropped)
     stats = {
-        "rows_in": len(records), "rows_out": len(rows), "dropped": dict(sorted(dropped.items())),
-        "rows_dropped": sum(dropped.values()), "truncated": n_truncated,
-        "max_length": max_length, "enable_thinking": enable_thinking,
+        "rows_in": len(records), "rows_out": len(rows),
+        "dropped": {k: reasons.get(k, 0) for k in DROP_REASONS},
+        "rows_dropped": len(dropped), "truncated": n_truncated,
+        "truncated_share": round(share, 4), "truncation_warning": warning,
+        "max_length": limit, "max_length_setting": max_length, "model_limit": model_limit,
+        "enable_thinking": enable_thinking,
         "assistant_turns": turns, "token_length": _length_stats(lengths),
         "tokens_out": sum(r["n_tokens"] for r in rows),
         "label_tokens": sum(r["n_label_tokens"] for r in rows),
@@ -221,7 +267,20 @@ def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_len
         "lengths": lengths,
     }
     assert stats["rows_in"] == stats["rows_out"] + stats["rows_dropped"]
-    return rows, stats
+    return rows, stats, dropped
+
+
+def _row(r: _Rendered, ids: list[int], labels: list[int], n_label: int,
+         truncated: bool) -> dict[str, Any]:
+    row = {k: r.rec.get(k) for k in CANONICAL_FIELDS}
+    for k in ("label", "group"):  # string columns; ingest may hand over numbers
+        row[k] = None if row[k] is None else str(row[k])
+    row["messages"] = json.dumps(r.rec["messages"], ensure_ascii=False)
+    tools = r.rec.get("tools") or None
+    row["tools"] = None if tools is None else json.dumps(tools, ensure_ascii=False)
+    row.update(text=r.text, input_ids=ids, labels=labels, n_tokens=len(ids),
+               n_label_tokens=n_label, truncated=truncated)
+    return row
 
 
 def formatted_schema() -> Any:

@@ -65,16 +65,24 @@ def render_prompts(tokenizer: Any, prompts: Sequence[Sequence[dict[str, Any]]],
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, Any]]],
-             tools: Sequence[Any] | None = None, *, max_new_tokens: int, batch_size: int,
-             enable_thinking: bool = False, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int = 0, progress: bool = True) -> list[str]:
+             tools: Sequence[Any] | None = None, **kw: Any) -> list[str]:
+    """The answers of :func:`generate_detailed`, without the cap flags."""
+    return generate_detailed(model, tokenizer, prompts, tools, **kw)[0]
+
+
+def generate_detailed(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, Any]]],
+                      tools: Sequence[Any] | None = None, *, max_new_tokens: int,
+                      batch_size: int, enable_thinking: bool = False, do_sample: bool = False,
+                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                      progress: bool = True) -> tuple[list[str], list[bool]]:
     """Generate one answer per prompt conversation (``prompts[i]`` ends before the answer).
 
     ``tools`` is ``None`` or one tool list (or ``None``) per prompt. Greedy unless
     ``do_sample``; sampling uses only ``temperature`` and ``top_p`` (the model's own
     top-k / repetition settings are switched off so params.yaml is the whole story) and
     is seeded with ``seed``. Generation stops at ``<|im_end|>`` / eos; returned text has
-    special tokens and any ``<think>`` block removed, and is stripped.
+    special tokens and any ``<think>`` block removed, and is stripped. The second list says
+    which answers hit ``max_new_tokens`` before a stop token (cut short).
     """
     ids = render_prompts(tokenizer, prompts, tools, enable_thinking=enable_thinking)
     stops = stop_token_ids(model, tokenizer)
@@ -82,7 +90,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, An
                        max_new_tokens=max_new_tokens, batch_size=batch_size,
                        do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
                        progress=progress)
-    return [strip_think(tokenizer.decode(x, skip_special_tokens=True)) for x in new]
+    texts = [strip_think(tokenizer.decode(x, skip_special_tokens=True)) for x in new]
+    return texts, [len(x) >= max_new_tokens for x in new]
 
 
 def generate_ids(model: Any, ids: Sequence[Sequence[int]], *, stops: Sequence[int],

@@ -256,6 +256,13 @@ def classification_metrics(preds: Sequence[str], labels: Sequence[str],
 MAX_LOGIT_ELEMENTS = 2**28
 
 
+class NonFiniteLossError(ValueError):
+    """The model produced NaN/infinite losses: its weights are broken, not the data."""
+
+
+MAX_MEAN_NLL = 700.0
+
+
 def corpus_perplexity(model: Any, rows: Sequence[dict[str, Any]], batch_size: int, *,
                       pad_id: int = 0, progress: bool = True) -> dict[str, Any]:
     """Corpus perplexity under teacher forcing: ``exp(sum NLL / n scored tokens)``.
@@ -311,5 +318,10 @@ def corpus_perplexity(model: Any, rows: Sequence[dict[str, Any]], batch_size: in
     bar.close()
     model.train(was_training)
     nll = total_nll / total_tokens
+    # A mean NLL above ~700 nats overflows exp(); no working model gets near it (uniform
+    # guessing over 152k tokens is 11.9), so it means broken weights, like NaN/inf does.
+    if not math.isfinite(nll) or nll > MAX_MEAN_NLL:
+        raise NonFiniteLossError(f"mean loss over {total_tokens} assistant tokens is {nll:.6g}: "
+                                 f"the model's outputs are not finite")
     return {"perplexity": math.exp(nll), "nll": nll, "n_tokens": total_tokens,
             "n_rows": len(order), "n_rows_without_tokens": len(rows) - len(order)}
