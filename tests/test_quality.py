@@ -99,9 +99,10 @@ def test_repetitive_filter_english_and_chinese() -> None:
     assert repetitive(_rec(("user", "go go go go go go go go"), ("assistant", "Going now, see you.")),
                       max_repetition=0.5) is None
     # the threshold is strict: a share equal to max_repetition is kept
-    quarter = _rec(("user", "q"), ("assistant", "a b c a b c"))  # 4 grams, 3 distinct -> 0.25
-    assert repetitive(quarter, max_repetition=0.25) is None
-    assert repetitive(quarter, max_repetition=0.24) == "repetitive"
+    text = "alpha beta gamma delta epsilon alpha beta gamma delta epsilon"  # 8 grams, 3 repeats
+    share = _rec(("user", "q"), ("assistant", text))
+    assert repetitive(share, max_repetition=0.375) is None
+    assert repetitive(share, max_repetition=0.37) == "repetitive"
 
 
 def test_make_filters_order_and_bound_thresholds() -> None:

@@ -11,8 +11,13 @@ What each filter looks at (the "answer" is what the model is trained to produce)
 - ``too_short``: the final assistant answer (content plus tool-call JSON) has fewer than
   ``min_chars`` non-blank characters.
 - ``too_long``: all message contents plus tool-call JSON exceed ``max_chars`` characters.
-- ``repetitive``: more than ``max_repetition`` of the word 3-grams of the assistant text are
-  repeats of an earlier 3-gram (char 3-grams for CJK / unspaced text, which has no words).
+- ``repetitive``: in some assistant turn, more than ``max_repetition`` of the word 3-grams of
+  its *prose* repeat an earlier 3-gram (char 3-grams for CJK / unspaced text, which has no
+  words), or more than ``max_repetition`` of its structured lines repeat an earlier line
+  verbatim. Code and lists repeat by nature (``} else {``, ``$green-100: ...``, ``1. ChatGPT
+  can ...``), so :func:`split_prose` takes fenced code blocks, code-like lines, list items,
+  table/tab lines and enumerations out of the n-gram measure; they are only checked for
+  lines looping verbatim.
 """
 
 from __future__ import annotations
@@ -33,6 +38,20 @@ Filter = Callable[[dict[str, Any]], "str | None"]
 # Han, Hiragana/Katakana, Hangul syllables, CJK punctuation and full-width forms.
 _CJK = re.compile(r"[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
 _UNSPACED_SHARE = 0.2  # CJK share of non-space characters from which char 3-grams are used
+_MIN_GRAMS = 20  # less prose than this says nothing about looping
+_MIN_LOOP_LINES = 5  # occurrences of one structured line needed to call it a loop
+_FENCE = re.compile(r"^\s*(```|~~~)")
+# list items: "- x", "* x", "+ x", "1. x", "1) x", "(1) x", "a) x", "一、x", "（一）x", "1、x", "①"
+_LIST_ITEM = re.compile(r"^\s*(\\?[-*+•·]\s|\(?\d{1,3}[.)、．）:：]|[（(][\d一二三四五六七八九十]+[)）]|"
+                        r"[a-zA-Z][.)]\s|[一二三四五六七八九十]+、|[\u2460-\u2473])")
+# code-like lines: block punctuation at the end, indentation of 4+, keywords, assignments
+_CODE_LINE = re.compile(r"([{};:\[(,]\s*$|^\s*[}\])]|^(\t| {4})|^\s*(if|else|elif|for|while|def|class|"
+                        r"return|import|from|public|private|static|var|let|const|function|print|"
+                        r"#include|SELECT|INSERT|UPDATE)\b|^\s*[$@]?[\w.\[\]]+\s*[:+\-*/]?=)")
+_TABLE_LINE = re.compile(r"^\s*\S*\|.*\|\s*$|^\s*[\w#]?\|[-=\d|\s]+$")
+# "label: value" lines (schedules, input/output pairs, outlines): short label, then a colon
+_LABEL_LINE = re.compile(r"^\s*[^\s:：]{1,12}\s?[:：]")
+_URL = re.compile(r"https?://\S+|www\.\S+")
 
 
 class QualityConfig(Protocol):
@@ -93,11 +112,73 @@ def repetition_share(text: str) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def split_prose(text: str) -> tuple[str, list[str]]:
+    """``(prose, structured lines)`` of a text: fenced code blocks, code-like lines, list
+    items, table/tab lines and runs of 3+ lines starting with a digit are structured."""
+    prose: list[str] = []
+    structured: list[str] = []
+    lines = text.split("\n")
+    in_fence = False
+    digit_run = _digit_runs(lines)
+    for i, line in enumerate(lines):
+        if _FENCE.match(line):
+            in_fence = not in_fence
+            continue
+        if in_fence or digit_run[i] or _LIST_ITEM.match(line) or _CODE_LINE.search(line) \
+                or _TABLE_LINE.match(line) or _LABEL_LINE.match(line) or _is_art(line):
+            structured.append(line)
+        else:
+            prose.append(_URL.sub(" ", line))  # repeated citations are not looping prose
+    return "\n".join(prose), structured
+
+
+def _is_art(line: str) -> bool:
+    """Separators, ASCII art, box drawing: mostly neither letters nor digits."""
+    chars = [c for c in line if not c.isspace()]
+    return bool(chars) and sum(c.isalnum() for c in chars) * 2 < len(chars)
+
+
+def _digit_runs(lines: Sequence[str]) -> list[bool]:
+    """Lines inside a run of 3+ consecutive lines starting with a digit (enumerations)."""
+    flags = [bool(ln.strip()) and ln.strip()[0].isdigit() for ln in lines]
+    out = [False] * len(lines)
+    i = 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and flags[j]:
+            j += 1
+        if j - i >= 3:
+            out[i:j] = [True] * (j - i)
+        i = max(j, i + 1)
+    return out
+
+
+def looped_line_share(lines: Sequence[str]) -> float:
+    """Share of the non-blank lines taken by the most frequent one, when it occurs at least
+    :data:`_MIN_LOOP_LINES` times (a model stuck on one line); else 0. Schedules and code
+    repeat many different lines a few times each, which is not a loop."""
+    body = [ln.strip() for ln in lines if ln.strip() and not _is_art(ln)]  # not separators
+    if not body:
+        return 0.0
+    top = Counter(body).most_common(1)[0][1]
+    return top / len(body) if top >= _MIN_LOOP_LINES else 0.0
+
+
+def turn_repetition(text: str) -> float:
+    """The repetition of one answer: its prose's 3-gram repetition, or the verbatim looping
+    of its structured lines, whichever is higher (see the module docstring)."""
+    prose, structured = split_prose(text)
+    chars = "".join(prose.split())
+    prose_share = repetition_share(prose) if len(chars) >= _MIN_GRAMS + 2 else 0.0
+    return max(prose_share, looped_line_share(structured))
+
+
 def repetitive(record: dict[str, Any], *, max_repetition: float) -> str | None:
-    """Drop rows whose assistant text repeats more than ``max_repetition`` of its 3-grams."""
-    text = "\n".join(m.get("content") or "" for m in _messages(record)
-                     if m.get("role") == "assistant")
-    return "repetitive" if repetition_share(text) > max_repetition else None
+    """Drop rows with an assistant turn repeating more than ``max_repetition`` of itself."""
+    for m in _messages(record):
+        if m.get("role") == "assistant" and turn_repetition(m.get("content") or "") > max_repetition:
+            return "repetitive"
+    return None
 
 
 def make_filters(cfg: QualityConfig) -> list[tuple[str, Filter]]:
