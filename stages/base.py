@@ -33,6 +33,7 @@ def main() -> None:
 
     log = runtime.setup("base")
     cfg = load_section("model")
+    io.clean_stale_temporaries(args.out, args.metrics)
     # the corpus only matters for the embedded model; a real model brings its own tokenizer
     texts = corpus(io.read_jsonl(args.data)) if cfg.name == "tiny" else []
     info = prepare_base(cfg.name, Path(args.out), texts, cfg.tiny, cfg.seed,

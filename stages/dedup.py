@@ -21,6 +21,7 @@ def main() -> None:
 
     log = runtime.setup("dedup")
     cfg = load_section("dedup")
+    io.clean_stale_temporaries(args.out, args.dropped, args.metrics, args.pairs)
     records = io.read_jsonl(args.data)
     res = run_dedup(records, cfg, progress=sys.stderr.isatty())
     io.write_jsonl(args.out, res.kept)

@@ -17,6 +17,7 @@ def main() -> None:
 
     log = runtime.setup("demo")
     cfg = load_section("demo")
+    io.clean_stale_temporaries(args.out, args.metrics)
     lines, stats = generate_demo_with_stats(cfg.rows, cfg.seed)
     # Lines are written verbatim: a few are deliberately not valid JSON.
     with io.atomic_path(args.out) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as fh:

@@ -21,6 +21,7 @@ def main() -> None:
     args = ap.parse_args()
 
     log = runtime.setup("merge")
+    io.clean_stale_temporaries(args.out, args.metrics)
     info = merge_finetuned(args.finetuned, args.out)
     metrics = {k: info[k] for k in ("method", "kind", "merged", "reason", "enable_thinking",
                                     "chat_template_sha256", "max_abs_logit_diff",

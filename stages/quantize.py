@@ -7,8 +7,10 @@ import argparse
 import sys
 
 from reprotune import io, runtime
+from reprotune.metrics import NonFiniteLossError
 from reprotune.params import as_dict, load_section, load_top
 from reprotune.quantize import TemplateMismatch, quantize_all, report_markdown
+from reprotune.timing import split_timing, write_timing
 
 
 def main() -> None:
@@ -24,7 +26,12 @@ def main() -> None:
     cfg = load_section("quantize")
     top = load_top()
     runtime.seed_everything(top.seed)
+    io.clean_stale_temporaries(args.out, args.metrics, args.report)
+
     def write(metrics: dict, details: dict) -> None:
+        # speed varies run to run: tracked files get only the reproducible numbers
+        metrics, timing = split_timing(metrics)
+        write_timing("quantize", timing)
         io.write_json(args.metrics, metrics)
         with io.atomic_path(args.report) as tmp:
             tmp.write_text(report_markdown(metrics, details, cfg.methods), encoding="utf-8")
@@ -39,6 +46,12 @@ def main() -> None:
             write(*exc.results)
         log.error("%s", exc)
         sys.exit(1)
+    except RuntimeError as exc:
+        if NonFiniteLossError.__name__ in str(exc):  # raised in the measuring subprocess
+            sys.exit(f"quantize: {args.merged} or an artifact built from it gives non-finite "
+                     f"losses: corrupt weights? Check `dvc status --checksums` and restore with "
+                     f"`dvc checkout --force {args.merged}`. {str(exc).splitlines()[0]}")
+        raise
     write(metrics, details)
     log.info("wrote %s and %s", args.metrics, args.report)
 

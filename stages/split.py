@@ -20,6 +20,7 @@ def main() -> None:
 
     log = runtime.setup("split")
     cfg = load_section("split")
+    io.clean_stale_temporaries(args.out_dir, args.metrics, args.leaks)
     rows = io.read_parquet(args.data)
     result = split_rows(rows, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
                         stratify=cfg.stratify, group=cfg.group, seed=cfg.seed,

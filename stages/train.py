@@ -7,6 +7,7 @@ import argparse
 from reprotune import io, runtime
 from reprotune.methods import TrainSetupError
 from reprotune.params import load_section, load_top
+from reprotune.timing import split_timing, write_timing
 from reprotune.training import RunConfig, train_model
 
 
@@ -27,16 +28,19 @@ def main() -> None:
                     prompt=load_section("prompt"),
                     enable_thinking=load_section("format").enable_thinking)
     runtime.seed_everything(cfg.top.seed)
+    io.clean_stale_temporaries(args.out, args.metrics)
     try:
         metrics = train_model(train_path=args.train, val_path=args.val, base_dir=args.base,
                               out_dir=args.out, checkpoints_dir=args.checkpoints,
                               live_dir=args.live_dir, cfg=cfg)
     except TrainSetupError as exc:  # bad input: one clear line, no traceback
         raise SystemExit(f"train: {exc}") from None
+    metrics, timing = split_timing(metrics)  # speed and memory vary run to run: untracked
+    write_timing("train", timing)
     io.write_json(args.metrics, metrics)
-    log.info("%s: val loss %s -> %s (%d steps, %.0f s)", metrics["method"],
+    log.info("%s: val loss %s -> %s (%d steps, %.0f s, %s tokens/s)", metrics["method"],
              metrics["initial_val_loss"], metrics["best_val_loss"], metrics["train_steps"],
-             metrics["wall_time_s"])
+             timing.get("wall_time_s", 0), timing.get("tokens_per_s"))
 
 
 if __name__ == "__main__":

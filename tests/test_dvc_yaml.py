@@ -14,7 +14,8 @@ from reprotune.params import SECTIONS, TOP_KEYS, read_params
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "reprotune"
 # Data files a module reads at run time, which are deps wherever the module is.
-DATA_DEPS = {"chat_template": ["src/reprotune/templates/qwen3_chat_template.jinja"]}
+DATA_DEPS = {"chat_template": ["src/reprotune/templates/qwen3_chat_template.jinja"],
+             "markup": ["src/reprotune/templates/qwen3_added_tokens.json"]}
 
 
 def _imports(path: Path) -> set[str]:
@@ -71,7 +72,11 @@ def test_stage_params_cover_the_sections_it_loads(name: str) -> None:
     script = re.search(r"stages/(\w+)\.py", stage["cmd"]).group(0)
     src = (ROOT / script).read_text(encoding="utf-8")
     loaded = set(re.findall(r"load_section\(\s*[\"'](\w+)[\"']", src))
-    declared = {p.split(".")[0] for p in stage.get("params", [])}
+    params = stage.get("params", [])
+    if {"params.yaml": None} in params:  # the whole file (the check stage)
+        assert params == [{"params.yaml": None}], f"{name}: whole file plus single keys"
+        return
+    declared = {p.split(".")[0] for p in params}
     assert loaded <= declared, f"{name} loads {sorted(loaded - declared)} without declaring them"
     if "load_top(" in src:
         assert declared & set(TOP_KEYS), f"{name} reads top-level knobs but declares none"
@@ -82,3 +87,24 @@ def test_stage_params_cover_the_sections_it_loads(name: str) -> None:
             assert isinstance(node, dict) and part in node, f"{name}: params key {p} not in params.yaml"
             node = node[part]
     assert set(SECTIONS) | set(TOP_KEYS) >= {p.split(".")[0] for p in stage.get("params", [])}
+
+
+def test_check_stage_is_upstream_of_every_other_stage() -> None:
+    """A params.yaml mistake must stop `dvc repro` before any stage deletes its outputs."""
+    stages = _stages()
+    check_out = next(iter(stages["check"]["outs"][0]))
+    roots = [n for n, s in stages.items() if n != "check" and check_out in s["deps"]]
+    assert roots == ["demo"]
+    produced = {out if isinstance(out, str) else next(iter(out)): n
+                for n, s in stages.items() for out in s.get("outs", [])}
+
+    def feeds(out: str, dep: str) -> bool:  # a file dep, or a folder holding an output
+        return out == dep or out.startswith(dep + "/") or dep.startswith(out + "/")
+
+    def upstream(n: str) -> set[str]:
+        ups = {p for d in stages[n]["deps"] for o, p in produced.items() if feeds(o, d)}
+        return ups | {u2 for u in ups for u2 in upstream(u)}
+
+    for n in stages:
+        if n != "check":
+            assert "check" in upstream(n), f"{n} does not run after the check stage"

@@ -65,6 +65,8 @@ class IngestParams:
     columns: dict[str, str] = _f({})
     label_field: str | None = "label"
     group_field: str | None = "group"
+    # a file keeping less than this share of its rows fails the stage (naming the file)
+    min_kept_ratio: float = _f(0.5, **_rng(0, 1))
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,11 @@ class DedupParams:
 
 @dataclass(frozen=True)
 class FormatParams:
-    max_length: int = _f(384, **_rng(8, 1_000_000))
+    # "auto": the p99 of the rendered lengths, capped by the model's context length
+    max_length: int | Literal["auto"] = _f("auto", **_rng(8, 1_000_000))
     enable_thinking: bool = False
+    # warn (stage summary + metric) when more than this share of rows is truncated
+    warn_truncated: float = _f(0.05, **_rng(0, 1))
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,8 @@ class PromptParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    max_new_tokens: int = _f(48, **_rng(1, 32768))
+    # "auto": the p95 of the reference answers' token lengths of the evaluated rows
+    max_new_tokens: int | Literal["auto"] = _f("auto", **_rng(1, 32768))
     batch_size: int = _f(32, **_rng(1, 4096))
     max_rows: int = _f(0, **_rng(0, None))
     do_sample: bool = False
@@ -172,6 +178,8 @@ class EvalParams:
     bleu_tokenize: Literal["auto", "zh", "13a", "intl", "char", "none"] = "auto"
     task: Literal["auto", "generation", "classification"] = "auto"
     report_examples: int = _f(5, **_rng(0, 1000))
+    # warn (stage summary + metric) when more than this share of predictions hits the cap
+    warn_capped: float = _f(0.25, **_rng(0, 1))
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in get_args(tp):
                 return None
             raise ParamsError(f"{key}: must not be null")
-        return _coerce(value, args[0], key)
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        for arg in args:  # e.g. int | Literal["auto"]: the first type that takes the value
+            try:
+                return _coerce(value, arg, key)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{key}: {value!r} is not {' or '.join(_describe(a) for a in args)}")
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -272,8 +287,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported param type {tp!r} for {key}")  # programming error
 
 
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(c) for c in get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
 def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
-    if "range" not in meta:
+    if "range" not in meta or isinstance(value, str) or not isinstance(value, (int, float)):
         return
     lo, hi, lo_open, hi_open = meta["range"]
     if lo is not None and (value < lo or (lo_open and value == lo)):
@@ -328,19 +350,33 @@ def _cross_checks(obj: Any, prefix: str) -> None:
 
 # --------------------------------------------------------------------------- loading
 def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read params.yaml with a YAML 1.2 loader and check its top-level keys."""
+    """Read params.yaml with a YAML 1.2 loader and validate ALL of it.
+
+    Every stage loads its sections through here, so a mistake anywhere in the file (an
+    ``eval.*`` typo, an unknown top-level ``lrr``) stops whichever stage runs first, before
+    it touches an output, instead of surfacing after hours of training.
+    """
+    from ruamel.yaml.error import YAMLError
+
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"{path}: params file not found (run from the repository root)")
+        raise ParamsError("file not found (run from the repository root)")
     yaml = YAML(typ="safe", pure=True)
-    with path.open(encoding="utf-8") as fh:
-        raw = yaml.load(fh) or {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            raw = yaml.load(fh) or {}
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{where}not valid YAML: {problem}") from exc
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping at the top level")
+        raise ParamsError("expected a mapping at the top level")
     known = set(SECTIONS) | set(TOP_KEYS)
     for k in raw:
         if k not in known:
-            raise ParamsError(f"{k}: unknown top-level key in {path}{_suggest(str(k), known)}")
+            raise ParamsError(f"{k}: unknown top-level key{_suggest(str(k), known)}")
+    validate_all(raw)
     return raw
 
 
@@ -369,6 +405,20 @@ def as_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-if __name__ == "__main__":  # `python -m reprotune.params` validates params.yaml
-    validate_all(read_params())
-    print("params.yaml is valid")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m reprotune.params [params.yaml]`: one line, exit status 0 (valid) or 1."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else DEFAULT_PARAMS
+    try:
+        read_params(path)
+    except ParamsError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path} is valid")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

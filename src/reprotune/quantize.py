@@ -595,27 +595,28 @@ def report_markdown(metrics: dict[str, Any], details: dict[str, Any],
     lines = ["# Quantisation report", "",
              f"Reference: merged model (`{ref['source_method']}`, merged: {ref['merged']}). "
              f"Main metric: **{name}** on {metrics.get('n_eval_rows')} test rows; perplexity is "
-             f"corpus-level over assistant tokens; tokens/s: CPU greedy, "
-             f"{len(SPEED_PROMPTS)} fixed prompts x {SPEED_NEW_TOKENS} new tokens, batch 1, best "
-             f"of {SPEED_ROUNDS} rounds. Every artifact was loaded and measured in a fresh "
-             f"process. GGUF files are measured through transformers' GGUF loader, which "
+             f"corpus-level over assistant tokens. Every artifact was loaded and measured in a "
+             f"fresh process. GGUF files are measured through transformers' GGUF loader, which "
              f"dequantises them to float32: their quality numbers are the file's, their "
-             f"speed is not llama.cpp's.", "",
-             f"| artifact | status | size MiB | compression | tok/s | perplexity | Δppl % "
+             f"speed is not llama.cpp's. CPU speed (greedy, {len(SPEED_PROMPTS)} fixed prompts x "
+             f"{SPEED_NEW_TOKENS} new tokens, batch 1, best of {SPEED_ROUNDS} rounds) changes "
+             f"from run to run, so it is in the untracked `metrics/timing/quantize.json`, not "
+             f"here.", "",
+             f"| artifact | status | size MiB | compression | perplexity | Δppl % "
              f"| {name} | Δ{name} | first greedy tokens = merged | layer err mean / max "
              f"| template ok |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    lines.append(f"| merged | ok | {_fmt(ref['size_mb'])} | 1 | {_fmt(ref['tokens_per_s'])} "
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines.append(f"| merged | ok | {_fmt(ref['size_mb'])} | 1 "
                  f"| {_fmt(ref['perplexity'])} | – | {_fmt(ref['main'])} | – | "
                  f"{FIRST_TOKENS}/{FIRST_TOKENS} | – | {ref.get('template_ok')} |")
     for m in dict.fromkeys(methods):
         row = metrics.get(m, {})
         if row.get("status") != "ok":
-            lines.append(f"| {m} | skipped | – | – | – | – | – | – | – | – | – | – |")
+            lines.append(f"| {m} | skipped | – | – | – | – | – | – | – | – | – |")
             continue
         lines.append(
             f"| {m} | ok | {_fmt(row['size_mb'])} | {_fmt(row['compression'], '.2f')} "
-            f"| {_fmt(row['tokens_per_s'])} | {_fmt(row['perplexity'])} "
+            f"| {_fmt(row['perplexity'])} "
             f"| {_fmt(row['ppl_delta_pct'], '+.2f')} | {_fmt(row['main'])} "
             f"| {_delta(row)} | {row['first_tokens_match']}/{FIRST_TOKENS} "
             f"| {_fmt(row.get('layer_error_mean'))} / {_fmt(row.get('layer_error_max'))} "

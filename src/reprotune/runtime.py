@@ -9,11 +9,12 @@ import sys
 from collections.abc import Callable
 from types import TracebackType
 
-from reprotune.params import ParamsError
+from reprotune.params import DEFAULT_PARAMS, ParamsError, read_params
 
 
 def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
-    """Configure logging for a stage process and keep hub libraries offline-safe.
+    """Configure logging for a stage process, validate params.yaml and keep hub libraries
+    offline-safe.
 
     Hub clients are told not to phone home: downloads only happen when the user asks for
     a hub model, and then :mod:`reprotune.modeling` fails fast if the hub is unreachable.
@@ -26,6 +27,8 @@ def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     sys.excepthook = _params_error_hook(stage)
+    if DEFAULT_PARAMS.exists():
+        read_params()  # the WHOLE file, before this stage reads or writes anything
     return logging.getLogger(f"reprotune.stages.{stage}")
 
 
