@@ -39,10 +39,16 @@ from typing import Any
 from tqdm import tqdm
 
 from reprotune import markup
-from reprotune.readers import RAW_LIMIT, NonFinite, RawRow, is_non_finite, iter_rows
+from reprotune.readers import (
+    JSON_DECODER,
+    RAW_LIMIT,
+    RawRow,
+    is_non_finite,
+    iter_rows,
+    json_problem,
+)
 
 logger = logging.getLogger(__name__)
-_DECODER = json.JSONDecoder(parse_constant=NonFinite)  # NaN/Infinity stay recognisable
 
 RAW_DIR = "data/raw"  # the ingest stage's declared dependency in dvc.yaml
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")  # auto-detection order
@@ -121,7 +127,7 @@ def _json_field(value: Any, want: type, fld: str, reason: str = "wrong_type") ->
     """Lists/objects may arrive JSON-encoded (CSV cells, glaive ``tools``): decode them."""
     if isinstance(value, str) and want is not str:
         try:
-            value = _DECODER.decode(value)
+            value = JSON_DECODER.decode(value)
         except json.JSONDecodeError as exc:
             raise RowError(reason, fld, f"{fld} is a string that is not valid JSON: {exc.msg}") from exc
     if not isinstance(value, want):
@@ -134,7 +140,7 @@ def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
     """{"name","arguments"} / OpenAI {"type","function":{...}} (one or a list) → canonical."""
     if isinstance(value, str):
         try:
-            value = _DECODER.decode(value)
+            value = JSON_DECODER.decode(value)
         except json.JSONDecodeError as exc:
             raise RowError("invalid_tool_call", fld, f"{fld}: tool call is not valid JSON: {exc.msg}") from exc
     items = value if isinstance(value, list) else [value]
@@ -150,7 +156,7 @@ def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
-                args = _DECODER.decode(args) if args.strip() else {}
+                args = JSON_DECODER.decode(args) if args.strip() else {}
             except json.JSONDecodeError as exc:
                 raise RowError("invalid_tool_call", fld,
                                f"{fld}: arguments of {name!r} are not valid JSON: {exc.msg}") from exc
@@ -255,7 +261,7 @@ def _decoded(value: Any, role_key: str) -> Any:
     if not (isinstance(value, str) and value.lstrip().startswith(("{", "["))):
         return value
     try:
-        decoded = _DECODER.decode(value)
+        decoded = JSON_DECODER.decode(value)
     except json.JSONDecodeError:
         return value
     if isinstance(decoded, dict) and role_key in decoded:
@@ -399,6 +405,9 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
                            f"{_MARKERS[detected]!r}")
         messages = CONVERTERS[detected](row)
         tools = _tools(row)
+        problem = json_problem({"messages": messages, "tools": tools})  # JSON text in cells too
+        if problem:
+            raise RowError("parse_error", None, problem)
         _check(messages, tools)
     except RowError as exc:
         exc.format = detected

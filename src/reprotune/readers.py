@@ -73,7 +73,46 @@ class RawRow:
         return f"{self.source}:{self.line}"
 
 
-_DECODER = json.JSONDecoder(parse_constant=NonFinite)
+class _Object(dict):
+    """A parsed JSON object that remembers keys given twice (json keeps only the last)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def json_problem(value: Any, path: str = "") -> str | None:
+    """Why a parsed value cannot be taken as written: a key given twice (which value did the
+    user mean?) or an unpaired surrogate escape such as \\ud800 (not Unicode text)."""
+    if isinstance(value, dict):
+        dup = getattr(value, "duplicates", ())
+        if dup:
+            return f"key {dup[0]!r} appears twice in the object at {path or 'the top level'}"
+        for k, v in value.items():
+            found = json_problem(k, path) or json_problem(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = json_problem(v, f"{path}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"unpaired surrogate {value[exc.start]!r} at {path or 'a key'}: not valid Unicode text"
+    return None
+
+
+# NaN/Infinity stay recognisable, duplicate keys are remembered (see json_problem)
+JSON_DECODER = json.JSONDecoder(parse_constant=NonFinite, object_pairs_hook=_object_hook)
 
 
 def is_non_finite(value: Any) -> bool:
@@ -82,7 +121,7 @@ def is_non_finite(value: Any) -> bool:
 
 
 def _loads(text: str) -> Any:
-    return _DECODER.decode(text)
+    return JSON_DECODER.decode(text)
 
 
 # --------------------------------------------------------------------------- encodings
@@ -125,7 +164,11 @@ def decode_text(source: str, data: bytes) -> str:
 # --------------------------------------------------------------------------- JSON / JSONL
 def _object_or_error(source: str, line: int, obj: Any, raw: str | None) -> RawRow:
     if isinstance(obj, dict):
-        return RawRow(source, line, data=obj)
+        problem = json_problem(obj)
+        if problem is None:
+            return RawRow(source, line, data=obj)
+        shown = raw if raw is not None else json.dumps(obj, ensure_ascii=True, default=str)
+        return RawRow(source, line, error=f"invalid JSON object: {problem}", raw=shown[:RAW_LIMIT])
     shown = raw if raw is not None else json.dumps(obj, ensure_ascii=False, default=str)
     return RawRow(source, line, error=f"expected a JSON object, got {type(obj).__name__}",
                   raw=shown[:RAW_LIMIT])
@@ -191,29 +234,41 @@ def _skip_ws(text: str, pos: int) -> int:
 def _iter_array(source: str, text: str, pos: int) -> Iterator[RawRow]:
     """Elements of the JSON array starting at ``text[pos] == "["``, element by element.
 
-    A syntax error (a truncated download, a missing comma) ends the array: the complete
-    elements before it are rows, and everything from the broken element on is ONE error
-    row that says where it starts and how much was not read.
+    A file that simply ends too early (an interrupted download or export) yields its
+    complete elements as rows and ONE error row for the cut-off tail, saying where it
+    starts. A syntax error with more text after it (a missing comma in the middle) is an
+    :class:`InputFileError`: the rows after it can be neither read nor counted.
     """
+    end = len(text.rstrip())
     pos, index = _skip_ws(text, pos + 1), 0
     if pos < len(text) and text[pos] == "]":
         return
     while True:
         start = pos
         try:
-            obj, pos = _DECODER.raw_decode(text, pos)
+            obj, pos = JSON_DECODER.raw_decode(text, pos)
             pos = _skip_ws(text, pos)
-            if pos >= len(text):
-                raise json.JSONDecodeError("array not closed (file truncated?)", text, pos)
+            if pos >= len(text):  # a complete element, then the end of the file
+                yield _object_or_error(source, index + 1, obj, None)
+                yield RawRow(source, index + 2, raw="", error=(
+                    f"the file ends after array element {index + 1} without the closing ']': "
+                    f"truncated; any later elements are missing"))
+                return
             if text[pos] not in ",]":
                 raise json.JSONDecodeError("expected ',' or ']' after an element", text, pos)
         except json.JSONDecodeError as exc:
             line = text.count("\n", 0, start) + 1
+            if not (exc.msg.startswith("Unterminated string") or exc.pos >= end):
+                raise InputFileError(
+                    f"{source}: line {exc.lineno} column {exc.colno}: {exc.msg} (in array "
+                    f"element {index + 1}, which starts on line {line}); the array is broken "
+                    f"before its end, so the rows after it cannot be read or counted. Fix the "
+                    f"file (`python -m json.tool {source}` points at the spot)") from exc
             tail = text[start:]
             yield RawRow(source, index + 1, raw=tail[:RAW_LIMIT], error=(
-                f"invalid JSON in the array from element {index + 1} (file line {line}) on: "
-                f"{exc.msg} at file line {exc.lineno} column {exc.colno}; the last "
-                f"{tail.count(chr(10)) + 1} lines ({len(tail)} characters) were not read"))
+                f"the file ends inside array element {index + 1} (file line {line}): truncated "
+                f"({exc.msg}); {index} complete elements before it were read, the last "
+                f"{tail.count(chr(10)) + 1} lines ({len(tail)} characters) were not"))
             return
         yield _object_or_error(source, index + 1, obj, None)
         index += 1
@@ -237,7 +292,7 @@ def _iter_json(source: str, data: bytes) -> Iterator[RawRow]:
         yield from _iter_array(source, text, pos)
         return
     try:
-        obj, end = _DECODER.raw_decode(text, pos)
+        obj, end = JSON_DECODER.raw_decode(text, pos)
     except json.JSONDecodeError:
         obj, end = None, -1
     if end >= 0 and _skip_ws(text, end) >= len(text):

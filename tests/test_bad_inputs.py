@@ -1,0 +1,185 @@
+"""The hostile-input corpus: every file in tests/data/bad_inputs/ ends exactly as asserted here.
+
+Each file either becomes rows (kept + rejected per reason, counts adding up) or stops the
+ingest stage with ONE line naming the file and the fix, as the stage decides it with the
+default params. The files are written by tests/data/bad_inputs/make_corpus.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reprotune import io
+from reprotune.ingest import IngestError, check_files, ingest_files
+from reprotune.readers import InputFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "data" / "bad_inputs"
+MIN_KEPT = 0.5  # params.yaml default of ingest.min_kept_ratio
+
+
+def rows(rows_in: int, kept: int, **rejected: int) -> dict:
+    return {"rows_in": rows_in, "kept": kept, "rejected": rejected}
+
+
+def error(*fragments: str) -> dict:
+    return {"error": fragments}
+
+
+ICONV = ("not UTF-8 text", "iconv -f GBK -t UTF-8")
+NO_ROWS = ("the file yields no rows",)
+OUTCOMES: dict[str, dict] = {
+    # encodings: UTF-8/16/32 read (rows counted as rows, not lines); anything else refused
+    "utf8_bom.jsonl": rows(3, 3),
+    "utf16_le_bom.json": rows(3, 3),
+    "utf16_be_bom.jsonl": rows(3, 3),
+    "utf16_le_no_bom.jsonl": rows(3, 3),
+    "utf32_le_bom.json": rows(3, 3),
+    "gbk.json": error(*ICONV),
+    "gbk.jsonl": error(*ICONV),
+    "gb18030.csv": error(*ICONV),
+    "one_latin1_line.jsonl": rows(4, 3, parse_error=1),  # one corrupt line, not the file
+    # JSON documents
+    "truncated_array.json": rows(6, 5, parse_error=1),  # complete rows + one tail reject
+    "truncated_after_element.json": rows(7, 6, parse_error=1),
+    "array_missing_comma.json": error("line 3 column 1", "array is broken before its end"),
+    "trailing_garbage.json": rows(4, 3, parse_error=1),
+    "jsonl_named_json.json": rows(3, 3),
+    "array_of_strings.json": rows(5, 3, parse_error=2),
+    "scalar.json": error("kept 0 of 1 rows", "top reason parse_error"),
+    "jsonl_with_array_line.jsonl": rows(4, 3, parse_error=1),
+    "empty.jsonl": error(*NO_ROWS),
+    "blank_lines.json": error(*NO_ROWS),
+    "empty_array.json": error(*NO_ROWS),
+    "crlf.jsonl": rows(3, 3),
+    "u2028_in_string.jsonl": rows(3, 3),  # a line separator inside a string is not a new row
+    "duplicate_keys.jsonl": rows(4, 3, parse_error=1),
+    "lone_surrogate.jsonl": rows(4, 3, parse_error=1),
+    "nan_infinity.jsonl": rows(7, 5, non_finite_number=2),
+    "nan_tool_argument.jsonl": rows(3, 2, non_finite_number=1),
+    "control_chars_kept.jsonl": rows(3, 3),
+    # CSV
+    "csv_unclosed_quote.csv": error("csv_unclosed_quote.csv: line 3", "never closed"),
+    "csv_field_count.csv": rows(4, 3, parse_error=1),
+    "csv_bom_crlf_multiline.csv": rows(2, 2),
+    "csv_header_only.csv": error(*NO_ROWS),
+    # Parquet
+    "parquet_null_answer.parquet": rows(4, 3, missing_field=1),  # NaN in an unused column is fine
+    "parquet_nan_answer.parquet": rows(3, 2, non_finite_number=1),
+    "not_parquet.parquet": error("not a readable Parquet file"),
+    # shapes and fields
+    "wrong_types.jsonl": rows(10, 7, wrong_type=3),
+    "number_answer.jsonl": rows(3, 3),
+    "missing_fields.jsonl": rows(5, 3, missing_field=2),
+    "roles.jsonl": rows(9, 5, unknown_role=1, role_order=1, no_assistant_turn=1,
+                        ends_on_non_assistant=1),
+    "bad_history.jsonl": rows(4, 3, wrong_type=1),
+    "whitespace_answer.jsonl": rows(3, 3),  # kept here; dedup drops it as empty_answer
+    "content_parts_value.jsonl": rows(3, 3),
+    "content_parts_image.jsonl": rows(4, 3, wrong_type=1),
+    # markup injection
+    "special_tokens.jsonl": rows(11, 6, special_token=5),
+    "tool_name_injection.jsonl": rows(4, 3, invalid_tool_call=1),
+    "tool_argument_markup.jsonl": rows(4, 3, special_token=1),
+    "tools_schema_markup.jsonl": rows(4, 3, special_token=1),
+    "tools_unwrapped.jsonl": rows(1, 1),
+    "unsupported.txt": error("unsupported file type '.txt'"),
+}
+
+
+def test_every_corpus_file_has_an_outcome() -> None:
+    files = {p.name for p in CORPUS.iterdir() if p.suffix != ".py"}
+    assert files == set(OUTCOMES)
+    assert len(files) >= 46
+
+
+@pytest.mark.parametrize("name", sorted(OUTCOMES))
+def test_outcome(name: str) -> None:
+    path = str(CORPUS / name)
+    want = OUTCOMES[name]
+    if "error" in want:
+        with pytest.raises((InputFileError, IngestError)) as exc:
+            res = ingest_files([path])
+            check_files(res, [path], MIN_KEPT)
+        msg = str(exc.value)
+        assert name in msg and "\n" not in msg
+        for fragment in want["error"]:
+            assert fragment in msg
+        return
+    res = ingest_files([path])
+    check_files(res, [path], MIN_KEPT)
+    c = res.counts
+    got = {"rows_in": c["rows_in"], "kept": c["kept"],
+           "rejected": {k: v for k, v in c["rejected"].items() if v}}
+    assert got == want
+    assert c["rows_in"] == c["kept"] + c["rejected_total"] == len(res.records) + len(res.rejects)
+    for rej in res.rejects:  # every reject says where and why
+        assert rej["source"] == path and rej["line"] >= 1 and rej["reason"] and rej["detail"]
+
+
+def test_exact_text_of_odd_but_valid_rows() -> None:
+    def answers(name: str) -> list[str]:
+        return [r["messages"][-1]["content"] for r in ingest_files([str(CORPUS / name)]).records]
+
+    assert answers("u2028_in_string.jsonl")[0] == "第一行\u2028第二行"
+    assert answers("control_chars_kept.jsonl")[0] == "响铃\u0007、空字符\u0000、制表\t都保留"
+    assert answers("number_answer.jsonl")[0] == "2"
+    assert answers("whitespace_answer.jsonl")[0] == "   "
+    assert answers("content_parts_value.jsonl")[0] == "你好！有什么事？"
+    csv_rows = ingest_files([str(CORPUS / "csv_bom_crlf_multiline.csv")]).records
+    assert csv_rows[0]["messages"][0]["content"] == "多行\r\n问题"  # quoted CRLF kept as is
+    tools = ingest_files([str(CORPUS / "tools_unwrapped.jsonl")]).records[0]["tools"]
+    assert tools[0]["type"] == "function" and list(tools[0]["function"]["parameters"]) == [
+        "type", "required", "properties"]
+    assert ingest_files([str(CORPUS / "utf16_le_no_bom.jsonl")]).records[0]["messages"][0][
+        "content"] == "问题 1：一加一等于几？"
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("gbk.json", "iconv -f GBK -t UTF-8"),
+    ("csv_unclosed_quote.csv", "never closed"),
+    ("scalar.json", "ingest.min_kept_ratio"),
+])
+def test_stage_stops_with_one_line(tmp_path: Path, name: str, fragment: str) -> None:
+    """The ingest stage as DVC runs it: exit 1, one line on stderr, no traceback."""
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    shutil.copy(CORPUS / name, raw / name)
+    shutil.copy(CORPUS / "utf8_bom.jsonl", raw / "good.jsonl")  # a fine file beside it
+    (tmp_path / "params.yaml").write_text(
+        f"ingest:\n  inputs: [data/raw/good.jsonl, data/raw/{name}]\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "ingest.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ingest: data/raw/{name}") and fragment in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "interim" / "ingested.jsonl").exists()
+
+
+def test_outputs_are_written_with_default_permissions(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        io.write_jsonl(tmp_path / "a.jsonl", [{"x": 1}])
+        with io.atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".formatted.parquet.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".base.x1.tmp").mkdir()
+    (tmp_path / "keep.json").write_text("{}")
+    n = io.clean_stale_temporaries(tmp_path / "out" / "formatted.parquet", tmp_path / "base")
+    assert n == 2 and sorted(p.name for p in tmp_path.rglob("*")) == ["keep.json", "out"]
