@@ -101,10 +101,10 @@ def main() -> None:
         raise SystemExit(f"evaluate: {exc}") from None
     except NonFiniteLossError as exc:
         raise SystemExit(
-            f"evaluate: {args.model}: {exc}; the weights are probably corrupt (a changed byte "
-            f"keeps its size and time stamp, so `dvc status` misses it). Check with `dvc status "
-            f"--checksums` and restore with `dvc checkout --force {args.model}`, or rerun the "
-            f"stage that wrote it") from None
+            f"evaluate: {args.model}: {exc}; its weights are probably corrupt (`dvc status` "
+            f"trusts size and time stamps, so it misses a changed byte). Restore them from the "
+            f"DVC cache with `dvc checkout --relink --force {args.model}`, or rebuild them with "
+            f"`dvc repro -f` of the stage that writes {args.model}") from None
     confusion = metrics.pop("confusion", None)
     metrics["settings"].update(kind=args.kind, model=args.model, method=info.get("method"))
     if not is_finite_metrics(metrics):

@@ -49,8 +49,9 @@ def main() -> None:
     except RuntimeError as exc:
         if NonFiniteLossError.__name__ in str(exc):  # raised in the measuring subprocess
             sys.exit(f"quantize: {args.merged} or an artifact built from it gives non-finite "
-                     f"losses: corrupt weights? Check `dvc status --checksums` and restore with "
-                     f"`dvc checkout --force {args.merged}`. {str(exc).splitlines()[0]}")
+                     f"losses: corrupt weights? Restore them from the DVC cache with `dvc "
+                     f"checkout --relink --force {args.merged}` or rebuild with `dvc repro -f "
+                     f"merge`. {str(exc).splitlines()[0]}")
         raise
     write(metrics, details)
     log.info("wrote %s and %s", args.metrics, args.report)

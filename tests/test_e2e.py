@@ -130,6 +130,34 @@ def test_repro_then_noop(project: Path) -> None:
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "baseline"], project)
 
+    # Retraining with the same code, params and data changes no tracked file: the model,
+    # metrics and curves are identical on CPU, and timings live in the untracked
+    # metrics/timing/ (so dvc.lock and `dvc metrics diff` stay quiet).
+    timing = project / "metrics" / "timing" / "train.json"
+    timing.unlink()
+    assert _ran(_dvc(project, "repro", "-f", "-s", "train")) == {"train"}
+    assert _run(["git", "status", "--porcelain"], project) == ""
+    assert json.loads(timing.read_text())["tokens_per_s"] > 0
+    assert "tokens_per_s" not in m("train") and not list(project.rglob(".*.tmp"))
+
+
+def test_params_typo_stops_before_any_output_is_deleted(project: Path) -> None:
+    """DVC deletes a stage's outputs before running it: the check stage must fail first."""
+    params_file = project / "params.yaml"
+    good = params_file.read_text()
+    weights = project / "models" / "finetuned" / "model.safetensors"
+    before = weights.read_bytes()
+    params_file.write_text(good.replace("  patience:", "  patiance:"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=project,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "train.patiance: unknown key (did you mean 'patience'?)" in out
+    assert _ran(out) == {"check"} and weights.read_bytes() == before
+    params_file.write_text(good)
+    assert _ran(_dvc(project, "repro")) <= {"check"}  # nothing else was invalidated
+    assert _run(["git", "status", "--porcelain"], project) == ""
+
 
 def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:
     out = _dvc(project, "exp", "run", "-S", "lr=1e-4", "-n", "low-lr")

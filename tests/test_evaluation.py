@@ -259,3 +259,58 @@ def test_alpaca_slice_ingest_format_evaluate(shared_dir, tiny_base_dir):
     assert metrics["settings"]["bleu_tokenize"] == "13a" and "accuracy" not in metrics
     assert is_finite_metrics(metrics) and metrics["perplexity"] > 1
     assert [p["id"] for p in preds] == [r["id"] for r in rows]
+
+
+def test_max_new_tokens_auto_is_p95_of_reference_lengths(lm, rows):
+    from reprotune.evaluation import resolve_max_new_tokens
+
+    model, tok = lm
+    refs = ["a " * n for n in range(1, 21)]  # 1..20 words
+    lengths = sorted(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs)
+    import numpy as np
+
+    assert resolve_max_new_tokens("auto", tok, refs) == int(np.ceil(np.percentile(lengths, 95))) + 1
+    assert resolve_max_new_tokens(7, tok, refs) == 7
+    metrics, preds = evaluate_model(model, tok, rows, EvalParams(max_new_tokens="auto"),
+                                    enable_thinking=False, seed=0, progress=False)
+    want = resolve_max_new_tokens("auto", tok, [p["reference"] for p in preds])
+    assert metrics["settings"]["max_new_tokens"] == want
+    assert metrics["settings"]["max_new_tokens_setting"] == "auto"
+
+
+def test_answers_cut_by_the_cap_are_counted_and_warned(lm, rows, caplog):
+    model, tok = lm
+    with caplog.at_level("WARNING", logger="reprotune.evaluation"):
+        metrics, preds = evaluate_model(model, tok, rows, EvalParams(max_new_tokens=1),
+                                        enable_thinking=False, seed=0, progress=False)
+    # the chatty random model never stops within one token
+    assert metrics["n_capped_predictions"] == sum(p["capped"] for p in preds) == len(rows)
+    assert metrics["capped_share"] == 1.0 and metrics["cap_warning"] is True
+    assert "GENERATION CAP" in caplog.text and "eval.max_new_tokens=1" in caplog.text
+
+
+def test_corrupt_weights_end_in_one_line_naming_the_model_folder(tmp_path, repo_root,
+                                                                 tiny_base_dir, rows):
+    """A changed byte keeps size and mtime (dvc status misses it): NaN weights must not
+    crash in math.exp but say which folder is broken and how to restore it."""
+    import struct
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    model_dir = tmp_path / "models" / "base"
+    shutil.copytree(tiny_base_dir, model_dir)
+    weights = model_dir / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    start = 8 + n + header["model.norm.weight"]["data_offsets"][0]
+    blob[start:start + 4] = struct.pack("<f", float("nan"))  # one float of the final norm
+    weights.write_bytes(bytes(blob))
+    from reprotune.formatting import formatted_schema
+
+    io.write_parquet(tmp_path / "data/processed/test.parquet", rows, schema=formatted_schema())
+    res = _run_stage(tmp_path, "--kind", "base", "--model", "models/base")
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate: models/base: mean loss over") and "not finite" in last
+    assert "dvc checkout --relink --force models/base" in last
+    assert "Traceback" not in res.stderr and "OverflowError" not in res.stderr

@@ -76,3 +76,60 @@ def test_no_param_named_size_or_nfiles(repo_root: Path) -> None:
                 yield from keys(v)
 
     assert not {"size", "nfiles"} & set(keys(read_params(repo_root / "params.yaml")))
+
+
+def test_any_stage_load_validates_the_whole_file(tmp_path: Path) -> None:
+    # an eval typo is caught by the first stage that runs, not after training
+    p = _write(tmp_path, "dedup:\n  threshold: 0.9\neval:\n  max_new_tokns: 64\n")
+    with pytest.raises(ParamsError, match=r"eval\.max_new_tokns: unknown key.*'max_new_tokens'"):
+        load_section("dedup", p)
+    with pytest.raises(ParamsError, match=r"lrr: unknown top-level key \(did you mean 'lr'\?\)"):
+        load_top(_write(tmp_path, "lr: 0.1\nlrr: 0.1\n"))
+
+
+def test_auto_or_number(tmp_path: Path) -> None:
+    assert load_section("format", _write(tmp_path, "format:\n  max_length: auto\n")).max_length == "auto"
+    assert load_section("format", _write(tmp_path, "format:\n  max_length: '512'\n")).max_length == 512
+    assert load_section("eval", _write(tmp_path, "eval:\n  max_new_tokens: 64\n")).max_new_tokens == 64
+    with pytest.raises(ParamsError, match=r"format\.max_length: 'long' is not an integer or 'auto'"):
+        load_section("format", _write(tmp_path, "format:\n  max_length: long\n"))
+    with pytest.raises(ParamsError, match=r"eval\.max_new_tokens: 0 must be >= 1"):
+        load_section("eval", _write(tmp_path, "eval:\n  max_new_tokens: 0\n"))
+
+
+def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"line 3: not valid YAML"):
+        read_params(_write(tmp_path, "lr: 0.1\nepochs: 2\n  seed: 1\nbatch_size: 4\n"))
+
+
+@pytest.mark.parametrize("text, code, line", [
+    ("lr: 0.1\n", 0, "params.yaml is valid"),
+    ("lr: 0.1\ntrain:\n  patiance: 2\n", 1,
+     "params.yaml: train.patiance: unknown key (did you mean 'patience'?)"),
+])
+def test_check_command_prints_one_line(tmp_path: Path, text: str, code: int, line: str) -> None:
+    import subprocess
+    import sys
+
+    _write(tmp_path, text)
+    proc = subprocess.run([sys.executable, "-m", "reprotune.params"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code
+    out = (proc.stdout + proc.stderr).strip()
+    assert out.startswith(line) and len(out.splitlines()) == 1
+
+
+def test_every_stage_refuses_a_bad_file_before_writing(tmp_path: Path, repo_root: Path) -> None:
+    """The stage entry points validate all of params.yaml in runtime.setup, before any I/O."""
+    import subprocess
+    import sys
+
+    _write(tmp_path, "demo:\n  rows: 20\neval:\n  max_new_tokns: 64\n")
+    for stage in ("check", "demo", "merge"):  # merge reads no params section at all
+        proc = subprocess.run([sys.executable, str(repo_root / "stages" / f"{stage}.py")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, stage
+        assert proc.stderr.strip() == (f"{stage}: params.yaml: eval.max_new_tokns: unknown key "
+                                       f"(did you mean 'max_new_tokens'?); known keys: "
+                                       + proc.stderr.split("known keys: ")[1].strip())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
