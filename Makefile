@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install repro test test-fast lint dag clean-venv
+.PHONY: install repro test test-fast lint dag check clean-venv
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: install
 
 dag: install
 	$(BIN)/dvc dag
+
+# validate all of params.yaml: one line naming the bad key (the `check` stage runs the same)
+check: install
+	@$(BIN)/python -m reprotune.params
 
 clean-venv:
 	rm -rf $(VENV)
