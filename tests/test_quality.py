@@ -145,3 +145,61 @@ def test_apply_filters_and_reason_counts_add_up() -> None:
 
 def test_reason_counts_lists_every_reason() -> None:
     assert reason_counts([]) == dict.fromkeys(quality.REASONS, 0)
+
+
+JS_TUTORIAL = '下面是 JavaScript 中 `if...else` 语句的用法示例，根据分数输出等级：\n\n```javascript\nlet score = 85;\nif (score >= 90) {\n  console.log("成绩等级：优秀");\n} else if (score >= 80) {\n  console.log("成绩等级：良好");\n} else if (score >= 70) {\n  console.log("成绩等级：中等");\n} else if (score >= 60) {\n  console.log("成绩等级：及格");\n} else {\n  console.log("成绩等级：不及格");\n}\n```\n\n程序从上到下依次判断条件，第一个为真的分支会被执行。'
+JAVA_GETTERS = '这是一个 Java 类，每个属性都有对应的 getter 和 setter 方法：\n\n```java\npublic class Student {\n    private String name;\n    private String school;\n    private String major;\n    public String getName() { return this.name; }\n    public void setName(String name) { this.name = name; }\n    public String getSchool() { return this.school; }\n    public void setSchool(String school) { this.school = school; }\n    public String getMajor() { return this.major; }\n    public void setMajor(String major) { this.major = major; }\n}\n```'
+SCALA_MATCH = '在 Scala 中可以用模式匹配代替多重判断：\n\n```scala\ndef weekday(d: Int): String = d match {\n  case 1 => "星期一"\n  case 2 => "星期二"\n  case 3 => "星期三"\n  case 4 => "星期四"\n  case 5 => "星期五"\n  case 6 => "星期六"\n  case 7 => "星期日"\n  case _ => "无效的日期"\n}\n```'
+DICE_ZH = '掷两个骰子，点数之和为 7 的所有情况如下：\n第一个骰子 1 点，第二个骰子 6 点\n第一个骰子 2 点，第二个骰子 5 点\n第一个骰子 3 点，第二个骰子 4 点\n第一个骰子 4 点，第二个骰子 3 点\n第一个骰子 5 点，第二个骰子 2 点\n第一个骰子 6 点，第二个骰子 1 点\n共 6 种情况，概率为 6/36 = 1/6。'
+SCHEDULE_ZH = "\n".join(f"第{w}周：\n周一：3英里轻松跑\n周二：间歇跑\n周三：3英里轻松跑\n周四：节奏跑\n"
+                        f"周五：休息\n周六：{w + 5}英里长跑" for w in range(1, 5))
+
+
+@pytest.mark.parametrize("text", [JS_TUTORIAL, JAVA_GETTERS, SCALA_MATCH, DICE_ZH, SCHEDULE_ZH])
+def test_code_lists_and_schedules_are_not_repetitive(text: str) -> None:
+    assert repetitive(_rec(("user", "q"), ("assistant", text)), max_repetition=0.5) is None
+    assert quality.turn_repetition(text) < 0.2
+
+
+# Real answers from ../shared/data/sharegpt_zh_1K_format.jsonl that the whole-text measure
+# dropped as repetitive: code, a colour palette, guitar tabs, a numbered list.
+REAL_CODE_AND_LISTS = ["$cool-green-100", "write\\_to\\_disk\\_with\\_WAL", "e|---2---|",
+                       "1. 高效内容创作：ChatGPT", "`axiom` 和 `axiom2`"]
+
+
+def test_real_code_and_lists_are_kept(shared_dir) -> None:
+    from reprotune.ingest import ingest_files
+
+    res = ingest_files([str(shared_dir / "data" / "sharegpt_zh_1K_format.jsonl")])
+    for snippet in REAL_CODE_AND_LISTS:
+        rec = next(r for r in res.records if any(snippet in m["content"] for m in r["messages"]))
+        text = "\n".join(m["content"] for m in rec["messages"] if m["role"] == "assistant")
+        assert repetition_share(text) > 0.5, snippet  # what the old filter measured
+        assert repetitive(rec, max_repetition=0.5) is None, snippet
+
+
+def test_real_looping_is_still_caught() -> None:
+    looped_lines = "\n".join(["- I cannot help with that request."] * 8)
+    looped_code = "```\n" + "print('hello world')\n" * 10 + "```"
+    prose_loop = "The answer is yes. " * 12 + "\n```python\nx = 1\n```"
+    for text in (looped_lines, looped_code, prose_loop):
+        assert repetitive(_rec(("user", "q"), ("assistant", text)), max_repetition=0.5) == "repetitive"
+    # each answer is judged on its own: one looping turn is enough
+    two = _rec(("user", "a"), ("assistant", "Fine, thanks for asking today."), ("user", "b"),
+               ("assistant", "again " * 30))
+    assert repetitive(two, max_repetition=0.5) == "repetitive"
+
+
+def test_split_prose_takes_structure_out() -> None:
+    prose, structured = quality.split_prose(JS_TUTORIAL)
+    assert "console.log" not in prose and "第一个为真的分支会被执行" in prose
+    assert any("console.log" in line for line in structured)
+
+
+def test_real_chinese_data_is_rarely_flagged(shared_dir) -> None:
+    from reprotune.ingest import ingest_files
+
+    res = ingest_files([str(shared_dir / "data" / "sharegpt_zh_1K_format.jsonl")])
+    flagged = [r for r in res.records if repetitive(r, max_repetition=0.5)]
+    assert len(flagged) <= 5  # was 63 of 993 with the whole-text measure
+    assert any("SUBSTITUTE（SUBSTITUTE（SUBSTITUTE" in r["messages"][-1]["content"] for r in flagged)

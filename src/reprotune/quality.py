@@ -50,7 +50,8 @@ _CODE_LINE = re.compile(r"([{};:\[(,]\s*$|^\s*[}\])]|^(\t| {4})|^\s*(if|else|eli
                         r"#include|SELECT|INSERT|UPDATE)\b|^\s*[$@]?[\w.\[\]]+\s*[:+\-*/]?=)")
 _TABLE_LINE = re.compile(r"^\s*\S*\|.*\|\s*$|^\s*[\w#]?\|[-=\d|\s]+$")
 # "label: value" lines (schedules, input/output pairs, outlines): short label, then a colon
-_LABEL_LINE = re.compile(r"^\s*[^\s:：]{1,12}\s?[:：]")
+_LABEL_LINE = re.compile(r"^\s*(?=[^:：\n]{1,20}[:：])(\S+\s){0,2}\S+?[:：]")
+_DIGITS = re.compile(r"\d+")
 _URL = re.compile(r"https?://\S+|www\.\S+")
 
 
@@ -114,17 +115,17 @@ def repetition_share(text: str) -> float:
 
 def split_prose(text: str) -> tuple[str, list[str]]:
     """``(prose, structured lines)`` of a text: fenced code blocks, code-like lines, list
-    items, table/tab lines and runs of 3+ lines starting with a digit are structured."""
+    items, table/tab and ``label: value`` lines, art and enumerations are structured."""
     prose: list[str] = []
     structured: list[str] = []
     lines = text.split("\n")
     in_fence = False
-    digit_run = _digit_runs(lines)
+    template_run = _template_runs(lines)
     for i, line in enumerate(lines):
         if _FENCE.match(line):
             in_fence = not in_fence
             continue
-        if in_fence or digit_run[i] or _LIST_ITEM.match(line) or _CODE_LINE.search(line) \
+        if in_fence or template_run[i] or _LIST_ITEM.match(line) or _CODE_LINE.search(line) \
                 or _TABLE_LINE.match(line) or _LABEL_LINE.match(line) or _is_art(line):
             structured.append(line)
         else:
@@ -138,18 +139,29 @@ def _is_art(line: str) -> bool:
     return bool(chars) and sum(c.isalnum() for c in chars) * 2 < len(chars)
 
 
-def _digit_runs(lines: Sequence[str]) -> list[bool]:
-    """Lines inside a run of 3+ consecutive lines starting with a digit (enumerations)."""
-    flags = [bool(ln.strip()) and ln.strip()[0].isdigit() for ln in lines]
+def _shape(line: str) -> str:
+    return _DIGITS.sub("#", line.strip())
+
+
+def _template_runs(lines: Sequence[str]) -> list[bool]:
+    """Lines inside a run of 3+ consecutive lines that are enumerations: each starts with a
+    digit, or all share their first 3 characters, or all have the same shape once digits are
+    masked ("第一个骰子 1 点，第二个骰子 6 点" ...)."""
+    def same(a: str, b: str) -> bool:
+        a, b = a.strip(), b.strip()
+        if not a or not b:
+            return False
+        return (a[0].isdigit() and b[0].isdigit()) or a[:3] == b[:3] or _shape(a) == _shape(b)
+
     out = [False] * len(lines)
     i = 0
     while i < len(lines):
-        j = i
-        while j < len(lines) and flags[j]:
+        j = i + 1
+        while j < len(lines) and same(lines[j - 1], lines[j]):
             j += 1
         if j - i >= 3:
             out[i:j] = [True] * (j - i)
-        i = max(j, i + 1)
+        i = j
     return out
 
 
