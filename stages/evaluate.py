@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--predictions",
                     help="default: data/eval/predictions_base.jsonl | data/eval/predictions.jsonl")
     ap.add_argument("--base-metrics", help="eval_base metrics to compare with (finetuned)")
+    ap.add_argument("--gain", help="where to write the fine-tuned minus base gains (finetuned)")
     ap.add_argument("--base-predictions", help="base predictions shown beside the examples")
     ap.add_argument("--report", help="Markdown report to write, e.g. reports/eval.md")
     ap.add_argument("--confusion", help="confusion-matrix PNG to write")
@@ -89,7 +90,7 @@ def main() -> None:
     cfg = load_section("eval")
     thinking_param = load_section("format").enable_thinking
     io.clean_stale_temporaries(*(p for p in (args.metrics, args.predictions, args.report,
-                                             args.confusion) if p))
+                                             args.confusion, args.gain) if p))
     runtime.seed_everything(args.seed)
     try:
         rows = load_test_rows(args.test)
@@ -113,7 +114,9 @@ def main() -> None:
 
     if args.base_metrics:
         comparison = compare(metrics, io.read_json(args.base_metrics))
-        out = metrics_file(metrics, comparison)
+        out, gain = metrics_file(metrics, comparison)
+        if args.gain:
+            io.write_json(args.gain, gain)
     else:
         comparison = compare(metrics, {})
         out = metrics

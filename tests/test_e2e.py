@@ -159,6 +159,49 @@ def test_params_typo_stops_before_any_output_is_deleted(project: Path) -> None:
     assert _run(["git", "status", "--porcelain"], project) == ""
 
 
+def test_teammate_pulls_and_recomputes_nothing(project: Path, tmp_path: Path) -> None:
+    """Clone A pushes to a local-folder remote; clone B pulls: clean status, nothing reruns.
+    B then adds data and pushes; A pulls and exactly the stages downstream of it rerun."""
+    remote = tmp_path / "remote"
+    _dvc(project, "remote", "add", "-d", "team", str(remote))
+    _dvc(project, "push")
+    _run(["git", "add", ".dvc/config"], project)
+    _run(["git", "commit", "-qm", "team remote"], project)
+
+    b = tmp_path / "b"
+    _run(["git", "clone", "-q", str(project), str(b)], tmp_path)
+    _dvc(b, "pull")
+    assert "up to date" in _dvc(b, "status").lower()
+    out = _dvc(b, "repro")
+    assert _ran(out) == set() and "up to date" in out.lower()
+    assert _run(["git", "status", "--porcelain"], b) == ""
+
+    # B brings one more raw file (tracked with dvc add) and lists it
+    extra = b / "data" / "raw" / "extra.jsonl"
+    extra.write_text(json.dumps({"instruction": "团队新增的问题？", "output": "新的答案。"},
+                                ensure_ascii=False) + "\n", encoding="utf-8")
+    _dvc(b, "add", "data/raw/extra.jsonl")
+    yaml = YAML()
+    params = yaml.load((b / "params.yaml").read_text())
+    params["ingest"]["inputs"].append("data/raw/extra.jsonl")
+    with (b / "params.yaml").open("w") as fh:
+        yaml.dump(params, fh)
+    _run(["git", "add", "-A"], b)
+    _run(["git", "commit", "-qm", "more data"], b)
+    _dvc(b, "push")
+    _run(["git", "push", "-q", "origin", "HEAD:incoming"], b)
+
+    _run(["git", "merge", "-q", "--ff-only", "incoming"], project)
+    _dvc(project, "pull", "data/raw/extra.jsonl.dvc")
+    dry = _ran(_dvc(project, "repro", "--dry"))
+    assert dry == {"check", "ingest", "base", "dedup", "format", "split", "train", "eval_base",
+                   "evaluate", "merge", "quantize"}  # everything downstream of ingest, not demo
+    _run(["git", "reset", "-q", "--hard", "HEAD~1"], project)  # back to the shared baseline
+    (project / "data" / "raw" / "extra.jsonl").unlink()
+    _dvc(project, "checkout", "--force")
+    assert "up to date" in _dvc(project, "status").lower()
+
+
 def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:
     out = _dvc(project, "exp", "run", "-S", "lr=1e-4", "-n", "low-lr")
     ran = _ran(out)

@@ -162,8 +162,9 @@ def test_compare_gain_signs_and_mismatch():
     assert cmp["gain"] == {"bleu": 20.0, "rouge_l": -0.25, "ppl_reduction": 30.0}
     assert cmp["finetuned"]["bleu"] == 30.0 and cmp["base"]["perplexity"] == 50.0
     assert "settings_mismatch" not in cmp
-    out = metrics_file(ft, cmp)
-    assert out["bleu"] == 30.0 and out["base"]["bleu"] == 10.0 and out["gain"]["bleu"] == 20.0
+    out, gain = metrics_file(ft, cmp)
+    assert out["bleu"] == 30.0 and "base" not in out and "gain" not in out  # each number once
+    assert gain == {"gain": {"bleu": 20.0, "rouge_l": -0.25, "ppl_reduction": 30.0}}
     other = dict(base, settings=dict(s, n_rows=5))
     assert compare(ft, other)["settings_mismatch"] == ["n_rows"]
 
@@ -224,13 +225,16 @@ def test_evaluate_stage_base_then_finetuned(tmp_path, repo_root, tiny_base_dir, 
                    tmp_path / "models/finetuned", method="full", base_dir="models/base",
                    enable_thinking=False)
     res = _run_stage(tmp_path, "--kind", "finetuned", "--base-metrics", "metrics/eval_base.json",
+                     "--gain", "metrics/eval_gain.json",
                      "--base-predictions", "data/eval/predictions_base.jsonl",
                      "--report", "reports/eval.md", "--confusion", "metrics/plots/cm.png")
     assert res.returncode == 0, res.stderr[-3000:]
     ev = io.read_json(tmp_path / "metrics/eval.json")
-    assert ev["bleu"] == base["bleu"] and ev["base"]["bleu"] == base["bleu"]
-    assert set(ev["gain"]) >= {"bleu", "chrf", "rouge_l", "f1", "em", "accuracy", "ppl_reduction"}
-    assert all(v == 0.0 for v in ev["gain"].values())
+    gain = io.read_json(tmp_path / "metrics/eval_gain.json")["gain"]
+    assert ev["bleu"] == base["bleu"] and "base" not in ev
+    assert set(gain) >= {"bleu", "chrf", "rouge_l", "f1", "em", "accuracy", "ppl_reduction"}
+    assert all(v == 0.0 for v in gain.values())
+    assert "-0.0" not in (tmp_path / "metrics/eval_gain.json").read_text()
     assert ev["settings"]["kind"] == "finetuned" and ev["settings"]["method"] == "full"
     assert "settings_mismatch" not in ev
     assert (tmp_path / "metrics/plots/cm.png").read_bytes()[:4] == b"\x89PNG"
@@ -314,3 +318,14 @@ def test_corrupt_weights_end_in_one_line_naming_the_model_folder(tmp_path, repo_
     assert last.startswith("evaluate: models/base: mean loss over") and "not finite" in last
     assert "dvc checkout --relink --force models/base" in last
     assert "Traceback" not in res.stderr and "OverflowError" not in res.stderr
+
+
+def test_no_negative_zero_in_metrics_files(tmp_path):
+    ft = {"bleu": 0.3, "n_rows": 1, "settings": {}}
+    base = {"bleu": 0.3000000001, "n_rows": 1, "settings": {}}  # round(-1e-10, 6) is -0.0
+    gain = compare(ft, base)["gain"]
+    assert str(gain["bleu"]) == "0.0"
+    io.write_json(tmp_path / "m.json", {"a": -0.0, "b": [-0.0, 1.5], "c": {"d": -0.0}})
+    assert "-0.0" not in (tmp_path / "m.json").read_text()
+    with pytest.raises(ValueError):
+        io.write_json(tmp_path / "n.json", {"x": float("nan")})

@@ -133,3 +133,20 @@ def test_every_stage_refuses_a_bad_file_before_writing(tmp_path: Path, repo_root
                                        f"(did you mean 'max_new_tokens'?); known keys: "
                                        + proc.stderr.split("known keys: ")[1].strip())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_params_yaml_is_in_the_layout_dvc_writes(repo_root: Path, tmp_path: Path) -> None:
+    """`dvc exp run -S lr=...` rewrites params.yaml through DVC's YAML round trip: the
+    committed file is already in that layout, so an experiment's diff is the changed value."""
+    from dvc.utils.serialize._yaml import modify_yaml
+
+    copy = tmp_path / "params.yaml"
+    copy.write_bytes((repo_root / "params.yaml").read_bytes())
+    with modify_yaml(str(copy)) as data:
+        data["lr"] = data["lr"]
+    assert copy.read_bytes() == (repo_root / "params.yaml").read_bytes()
+    with modify_yaml(str(copy)) as data:
+        data["lr"] = 0.0002
+    changed = [(a, b) for a, b in zip((repo_root / "params.yaml").read_text().splitlines(),
+                                      copy.read_text().splitlines(), strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][1].startswith("lr: 0.0002")

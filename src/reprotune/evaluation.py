@@ -112,7 +112,8 @@ def resolve_max_new_tokens(setting: int | str, tokenizer: Any, references: Seque
 
 
 def _round(x: Any) -> Any:
-    return round(x, DIGITS) if isinstance(x, float) else x
+    # + 0.0 turns -0.0 into 0.0: a "-0.0" row in `dvc metrics diff` is noise
+    return round(x, DIGITS) + 0.0 if isinstance(x, float) else x
 
 
 def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: Any, *,
@@ -232,14 +233,16 @@ def compare(finetuned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def metrics_file(finetuned: dict[str, Any], comparison: dict[str, Any]) -> dict[str, Any]:
-    """eval.json content: fine-tuned values at the top level (as ``dvc metrics diff`` shows
-    them best), then ``base`` and ``gain`` sub-dicts and the eval ``settings``."""
+def metrics_file(finetuned: dict[str, Any], comparison: dict[str, Any]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(eval.json, eval_gain.json)`` contents. eval.json holds the fine-tuned values and
+    settings only; the base values live in eval_base.json and the gains in their own small
+    file, so ``dvc metrics diff`` shows each number once."""
     out = {k: v for k, v in finetuned.items() if k != "confusion"}
-    out.update(base=comparison["base"], gain=comparison["gain"])
+    gain: dict[str, Any] = {"gain": comparison["gain"]}
     if "settings_mismatch" in comparison:
-        out["settings_mismatch"] = comparison["settings_mismatch"]
-    return out
+        out["settings_mismatch"] = gain["settings_mismatch"] = comparison["settings_mismatch"]
+    return out, gain
 
 
 def is_finite_metrics(m: dict[str, Any]) -> bool:

@@ -95,11 +95,22 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _no_negative_zero(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj + 0.0  # -0.0 -> 0.0: a sign on zero is rounding noise in a metrics diff
+    if isinstance(obj, dict):
+        return {k: _no_negative_zero(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_negative_zero(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as pretty, key-sorted JSON (stable bytes for DVC hashes and git diffs)."""
+    """Write ``obj`` as pretty, key-sorted JSON (stable bytes for DVC hashes and git diffs);
+    NaN/Infinity are refused and -0.0 is written as 0.0."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
-                       encoding="utf-8")
+        tmp.write_text(json.dumps(_no_negative_zero(obj), ensure_ascii=False, indent=2,
+                                  sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | Path) -> Any:
