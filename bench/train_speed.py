@@ -7,7 +7,7 @@ safetensors + the embedded byte-level tokenizer), writes seeded synthetic train/
 and runs :func:`reprotune.training.train_model` -- the train stage's own code -- once per
 method. Per method it records the stage's ``tokens_per_s`` (whole ``trainer.train()``,
 including the final evaluation, checkpoint save and best-model reload), the median of the
-dvclive ``tokens_per_s`` curve (training steps only: steady state), ``peak_memory_mb`` (CUDA
+median tokens/s over the logging intervals (training steps only: steady state), ``peak_memory_mb`` (CUDA
 max_memory_allocated, reset per method; on CPU the process peak RSS, cumulative over the
 run), trainable params/share, train time and initial/best val loss. A method that fails
 (e.g. qlora where bitsandbytes cannot run) is recorded as failed and the next one runs.
@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import shlex
-import statistics
 import sys
 import tempfile
 from importlib import metadata
@@ -87,18 +86,6 @@ def make_rows(n: int, seq_len: int, vocab: int, rng: random.Random) -> list[dict
     return rows
 
 
-def live_rate(live_dir: Path) -> float | None:
-    """Median of the dvclive tokens/s curve, skipping the first (warm-up) point."""
-    tsv = live_dir / "plots" / "metrics" / "tokens_per_s.tsv"
-    if not tsv.is_file():
-        return None
-    lines = tsv.read_text(encoding="utf-8").splitlines()
-    col = lines[0].split("\t").index("tokens_per_s")
-    rates = [float(ln.split("\t")[col]) for ln in lines[1:] if ln.strip()]
-    rates = rates[1:] or rates
-    return round(statistics.median(rates), 1) if rates else None
-
-
 def run_method(method: str, root: Path, base: Path, splits: tuple[Path, Path],
                args: argparse.Namespace) -> dict[str, Any]:
     import torch
@@ -124,9 +111,8 @@ def run_method(method: str, root: Path, base: Path, splits: tuple[Path, Path],
     keys = ("device", "precision", "tokens_per_s", "peak_memory_mb", "peak_memory_kind",
             "trainable_params", "total_params", "trainable_share", "train_time_s",
             "wall_time_s", "train_steps", "tokens_seen", "initial_val_loss", "best_val_loss",
-            "torch_threads")
-    out = {"status": "ok", **{k: m[k] for k in keys},
-           "tokens_per_s_steady": live_rate(d / "live")}
+            "torch_threads", "tokens_per_s_steady")
+    out = {"status": "ok", **{k: m[k] for k in keys}}
     if m["peak_memory_kind"] == "process_peak_rss":
         out["peak_memory_note"] = "process-wide peak RSS, includes the methods run before"
     return out

@@ -54,3 +54,19 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                  kv_heads=2, head_dim=16, intermediate=128,
                                                  max_positions=512), seed=0)
     return out
+
+
+def set_nan_weight(model_dir: Path, tensor: str = "model.norm.weight") -> None:
+    """Overwrite one float of ``tensor`` in model.safetensors with NaN, in place, as a flipped
+    byte on disk would (same size; only the content check notices)."""
+    import json
+    import struct
+
+    weights = model_dir / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    assert header[tensor]["dtype"] == "F32"
+    start = 8 + n + header[tensor]["data_offsets"][0]
+    blob[start:start + 4] = struct.pack("<f", float("nan"))
+    weights.write_bytes(bytes(blob))

@@ -297,18 +297,12 @@ def test_corrupt_weights_end_in_one_line_naming_the_model_folder(tmp_path, repo_
                                                                  tiny_base_dir, rows):
     """A changed byte keeps size and mtime (dvc status misses it): NaN weights must not
     crash in math.exp but say which folder is broken and how to restore it."""
-    import struct
+    from conftest import set_nan_weight
 
     shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
     model_dir = tmp_path / "models" / "base"
     shutil.copytree(tiny_base_dir, model_dir)
-    weights = model_dir / "model.safetensors"
-    blob = bytearray(weights.read_bytes())
-    n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8:8 + n])
-    start = 8 + n + header["model.norm.weight"]["data_offsets"][0]
-    blob[start:start + 4] = struct.pack("<f", float("nan"))  # one float of the final norm
-    weights.write_bytes(bytes(blob))
+    set_nan_weight(model_dir)  # one float of the final norm
     from reprotune.formatting import formatted_schema
 
     io.write_parquet(tmp_path / "data/processed/test.parquet", rows, schema=formatted_schema())

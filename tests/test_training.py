@@ -33,8 +33,7 @@ from reprotune.training import (
 )
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
-LIVE_TSVS = {"train_loss.tsv", "val_loss.tsv", "learning_rate.tsv", "grad_norm.tsv",
-             "tokens_per_s.tsv"}
+LIVE_TSVS = {"train_loss.tsv", "val_loss.tsv", "learning_rate.tsv", "grad_norm.tsv"}
 
 
 def make_rows(n: int, seed: int, *, down: bool = False, answer_len: int = 12) -> list[dict]:
@@ -269,6 +268,22 @@ def test_bad_input_fails_before_training(tmp_path, tiny_base_dir):
         run(tmp_path, tiny_base_dir, config("full"),
             train=[{"input_ids": [100000, 5], "labels": [-100, 5]}] * 8)
     assert not (tmp_path / "out").exists() and not (tmp_path / "live").exists()
+
+
+def test_corrupt_base_and_divergence_stop_with_one_line(tmp_path, tiny_base_dir):
+    import shutil
+
+    from conftest import set_nan_weight
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, base)
+    set_nan_weight(base)
+    with pytest.raises(TrainSetupError, match=rf"^{base}: the base model's validation loss is nan"):
+        run(tmp_path / "a", base, config("full"))
+    with pytest.raises(TrainSetupError, match=r"^training diverged: the loss is not finite at step"
+                                              r" 4 \(val loss nan\); lower lr \(1e\+30\)"):
+        run(tmp_path / "b", tiny_base_dir, config("full", lr=1e30, max_grad_norm=0.0,
+                                                   logging_steps=1))
 
 
 # --------------------------------------------------------------------------- resume

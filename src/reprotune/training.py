@@ -12,8 +12,13 @@
   fingerprint clears them. A finished run deletes its checkpoints. Resuming reads the
   Trainer's optimizer/scheduler/RNG ``.pt`` files with ``torch.load(weights_only=True)``
   (the Trainer's own safe loader); they are this pipeline's own files, never downloads;
-* curves (train/val loss, learning rate, grad norm, tokens/s) go to dvclive with
-  ``dvcyaml=False``: dvclive's own dvc.yaml entries break pipeline metrics (DVC #8974).
+* curves (train/val loss, learning rate, grad norm) go to dvclive with ``dvcyaml=False``:
+  dvclive's own dvc.yaml entries break pipeline metrics (DVC #8974). Throughput is measured
+  per logging interval but kept out of the curves (a tracked output must not change when
+  the same run is repeated): its median is ``tokens_per_s_steady`` in the metrics, which
+  the stage moves to the untracked timing file;
+* a base whose validation loss is not finite (corrupt weights) or a run whose loss turns
+  NaN/inf stops with one line naming the folder or ``lr``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 RUN_STATE_FILE = "reprotune_run.json"      # in the checkpoint dir: fingerprint + initial loss
 COUNTERS_FILE = "reprotune_counters.json"  # in each checkpoint: label tokens seen so far
-LIVE_METRICS = ("train_loss", "val_loss", "learning_rate", "grad_norm", "tokens_per_s")
+LIVE_METRICS = ("train_loss", "val_loss", "learning_rate", "grad_norm")
 
 
 @dataclass(frozen=True)
@@ -288,7 +293,8 @@ def _callback_classes() -> tuple[type, type, type]:
     from transformers import TrainerCallback
 
     class LiveCallback(TrainerCallback):
-        """Per-log curves to dvclive: train/val loss, learning rate, grad norm, tokens/s."""
+        """Per-log curves to dvclive (train/val loss, learning rate, grad norm); tokens/s of
+        each logging interval is collected in ``rates``, not logged (it varies run to run)."""
 
         def __init__(self, live_dir: str | Path, resume_step: int | None) -> None:
             from dvclive import Live
@@ -299,6 +305,7 @@ def _callback_classes() -> tuple[type, type, type]:
                              save_dvc_exp=False)
             self._t: float | None = None
             self._tokens = 0
+            self.rates: list[float] = []
 
         def _restart_clock(self, state: Any) -> None:
             self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -323,7 +330,7 @@ def _callback_classes() -> tuple[type, type, type]:
                         self.live.log_metric(key, float(logs[key]))
                 if self._t is not None and time.perf_counter() > self._t:
                     rate = (state.num_input_tokens_seen - self._tokens) / (time.perf_counter() - self._t)
-                    self.live.log_metric("tokens_per_s", round(rate, 1))
+                    self.rates.append(rate)
                 self._restart_clock(state)
             if "eval_loss" in logs:
                 self.live.log_metric("val_loss", logs["eval_loss"])
@@ -413,6 +420,14 @@ def mean_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
     return total / prev if prev else None
 
 
+def _steady(rates: list[float]) -> float | None:
+    """Median tokens/s over the logging intervals, the first (warm-up) left out."""
+    import statistics
+
+    rates = rates[1:] or rates
+    return round(statistics.median(rates), 1) if rates else None
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
 
@@ -483,6 +498,12 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
             initial = run_state["initial_val_loss"]
         else:
             initial = trainer.evaluate()["eval_loss"]  # the "before" of "it learned"
+            if not math.isfinite(initial):
+                raise TrainSetupError(
+                    f"{base_dir}: the base model's validation loss is {initial}: its weights are "
+                    f"probably corrupt (`dvc status` trusts size and time stamps). Restore them "
+                    f"with `dvc checkout --relink --force {base_dir}` or rebuild them with "
+                    f"`dvc repro -f base`")
             run_state["initial_val_loss"] = initial
             io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
         log.info("initial val loss %.4f", initial)
@@ -494,6 +515,13 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     train_s = time.perf_counter() - t_train
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
+    bad = next((h for h in state.log_history
+                if not all(math.isfinite(h[k]) for k in ("loss", "eval_loss") if k in h)), None)
+    if bad is not None:
+        what = ", ".join(f"{name} {bad[k]}" for k, name in (("loss", "train loss"),
+                                                             ("eval_loss", "val loss")) if k in bad)
+        raise TrainSetupError(f"training diverged: the loss is not finite at step {bad.get('step')} "
+                              f"({what}); lower lr ({cfg.top.lr:g}) or raise train.warmup_ratio")
     session_tokens = state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
     metrics = {
         "method": method, "device": device, "precision": precision,
@@ -508,6 +536,7 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         "mean_train_loss": _round(mean_logged_loss(state.log_history)),
         "tokens_seen": state.num_input_tokens_seen, "label_tokens_seen": trainer.label_tokens_seen,
         "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
+        "tokens_per_s_steady": _steady(live_cb.rates),
         "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
         **peak_memory(device),
     }
