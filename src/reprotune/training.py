@@ -455,11 +455,12 @@ def _round(x: float | None) -> float | None:
 
 def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path,
                 out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
-                cfg: RunConfig) -> dict[str, Any]:
+                cfg: RunConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``base_dir`` on the split files; write ``out_dir`` and return the metrics.
 
-    Every check that can fail (method, sizes, rows, LoRA targets, layer counts) runs
-    before the first training step.
+    Every check that can fail (method, sizes, rows, LoRA targets, packing budget, layer
+    counts) runs before the first training step. ``callbacks`` are extra TrainerCallbacks
+    (the throughput benchmark times steps with one).
     """
     import torch
     from transformers import AutoConfig, EarlyStoppingCallback, set_seed
@@ -515,7 +516,7 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     LiveCallback, EvalAtEnd, Counters = _callback_classes()
     resume_step = _step_of(resume) if resume else None
     live_cb = LiveCallback(live_dir, resume_step)
-    callbacks: list[Any] = [live_cb, EvalAtEnd()]
+    callbacks = [live_cb, EvalAtEnd(), *(callbacks or [])]
     if cfg.train.patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.patience))
     padded = PaddingCollator(pad_id, 8 if device != "cpu" else None)
