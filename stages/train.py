@@ -34,9 +34,10 @@ def main() -> None:
     except TrainSetupError as exc:  # bad input: one clear line, no traceback
         raise SystemExit(f"train: {exc}") from None
     io.write_json(args.metrics, metrics)
-    log.info("%s: val loss %s -> %s (%d steps, %.0f s)", metrics["method"],
-             metrics["initial_val_loss"], metrics["best_val_loss"], metrics["train_steps"],
-             metrics["wall_time_s"])
+    log.info("%s: val loss %s -> %s (%d steps, %.0f s; packing %s, attention %s, loss %s)",
+             metrics["method"], metrics["initial_val_loss"], metrics["best_val_loss"],
+             metrics["train_steps"], metrics["wall_time_s"], metrics["packing"],
+             metrics["attention"], metrics["loss_impl"])
 
 
 if __name__ == "__main__":
