@@ -94,3 +94,18 @@ def test_resolve_loss_impl(tiny_base_dir):
                               lora=LoraParams(r=2, target_modules=["q_proj", "lm_head"]))
     impl, note = resolve_loss_impl("auto", "cpu", head_lora, "lora")
     assert impl == "stock" and "not a plain Linear" in note
+
+
+def test_chunked_loss_under_bf16_autocast_stays_close():
+    # the mixed-precision path (as on CUDA with train.precision bf16): bf16 matmuls, fp32
+    # softmax and fp32 gradient accumulation over chunks
+    hidden, weight, _, labels = _problem(n=256, h=64, v=3000)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    ref_g = torch.autograd.grad(ref, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_linear_cross_entropy(hidden, weight, labels, chunk=50)
+    got_g = torch.autograd.grad(got, (hidden, weight))
+    assert got.dtype == torch.float32 and got_g[1].dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+    for a, b in zip(got_g, ref_g, strict=True):
+        assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()

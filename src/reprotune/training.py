@@ -500,14 +500,14 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     model = prepare_model(load_base(base_dir, method, qlora=cfg.qlora, device=device), method,
                           lora=cfg.lora, freeze=cfg.freeze, prompt=cfg.prompt,
                           gradient_checkpointing=cfg.train.gradient_checkpointing)
-    # only now, with the LoRA targets and layer counts checked: a mistyped param must not
-    # clear the checkpoints of an interrupted run before its error is shown
-    ckpt_dir = Path(checkpoints_dir)
-    resume, run_state = resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
-    speed = speed_setup(model, cfg.train, method, device, packing)
+    speed = speed_setup(model, cfg.train, method, device, packing)  # may refuse loss_impl
     speed["packing_note"] = packing_note
     if packing:
         speed.update(pack_stats(train_data, cfg.train.tokens_per_batch))
+    # only now, with the LoRA targets, layer counts and fast paths checked: a mistyped param
+    # must not clear the checkpoints of an interrupted run before its error is shown
+    ckpt_dir = Path(checkpoints_dir)
+    resume, run_state = resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
     summary = trainable_summary(model)
     log.info("method %s on %s (%s, %d torch threads): %d of %d parameters train (%.4f%%)",
              method, device, precision, torch.get_num_threads(), summary["trainable"],
