@@ -304,9 +304,13 @@ def _train_cmd(repo_root: Path, tmp: Path, base: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_root):
+@pytest.mark.parametrize("packing", [False, True])
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_root, packing):
     write_splits(tmp_path, make_rows(64, 0, answer_len=40), make_rows(16, 1, answer_len=40))
-    (tmp_path / "params.yaml").write_text(PARAMS)
+    # packed: 352-token packs hold exactly 8 of the 44-token rows, so the counts match
+    params = PARAMS.replace("warmup_ratio: 0.0}", "warmup_ratio: 0.0, packing: true, "
+                            "tokens_per_batch: 352}") if packing else PARAMS
+    (tmp_path / "params.yaml").write_text(params)
     cmd = _train_cmd(repo_root, tmp_path, tiny_base_dir)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -325,7 +329,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_ro
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from checkpoint ckpt/checkpoint-" in second.stderr
     m = io.read_json(tmp_path / "train.json")
-    assert m["resumed_from_step"] >= 10 and m["train_steps"] == 60
+    assert m["resumed_from_step"] >= 10 and m["train_steps"] == 60 and m["packing"] is packing
     assert m["tokens_seen"] == 60 * 8 * 44  # counters continued across the kill
     assert m["label_tokens_seen"] == 60 * 8 * 40
     steps = [int(r.split("\t")[0]) for r in
