@@ -109,3 +109,26 @@ def test_chunked_loss_under_bf16_autocast_stays_close():
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
     for a, b in zip(got_g, ref_g, strict=True):
         assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
+
+
+def test_the_trainer_runs_the_lean_loss_under_mixed_precision(tiny_base_dir, tmp_path):
+    # accelerate wraps only model.forward in autocast; the lean path must enter it itself,
+    # or a bf16 run would silently compute in fp32 (slow, and the varlen kernel needs bf16)
+    from reprotune.modeling import load_tokenizer
+    from reprotune.params import TopParams, TrainParams
+    from reprotune.training import RunConfig, _trainer_class, training_arguments
+
+    model = prepare_model(load_base(tiny_base_dir, "full"), "full")
+    tok = load_tokenizer(tiny_base_dir)
+    cfg = RunConfig(top=TopParams(batch_size=4), train=TrainParams(precision="bf16"))
+    args = training_arguments(cfg, output_dir=tmp_path, device="cpu", precision="bf16")
+    rows = [{"input_ids": [5, 6], "labels": [5, 6]}]
+    trainer = _trainer_class()(model=model, args=args, processing_class=tok, train_dataset=rows,
+                               eval_dataset=rows)
+    trainer.loss_impl = "chunked"
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.dtype))
+    loss = trainer.compute_loss(model, _batch(tok, model.config.vocab_size))
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # fp32 master weights

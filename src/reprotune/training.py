@@ -391,7 +391,10 @@ def _trainer_class() -> type:
             # the same normalisation as the stock path: the Trainer passes the label tokens of
             # the whole optimizer step only to models that accept loss kwargs
             n = num_items_in_batch if self.model_accepts_loss_kwargs else None
-            loss = causal_lm_loss(model, inputs, self.loss_impl, n)
+            # accelerate puts mixed-precision autocast around model.forward only; the lean
+            # path calls the decoder directly, so it enters the same autocast itself
+            with self.accelerator.autocast():
+                loss = causal_lm_loss(model, inputs, self.loss_impl, n)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return CountingTrainer
