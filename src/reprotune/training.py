@@ -13,7 +13,11 @@
   Trainer's optimizer/scheduler/RNG ``.pt`` files with ``torch.load(weights_only=True)``
   (the Trainer's own safe loader); they are this pipeline's own files, never downloads;
 * curves (train/val loss, learning rate, grad norm, tokens/s) go to dvclive with
-  ``dvcyaml=False``: dvclive's own dvc.yaml entries break pipeline metrics (DVC #8974).
+  ``dvcyaml=False``: dvclive's own dvc.yaml entries break pipeline metrics (DVC #8974);
+* the fast paths (:mod:`reprotune.speed`): padding-free packing of the train split
+  (:mod:`reprotune.packing`, ``train.packing``), a loss without the batch's full logits
+  (:mod:`reprotune.lean_loss`, ``train.loss_impl``), fused AdamW, optional compilation.
+  The metrics record which ran.
 """
 
 from __future__ import annotations
