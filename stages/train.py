@@ -38,9 +38,10 @@ def main() -> None:
     metrics, timing = split_timing(metrics)  # speed and memory vary run to run: untracked
     write_timing("train", timing)
     io.write_json(args.metrics, metrics)
-    log.info("%s: val loss %s -> %s (%d steps, %.0f s, %s tokens/s)", metrics["method"],
-             metrics["initial_val_loss"], metrics["best_val_loss"], metrics["train_steps"],
-             timing.get("wall_time_s", 0), timing.get("tokens_per_s"))
+    log.info("%s: val loss %s -> %s (%d steps, %.0f s, %s tokens/s; packing %s, attention %s, "
+             "loss %s)", metrics["method"], metrics["initial_val_loss"], metrics["best_val_loss"],
+             metrics["train_steps"], timing.get("wall_time_s", 0), timing.get("tokens_per_s"),
+             metrics["packing"], metrics["attention"], metrics["loss_impl"])
 
 
 if __name__ == "__main__":

@@ -136,6 +136,10 @@ def test_training_arguments_follow_params(tmp_path):
     assert (a.eval_steps, a.save_steps, a.seed, a.data_seed) == (4, 4, 0, 0)
     assert a.load_best_model_at_end and a.metric_for_best_model == "eval_loss"
     assert a.report_to == []  # no integration auto-wired: the dvclive callback is ours
+    assert str(a.optim.value) == "adamw_torch_fused"  # fused AdamW, named (issue 9)
+    packed = training_arguments(cfg, output_dir=tmp_path, device="cpu", precision="fp32",
+                                packing=True)
+    assert packed.per_device_train_batch_size == 1 and packed.per_device_eval_batch_size == 4
     const = training_arguments(config("full", scheduler="constant", warmup_ratio=0.2),
                                output_dir=tmp_path, device="cpu", precision="fp32")
     assert str(const.lr_scheduler_type.value) == "constant_with_warmup"
@@ -158,6 +162,13 @@ def test_out_of_memory_advice_names_the_params():
                                50, "cuda")
     assert "batch_size is already 1" in one and "gradient_checkpointing" not in one
     assert "method:" not in one
+    assert "train.packing: true" in msg and "train.loss_impl: chunked" in msg
+    packed = out_of_memory_advice(config("full", tokens_per_batch=16384), "full", 2048, "cuda",
+                                  packing=True, loss_impl="liger")
+    assert packed.startswith("out of memory on cuda with train.tokens_per_batch: 16384 (x "
+                             "train.grad_accum 1)")
+    assert "train.tokens_per_batch: 8192 with train.grad_accum: 2" in packed
+    assert "train.gradient_checkpointing: true" in packed and "loss_impl" not in packed
 
 
 def test_resume_point_clears_other_configs_and_partial_checkpoints(tmp_path, caplog):
@@ -190,6 +201,11 @@ def test_every_method_learns_and_reloads(tmp_path, tiny_base_dir, method):
     assert m["label_tokens_seen"] == 8 * 8 * 12  # steps x batch x labelled tokens per row
     assert m["tokens_seen"] == 8 * 8 * 16
     assert m["peak_memory_kind"] == "process_peak_rss" and m["peak_memory_mb"] > 0
+    # which paths ran: CPU defaults are unpacked, sdpa, chunked loss where the head allows it
+    soft = method in ("prompt_tuning", "prefix_tuning")
+    assert (m["packing"], m["attention"], m["optim"], m["torch_compile"]) == (
+        False, "sdpa", "adamw_torch_fused", False)
+    assert m["loss_impl"] == ("stock" if soft else "chunked"), m["loss_note"]
     share = m["trainable_share"]
     assert {"full": share == 1.0, "freeze": 0 < share < 1, "lora": 0 < share < 0.5,
             "qlora": 0 < share < 0.5, "prompt_tuning": 0 < share < 0.05,
@@ -303,9 +319,13 @@ def _train_cmd(repo_root: Path, tmp: Path, base: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_root):
+@pytest.mark.parametrize("packing", [False, True])
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_root, packing):
     write_splits(tmp_path, make_rows(64, 0, answer_len=40), make_rows(16, 1, answer_len=40))
-    (tmp_path / "params.yaml").write_text(PARAMS)
+    # packed: 352-token packs hold exactly 8 of the 44-token rows, so the counts match
+    params = PARAMS.replace("warmup_ratio: 0.0}", "warmup_ratio: 0.0, packing: true, "
+                            "tokens_per_batch: 352}") if packing else PARAMS
+    (tmp_path / "params.yaml").write_text(params)
     cmd = _train_cmd(repo_root, tmp_path, tiny_base_dir)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -324,7 +344,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_ro
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from checkpoint ckpt/checkpoint-" in second.stderr
     m = io.read_json(tmp_path / "train.json")
-    assert m["resumed_from_step"] >= 10 and m["train_steps"] == 60
+    assert m["resumed_from_step"] >= 10 and m["train_steps"] == 60 and m["packing"] is packing
     assert m["tokens_seen"] == 60 * 8 * 44  # counters continued across the kill
     assert m["label_tokens_seen"] == 60 * 8 * 40
     steps = [int(r.split("\t")[0]) for r in

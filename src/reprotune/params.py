@@ -134,6 +134,12 @@ class TrainParams:
     max_grad_norm: float = _f(1.0, **_rng(0, None))
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # padding-free packing: auto = on for CUDA, off on CPU (training.py, packing.py)
+    packing: Literal["auto", True, False] = "auto"
+    tokens_per_batch: int = _f(16384, **_rng(16, 10_000_000))
+    # auto: liger (CUDA, if installed) > chunked; stock = the model's own logits + loss
+    loss_impl: Literal["auto", "stock", "chunked", "liger"] = "auto"
+    torch_compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,9 @@ def _cross_checks(obj: Any, prefix: str) -> None:
     if isinstance(obj, TinyModelParams) and obj.heads % obj.kv_heads:
         raise ParamsError(f"{prefix}.kv_heads: {obj.kv_heads} must divide "
                           f"{prefix}.heads ({obj.heads})")
+    if isinstance(obj, TrainParams) and not (obj.packing == "auto" or isinstance(obj.packing, bool)):
+        # Literal["auto", True, False] would also let 1 and 0 through (1 == True)
+        raise ParamsError(f"{prefix}.packing: {obj.packing!r} is not one of auto, true, false")
     if isinstance(obj, LoraParams) and not obj.target_modules:
         raise ParamsError(f"{prefix}.target_modules: must name at least one module")
 

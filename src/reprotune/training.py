@@ -18,7 +18,11 @@
   the same run is repeated): its median is ``tokens_per_s_steady`` in the metrics, which
   the stage moves to the untracked timing file;
 * a base whose validation loss is not finite (corrupt weights) or a run whose loss turns
-  NaN/inf stops with one line naming the folder or ``lr``.
+  NaN/inf stops with one line naming the folder or ``lr``;
+* the fast paths (:mod:`reprotune.speed`): padding-free packing of the train split
+  (:mod:`reprotune.packing`, ``train.packing``), a loss without the batch's full logits
+  (:mod:`reprotune.lean_loss`, ``train.loss_impl``), fused AdamW, optional compilation.
+  The metrics record which ran.
 """
 
 from __future__ import annotations
@@ -260,18 +264,31 @@ def peak_memory(device: str) -> dict[str, Any]:
             "peak_memory_kind": "process_peak_rss"}
 
 
-def out_of_memory_advice(cfg: RunConfig, method: str, longest: int, device: str) -> str:
+def out_of_memory_advice(cfg: RunConfig, method: str, longest: int, device: str, *,
+                         packing: bool = False, loss_impl: str = "stock") -> str:
     """What to change when a batch does not fit in memory, naming the params."""
-    b, acc = cfg.top.batch_size, cfg.train.grad_accum
-    tips = [f"batch_size: {max(1, b // 2)} with train.grad_accum: {acc * 2} (same "
-            f"{b * acc} sequences per optimizer step)" if b > 1 else
-            "batch_size is already 1"]
-    if not cfg.train.gradient_checkpointing:
+    t, b, acc = cfg.train, cfg.top.batch_size, cfg.train.grad_accum
+    if packing:
+        what = f"train.tokens_per_batch: {t.tokens_per_batch}"
+        half = max(longest, t.tokens_per_batch // 2)
+        tips = [f"train.tokens_per_batch: {half} with train.grad_accum: {acc * 2} (about the "
+                f"same tokens per optimizer step; it must stay >= the longest sample, {longest})"]
+    else:
+        what = f"batch_size: {b}"
+        tips = [f"batch_size: {max(1, b // 2)} with train.grad_accum: {acc * 2} (same "
+                f"{b * acc} sequences per optimizer step)" if b > 1 else
+                "batch_size is already 1"]
+        if method not in ("prompt_tuning", "prefix_tuning"):
+            tips.append("train.packing: true (no padding; train.tokens_per_batch caps the "
+                        "tokens per micro-step)")
+    if loss_impl == "stock" and method not in ("prompt_tuning", "prefix_tuning"):
+        tips.append("train.loss_impl: chunked (never holds the logits of the whole batch)")
+    if not t.gradient_checkpointing:
         tips.append("train.gradient_checkpointing: true")
     tips.append(f"a lower format.max_length (longest sequence now {longest} tokens)")
     if method in ("full", "freeze"):
         tips.append("method: lora or qlora (no optimizer state for the frozen base)")
-    return (f"out of memory on {device} with batch_size: {b} (x train.grad_accum {acc}); "
+    return (f"out of memory on {device} with {what} (x train.grad_accum {acc}); "
             f"try " + "; or ".join(tips))
 
 
@@ -364,22 +381,44 @@ def _callback_classes() -> tuple[type, type, type]:
 def _trainer_class() -> type:
     from transformers import Trainer
 
+    from reprotune.lean_loss import causal_lm_loss
+    from reprotune.packing import model_inputs
+
     class CountingTrainer(Trainer):
-        """Trainer that also counts the label (assistant) tokens it trains on."""
+        """Trainer that counts the label (assistant) tokens it trains on and computes the
+        loss with ``loss_impl`` (see :mod:`reprotune.lean_loss`)."""
 
         label_tokens_seen = 0
+        loss_impl = "stock"
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.label_tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum())
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = model_inputs(inputs)
+            if self.loss_impl == "stock":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # the same normalisation as the stock path: the Trainer passes the label tokens of
+            # the whole optimizer step only to models that accept loss kwargs
+            n = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            # accelerate puts mixed-precision autocast around model.forward only; the lean
+            # path calls the decoder directly, so it enters the same autocast itself
+            with self.accelerator.autocast():
+                loss = causal_lm_loss(model, inputs, self.loss_impl, n)
+            return (loss, {"loss": loss}) if return_outputs else loss
 
     return CountingTrainer
 
 
 # --------------------------------------------------------------------------- the loop
 def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
-                       precision: str) -> Any:
-    """TrainingArguments for ``cfg`` (transformers 5 names)."""
+                       precision: str, packing: bool = False) -> Any:
+    """TrainingArguments for ``cfg`` (transformers 5 names).
+
+    Packed: a train batch is one pack of up to ``train.tokens_per_batch`` tokens (its
+    dataset item), so the per-device train batch size is 1; evaluation stays padded.
+    """
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -389,12 +428,15 @@ def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
     return TrainingArguments(
         output_dir=str(output_dir), report_to="none", seed=cfg.top.seed, data_seed=cfg.top.seed,
         learning_rate=cfg.top.lr, num_train_epochs=cfg.top.epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=cfg.top.batch_size,
+        per_device_train_batch_size=1 if packing else cfg.top.batch_size,
         per_device_eval_batch_size=cfg.top.batch_size,
         gradient_accumulation_steps=t.grad_accum, lr_scheduler_type=scheduler,
         # a float in [0, 1) is a ratio of the total steps; 1.0 would read as "1 step"
         warmup_steps=min(t.warmup_ratio, 0.999999), weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, bf16=precision == "bf16", fp16=precision == "fp16",
+        max_grad_norm=t.max_grad_norm,
+        # fused AdamW (one kernel per step on CUDA; also transformers' default since torch 2.8,
+        # so CPU runs are unchanged), named here so that a transformers default cannot move it
+        optim="adamw_torch_fused", bf16=precision == "bf16", fp16=precision == "fp16",
         use_cpu=device == "cpu", activation_checkpointing=t.gradient_checkpointing,
         eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps",
         save_steps=t.eval_steps, save_total_limit=2, load_best_model_at_end=True,
@@ -402,7 +444,8 @@ def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
         restore_callback_states_from_checkpoint=True, prediction_loss_only=True,
         label_names=["labels"], remove_unused_columns=False, logging_steps=t.logging_steps,
         logging_first_step=True, include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy=("group_by_length" if cfg.group_by_length and not packing
+                                 else "random"),
         dataloader_num_workers=0, dataloader_pin_memory=device != "cpu", disable_tqdm=False)
 
 
@@ -434,24 +477,30 @@ def _round(x: float | None) -> float | None:
 
 def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path,
                 out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
-                cfg: RunConfig) -> dict[str, Any]:
+                cfg: RunConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``base_dir`` on the split files; write ``out_dir`` and return the metrics.
 
-    Every check that can fail (method, sizes, rows, LoRA targets, layer counts) runs
-    before the first training step.
+    Every check that can fail (method, sizes, rows, LoRA targets, packing budget, layer
+    counts) runs before the first training step. ``callbacks`` are extra TrainerCallbacks
+    (the throughput benchmark times steps with one).
     """
     import torch
     from transformers import AutoConfig, EarlyStoppingCallback, set_seed
 
+    from reprotune import packed_attention
     from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
+    from reprotune.packing import PackingCollator, pack_stats, packed_dataset, resolve_packing
+    from reprotune.speed import speed_setup
 
     t0 = time.perf_counter()
     method = check_method(cfg.top.method)
     device = pick_device()
     precision = resolve_precision(cfg.train.precision, device)
     train_rows, val_rows = read_split(train_path), read_split(val_path)
-    check_sizes(len(train_rows), len(val_rows), cfg.top.batch_size, cfg.train.grad_accum,
-                (str(train_path), str(val_path)))
+    packing, packing_note = resolve_packing(cfg.train.packing, device, method)
+    # packed, an optimizer step is grad_accum packs (checked once the rows are packed)
+    check_sizes(len(train_rows), len(val_rows), 1 if packing else cfg.top.batch_size,
+                1 if packing else cfg.train.grad_accum, (str(train_path), str(val_path)))
     tokenizer = load_tokenizer(base_dir)
     info_file = Path(base_dir) / BASE_INFO_FILE
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -464,13 +513,21 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
                    max_positions=config.max_position_embeddings,
                    extra_positions=virtual_tokens(method, cfg.prompt))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_data: list[dict[str, Any]] = train_rows
+    if packing:
+        train_data = packed_dataset(train_rows, cfg.train.tokens_per_batch, cfg.top.seed,
+                                    grad_accum=cfg.train.grad_accum, path=str(train_path))
 
     set_seed(cfg.top.seed)  # LoRA / soft-prompt init, dropout; the Trainer re-seeds data order
     model = prepare_model(load_base(base_dir, method, qlora=cfg.qlora, device=device), method,
                           lora=cfg.lora, freeze=cfg.freeze, prompt=cfg.prompt,
                           gradient_checkpointing=cfg.train.gradient_checkpointing)
-    # only now, with the LoRA targets and layer counts checked: a mistyped param must not
-    # clear the checkpoints of an interrupted run before its error is shown
+    speed = speed_setup(model, cfg.train, method, device, packing)  # may refuse loss_impl
+    speed["packing_note"] = packing_note
+    if packing:
+        speed.update(pack_stats(train_data, cfg.train.tokens_per_batch))
+    # only now, with the LoRA targets, layer counts and fast paths checked: a mistyped param
+    # must not clear the checkpoints of an interrupted run before its error is shown
     ckpt_dir = Path(checkpoints_dir)
     resume, run_state = resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
     summary = trainable_summary(model)
@@ -481,15 +538,18 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     LiveCallback, EvalAtEnd, Counters = _callback_classes()
     resume_step = _step_of(resume) if resume else None
     live_cb = LiveCallback(live_dir, resume_step)
-    callbacks: list[Any] = [live_cb, EvalAtEnd()]
+    callbacks = [live_cb, EvalAtEnd(), *(callbacks or [])]
     if cfg.train.patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.patience))
+    padded = PaddingCollator(pad_id, 8 if device != "cpu" else None)
     trainer = _trainer_class()(
         model=model, args=training_arguments(cfg, output_dir=ckpt_dir, device=device,
-                                             precision=precision),
-        train_dataset=train_rows, eval_dataset=val_rows, processing_class=tokenizer,
-        data_collator=PaddingCollator(pad_id, 8 if device != "cpu" else None),
+                                             precision=precision, packing=packing),
+        train_dataset=train_data, eval_dataset=val_rows, processing_class=tokenizer,
+        # packs for training; evaluation stays padded, so val loss means the same either way
+        data_collator=PackingCollator(unpacked=padded) if packing else padded,
         callbacks=callbacks)
+    trainer.loss_impl = speed["loss_impl"]
     trainer.add_callback(Counters(trainer))
     try:
         if resume is not None:
@@ -511,7 +571,8 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as exc:
         longest = max(len(r["input_ids"]) for rows in (train_rows, val_rows) for r in rows)
-        raise TrainSetupError(out_of_memory_advice(cfg, method, longest, device)) from exc
+        raise TrainSetupError(out_of_memory_advice(cfg, method, longest, device, packing=packing,
+                                                   loss_impl=speed["loss_impl"])) from exc
     train_s = time.perf_counter() - t_train
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -538,8 +599,10 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
         "tokens_per_s_steady": _steady(live_cb.rates),
         "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
-        **peak_memory(device),
+        **{k: v for k, v in speed.items() if k != "restore_attention"}, **peak_memory(device),
     }
+    if speed["restore_attention"]:  # the saved model must load without this process's kernels
+        packed_attention.disable(trainer.model, speed["restore_attention"])
     save_finetuned(trainer.model, tokenizer, out_dir, method=method, base_dir=base_dir,
                    enable_thinking=cfg.enable_thinking, qlora=cfg.qlora)
     live_cb.live.end()

@@ -1,0 +1,59 @@
+"""Which fast paths a training run takes: packed attention, lean loss, fused AdamW, compile.
+
+:func:`speed_setup` applies ``train.packing`` (already resolved for device and method),
+``train.loss_impl`` and ``train.torch_compile`` to a prepared model and returns what ran, for
+``metrics/train.json``: ``packing``, ``attention`` (the kernel that packed rows or padded
+batches run), ``loss_impl`` with a note saying why, ``optim`` and ``torch_compile``.
+
+``train.torch_compile`` compiles each decoder layer (regional compilation: one small graph
+reused by every layer, so compile time does not grow with depth). It is off by default: no
+measurement in this repository shows that it pays off yet (see the README's GPU section).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from reprotune import packed_attention
+from reprotune.lean_loss import resolve_loss_impl
+from reprotune.methods import decoder_layers
+from reprotune.params import TrainParams
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER = "adamw_torch_fused"  # training_arguments() sets it; recorded here for the metrics
+
+
+def compile_layers(model: Any) -> int:
+    """``torch.compile`` every decoder layer in place; returns how many."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    log.info("train.torch_compile: compiled %d decoder layers (the first steps include "
+             "compilation)", len(layers))
+    return len(layers)
+
+
+def speed_setup(model: Any, train: TrainParams, method: str, device: str,
+                packing: bool) -> dict[str, Any]:
+    """Switch ``model`` to the fast paths this run takes and describe them.
+
+    ``restore_attention`` (not a metric) is the attention implementation to put back
+    before the model is saved, or None when it was not changed.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out: dict[str, Any] = {"packing": packing, "restore_attention": None}
+    if packing:
+        out["restore_attention"] = packed_attention.enable(model)
+        out["attention"] = packed_attention.kernel_name(device)
+    else:
+        out["attention"] = str(base.config._attn_implementation)
+    impl, note = resolve_loss_impl(train.loss_impl, device, model, method)
+    out.update(loss_impl=impl, loss_note=note, optim=OPTIMIZER,
+               torch_compile=train.torch_compile)
+    if train.torch_compile:
+        compile_layers(model)
+    log.info("fast paths: packing %s, attention %s, loss %s (%s), optimizer %s, compile %s",
+             packing, out["attention"], impl, note, OPTIMIZER, train.torch_compile)
+    return out

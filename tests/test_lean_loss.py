@@ -1,0 +1,134 @@
+"""The chunked linear + cross-entropy equals the stock loss, in value and in gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reprotune.lean_loss import (
+    causal_lm_loss,
+    chunk_rows,
+    chunked_linear_cross_entropy,
+    resolve_loss_impl,
+)
+from reprotune.methods import TrainSetupError, load_base, prepare_model
+from reprotune.params import LoraParams, PromptParams
+from reprotune.training import IGNORE_INDEX, PaddingCollator
+
+
+def _problem(n: int = 300, h: int = 32, v: int = 1000, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(v, h, generator=g)).requires_grad_()
+    bias = torch.randn(v, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::3] = IGNORE_INDEX
+    return hidden, weight, bias, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 4096])
+def test_chunked_loss_and_gradients_equal_stock_cross_entropy(chunk):
+    hidden, weight, bias, labels = _problem()
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, labels, reduction="sum")
+    ref_grads = torch.autograd.grad(3.0 * ref, (hidden, weight, bias))
+    got = chunked_linear_cross_entropy(hidden, weight, labels, bias, chunk=chunk)
+    grads = torch.autograd.grad(3.0 * got, (hidden, weight, bias))  # upstream scale flows
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g - r).abs().max().item() <= 1e-5 * max(1.0, r.abs().max().item())
+    # ignored positions get exactly zero gradient
+    assert grads[0][::3].abs().max().item() == 0.0
+
+
+def test_frozen_head_and_no_grad():
+    hidden, weight, _, labels = _problem(n=50, v=200)
+    weight.requires_grad_(False)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    got = chunked_linear_cross_entropy(hidden, weight, labels, chunk=16)
+    (g_h,) = torch.autograd.grad(got, hidden)
+    assert g_h.allclose(torch.autograd.grad(ref, hidden)[0], atol=1e-6)
+    with torch.no_grad():
+        assert chunked_linear_cross_entropy(hidden, weight, labels).item() == pytest.approx(
+            ref.item(), rel=1e-6)
+    assert chunk_rows(151_936) == 441 and chunk_rows(512) == 8192  # 2**26 logits per chunk
+
+
+def _batch(tokenizer, vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in (5, 17, 9, 12):
+        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
+    return PaddingCollator(tokenizer.pad_token_id)(rows)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_model_loss_and_gradients_equal_the_stock_forward(tiny_base_dir, method):
+    from reprotune.modeling import load_tokenizer
+
+    torch.manual_seed(0)
+    model = prepare_model(load_base(tiny_base_dir, method), method, lora=LoraParams(r=4))
+    batch = _batch(load_tokenizer(tiny_base_dir), model.config.vocab_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for n_items in (None, 100):  # batch mean, and a whole optimizer step's label count
+        stock = model(**batch, num_items_in_batch=n_items).loss
+        ref = torch.autograd.grad(stock, params)
+        lean = causal_lm_loss(model, batch, "chunked", n_items)
+        got = torch.autograd.grad(lean, params)
+        assert lean.item() == pytest.approx(stock.item(), rel=1e-6, abs=1e-6)
+        worst = max((a - b).abs().max().item() for a, b in zip(got, ref, strict=True))
+        assert worst <= 1e-5, worst
+
+
+def test_resolve_loss_impl(tiny_base_dir):
+    full = prepare_model(load_base(tiny_base_dir, "full"), "full")
+    assert resolve_loss_impl("auto", "cpu", full, "full") == ("chunked", "train.loss_impl: auto")
+    assert resolve_loss_impl("stock", "cpu", full, "full")[0] == "stock"
+    with pytest.raises(TrainSetupError, match="train.loss_impl: liger needs a CUDA GPU"):
+        resolve_loss_impl("liger", "cpu", full, "full")
+    prompt = prepare_model(load_base(tiny_base_dir, "prompt_tuning"), "prompt_tuning",
+                           prompt=PromptParams(num_virtual_tokens=2))
+    impl, note = resolve_loss_impl("chunked", "cpu", prompt, "prompt_tuning")
+    assert impl == "stock" and "prompt_tuning builds its inputs inside peft" in note
+    head_lora = prepare_model(load_base(tiny_base_dir, "lora"), "lora",
+                              lora=LoraParams(r=2, target_modules=["q_proj", "lm_head"]))
+    impl, note = resolve_loss_impl("auto", "cpu", head_lora, "lora")
+    assert impl == "stock" and "not a plain Linear" in note
+
+
+def test_chunked_loss_under_bf16_autocast_stays_close():
+    # the mixed-precision path (as on CUDA with train.precision bf16): bf16 matmuls, fp32
+    # softmax and fp32 gradient accumulation over chunks
+    hidden, weight, _, labels = _problem(n=256, h=64, v=3000)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    ref_g = torch.autograd.grad(ref, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_linear_cross_entropy(hidden, weight, labels, chunk=50)
+    got_g = torch.autograd.grad(got, (hidden, weight))
+    assert got.dtype == torch.float32 and got_g[1].dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+    for a, b in zip(got_g, ref_g, strict=True):
+        assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
+
+
+def test_the_trainer_runs_the_lean_loss_under_mixed_precision(tiny_base_dir, tmp_path):
+    # accelerate wraps only model.forward in autocast; the lean path must enter it itself,
+    # or a bf16 run would silently compute in fp32 (slow, and the varlen kernel needs bf16)
+    from reprotune.modeling import load_tokenizer
+    from reprotune.params import TopParams, TrainParams
+    from reprotune.training import RunConfig, _trainer_class, training_arguments
+
+    model = prepare_model(load_base(tiny_base_dir, "full"), "full")
+    tok = load_tokenizer(tiny_base_dir)
+    cfg = RunConfig(top=TopParams(batch_size=4), train=TrainParams(precision="bf16"))
+    args = training_arguments(cfg, output_dir=tmp_path, device="cpu", precision="bf16")
+    rows = [{"input_ids": [5, 6], "labels": [5, 6]}]
+    trainer = _trainer_class()(model=model, args=args, processing_class=tok, train_dataset=rows,
+                               eval_dataset=rows)
+    trainer.loss_impl = "chunked"
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.dtype))
+    loss = trainer.compute_loss(model, _batch(tok, model.config.vocab_size))
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # fp32 master weights

@@ -1,0 +1,230 @@
+"""Packing: samples inside a pack compute exactly what they compute alone; training agrees."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pytest
+import torch
+
+from reprotune import io, packed_attention
+from reprotune.methods import TrainSetupError
+from reprotune.packing import (
+    PackingCollator,
+    model_inputs,
+    pack_rows,
+    packed_dataset,
+    resolve_packing,
+)
+from reprotune.params import PromptParams, TopParams, TrainParams
+from reprotune.training import IGNORE_INDEX, PaddingCollator, RunConfig, train_model
+
+SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+
+
+# --------------------------------------------------------------------------- units
+def test_pack_rows_next_fit_keeps_the_seeded_order():
+    lengths = [5, 9, 3, 7, 10, 1, 4, 8]
+    packs = pack_rows(lengths, budget=12, seed=3)
+    order = list(range(8))
+    random.Random(3).shuffle(order)
+    assert [i for p in packs for i in p] == order  # every row once, in shuffled order
+    assert all(sum(lengths[i] for i in p) <= 12 for p in packs)
+    # next-fit: a pack closes only when the next row would not fit
+    for p, nxt in zip(packs[:-1], packs[1:], strict=True):
+        assert sum(lengths[i] for i in p) + lengths[nxt[0]] > 12
+    assert pack_rows(lengths, 12, seed=3) == packs and pack_rows(lengths, 12, seed=4) != packs
+
+
+def test_a_sample_longer_than_the_budget_is_an_error():
+    rows = [{"input_ids": [1] * 6, "labels": [1] * 6}, {"input_ids": [1] * 11, "labels": [1] * 11}]
+    with pytest.raises(TrainSetupError, match=r"^t.parquet: row 2 has 11 tokens, more than "
+                                              r"train.tokens_per_batch 10 .*format.max_length"):
+        packed_dataset(rows, 10, 0, path="t.parquet")
+    with pytest.raises(TrainSetupError, match=r"train.grad_accum: 3 packs per optimizer step, "
+                                              r"but the train split fills only 2 pack"):
+        packed_dataset(rows, 12, 0, grad_accum=3)
+
+
+def test_collator_restarts_positions_and_never_labels_across_a_boundary():
+    pack = {"samples": [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                        {"input_ids": [8, 9], "labels": [-100, 9]},
+                        {"input_ids": [4], "labels": [4]}]}
+    out = PackingCollator()([pack])
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100, 9, -100]]
+    assert out["cu_seq_lens_q"].tolist() == [0, 3, 5, 6] and out["max_length_q"] == 3
+    assert "attention_mask" not in model_inputs(out)
+    plain = PackingCollator(unpacked=PaddingCollator(0))([{"input_ids": [1], "labels": [1]}])
+    assert plain["input_ids"].tolist() == [[1]] and "cu_seq_lens_q" not in plain
+
+
+def test_packing_auto_follows_the_device_and_soft_prompts_stay_unpacked(caplog):
+    assert resolve_packing("auto", "cpu", "full") == (False, "train.packing: auto on cpu")
+    assert resolve_packing("auto", "cuda", "lora") == (True, "train.packing: auto on cuda")
+    assert resolve_packing(True, "cpu", "qlora")[0] is True
+    on, note = resolve_packing(True, "cuda", "prefix_tuning")
+    assert not on and "training unpacked (padded)" in note and note in caplog.text
+
+
+# --------------------------------------------------------------------------- the tiny model
+def _samples(vocab: int, lengths=(7, 19, 3, 30, 1, 12), seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * min(2, n - 1) + ids[2:]})
+    return out
+
+
+def per_sample_equality(model, samples, device: str = "cpu") -> tuple[float, float, float]:
+    """(max |logit diff| packed vs alone, max |per-sample loss diff|, same for position ids only)."""
+    batch = PackingCollator()([{"samples": samples}])
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([s["input_ids"]], device=device)).logits[0].float()
+                 for s in samples]
+        naive = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        previous = packed_attention.enable(model)
+        try:
+            packed = model(**{k: v for k, v in model_inputs(batch).items()
+                              if k != "labels"}).logits[0].float()
+        finally:
+            packed_attention.disable(model, previous)
+    bounds = batch["cu_seq_lens_q"].tolist()
+    logit_diff = loss_diff = naive_diff = 0.0
+    for s, ref, a, b in zip(samples, alone, bounds[:-1], bounds[1:], strict=True):
+        y = torch.tensor(s["labels"][1:], dtype=torch.long, device=device)
+        logit_diff = max(logit_diff, (packed[a:b] - ref).abs().max().item())
+        naive_diff = max(naive_diff, (naive[a:b].float() - ref).abs().max().item())
+        loss_diff = max(loss_diff, abs(ce(packed[a:b - 1], y).item() - ce(ref[:-1], y).item()))
+    return logit_diff, loss_diff, naive_diff
+
+
+def test_samples_in_a_pack_match_each_sample_alone(tiny_base_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.float32)
+    logit_diff, loss_diff, naive_diff = per_sample_equality(
+        model, _samples(model.config.vocab_size))
+    assert logit_diff <= 1e-4 and loss_diff <= 1e-4, (logit_diff, loss_diff)
+    assert naive_diff > 1e-2  # position ids alone leak across samples: the test can tell
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pack_matches_alone_and_lean_loss_matches_stock(tiny_base_dir):
+    """The same checks on the GPU kernels: varlen_attn in bf16, the lean losses."""
+    from transformers import AutoModelForCausalLM
+
+    from reprotune.lean_loss import chunked_linear_cross_entropy, liger_available
+    from reprotune.lean_loss import liger_linear_cross_entropy as liger
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.bfloat16).cuda()
+    assert packed_attention.kernel_name("cuda").startswith("varlen_attn")
+    logit_diff, loss_diff, naive_diff = per_sample_equality(
+        model, _samples(model.config.vocab_size), device="cuda")
+    # bf16: the packed kernel and sdpa round differently; leaking would be ~0.5
+    assert logit_diff <= 5e-2 and loss_diff <= 2e-2 and naive_diff > 0.1, (
+        logit_diff, loss_diff, naive_diff)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(600, 64, device="cuda", generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(2000, 64, device="cuda", generator=g)).requires_grad_()
+    labels = torch.randint(0, 2000, (600,), device="cuda", generator=g)
+    labels[::4] = IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    ref_g = torch.autograd.grad(ref, (hidden, weight))
+    fns = [chunked_linear_cross_entropy] + ([liger] if liger_available() else [])
+    for fn in fns:
+        got = fn(hidden, weight, labels)
+        got_g = torch.autograd.grad(got, (hidden, weight))
+        assert got.item() == pytest.approx(ref.item(), rel=1e-4), fn.__name__
+        for a, b in zip(got_g, ref_g, strict=True):
+            assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item(), fn.__name__
+
+
+# --------------------------------------------------------------------------- training
+def _rows(n: int, seed: int) -> list[dict]:
+    """Counting answers of varied lengths after a masked prompt of varied length."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = [rng.randrange(10, 300) for _ in range(rng.randrange(2, 6))]
+        start = rng.randrange(40, 60)
+        answer = [start + j for j in range(rng.randrange(4, 20))]
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
+def _train(tmp_path, base, name: str, train_rows, *, method: str = "full", lr: float = 1e-2,
+           **train) -> dict:
+    d = tmp_path / name
+    io.write_parquet(d / "train.parquet", train_rows, schema=SCHEMA)
+    io.write_parquet(d / "val.parquet", _rows(16, 1), schema=SCHEMA)
+    t = {"eval_steps": 10, "logging_steps": 1, "patience": 0, "warmup_ratio": 0.0,
+         "scheduler": "constant", **train}
+    cfg = RunConfig(top=TopParams(method=method, lr=lr, epochs=1, batch_size=8, seed=0),
+                    train=TrainParams(**t), prompt=PromptParams(num_virtual_tokens=4))
+    m = train_model(train_path=d / "train.parquet", val_path=d / "val.parquet", base_dir=base,
+                    out_dir=d / "out", checkpoints_dir=d / "ckpt", live_dir=d / "live", cfg=cfg)
+    tsv = (d / "live/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]
+    m["curve"] = [float(line.split("\t")[1]) for line in tsv]
+    return m
+
+
+def test_packed_and_unpacked_training_give_the_same_loss_curve(tmp_path, tiny_base_dir):
+    # Every optimizer step sees the whole split (unpacked: 3 batches of 8; packed: all packs,
+    # of different sizes and label counts), so both paths take the same 20 Adam steps and
+    # any difference comes from attention leaking, labels crossing or normalisation.
+    # (lr 3e-3: measured differences stay <= 5e-7; at lr 1e-2 this tiny model is chaotic
+    # enough to grow fp32 rounding from 1e-6 to 4e-4 by step 20, whatever the two paths.)
+    rows = _rows(24, 0)
+    n_packs = len(pack_rows([len(r["input_ids"]) for r in rows], 64, seed=0))
+    assert n_packs >= 4
+    plain = _train(tmp_path, tiny_base_dir, "plain", rows, lr=3e-3, max_steps=20, grad_accum=3,
+                   packing=False)
+    packed = _train(tmp_path, tiny_base_dir, "packed", rows, lr=3e-3, max_steps=20,
+                    grad_accum=n_packs, packing=True, tokens_per_batch=64)
+    # the CPU default (chunked loss) against the model's own loss: the same curve too
+    stock = _train(tmp_path, tiny_base_dir, "stock", rows, lr=3e-3, max_steps=20, grad_accum=3,
+                   packing=False, loss_impl="stock")
+    assert packed["packing"] is True and plain["packing"] is False
+    assert packed["attention"] == "sdpa per sample" and plain["attention"] == "sdpa"
+    assert packed["loss_impl"] == plain["loss_impl"] == "chunked"
+    assert packed["packs"] == n_packs and packed["tokens_per_batch"] == 64
+    assert len(plain["curve"]) == len(packed["curve"]) == 20
+    assert plain["curve"][-1] < plain["curve"][0] - 2.0  # it learned
+    for other in (packed, stock):
+        worst = max(abs(a - b) for a, b in zip(plain["curve"], other["curve"], strict=True))
+        assert worst <= 1e-4, (worst, plain["curve"], other["curve"])
+        assert other["best_val_loss"] == pytest.approx(plain["best_val_loss"], abs=1e-4)
+    assert stock["loss_impl"] == "stock"
+    assert packed["tokens_seen"] == plain["tokens_seen"]  # real tokens only, no padding
+    assert packed["label_tokens_seen"] == plain["label_tokens_seen"]
+
+
+def test_prompt_tuning_asked_to_pack_trains_unpacked_and_says_so(tmp_path, tiny_base_dir):
+    m = _train(tmp_path, tiny_base_dir, "prompt", _rows(16, 0), method="prompt_tuning",
+               max_steps=2, eval_steps=2, packing=True)
+    assert m["packing"] is False and "prompt_tuning" in m["packing_note"]
+    assert m["loss_impl"] == "stock" and m["train_steps"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_packed_and_unpacked_training_agree(tmp_path, tiny_base_dir):
+    """The curve check on the GPU path: bf16 autocast, varlen_attn against padded sdpa."""
+    rows = _rows(24, 0)
+    n_packs = len(pack_rows([len(r["input_ids"]) for r in rows], 64, seed=0))
+    plain = _train(tmp_path, tiny_base_dir, "plain", rows, lr=3e-3, max_steps=20, grad_accum=3,
+                   packing=False)
+    packed = _train(tmp_path, tiny_base_dir, "packed", rows, lr=3e-3, max_steps=20,
+                    grad_accum=n_packs, packing=True, tokens_per_batch=64)
+    assert packed["attention"].startswith("varlen_attn") and packed["precision"] == "bf16"
+    assert plain["curve"][-1] < plain["curve"][0] - 2.0
+    # bf16 kernels round differently (FlashAttention varlen vs sdpa): a looser bound than
+    # fp32's 1e-4, still far below what a leak or a normalisation error does (> 0.1)
+    worst = max(abs(a - b) for a, b in zip(plain["curve"], packed["curve"], strict=True))
+    assert worst <= 5e-2, (worst, plain["curve"], packed["curve"])
