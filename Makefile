@@ -13,6 +13,9 @@ LOCK   := lock/requirements.txt
 # torch is the one package outside the lock: the CPU wheel here, a CUDA build of the same
 # version on a GPU machine (installed before `make install`, README), share every other pin.
 TORCH  := torch==2.13.0
+# Where torch comes from: pip's defaults (here: the local CPU wheel); elsewhere e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu, so PyPI's CUDA build is never fetched.
+TORCH_INDEX ?=
 PIP_TOOLS := pip-tools==7.6.2
 REMOTE_EXTRAS := s3 gcs ssh
 export DVC_NO_ANALYTICS := 1
@@ -29,7 +32,7 @@ install: $(STAMP)
 # so no newer release and no CUDA torch can slip in; `pip check` proves the set is complete.
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --no-deps $(TORCH)
+	$(PIP) install -q --no-deps $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PIP) check
