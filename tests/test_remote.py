@@ -76,7 +76,7 @@ def test_unknown_scheme_or_empty_url_is_one_line(tmp_path: Path, url: str) -> No
     proc = _remote(tmp_path, "add", url, ok=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("make add: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("make remote: "), proc.stderr
     assert "s3://bucket/path" in lines[0] and "Traceback" not in proc.stderr
 
 

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return transfer(args.command, args.dvc_args)
     except RemoteError as exc:
-        print(f"make {args.command}: {exc}", file=sys.stderr)
+        target = "remote" if args.command == "add" else args.command  # the make target
+        print(f"make {target}: {exc}", file=sys.stderr)
         return 2
 
 
