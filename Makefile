@@ -1,26 +1,65 @@
 # reprotune: two commands do all set-up on a fresh machine.
 #   make repro   create .venv if missing, install, run the whole DVC pipeline
 #   make test    same install, then the test suite
+# Team and review helpers (README, "Working as a team" and "Experiments and review"):
+#   make remote URL=...   make push   make pull   make exps   make exps-plot   make report   make plots
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.reprotune-installed
+# Every Python package except torch, pinned with hashes (`make lock` rewrites it).
+LOCK   := lock/requirements.txt
+# torch is the one package outside the lock: the CPU wheel here, a CUDA build of the same
+# version on a GPU machine (installed before `make install`, README), share every other pin.
+TORCH  := torch==2.13.0
+# Where torch comes from: pip's defaults (here: the local CPU wheel); elsewhere e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu, so PyPI's CUDA build is never fetched.
+TORCH_INDEX ?=
+PIP_TOOLS := pip-tools==7.6.2
+REMOTE_EXTRAS := s3 gcs ssh
 export DVC_NO_ANALYTICS := 1
 # dvc.yaml commands call `python`: make it the project's venv interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install repro test test-fast lint dag check clean-venv
+.PHONY: install lock repro test test-fast lint dag check clean-venv remote push pull exps exps-plot \
+        report plots
 
 install: $(STAMP)
 
-# torch is installed first, pinned, so that nothing resolves the newest CUDA build
-# (gigabytes); on a CUDA machine install a CUDA build of the same version first (README).
-$(STAMP): pyproject.toml
+# --no-deps everywhere: pip installs exactly the lock (hash-checked), never resolves anew,
+# so no newer release and no CUDA torch can slip in; `pip check` proves the set is complete.
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	@touch $(STAMP)
+
+# Re-resolve the lock on purpose: new deps in pyproject.toml get pinned, existing pins stay.
+# `make lock UPGRADE=1` moves everything to the newest allowed release, `make lock
+# P=transformers==5.24.0` one package. A changed pin can change what `dvc repro` writes
+# (transformers writes its version into config.json): rerun `dvc repro`, commit both.
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(PIP_TOOLS)
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --extra dev \
+	    --unsafe-package torch --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
+	    $(if $(UPGRADE),--upgrade) $(if $(P),--upgrade-package '$(P)') -o $(LOCK) pyproject.toml
+	@# One lock per remote extra, seeded with the main lock so shared pins stay identical.
+	@for extra in $(REMOTE_EXTRAS); do \
+	    cp $(LOCK) lock/$$extra.txt && \
+	    $(BIN)/pip-compile --quiet --generate-hashes --strip-extras --extra dev --extra $$extra \
+	        --unsafe-package torch --no-emit-index-url --no-emit-find-links \
+	        --no-emit-trusted-host -o lock/$$extra.txt pyproject.toml || exit 1; \
+	done
+	@# torch's deps must be the CPU wheel's: a resolve against the PyPI (CUDA) wheel would pin
+	@# nvidia-* and triton into every install. Needs the CPU wheel in pip's find-links or
+	@# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
+	@! grep -lE '^(nvidia-(cu|cudnn|nccl|nvjit|nvtx|cufft|curand|cusolver|cusparse)|triton)' lock/*.txt \
+	    || { echo "make lock: CUDA packages in the lock; resolve against the CPU torch wheel (see Makefile)"; exit 1; }
 
 repro: install
 	$(BIN)/dvc repro
@@ -40,6 +79,38 @@ dag: install
 # validate all of params.yaml: one line naming the bad key (the `check` stage runs the same)
 check: install
 	@$(BIN)/python -m reprotune.params
+
+# make remote URL=/mnt/team/dvc-store | s3://bucket/path [ENDPOINT=http://minio:9000]
+#                 | gs://bucket/path | ssh://user@host/path   [NAME=storage]
+remote: install
+	@$(BIN)/python -m reprotune.remote add '$(URL)' --endpoint '$(ENDPOINT)' --name '$(or $(NAME),storage)'
+
+push: install
+	@$(BIN)/python -m reprotune.remote push
+
+pull: install
+	@$(BIN)/python -m reprotune.remote pull
+
+# Experiments table: changed params + headline metrics, sorted (README, "Experiments").
+SORT  ?= metrics/train.json:best_val_loss
+ORDER ?= asc
+exps: install
+	@$(BIN)/python -m reprotune.exps show --sort-by '$(SORT)' --sort-order '$(ORDER)' $(if $(MD),--md)
+
+# One HTML page: a param against a metric across all experiments (default lr vs val loss).
+X ?= lr
+Y ?= metrics/train.json:best_val_loss
+exps-plot: install
+	@$(BIN)/python -m reprotune.exps plot --x '$(X)' --y '$(Y)' --out dvc_plots/exps
+
+# Markdown for a pull request: params, metrics, plots and predictions vs REV.
+REV ?= main
+report: install
+	@$(BIN)/python -m reprotune.review --rev '$(REV)'
+
+# The pipeline's plots as one HTML page that renders offline (.dvc/plots/offline.html).
+plots: install
+	$(BIN)/dvc plots show
 
 clean-venv:
 	rm -rf $(VENV)

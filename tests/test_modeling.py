@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +103,39 @@ def test_create_tiny_base_leaves_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     create_tiny_base(tmp_path / "m", TEXTS, SMALL, seed=0)
     assert torch.equal(torch.rand(3), expected)
+
+
+# Builds the default-shaped tiny base in a fresh interpreter limited to argv[2] threads
+# (torch intra-op, OpenMP and the tokenizers trainer's rayon pool alike).
+_BUILD_WITH_THREADS = """
+import sys
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from reprotune.modeling import create_tiny_base
+from reprotune.params import TinyModelParams
+texts = [f"row {i}: what is {i} plus 7? {i + 7}. 计算 {i} 加 7 等于 {i + 7}。" for i in range(400)]
+create_tiny_base(sys.argv[1], texts, TinyModelParams(vocab=600, hidden=128, layers=2, heads=4,
+                 kv_heads=2, head_dim=32, intermediate=384, max_positions=256), seed=0)
+assert torch.get_num_threads() == int(sys.argv[2])
+"""
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_tiny_base_is_byte_identical_with_1_and_2_threads(tmp_path):
+    """The embedded base must hash the same on every machine: thread count must not matter."""
+    hashes = {}
+    for n in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n),
+                   RAYON_NUM_THREADS=str(n), TOKENIZERS_PARALLELISM="true")
+        out = tmp_path / f"threads{n}"
+        subprocess.run([sys.executable, "-c", _BUILD_WITH_THREADS, str(out), str(n)],
+                       env=env, check=True, capture_output=True, timeout=300)
+        hashes[n] = _file_hashes(out)
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(hashes[1])
+    assert hashes[1] == hashes[2]
 
 
 def test_create_tiny_base_rejects_empty_corpus(tmp_path):
