@@ -20,8 +20,8 @@ from reprotune.plots_html import SCRIPTS, TEMPLATE, VENDOR_DIR, build_template
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
 # Titles of the pipeline's plots (dvc.yaml: top-level `plots` and the stages' image plots).
-PIPELINE_TITLES = ["Loss curves", "Learning rate", "Training throughput (tokens/s)",
-                   "Gradient norm"]
+# throughput is not a curve: it changes run to run (metrics/timing/train.json has it)
+PIPELINE_TITLES = ["Loss curves", "Learning rate", "Gradient norm"]
 PIPELINE_IMAGES = ["metrics/plots/token_lengths.png", "metrics/plots/confusion.png"]
 
 
