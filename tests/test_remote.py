@@ -125,3 +125,28 @@ def test_s3_remote_with_minio_endpoint(repo: Path) -> None:
 def test_endpoint_only_for_s3(repo: Path) -> None:
     proc = _remote(repo, "add", "gs://bucket/x", "--endpoint", "http://x", "--no-install", ok=False)
     assert proc.returncode == 2 and "ENDPOINT is for s3://" in proc.stderr
+
+
+def test_a_pull_that_misses_objects_names_them_and_the_fix(repo: Path, tmp_path: Path) -> None:
+    (repo / "dvc.yaml").write_text("stages:\n  make_out:\n    cmd: python -c \"open('out.txt',"
+                                   " 'w').write('built')\"\n    outs:\n      - out.txt\n")
+    _run([sys.executable, "-m", "dvc", "repro", "-q"], repo)
+    store = tmp_path / "store"
+    _remote(repo, "add", str(store))
+    _remote(repo, "push")
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "stage + remote"], repo)
+    for obj in store.rglob("*"):  # the remote lost both objects
+        if obj.is_file():
+            obj.unlink()
+
+    mate = tmp_path / "mate"
+    _run(["git", "clone", "-q", str(repo), str(mate)], tmp_path)
+    proc = _remote(mate, "pull", ok=False)
+    assert proc.returncode != 0
+    mine = [ln for ln in proc.stderr.splitlines() if ln.startswith("make pull: ")]
+    assert mine == [
+        "make pull: out.txt is not in the remote; rebuild it with `dvc repro make_out` (or ask "
+        "whoever ran that stage to `make push`)",
+        "make pull: data.txt is not in the remote; whoever added it must run `make push` (it is "
+        "tracked by data.txt.dvc)"]

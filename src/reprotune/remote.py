@@ -107,11 +107,51 @@ def default_remote() -> str | None:
 
 
 def transfer(command: str, extra_args: list[str]) -> int:
-    """Run ``dvc push`` / ``dvc pull`` against the default remote; one line when there is none."""
+    """Run ``dvc push`` / ``dvc pull`` against the default remote; one line when there is none.
+
+    A pull that could not fetch everything then names each missing output and the command
+    that rebuilds it (DVC's own message only says the checkout failed).
+    """
     if default_remote() is None:
         raise RemoteError(NO_REMOTE)
     # DVC's own progress and errors go straight to the terminal
-    return subprocess.call([sys.executable, "-m", "dvc", command, *extra_args])
+    code = subprocess.call([sys.executable, "-m", "dvc", command, *extra_args])
+    if command == "pull" and code != 0:
+        for line in missing_outputs(Path.cwd()):
+            print(f"make pull: {line}", file=sys.stderr)
+    return code
+
+
+def missing_outputs(root: Path) -> list[str]:
+    """What to do about each cached output that is absent from the workspace: a stage output
+    is rebuilt with ``dvc repro <stage>``; data added with ``dvc add`` must be pushed by
+    whoever has it."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    todo: list[str] = []
+    lock = root / "dvc.lock"
+    stages = (yaml.load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}) \
+        if lock.is_file() else {}
+    declared = yaml.load((root / "dvc.yaml").read_text(encoding="utf-8")) \
+        if (root / "dvc.yaml").is_file() else {}
+    uncached = {next(iter(o)) for st in (declared or {}).get("stages", {}).values()
+                for kind in ("outs", "metrics", "plots") for o in st.get(kind, [])
+                if isinstance(o, dict) and next(iter(o.values())).get("cache") is False}
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            if out["path"] not in uncached and not (root / out["path"]).exists():
+                todo.append(f"{out['path']} is not in the remote; rebuild it with "
+                            f"`dvc repro {name}` (or ask whoever ran that stage to `make push`)")
+    for dvc_file in sorted(root.rglob("*.dvc")):
+        if not dvc_file.is_file() or {".dvc", ".git"} & set(dvc_file.relative_to(root).parts):
+            continue
+        for out in (yaml.load(dvc_file.read_text(encoding="utf-8")) or {}).get("outs", []):
+            path = dvc_file.parent / out["path"]
+            if not path.exists():
+                todo.append(f"{path.relative_to(root)} is not in the remote; whoever added it "
+                            f"must run `make push` (it is tracked by {dvc_file.name})")
+    return todo
 
 
 def _next_steps(backend: Backend, name: str) -> str:
