@@ -23,7 +23,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install lock repro test test-fast lint dag check clean-venv remote push pull exps exps-plot \
+.PHONY: install lock repro test test-fast lint dag check lineage clean-venv remote push pull exps exps-plot \
         report plots
 
 install: $(STAMP)
@@ -75,6 +75,11 @@ lint: install
 
 dag: install
 	$(BIN)/dvc dag
+
+# which data, params, code and environment produced a model folder (DIR=models/finetuned)
+DIR ?= models/finetuned
+lineage: install
+	@$(BIN)/python -m reprotune.lineage '$(DIR)'
 
 # validate all of params.yaml: one line naming the bad key (the `check` stage runs the same)
 check: install

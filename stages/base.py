@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from reprotune import io, runtime
+from reprotune.lineage import run_info, write_run_info
 from reprotune.modeling import prepare_base
-from reprotune.params import load_section
+from reprotune.params import as_dict, load_section
 
 
 def corpus(records: list[dict]) -> list[str]:
@@ -38,6 +39,11 @@ def main() -> None:
     texts = corpus(io.read_jsonl(args.data)) if cfg.name == "tiny" else []
     info = prepare_base(cfg.name, Path(args.out), texts, cfg.tiny, cfg.seed,
                         trust_remote_code=cfg.trust_remote_code)
+    # the libraries that write these bytes (the tiny base is built on the CPU everywhere)
+    write_run_info(args.out, run_info("base", {"model": as_dict(cfg)},
+                                      [args.data] if cfg.name == "tiny" else [], "cpu",
+                                      packages=("reprotune", "torch", "transformers",
+                                                "tokenizers", "safetensors")))
     io.write_json(args.metrics, info)
     log.info("base model %s (%s): vocab %d, %d parameters", info["name"], info["source"],
              info["vocab_size"], info["n_params"])

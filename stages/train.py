@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from reprotune import io, runtime
+from reprotune.lineage import run_info, write_run_info
 from reprotune.methods import TrainSetupError
 from reprotune.params import load_section, load_top
 from reprotune.timing import split_timing, write_timing
@@ -35,6 +36,9 @@ def main() -> None:
                               live_dir=args.live_dir, cfg=cfg)
     except TrainSetupError as exc:  # bad input: one clear line, no traceback
         raise SystemExit(f"train: {exc}") from None
+    # which params, inputs, versions and device made this model; travels with the folder
+    write_run_info(args.out, run_info("train", cfg.relevant(), [args.train, args.val, args.base],
+                                      metrics["device"]))
     metrics, timing = split_timing(metrics)  # speed and memory vary run to run: untracked
     write_timing("train", timing)
     io.write_json(args.metrics, metrics)

@@ -129,6 +129,10 @@ def test_repro_then_noop(project: Path) -> None:
     assert "up to date" in again.lower()
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "baseline"], project)
+    lineage = _run([sys.executable, "-m", "reprotune.lineage", "models/finetuned"], project)
+    assert "written by stage `train`" in lineage and "baseline" in lineage  # the commit
+    assert "data/raw/demo.jsonl" in lineage and "(from stage `demo`)" in lineage
+    assert "input data/processed/train.parquet:" in lineage and "transformers 5." in lineage
 
     # Retraining with the same code, params and data changes no tracked file: the model,
     # metrics and curves are identical on CPU, and timings live in the untracked
