@@ -243,6 +243,30 @@ def test_dedup_threshold_experiment_reruns_from_dedup(project: Path) -> None:
         assert "metrics/eval.json" in exps[name]["metrics"], name
 
 
+def test_queued_sweep_stops_at_evaluate_and_the_best_is_promoted(project: Path) -> None:
+    """A 2-point queued sweep that ends at `evaluate` (no merge/quantize), then `dvc exp
+    apply` and `dvc exp branch` promote the better point."""
+    _run(["git", "reset", "-q", "--hard"], project)
+    _dvc(project, "checkout", "--force")
+    _dvc(project, "exp", "run", "--queue", "evaluate", "-S", "lr=2e-3,5e-3")
+    _dvc(project, "exp", "run", "--run-all", "-j", "1")
+    exps = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))
+    sweep = {name: e for name, e in exps.items()
+             if e["params"]["params.yaml"]["data"]["lr"] in (2e-3, 5e-3)}
+    assert len(sweep) == 2
+    for e in sweep.values():  # each point trained and evaluated
+        assert e["metrics"]["metrics/eval.json"]["data"]["n_rows"] > 0
+    best = min(sweep, key=lambda n: sweep[n]["metrics"]["metrics/train.json"]["data"]["best_val_loss"])
+    _dvc(project, "exp", "branch", best, "best-lr")
+    branch_params = _run(["git", "show", "best-lr:params.yaml"], project)
+    assert f"lr: {sweep[best]['params']['params.yaml']['data']['lr']}" in branch_params
+    _dvc(project, "exp", "apply", best)
+    applied = YAML().load((project / "params.yaml").read_text())
+    assert applied["lr"] == sweep[best]["params"]["params.yaml"]["data"]["lr"]
+    _run(["git", "reset", "-q", "--hard"], project)
+    _dvc(project, "checkout", "--force")
+
+
 def test_killed_dvc_repro_resumes_training_and_keeps_its_curves(project: Path) -> None:
     """SIGKILL `dvc repro` mid-training; the next `dvc repro` resumes from the checkpoint."""
     yaml = YAML()
