@@ -196,14 +196,22 @@ def test_teammate_pulls_and_recomputes_nothing(project: Path, tmp_path: Path) ->
     _run(["git", "push", "-q", "origin", "HEAD:incoming"], b)
 
     _run(["git", "merge", "-q", "--ff-only", "incoming"], project)
-    _dvc(project, "pull", "data/raw/extra.jsonl.dvc")
-    dry = _ran(_dvc(project, "repro", "--dry"))
-    assert dry == {"check", "ingest", "base", "dedup", "format", "split", "train", "eval_base",
-                   "evaluate", "merge", "quantize"}  # everything downstream of ingest, not demo
-    _run(["git", "reset", "-q", "--hard", "HEAD~1"], project)  # back to the shared baseline
-    (project / "data" / "raw" / "extra.jsonl").unlink()
-    _dvc(project, "checkout", "--force")
-    assert "up to date" in _dvc(project, "status").lower()
+    try:
+        _dvc(project, "pull", "data/raw/extra.jsonl.dvc")
+        status = _dvc(project, "status")
+        assert "ingest:" in status and "demo:" not in status
+        # the changed input reruns what is downstream of it (up to split here, to keep the
+        # test short), and nothing upstream
+        assert _ran(_dvc(project, "repro", "split")) == {"check", "ingest", "base", "dedup",
+                                                          "format", "split"}
+        assert json.loads((project / "metrics" / "ingest.json").read_text())["files"][
+            "data/raw/extra.jsonl"] == {"rows_in": 1, "kept": 1, "rejected": {}}
+    finally:
+        _run(["git", "reset", "-q", "--hard", "HEAD~1"], project)  # back to the shared baseline
+        (project / "data" / "raw" / "extra.jsonl").unlink(missing_ok=True)
+        (project / "data" / "raw" / "extra.jsonl.dvc").unlink(missing_ok=True)
+        _dvc(project, "checkout", "--force")
+    assert _ran(_dvc(project, "repro")) == set()
 
 
 def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:

@@ -92,7 +92,9 @@ def producer(stages: Mapping[str, Any], path: str) -> tuple[str, dict[str, Any]]
 
 def upstream(stages: Mapping[str, Any], stage: str) -> list[tuple[str, str, str | None]]:
     """``(dependency path, its md5, the stage that wrote it or None)`` for every data input
-    of ``stage`` and, recursively, of the stages upstream of it (code files left out)."""
+    of ``stage`` and, recursively, of the stages upstream of it (code files left out). A
+    folder dependency that holds other stages' outputs (``data/raw`` holding the demo data)
+    lists those outputs too."""
     seen: set[str] = set()
     rows: list[tuple[str, str, str | None]] = []
 
@@ -106,6 +108,12 @@ def upstream(stages: Mapping[str, Any], stage: str) -> list[tuple[str, str, str 
             rows.append((path, dep.get("md5", "?"), made[0] if made else None))
             if made:
                 visit(made[0])
+            for other, st in stages.items():  # outputs inside a folder dependency
+                for out in st.get("outs", []):
+                    if out["path"].startswith(path.rstrip("/") + "/") and out["path"] not in seen:
+                        seen.add(out["path"])
+                        rows.append((out["path"], out.get("md5", "?"), other))
+                        visit(other)
 
     visit(stage)
     return rows
