@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from reprotune import io
-from reprotune.ingest import IngestError, check_files, ingest_files
+from reprotune.inputs import IngestError, check_files, ingest_files
 from reprotune.readers import InputFileError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,18 +146,19 @@ def test_exact_text_of_odd_but_valid_rows() -> None:
     ("scalar.json", "ingest.min_kept_ratio"),
 ])
 def test_stage_stops_with_one_line(tmp_path: Path, name: str, fragment: str) -> None:
-    """The ingest stage as DVC runs it: exit 1, one line on stderr, no traceback."""
+    """The read stage of the file, as DVC runs it: exit 1, one line on stderr, no traceback."""
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
     shutil.copy(CORPUS / name, raw / name)
     shutil.copy(CORPUS / "utf8_bom.jsonl", raw / "good.jsonl")  # a fine file beside it
     (tmp_path / "params.yaml").write_text(
         f"ingest:\n  inputs: [data/raw/good.jsonl, data/raw/{name}]\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "ingest.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "read.py"), "--input",
+                           f"data/raw/{name}", "--out", f"data/interim/read/data/raw/{name}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ingest: data/raw/{name}") and fragment in last
+    assert last.startswith(f"read: data/raw/{name}") and fragment in last
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "interim" / "ingested.jsonl").exists()
 

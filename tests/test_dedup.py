@@ -138,7 +138,7 @@ def test_run_dedup_chain_joins_rows_below_threshold_to_kept() -> None:
 
 
 def test_run_dedup_on_shared_data(shared_dir) -> None:
-    from reprotune.ingest import ingest_files
+    from reprotune.inputs import ingest_files
 
     names = ["alpaca_en_demo.json", "identity.json", "glaive_toolcall_en_demo.json"]
     ingested = ingest_files([str(shared_dir / "data" / n) for n in names])

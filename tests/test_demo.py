@@ -13,7 +13,7 @@ import pytest
 
 from reprotune import io
 from reprotune.demo import MALFORMED, generate_demo, generate_demo_with_stats
-from reprotune.ingest import ingest_files
+from reprotune.inputs import ingest_files
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 1000

@@ -50,7 +50,9 @@ def _closure(stage_file: Path) -> set[str]:
 
 
 def _stages() -> dict:
-    return YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Stage definitions; a ``foreach`` stage is represented by its ``do`` template."""
+    raw = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: st.get("do", st) for name, st in raw.items()}
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
@@ -64,6 +66,16 @@ def test_stage_deps_are_exactly_its_imports(name: str) -> None:
     declared = {d for d in stage["deps"] if d.startswith(("src/", "stages/"))}
     assert declared == expected, (f"{name}: missing {sorted(expected - declared)}, "
                                   f"extra {sorted(declared - expected)}")
+
+
+def test_read_stages_depend_on_exactly_their_input() -> None:
+    """One read stage per ingest.inputs entry, each on exactly its file (no data/raw folder)."""
+    raw = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert raw["read"]["foreach"] == "${ingest.inputs}"
+    deps = raw["read"]["do"]["deps"]
+    assert "${item}" in deps and not any(d.startswith("data/") for d in deps)
+    assert not any(d.startswith("data/raw") for st in _stages().values() for d in st["deps"])
+    assert _stages()["ingest"]["deps"][0] == "data/interim/read"
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
@@ -94,7 +106,7 @@ def test_check_stage_is_upstream_of_every_other_stage() -> None:
     stages = _stages()
     check_out = next(iter(stages["check"]["outs"][0]))
     roots = [n for n, s in stages.items() if n != "check" and check_out in s["deps"]]
-    assert roots == ["demo"]
+    assert roots == ["demo", "read"]
     produced = {out if isinstance(out, str) else next(iter(out)): n
                 for n, s in stages.items() for out in s.get("outs", [])}
 

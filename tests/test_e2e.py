@@ -50,7 +50,7 @@ def _dvc(cwd: Path, *args: str) -> str:
 
 
 def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w@.-]+)'", output))
+    return set(re.findall(r"Running stage '([\w@./-]+)'", output))
 
 
 def _experiments(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -102,7 +102,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_then_noop(project: Path) -> None:
     out = _dvc(project, "repro")
-    assert {"demo", "ingest", "base", "dedup", "format", "split", "train"} <= _ran(out)
+    assert {"check", "demo", "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
+            "split", "train"} <= _ran(out)
     m = lambda name: json.loads((project / "metrics" / f"{name}.json").read_text())  # noqa: E731
 
     ingest = m("ingest")
@@ -127,6 +128,10 @@ def test_repro_then_noop(project: Path) -> None:
     again = _dvc(project, "repro")
     assert _ran(again) == set()
     assert "up to date" in again.lower()
+    notes = project / "data" / "raw" / "notes.txt"  # a stray file beside the inputs
+    notes.write_text("not data")
+    assert "up to date" in _dvc(project, "status").lower()  # ingest reads listed files only
+    notes.unlink()
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "baseline"], project)
     lineage = _run([sys.executable, "-m", "reprotune.lineage", "models/finetuned"], project)
@@ -200,10 +205,11 @@ def test_teammate_pulls_and_recomputes_nothing(project: Path, tmp_path: Path) ->
         _dvc(project, "pull", "data/raw/extra.jsonl.dvc")
         status = _dvc(project, "status")
         assert "ingest:" in status and "demo:" not in status
-        # the changed input reruns what is downstream of it (up to split here, to keep the
-        # test short), and nothing upstream
-        assert _ran(_dvc(project, "repro", "split")) == {"check", "ingest", "base", "dedup",
-                                                          "format", "split"}
+        assert "read@data/raw/demo.jsonl" not in status  # the unchanged input is not reread
+        # the new input is read, and what is downstream of it reruns (up to split here, to
+        # keep the test short); nothing upstream does
+        assert _ran(_dvc(project, "repro", "split")) == {
+            "check", "read@data/raw/extra.jsonl", "ingest", "base", "dedup", "format", "split"}
         assert json.loads((project / "metrics" / "ingest.json").read_text())["files"][
             "data/raw/extra.jsonl"] == {"rows_in": 1, "kept": 1, "rejected": {}}
     finally:
@@ -218,7 +224,8 @@ def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:
     out = _dvc(project, "exp", "run", "-S", "lr=1e-4", "-n", "low-lr")
     ran = _ran(out)
     assert {"train", "evaluate", "merge", "quantize"} <= ran
-    assert not ran & {"demo", "ingest", "base", "dedup", "format", "split", "eval_base"}
+    assert not ran & {"demo", "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
+                      "split", "eval_base"}
     diff = _dvc(project, "metrics", "diff", "--json")
     changed = json.loads(diff)
     assert any("eval.json" in path for path in changed), diff
@@ -239,7 +246,7 @@ def test_dedup_threshold_experiment_reruns_from_dedup(project: Path) -> None:
                "-n", "strict-dedup")
     ran = _ran(out)
     assert {"dedup", "format", "split", "train", "evaluate"} <= ran
-    assert not ran & {"demo", "ingest", "base"}
+    assert not ran & {"demo", "read@data/raw/demo.jsonl", "ingest", "base"}
     dedup = json.loads((project / "metrics" / "dedup.json").read_text())
     assert dedup["dropped"]["near_duplicate"] > baseline_dedup["dropped"]["near_duplicate"]
     exps = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))

@@ -247,11 +247,11 @@ def test_evaluate_stage_base_then_finetuned(tmp_path, repo_root, tiny_base_dir, 
 @pytest.mark.slow
 def test_alpaca_slice_ingest_format_evaluate(shared_dir, tiny_base_dir):
     """Real data end to end: alpaca_en_demo.json slice -> ingest -> format -> evaluate."""
-    ingest = pytest.importorskip("reprotune.ingest")
+    inputs = pytest.importorskip("reprotune.inputs")
     from reprotune.formatting import format_records
     from reprotune.modeling import load_model, load_tokenizer
 
-    res = ingest.ingest_files([str(shared_dir / "data" / "alpaca_en_demo.json")])
+    res = inputs.ingest_files([str(shared_dir / "data" / "alpaca_en_demo.json")])
     records = res.records[:40]
     tok, model = load_tokenizer(tiny_base_dir), load_model(tiny_base_dir)
     rows, stats, _ = format_records(records, tok, max_length=256, enable_thinking=False)

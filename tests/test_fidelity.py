@@ -16,7 +16,7 @@ import pytest
 from reprotune import metrics as M
 from reprotune.evaluation import parse_row
 from reprotune.formatting import format_records
-from reprotune.ingest import ingest_files
+from reprotune.inputs import ingest_files
 from reprotune.modeling import load_tokenizer
 
 ROLE = {"human": "user", "gpt": "assistant"}

@@ -11,15 +11,8 @@ from pathlib import Path
 import pytest
 
 from reprotune import io
-from reprotune.ingest import (
-    REASONS,
-    IngestError,
-    check_files,
-    check_inputs,
-    convert_row,
-    ingest_files,
-    record_id,
-)
+from reprotune.ingest import REASONS, convert_row, record_id
+from reprotune.inputs import IngestError, check_files, check_inputs, ingest_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,8 +285,16 @@ def test_ingest_is_deterministic(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- stage
 def _stage(tmp_path: Path, inputs: list[str]) -> subprocess.CompletedProcess:
+    """The read stage of each input, then the ingest (merge) stage, as dvc.yaml runs them;
+    the first failing process is returned."""
     (tmp_path / "params.yaml").write_text(
         "ingest:\n  inputs: [" + ", ".join(inputs) + "]\n", encoding="utf-8")
+    for path in inputs:
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / "read.py"), "--input", path,
+                               "--out", f"data/interim/read/{path}"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            return proc
     return subprocess.run([sys.executable, str(ROOT / "stages" / "ingest.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
 
@@ -303,7 +304,7 @@ def test_stage_writes_outputs(tmp_path: Path) -> None:
     _jsonl(tmp_path / "data/raw/in.jsonl", [{"instruction": "q", "output": "a"}, "{broken"])
     proc = _stage(tmp_path, ["data/raw/in.jsonl"])
     assert proc.returncode == 0, proc.stderr
-    assert "kept 1 of 2 rows" in proc.stderr
+    assert "kept 1 of 2 rows from 1 file(s)" in proc.stderr
     recs = io.read_jsonl(tmp_path / "data/interim/ingested.jsonl")
     rej = io.read_jsonl(tmp_path / "data/interim/rejected.jsonl")
     metrics = io.read_json(tmp_path / "metrics/ingest.json")
@@ -318,7 +319,8 @@ def test_stage_fails_clearly(tmp_path: Path) -> None:
     proc = _stage(tmp_path, ["data/raw/in.jsonl"])
     assert proc.returncode != 0 and "kept 0 of 1 rows" in proc.stderr and "parse_error" in proc.stderr
     assert not (tmp_path / "data/interim/ingested.jsonl").exists()
-    assert io.read_jsonl(tmp_path / "data/interim/rejected.jsonl")[0]["reason"] == "parse_error"
+    part = tmp_path / "data/interim/read/data/raw/in.jsonl"
+    assert io.read_jsonl(part / "rejected.jsonl")[0]["reason"] == "parse_error"
     proc = _stage(tmp_path, ["data/raw/missing.jsonl"])
     assert proc.returncode != 0 and "missing.jsonl" in proc.stderr and "ingest.inputs" in proc.stderr
     assert proc.stderr.count("\n") == 1  # one line, no traceback
@@ -479,3 +481,24 @@ def test_shared_data(shared_dir: Path, name: str, n: int) -> None:
         assert c["messages_by_role"]["tool"] > 0 and c["with_tools"] > 0
     if name.startswith("dpo"):
         assert c["formats"]["sharegpt"]["kept"] == c["kept"]
+
+
+def test_merged_parts_equal_reading_all_files_at_once(tmp_path: Path) -> None:
+    """Per-file read stages + the merge give exactly what one pass over all files gives."""
+    from reprotune.inputs import merge_parts, part_dir, read_part, write_part
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"instruction": "q1", "output": "a"}, "{broken",
+                                      {"messages": [{"role": "user", "content": "q"},
+                                                    {"role": "assistant", "content": "b"}]}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"instruction": "问", "output": "答", "label": "x"},
+                                      {"instruction": "q", "output": ["bad"]}])
+    paths = [str(a), str(b)]
+    for p in paths:
+        write_part(part_dir(tmp_path / "parts", p), ingest_files([p]))
+    merged = merge_parts([read_part(part_dir(tmp_path / "parts", p), p) for p in paths])
+    whole = ingest_files(paths)
+    assert merged.records == whole.records and merged.rejects == whole.rejects
+    assert merged.counts == json.loads(json.dumps(whole.counts))
+    _assert_counts_add_up(merged.counts)
+    with pytest.raises(IngestError, match="its read part .* is missing; run `dvc repro`"):
+        read_part(part_dir(tmp_path / "parts", "c.jsonl"), "c.jsonl")

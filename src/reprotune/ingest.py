@@ -31,26 +31,15 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from reprotune import markup
-from reprotune.readers import (
-    JSON_DECODER,
-    RAW_LIMIT,
-    RawRow,
-    is_non_finite,
-    iter_rows,
-    json_problem,
-)
+from reprotune.readers import JSON_DECODER, RAW_LIMIT, RawRow, is_non_finite, json_problem
 
 logger = logging.getLogger(__name__)
 
-RAW_DIR = "data/raw"  # the ingest stage's declared dependency in dvc.yaml
 FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")  # auto-detection order
 CANONICAL_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations",
                      "messages", "prompt", "completion", "chosen", "tools")
@@ -460,11 +449,13 @@ def ingest_rows(rows: Iterable[RawRow], *, fmt: str = "auto", columns: Mapping[s
                 bucket["kept"] += 1
             else:
                 bucket["rejected"][outcome] += 1
-    res.counts = _summary(res, files, formats)
+    res.counts = summarize(res, files, formats)
     return res
 
 
-def _summary(res: IngestResult, files: dict[str, Any], formats: dict[str, Any]) -> dict[str, Any]:
+def summarize(res: IngestResult, files: dict[str, Any], formats: dict[str, Any]) -> dict[str, Any]:
+    """The ingest metrics of ``res``: totals, rejects per reason, per-file and per-format
+    buckets (``{rows_in, kept, rejected: Counter}``), roles, tools, labels, groups."""
     reasons = Counter(r["reason"] for r in res.rejects)
 
     def plain(b: dict[str, Any]) -> dict[str, Any]:
@@ -486,69 +477,3 @@ def _summary(res: IngestResult, files: dict[str, Any], formats: dict[str, Any]) 
         "empty_answers": sum(not r["messages"][-1]["content"] and not r["messages"][-1].get("tool_calls")
                              for r in res.records),
     }
-
-
-class IngestError(ValueError):
-    """The inputs as a whole are unusable; the message names the file or param and the fix."""
-
-
-def check_inputs(paths: Sequence[str], raw_dir: str | Path = RAW_DIR) -> None:
-    """Every input must lie inside ``raw_dir``, the folder dvc.yaml declares as the ingest
-    dependency: a file elsewhere could change without ``dvc repro`` noticing."""
-    if not paths:
-        raise IngestError("ingest.inputs: no input files listed")
-    root = Path(raw_dir).resolve()
-    for path in paths:
-        if not Path(path).resolve().is_relative_to(root):
-            name = Path(path).name
-            raise IngestError(
-                f"ingest.inputs: {path} is outside {raw_dir}/, so DVC would not see it change; "
-                f"copy it in and track it: cp {path} {raw_dir}/ && dvc add {raw_dir}/{name} "
-                f"(or `dvc import <repo> <path> -o {raw_dir}/{name}` from another DVC repo), "
-                f"then list {raw_dir}/{name}")
-
-
-def check_files(res: IngestResult, paths: Sequence[str], min_kept_ratio: float) -> None:
-    """Fail when a file yields no rows, or keeps less than ``min_kept_ratio`` of its rows:
-    a wrong column mapping or a broken export must not vanish among other files' rows."""
-    files = res.counts.get("files", {})
-    for path in paths:
-        b = files.get(str(path), {"rows_in": 0, "kept": 0, "rejected": {}})
-        if b["rows_in"] == 0:
-            raise IngestError(f"{path}: the file yields no rows (empty, or only blank lines); "
-                              f"remove it from ingest.inputs or fix the export")
-        kept_ratio = b["kept"] / b["rows_in"]
-        if kept_ratio < min_kept_ratio:
-            reason, n = max(b["rejected"].items(), key=lambda kv: (kv[1], kv[0]))
-            example = next((r for r in res.rejects if r["source"] == str(path) and r["reason"] == reason), {})
-            raise IngestError(
-                f"{path}: kept {b['kept']} of {b['rows_in']} rows ({kept_ratio:.0%} < "
-                f"ingest.min_kept_ratio {min_kept_ratio:g}); top reason {reason} ({n} rows), "
-                f"e.g. line {example.get('line')}: {example.get('detail')}. Check ingest.format / "
-                f"ingest.columns, or lower ingest.min_kept_ratio to accept the losses")
-
-
-def ingest_files(paths: Sequence[str], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
-                 label_field: str | None = "label", group_field: str | None = "group") -> IngestResult:
-    """Read and convert every file of ``ingest.inputs`` in the order given.
-
-    File-level problems (missing, unsupported, wrong encoding, broken CSV quoting) raise;
-    row-level ones are rejects. Every listed file appears in ``counts["files"]``.
-    """
-    if not paths:
-        raise IngestError("ingest.inputs: no input files listed")
-    seen = [p for i, p in enumerate(paths) if p in paths[:i]]
-    if seen:
-        raise IngestError(f"ingest.inputs: {seen[0]} is listed twice (its rows would be "
-                          f"counted twice)")
-
-    def rows() -> Iterable[RawRow]:
-        for path in paths:
-            yield from tqdm(iter_rows(path), desc=f"ingest {path}", unit="row", mininterval=2,
-                            disable=None)
-
-    res = ingest_rows(rows(), fmt=fmt, columns=columns, label_field=label_field,
-                      group_field=group_field)
-    for path in paths:  # a file without rows still gets its (zero) line in the metrics
-        res.counts["files"].setdefault(str(path), {"rows_in": 0, "kept": 0, "rejected": {}})
-    return res

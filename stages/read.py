@@ -1,0 +1,49 @@
+"""DVC stage `read@<n>`: one file of ingest.inputs -> its canonical records, rejects, counts.
+
+dvc.yaml generates one such stage per entry of `ingest.inputs` (`foreach`), so each depends
+on exactly the file it reads. The `ingest` stage merges the parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reprotune import io, runtime
+from reprotune.inputs import IngestError, check_files, check_inputs, ingest_files, write_part
+from reprotune.params import load_section
+from reprotune.readers import InputFileError
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--input", required=True, help="one entry of ingest.inputs")
+    ap.add_argument("--out", required=True, help="the part folder to write")
+    args = ap.parse_args()
+
+    log = runtime.setup("read")
+    cfg = load_section("ingest")
+    io.clean_stale_temporaries(args.out)
+    try:
+        check_inputs([args.input])
+        res = ingest_files([args.input], fmt=cfg.format, columns=cfg.columns,
+                           label_field=cfg.label_field, group_field=cfg.group_field)
+    except (FileNotFoundError, InputFileError, IngestError) as exc:
+        sys.exit(f"read: {exc}")
+    # written even when the check below fails: rejected.jsonl says what went wrong
+    write_part(args.out, res)
+    c = res.counts
+    reasons = ", ".join(f"{k}={v}" for k, v in c["rejected"].items() if v) or "none"
+    log.info("%s: kept %d of %d rows; rejected %d (%s)", args.input, c["kept"], c["rows_in"],
+             c["rejected_total"], reasons)
+    for rej in res.rejects[:5]:
+        log.info("  rejected %s:%s %s (%s): %s", rej["source"], rej["line"], rej["reason"],
+                 rej["field"], rej["detail"])
+    try:
+        check_files(res, [args.input], cfg.min_kept_ratio)
+    except IngestError as exc:
+        sys.exit(f"read: {exc} (rejected rows: {args.out}/rejected.jsonl)")
+
+
+if __name__ == "__main__":
+    main()
