@@ -27,7 +27,7 @@ from reprotune import io  # noqa: E402
 from reprotune.demo import generate_demo  # noqa: E402
 from reprotune.evaluation import evaluate_model  # noqa: E402
 from reprotune.formatting import format_records  # noqa: E402
-from reprotune.ingest import ingest_files  # noqa: E402
+from reprotune.inputs import ingest_files  # noqa: E402
 from reprotune.loading import load_finetuned  # noqa: E402
 from reprotune.modeling import create_tiny_base, load_model, load_tokenizer  # noqa: E402
 from reprotune.params import EvalParams, TinyModelParams, as_dict  # noqa: E402
