@@ -88,30 +88,30 @@ check: install
 # make remote URL=/mnt/team/dvc-store | s3://bucket/path [ENDPOINT=http://minio:9000]
 #                 | gs://bucket/path | ssh://user@host/path   [NAME=storage]
 remote: install
-	@$(BIN)/python -m reprotune.remote add '$(URL)' --endpoint '$(ENDPOINT)' --name '$(or $(NAME),storage)'
+	@$(BIN)/python -m reprotune.team.remote add '$(URL)' --endpoint '$(ENDPOINT)' --name '$(or $(NAME),storage)'
 
 push: install
-	@$(BIN)/python -m reprotune.remote push
+	@$(BIN)/python -m reprotune.team.remote push
 
 pull: install
-	@$(BIN)/python -m reprotune.remote pull
+	@$(BIN)/python -m reprotune.team.remote pull
 
 # Experiments table: changed params + headline metrics, sorted (README, "Experiments").
 SORT  ?= metrics/train.json:best_val_loss
 ORDER ?= asc
 exps: install
-	@$(BIN)/python -m reprotune.exps show --sort-by '$(SORT)' --sort-order '$(ORDER)' $(if $(MD),--md)
+	@$(BIN)/python -m reprotune.team.exps show --sort-by '$(SORT)' --sort-order '$(ORDER)' $(if $(MD),--md)
 
 # One HTML page: a param against a metric across all experiments (default lr vs val loss).
 X ?= lr
 Y ?= metrics/train.json:best_val_loss
 exps-plot: install
-	@$(BIN)/python -m reprotune.exps plot --x '$(X)' --y '$(Y)' --out dvc_plots/exps
+	@$(BIN)/python -m reprotune.team.exps plot --x '$(X)' --y '$(Y)' --out dvc_plots/exps
 
 # Markdown for a pull request: params, metrics, plots and predictions vs REV.
 REV ?= main
 report: install
-	@$(BIN)/python -m reprotune.review --rev '$(REV)'
+	@$(BIN)/python -m reprotune.team.review --rev '$(REV)'
 
 # The pipeline's plots as one HTML page that renders offline (.dvc/plots/offline.html).
 plots: install

@@ -4,7 +4,7 @@ Generates ``--rows`` synthetic canonical records (English, Chinese and mixed tex
 characters, Zipf-distributed vocabularies so unrelated rows share common n-grams as real text
 does), plants near-duplicates (a few character / word substitutions and punctuation changes,
 scaled to the text length) and exact duplicates (the same text with case and whitespace
-changes), shuffles, and runs :func:`reprotune.dedup.run_dedup` with the default ``dedup`` params.
+changes), shuffles, and runs :func:`reprotune.data.dedup.run_dedup` with the default ``dedup`` params.
 
 Recall counts a planted pair as found when both rows end with the same kept row. Planted
 near-duplicate pairs whose actual TF-IDF cosine (fitted on the whole generated corpus) is
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from reprotune import io  # noqa: E402
-from reprotune.dedup import run_dedup  # noqa: E402
+from reprotune.data.dedup import run_dedup  # noqa: E402
+from reprotune.data.similarity import NgramIndex, record_text  # noqa: E402
 from reprotune.params import DedupParams, as_dict  # noqa: E402
-from reprotune.similarity import NgramIndex, record_text  # noqa: E402
 
 HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
 EN_PUNCT, ZH_PUNCT = [",", ".", ";", "!", "?"], ["，", "。", "、", "！", "？"]

@@ -2,7 +2,7 @@
 
 Builds the embedded default base (tiny Qwen3, tokenizer trained on the demo text) from the
 seeded demo data, formats ``--rows`` demo conversations and runs
-:func:`reprotune.evaluation.evaluate_model` with the default ``eval`` params (batched greedy
+:func:`reprotune.evaluate.evaluation.evaluate_model` with the default ``eval`` params (batched greedy
 decoding, left padding, BLEU/chrF/ROUGE/F1/classification/perplexity). The untrained base
 ends many answers at once (empty predictions), so ``--model models/finetuned`` (after
 ``dvc repro``) times the fine-tuned model, which answers every row, instead.
@@ -24,13 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprotune import io  # noqa: E402
-from reprotune.demo import generate_demo  # noqa: E402
-from reprotune.evaluation import evaluate_model  # noqa: E402
-from reprotune.formatting import format_records  # noqa: E402
-from reprotune.inputs import ingest_files  # noqa: E402
-from reprotune.loading import load_finetuned  # noqa: E402
+from reprotune.data.demo import generate_demo  # noqa: E402
+from reprotune.data.formatting import format_records  # noqa: E402
+from reprotune.data.inputs import ingest_files  # noqa: E402
+from reprotune.evaluate.evaluation import evaluate_model  # noqa: E402
 from reprotune.modeling import create_tiny_base, load_model, load_tokenizer  # noqa: E402
 from reprotune.params import EvalParams, TinyModelParams, as_dict  # noqa: E402
+from reprotune.train.loading import load_finetuned  # noqa: E402
 
 
 def main() -> None:

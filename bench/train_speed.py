@@ -4,7 +4,7 @@ Builds a random-init Qwen3-0.6B-shaped base dir (no download: hidden 1024, 28 la
 16/8 heads, head_dim 128, intermediate 3072, vocab 151936, tied embeddings; bf16
 safetensors + the embedded byte-level tokenizer), writes seeded synthetic train/val splits
 (fixed ``--seq-len``, prompt prefix labelled -100, a counting answer the model can learn)
-and runs :func:`reprotune.training.train_model` -- the train stage's own code -- once per
+and runs :func:`reprotune.train.training.train_model` -- the train stage's own code -- once per
 method. Per method it records the stage's ``tokens_per_s`` (whole ``trainer.train()``,
 including the final evaluation, checkpoint save and best-model reload), the median of the
 median tokens/s over the logging intervals (training steps only: steady state), ``peak_memory_mb`` (CUDA
@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprotune import io  # noqa: E402
 from reprotune.chat_template import template_fingerprint  # noqa: E402
-from reprotune.demo import generate_demo  # noqa: E402
+from reprotune.data.demo import generate_demo  # noqa: E402
 from reprotune.modeling import BASE_INFO_FILE, EOS_TOKEN, PAD_TOKEN, train_tokenizer  # noqa: E402
 from reprotune.params import LoraParams, TopParams, TrainParams  # noqa: E402
-from reprotune.training import RunConfig, train_model  # noqa: E402
+from reprotune.train.training import RunConfig, train_model  # noqa: E402
 
 MAX_POSITIONS = 40960
 

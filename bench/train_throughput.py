@@ -8,7 +8,7 @@ random token ids. The model is random-init Qwen3-0.6B-shaped (``bench/train_spee
 * ``baseline``: a plain ``transformers.Trainer`` (full fine-tuning, padded batches of
   ``--baseline-batch-size`` rows through ``DataCollatorForSeq2Seq``, the model's own loss,
   the same precision as the stage: fp32 master weights with bf16 autocast on CUDA);
-* ``full``, ``lora``, ``qlora``: :func:`reprotune.training.train_model`, the train stage's own
+* ``full``, ``lora``, ``qlora``: :func:`reprotune.train.training.train_model`, the train stage's own
   code, with ``--packing``/``--tokens-per-batch``/``--loss-impl``/``--gradient-checkpointing``.
 
 For each: steady real tokens/s (non-padding tokens over the wall time of optimizer steps
@@ -48,7 +48,7 @@ from train_speed import build_base, environment  # noqa: E402  (sets HF offline,
 
 from reprotune import io  # noqa: E402
 from reprotune.params import LoraParams, TopParams, TrainParams  # noqa: E402
-from reprotune.training import RunConfig, train_model  # noqa: E402
+from reprotune.train.training import RunConfig, train_model  # noqa: E402
 
 # dense bf16 peak, FLOP/s, by a substring of torch.cuda.get_device_name() (first match)
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),

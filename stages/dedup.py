@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime
-from reprotune.dedup import run_dedup
+from reprotune.data.dedup import run_dedup
 from reprotune.params import load_section
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from reprotune import io, runtime
-from reprotune.demo import generate_demo_with_stats
+from reprotune.data.demo import generate_demo_with_stats
 from reprotune.params import load_section
 
 

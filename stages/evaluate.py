@@ -13,7 +13,7 @@ from typing import Any
 
 from reprotune import io, runtime
 from reprotune.chat_template import template_fingerprint
-from reprotune.evaluation import (
+from reprotune.evaluate.evaluation import (
     EvalDataError,
     compare,
     evaluate_model,
@@ -21,10 +21,10 @@ from reprotune.evaluation import (
     load_test_rows,
     metrics_file,
 )
-from reprotune.metrics import NonFiniteLossError
+from reprotune.evaluate.metrics import NonFiniteLossError
+from reprotune.evaluate.report import plot_confusion, relative_link, render_report, write_report
 from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
 from reprotune.params import load_section
-from reprotune.report import plot_confusion, relative_link, render_report, write_report
 
 DEFAULTS = {
     "base": {"model": "models/base", "metrics": "metrics/eval_base.json",
@@ -51,7 +51,7 @@ def _load(kind: str, model_dir: str, thinking_param: bool, log: Any) -> tuple[An
         info = io.read_json(info_path) if info_path.exists() else {}
         enable_thinking = thinking_param
     else:
-        from reprotune.loading import load_finetuned
+        from reprotune.train.loading import load_finetuned
 
         model, tokenizer, info = load_finetuned(model_dir, dtype=dtype, device=device)
         # render prompts the way the model was trained, whatever params.yaml says now

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from reprotune import io, runtime
 from reprotune.chat_template import template_fingerprint
-from reprotune.formatting import FormatError, format_records, formatted_schema
+from reprotune.data.formatting import FormatError, format_records, formatted_schema
 from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
 from reprotune.params import load_section
 from reprotune.plots import histogram

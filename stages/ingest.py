@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime
-from reprotune.inputs import IngestError, check_inputs, merge_parts, part_dir, read_part
+from reprotune.data.inputs import IngestError, check_inputs, merge_parts, part_dir, read_part
 from reprotune.params import load_section
 
 

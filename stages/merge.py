@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from reprotune import io, runtime
-from reprotune.merge import directory_size, merge_finetuned
+from reprotune.deploy.merge import directory_size, merge_finetuned
 
 
 def main() -> None:

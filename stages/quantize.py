@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from reprotune import io, runtime
-from reprotune.metrics import NonFiniteLossError
+from reprotune.deploy.quantize import TemplateMismatch, quantize_all, report_markdown
+from reprotune.evaluate.metrics import NonFiniteLossError
 from reprotune.params import as_dict, load_section, load_top
-from reprotune.quantize import TemplateMismatch, quantize_all, report_markdown
 from reprotune.timing import split_timing, write_timing
 
 

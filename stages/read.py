@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from reprotune import io, runtime
-from reprotune.inputs import IngestError, check_files, check_inputs, ingest_files, write_part
+from reprotune.data.inputs import IngestError, check_files, check_inputs, ingest_files, write_part
+from reprotune.data.readers import InputFileError
 from reprotune.params import load_section
-from reprotune.readers import InputFileError
 
 
 def main() -> None:

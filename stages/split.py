@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from reprotune import io, runtime
+from reprotune.data.split import SPLITS, split_rows
 from reprotune.params import load_section
-from reprotune.split import SPLITS, split_rows
 
 
 def main() -> None:

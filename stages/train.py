@@ -6,10 +6,10 @@ import argparse
 
 from reprotune import io, runtime
 from reprotune.lineage import run_info, write_run_info
-from reprotune.methods import TrainSetupError
 from reprotune.params import load_section, load_top
 from reprotune.timing import split_timing, write_timing
-from reprotune.training import RunConfig, train_model
+from reprotune.train.methods import TrainSetupError
+from reprotune.train.training import RunConfig, train_model
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from reprotune import io
-from reprotune.inputs import IngestError, check_files, ingest_files
-from reprotune.readers import InputFileError
+from reprotune.data.inputs import IngestError, check_files, ingest_files
+from reprotune.data.readers import InputFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "bad_inputs"

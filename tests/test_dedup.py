@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from reprotune.dedup import (
+from reprotune.data.dedup import (
     REASONS,
     choose_representative,
     exact_duplicates,
@@ -11,7 +11,7 @@ from reprotune.dedup import (
     run_dedup,
     union_find_clusters,
 )
-from reprotune.similarity import NgramIndex, record_text
+from reprotune.data.similarity import NgramIndex, record_text
 
 
 def _cfg(**over) -> SimpleNamespace:  # defaults of params.yaml `dedup`
@@ -138,7 +138,7 @@ def test_run_dedup_chain_joins_rows_below_threshold_to_kept() -> None:
 
 
 def test_run_dedup_on_shared_data(shared_dir) -> None:
-    from reprotune.inputs import ingest_files
+    from reprotune.data.inputs import ingest_files
 
     names = ["alpaca_en_demo.json", "identity.json", "glaive_toolcall_en_demo.json"]
     ingested = ingest_files([str(shared_dir / "data" / n) for n in names])

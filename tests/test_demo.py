@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from reprotune import io
-from reprotune.demo import MALFORMED, generate_demo, generate_demo_with_stats
-from reprotune.inputs import ingest_files
+from reprotune.data.demo import MALFORMED, generate_demo, generate_demo_with_stats
+from reprotune.data.inputs import ingest_files
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 1000

@@ -18,34 +18,45 @@ DATA_DEPS = {"chat_template": ["src/reprotune/templates/qwen3_chat_template.jinj
              "markup": ["src/reprotune/templates/qwen3_added_tokens.json"]}
 
 
-def _imports(path: Path) -> set[str]:
-    """reprotune modules imported (anywhere in the file, incl. inside functions) by ``path``."""
+def _module_file(dotted: str) -> Path | None:
+    """src file of a ``reprotune...`` module or package (None for a name that is neither)."""
+    rel = Path(*dotted.split(".")[1:])
+    for cand in (PKG / rel.with_suffix(".py"), PKG / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imports(path: Path) -> set[Path]:
+    """Files of the reprotune modules imported (anywhere in the file, incl. inside
+    functions) by ``path``, with the ``__init__.py`` of every package on the way."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    found: set[str] = set()
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("reprotune."):
-                    found.add(a.name.split(".")[1])
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level and path.is_relative_to(PKG):
-                mod = f"reprotune.{mod}" if mod else "reprotune"
-            if mod == "reprotune":
-                found.update(a.name for a in node.names if (PKG / f"{a.name}.py").exists())
-            elif mod.startswith("reprotune."):
-                found.add(mod.split(".")[1])
+            names.update(a.name for a in node.names if a.name.startswith("reprotune."))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("reprotune"):
+            for a in node.names:  # `from reprotune.data import ingest`: a module, not a name
+                sub = f"{node.module}.{a.name}"
+                names.add(sub if _module_file(sub) else node.module)
+    found: set[Path] = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(2, len(parts) + 1):  # reprotune.data.ingest -> data/__init__, data/ingest
+            f = _module_file(".".join(parts[:i]))
+            if f is not None:
+                found.add(f)
     return found
 
 
-def _closure(stage_file: Path) -> set[str]:
+def _closure(stage_file: Path) -> set[Path]:
     todo, seen = list(_imports(stage_file)), set()
     while todo:
-        m = todo.pop()
-        if m in seen:
+        f = todo.pop()
+        if f in seen:
             continue
-        seen.add(m)
-        todo.extend(_imports(PKG / f"{m}.py"))
+        seen.add(f)
+        todo.extend(_imports(f))
     return seen
 
 
@@ -59,10 +70,11 @@ def _stages() -> dict:
 def test_stage_deps_are_exactly_its_imports(name: str) -> None:
     stage = _stages()[name]
     script = re.search(r"stages/(\w+)\.py", stage["cmd"]).group(0)
-    mods = _closure(ROOT / script)
-    expected = {script, "src/reprotune/__init__.py"} | {f"src/reprotune/{m}.py" for m in mods}
-    for m in mods:
-        expected.update(DATA_DEPS.get(m, []))
+    files = _closure(ROOT / script)
+    expected = {script, "src/reprotune/__init__.py"} | {
+        f.relative_to(ROOT).as_posix() for f in files}
+    for f in files:
+        expected.update(DATA_DEPS.get(f.stem, []))
     declared = {d for d in stage["deps"] if d.startswith(("src/", "stages/"))}
     assert declared == expected, (f"{name}: missing {sorted(expected - declared)}, "
                                   f"extra {sorted(declared - expected)}")

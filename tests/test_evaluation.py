@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from reprotune import io
-from reprotune import metrics as M
-from reprotune.evaluation import (
+from reprotune.evaluate import metrics as M
+from reprotune.evaluate.evaluation import (
     EvalDataError,
     compare,
     evaluate_model,
@@ -24,8 +24,8 @@ from reprotune.evaluation import (
     parse_row,
     reference_text,
 )
+from reprotune.evaluate.report import pick_examples, plot_confusion, render_report
 from reprotune.params import EvalParams
-from reprotune.report import pick_examples, plot_confusion, render_report
 
 RECORDS = [
     {"id": "r1", "messages": [{"role": "user", "content": "What is 12 plus 7?"},
@@ -65,7 +65,7 @@ def lm(tiny_base_dir):
 
 @pytest.fixture(scope="module")
 def rows(lm):
-    from reprotune.formatting import format_records
+    from reprotune.data.formatting import format_records
 
     out, stats, _ = format_records(RECORDS, lm[1], max_length=256, enable_thinking=False)
     assert stats["rows_out"] == len(RECORDS)
@@ -207,7 +207,7 @@ def _run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_evaluate_stage_base_then_finetuned(tmp_path, repo_root, tiny_base_dir, rows):
     shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(tiny_base_dir, tmp_path / "models" / "base")
-    from reprotune.formatting import formatted_schema
+    from reprotune.data.formatting import formatted_schema
 
     io.write_parquet(tmp_path / "data/processed/test.parquet", rows, schema=formatted_schema())
     res = _run_stage(tmp_path, "--kind", "base", "--model", "models/base")
@@ -218,8 +218,8 @@ def test_evaluate_stage_base_then_finetuned(tmp_path, repo_root, tiny_base_dir, 
     assert len(io.read_jsonl(tmp_path / "data/eval/predictions_base.jsonl")) == 5
 
     # the same model saved as a "fine-tuned" full model: every gain must be exactly 0
-    from reprotune.loading import save_finetuned
     from reprotune.modeling import load_model, load_tokenizer
+    from reprotune.train.loading import save_finetuned
 
     save_finetuned(load_model(tiny_base_dir), load_tokenizer(tiny_base_dir),
                    tmp_path / "models/finetuned", method="full", base_dir="models/base",
@@ -247,8 +247,8 @@ def test_evaluate_stage_base_then_finetuned(tmp_path, repo_root, tiny_base_dir, 
 @pytest.mark.slow
 def test_alpaca_slice_ingest_format_evaluate(shared_dir, tiny_base_dir):
     """Real data end to end: alpaca_en_demo.json slice -> ingest -> format -> evaluate."""
-    inputs = pytest.importorskip("reprotune.inputs")
-    from reprotune.formatting import format_records
+    inputs = pytest.importorskip("reprotune.data.inputs")
+    from reprotune.data.formatting import format_records
     from reprotune.modeling import load_model, load_tokenizer
 
     res = inputs.ingest_files([str(shared_dir / "data" / "alpaca_en_demo.json")])
@@ -266,7 +266,7 @@ def test_alpaca_slice_ingest_format_evaluate(shared_dir, tiny_base_dir):
 
 
 def test_max_new_tokens_auto_is_p95_of_reference_lengths(lm, rows):
-    from reprotune.evaluation import resolve_max_new_tokens
+    from reprotune.evaluate.evaluation import resolve_max_new_tokens
 
     model, tok = lm
     refs = ["a " * n for n in range(1, 21)]  # 1..20 words
@@ -284,7 +284,7 @@ def test_max_new_tokens_auto_is_p95_of_reference_lengths(lm, rows):
 
 def test_answers_cut_by_the_cap_are_counted_and_warned(lm, rows, caplog):
     model, tok = lm
-    with caplog.at_level("WARNING", logger="reprotune.evaluation"):
+    with caplog.at_level("WARNING", logger="reprotune.evaluate.evaluation"):
         metrics, preds = evaluate_model(model, tok, rows, EvalParams(max_new_tokens=1),
                                         enable_thinking=False, seed=0, progress=False)
     # the chatty random model never stops within one token
@@ -303,7 +303,7 @@ def test_corrupt_weights_end_in_one_line_naming_the_model_folder(tmp_path, repo_
     model_dir = tmp_path / "models" / "base"
     shutil.copytree(tiny_base_dir, model_dir)
     set_nan_weight(model_dir)  # one float of the final norm
-    from reprotune.formatting import formatted_schema
+    from reprotune.data.formatting import formatted_schema
 
     io.write_parquet(tmp_path / "data/processed/test.parquet", rows, schema=formatted_schema())
     res = _run_stage(tmp_path, "--kind", "base", "--model", "models/base")

@@ -1,4 +1,4 @@
-"""`make exps` and `make exps-plot` (reprotune.exps): real `dvc exp run` on a toy project."""
+"""`make exps` and `make exps-plot` (reprotune.team.exps): real `dvc exp run` on a toy project."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from toy_repos import make_exp_repo, run
 
-from reprotune.exps import drop_pattern, keep_pattern, param_metric_points
+from reprotune.team.exps import drop_pattern, keep_pattern, param_metric_points
 
 PARAMS = {"method": "full", "lr": 0.001, "seed": 42, "train": {"patience": 4},
           "dedup": {"threshold": 0.85}}
@@ -82,7 +82,7 @@ def exp_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _exps(repo: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "reprotune.exps", *args], repo).stdout
+    return run([sys.executable, "-m", "reprotune.team.exps", *args], repo).stdout
 
 
 def _table(md: str) -> tuple[list[str], list[list[str]]]:
@@ -107,7 +107,7 @@ def test_exps_table_changed_params_and_headline_metrics_sorted(exp_repo: Path) -
 
 
 def test_exps_plot_writes_points_and_an_offline_page(exp_repo: Path) -> None:
-    run([sys.executable, "-m", "reprotune.exps", "plot"], exp_repo)
+    run([sys.executable, "-m", "reprotune.team.exps", "plot"], exp_repo)
     out = exp_repo / "dvc_plots" / "exps"
     points = json.loads((out / "lr_vs_best_val_loss.json").read_text())
     assert {p["experiment"]: p["lr"] for p in points} == {"main": 0.001, "high-lr": 0.003,

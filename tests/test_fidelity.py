@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from reprotune import metrics as M
-from reprotune.evaluation import parse_row
-from reprotune.formatting import format_records
-from reprotune.inputs import ingest_files
+from reprotune.data.formatting import format_records
+from reprotune.data.inputs import ingest_files
+from reprotune.evaluate import metrics as M
+from reprotune.evaluate.evaluation import parse_row
 from reprotune.modeling import load_tokenizer
 
 ROLE = {"human": "user", "gpt": "assistant"}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from reprotune.formatting import (
+from reprotune.data.formatting import (
     DROP_TRUNCATED,
     IGNORE_INDEX,
     FormatError,
@@ -199,7 +199,7 @@ def test_tools_render_exactly_as_the_official_template(tok, shared_dir):
     """OpenAI-style tools, as ingest stores them, render as the official Qwen3 template does."""
     import jinja2
 
-    from reprotune.ingest import convert_row
+    from reprotune.data.ingest import convert_row
 
     glaive = {"tools": json.dumps([{"name": "get_weather", "description": "Weather for a city",
                                     "parameters": {"type": "object", "required": ["city"],

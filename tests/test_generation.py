@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reprotune.generation import (
+from reprotune.evaluate.generation import (
     generate,
     generate_ids,
     needs_unpadded_batches,

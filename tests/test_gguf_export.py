@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-from reprotune.gguf_export import (  # noqa: E402
+from reprotune.deploy.gguf_export import (  # noqa: E402
     GGUF_FILE,
     GGUFUnsupported,
     export_gguf,

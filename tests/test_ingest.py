@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from reprotune import io
-from reprotune.ingest import REASONS, convert_row, record_id
-from reprotune.inputs import IngestError, check_files, check_inputs, ingest_files
+from reprotune.data.ingest import REASONS, convert_row, record_id
+from reprotune.data.inputs import IngestError, check_files, check_inputs, ingest_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -485,7 +485,7 @@ def test_shared_data(shared_dir: Path, name: str, n: int) -> None:
 
 def test_merged_parts_equal_reading_all_files_at_once(tmp_path: Path) -> None:
     """Per-file read stages + the merge give exactly what one pass over all files gives."""
-    from reprotune.inputs import merge_parts, part_dir, read_part, write_part
+    from reprotune.data.inputs import merge_parts, part_dir, read_part, write_part
 
     a = _jsonl(tmp_path / "a.jsonl", [{"instruction": "q1", "output": "a"}, "{broken",
                                       {"messages": [{"role": "user", "content": "q"},

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reprotune.lean_loss import (
+from reprotune.params import LoraParams, PromptParams
+from reprotune.train.lean_loss import (
     causal_lm_loss,
     chunk_rows,
     chunked_linear_cross_entropy,
     resolve_loss_impl,
 )
-from reprotune.methods import TrainSetupError, load_base, prepare_model
-from reprotune.params import LoraParams, PromptParams
-from reprotune.training import IGNORE_INDEX, PaddingCollator
+from reprotune.train.methods import TrainSetupError, load_base, prepare_model
+from reprotune.train.training import IGNORE_INDEX, PaddingCollator
 
 
 def _problem(n: int = 300, h: int = 32, v: int = 1000, seed: int = 0):
@@ -116,7 +116,7 @@ def test_the_trainer_runs_the_lean_loss_under_mixed_precision(tiny_base_dir, tmp
     # or a bf16 run would silently compute in fp32 (slow, and the varlen kernel needs bf16)
     from reprotune.modeling import load_tokenizer
     from reprotune.params import TopParams, TrainParams
-    from reprotune.training import RunConfig, _trainer_class, training_arguments
+    from reprotune.train.training import RunConfig, _trainer_class, training_arguments
 
     model = prepare_model(load_base(tiny_base_dir, "full"), "full")
     tok = load_tokenizer(tiny_base_dir)

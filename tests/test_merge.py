@@ -14,8 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from reprotune import io  # noqa: E402
-from reprotune.loading import load_finetuned, save_finetuned  # noqa: E402
-from reprotune.merge import (  # noqa: E402
+from reprotune.deploy.merge import (  # noqa: E402
     MERGED_INFO_FILE,
     SOFT_PROMPT_DIR,
     load_merged,
@@ -24,6 +23,7 @@ from reprotune.merge import (  # noqa: E402
     render_probe,
 )
 from reprotune.modeling import load_model, load_tokenizer  # noqa: E402
+from reprotune.train.loading import load_finetuned, save_finetuned  # noqa: E402
 
 IDS = [[5, 17, 42, 99, 3, 250, 7, 11]]
 

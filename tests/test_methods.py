@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reprotune.methods import (
+from reprotune.params import FreezeParams, LoraParams, PromptParams
+from reprotune.train.methods import (
     METHODS,
     TrainSetupError,
     check_lora_targets,
@@ -15,7 +16,6 @@ from reprotune.methods import (
     trainable_summary,
     virtual_tokens,
 )
-from reprotune.params import FreezeParams, LoraParams, PromptParams
 
 
 def _prepared(base, method, **kw):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from reprotune import metrics as M
+from reprotune.evaluate import metrics as M
 
 # --------------------------------------------------------------------------- BLEU / chrF
 

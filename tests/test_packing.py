@@ -8,17 +8,18 @@ import pyarrow as pa
 import pytest
 import torch
 
-from reprotune import io, packed_attention
-from reprotune.methods import TrainSetupError
-from reprotune.packing import (
+from reprotune import io
+from reprotune.params import PromptParams, TopParams, TrainParams
+from reprotune.train import packed_attention
+from reprotune.train.methods import TrainSetupError
+from reprotune.train.packing import (
     PackingCollator,
     model_inputs,
     pack_rows,
     packed_dataset,
     resolve_packing,
 )
-from reprotune.params import PromptParams, TopParams, TrainParams
-from reprotune.training import IGNORE_INDEX, PaddingCollator, RunConfig, train_model
+from reprotune.train.training import IGNORE_INDEX, PaddingCollator, RunConfig, train_model
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
@@ -120,8 +121,8 @@ def test_cuda_pack_matches_alone_and_lean_loss_matches_stock(tiny_base_dir):
     """The same checks on the GPU kernels: varlen_attn in bf16, the lean losses."""
     from transformers import AutoModelForCausalLM
 
-    from reprotune.lean_loss import chunked_linear_cross_entropy, liger_available
-    from reprotune.lean_loss import liger_linear_cross_entropy as liger
+    from reprotune.train.lean_loss import chunked_linear_cross_entropy, liger_available
+    from reprotune.train.lean_loss import liger_linear_cross_entropy as liger
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.bfloat16).cuda()
     assert packed_attention.kernel_name("cuda").startswith("varlen_attn")

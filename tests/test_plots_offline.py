@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from toy_repos import dvc, make_exp_repo, run
 
-from reprotune.plots_html import SCRIPTS, TEMPLATE, VENDOR_DIR, build_template
+from reprotune.team.plots_html import SCRIPTS, TEMPLATE, VENDOR_DIR, build_template
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
@@ -27,7 +27,7 @@ PIPELINE_IMAGES = ["metrics/plots/token_lengths.png", "metrics/plots/confusion.p
 
 def test_template_is_built_from_the_vendored_files() -> None:
     assert TEMPLATE.read_text(encoding="utf-8") == build_template(), \
-        "plots/offline.html is stale: run python -m reprotune.plots_html"
+        "plots/offline.html is stale: run python -m reprotune.team.plots_html"
     readme = (VENDOR_DIR / "README.md").read_text()
     for name in SCRIPTS:
         assert hashlib.sha256((VENDOR_DIR / name).read_bytes()).hexdigest() in readme, name
@@ -110,7 +110,7 @@ def test_pipeline_plots_render_in_chromium(browser: Any, repo_root: Path, tmp_pa
 
 def test_experiment_plots_render_in_chromium(browser: Any, tmp_path: Path) -> None:
     repo = make_exp_repo(tmp_path / "repo", {"low-lr": 1e-4, "high-lr": 3e-3})
-    run([sys.executable, "-m", "reprotune.exps", "plot"], repo)
+    run([sys.executable, "-m", "reprotune.team.exps", "plot"], repo)
     shot = tmp_path / "exps.png"
     state = _render(browser, repo / "dvc_plots" / "exps" / "index.html", shot)
     assert state["problems"] == [] and state["plots"]["errors"] == []

@@ -3,8 +3,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from reprotune import quality
-from reprotune.quality import (
+from reprotune.data import quality
+from reprotune.data.quality import (
     REASONS,
     apply_filters,
     empty_answer,
@@ -168,7 +168,7 @@ REAL_CODE_AND_LISTS = ["$cool-green-100", "write\\_to\\_disk\\_with\\_WAL", "e|-
 
 
 def test_real_code_and_lists_are_kept(shared_dir) -> None:
-    from reprotune.inputs import ingest_files
+    from reprotune.data.inputs import ingest_files
 
     res = ingest_files([str(shared_dir / "data" / "sharegpt_zh_1K_format.jsonl")])
     for snippet in REAL_CODE_AND_LISTS:
@@ -197,7 +197,7 @@ def test_split_prose_takes_structure_out() -> None:
 
 
 def test_real_chinese_data_is_rarely_flagged(shared_dir) -> None:
-    from reprotune.inputs import ingest_files
+    from reprotune.data.inputs import ingest_files
 
     res = ingest_files([str(shared_dir / "data" / "sharegpt_zh_1K_format.jsonl")])
     flagged = [r for r in res.records if repetitive(r, max_repetition=0.5)]

@@ -13,10 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from reprotune import io  # noqa: E402
-from reprotune.merge import MERGED_INFO_FILE, merge_finetuned, render_probe  # noqa: E402
-from reprotune.modeling import load_model, load_tokenizer  # noqa: E402
-from reprotune.params import EvalParams, as_dict  # noqa: E402
-from reprotune.quantize import (  # noqa: E402
+from reprotune.deploy.merge import MERGED_INFO_FILE, merge_finetuned, render_probe  # noqa: E402
+from reprotune.deploy.quantize import (  # noqa: E402
     INT8_WEIGHTS,
     QUANT_INFO_FILE,
     MethodUnavailable,
@@ -29,6 +27,8 @@ from reprotune.quantize import (  # noqa: E402
     measure_in_subprocess,
     quantize_all,
 )
+from reprotune.modeling import load_model, load_tokenizer  # noqa: E402
+from reprotune.params import EvalParams, as_dict  # noqa: E402
 
 KEEP = ["embed_tokens", "lm_head"]
 EVAL = as_dict(EvalParams(max_new_tokens=6, batch_size=4))
@@ -41,8 +41,8 @@ def work(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A merged LoRA model (non-trivial adapter) and a 4-row formatted test split."""
     from peft import LoraConfig, get_peft_model
 
-    from reprotune.formatting import format_records, formatted_schema
-    from reprotune.loading import save_finetuned
+    from reprotune.data.formatting import format_records, formatted_schema
+    from reprotune.train.loading import save_finetuned
 
     root = tmp_path_factory.mktemp("quant")
     tok = load_tokenizer(tiny_base_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reprotune import io
-from reprotune.readers import iter_rows
+from reprotune.data.readers import iter_rows
 
 
 def _rows(path: Path) -> list[tuple[int, dict | None, str | None]]:

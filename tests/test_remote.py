@@ -1,4 +1,4 @@
-"""`make remote` / `make push` / `make pull` through reprotune.remote, on real git and DVC."""
+"""`make remote` / `make push` / `make pull` through reprotune.team.remote, on real git and DVC."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reprotune.remote import BACKENDS, RemoteError, backend_for
+from reprotune.team.remote import BACKENDS, RemoteError, backend_for
 
 
 def _env() -> dict[str, str]:
@@ -26,7 +26,7 @@ def _run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedPro
 
 
 def _remote(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "reprotune.remote", *args], cwd, ok)
+    return _run([sys.executable, "-m", "reprotune.team.remote", *args], cwd, ok)
 
 
 def _dvc_config(repo: Path) -> configparser.ConfigParser:

@@ -1,4 +1,4 @@
-"""`make report` (reprotune.review): row order and filtering on inline data, then a real
+"""`make report` (reprotune.team.review): row order and filtering on inline data, then a real
 report of a toy experiment against main, with real git and DVC."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from toy_repos import make_exp_repo, run
 
-from reprotune.review import (
+from reprotune.team.review import (
     changed_predictions,
     metric_rank,
     metric_rows,
@@ -105,7 +105,7 @@ def exp_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _report(repo: Path, *args: str, ok: bool = True):
-    return run([sys.executable, "-m", "reprotune.review", "--predictions", "out/predictions.jsonl",
+    return run([sys.executable, "-m", "reprotune.team.review", "--predictions", "out/predictions.jsonl",
                 *args], repo, ok)
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from reprotune.similarity import (
+from reprotune.data.similarity import (
     NgramIndex,
     cross_near_duplicates,
     find_near_duplicates,

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from reprotune.split import SplitError, assign_splits, split_rows
+from reprotune.data.split import SplitError, assign_splits, split_rows
 
 
 def _rows(n: int, *, groups: int | None = None, labels=("pos", "neg")) -> list[dict]:

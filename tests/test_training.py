@@ -14,10 +14,10 @@ import pyarrow as pa
 import pytest
 
 from reprotune import io
-from reprotune.loading import load_finetuned
-from reprotune.methods import TrainSetupError
 from reprotune.params import LoraParams, PromptParams, TopParams, TrainParams
-from reprotune.training import (
+from reprotune.train.loading import load_finetuned
+from reprotune.train.methods import TrainSetupError
+from reprotune.train.training import (
     COUNTERS_FILE,
     RUN_STATE_FILE,
     PaddingCollator,

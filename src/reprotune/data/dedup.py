@@ -4,7 +4,7 @@ Each step is a separate, tested function; :func:`run_dedup` chains them. Every i
 up either kept or in ``dropped`` with one reason, so ``in == kept + sum(dropped)``.
 
 - Exact duplicates: same SHA-256 of the normalised role-tagged text (:func:`normalize_text`).
-- Near duplicates: char n-gram TF-IDF cosine >= ``threshold`` (:mod:`reprotune.similarity`);
+- Near duplicates: char n-gram TF-IDF cosine >= ``threshold`` (:mod:`reprotune.data.similarity`);
   pairs are joined transitively (union-find), so a chain a~b~c is one cluster even when a and
   c are further apart; each dropped row records its actual similarity to the kept row.
 - The kept row of a cluster is its earliest row in input order: the result depends on the
@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from reprotune import quality
-from reprotune.similarity import SEED, find_near_duplicates, record_text
+from reprotune.data import quality
+from reprotune.data.similarity import SEED, find_near_duplicates, record_text
 
 logger = logging.getLogger(__name__)
 

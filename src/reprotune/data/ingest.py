@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reprotune import markup
-from reprotune.readers import JSON_DECODER, RAW_LIMIT, RawRow, is_non_finite, json_problem
+from reprotune.data.readers import JSON_DECODER, RAW_LIMIT, RawRow, is_non_finite, json_problem
 
 logger = logging.getLogger(__name__)
 

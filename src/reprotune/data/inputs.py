@@ -24,8 +24,8 @@ from typing import Any
 from tqdm import tqdm
 
 from reprotune import io
-from reprotune.ingest import IngestResult, ingest_rows, summarize
-from reprotune.readers import RawRow, iter_rows
+from reprotune.data.ingest import IngestResult, ingest_rows, summarize
+from reprotune.data.readers import RawRow, iter_rows
 
 logger = logging.getLogger(__name__)
 

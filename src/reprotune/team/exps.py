@@ -142,7 +142,7 @@ def plot(x: str, y: str, out: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reprotune.exps", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m reprotune.team.exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_show = sub.add_parser("show", help="changed params + headline metrics, sorted")
     p_show.add_argument("--sort-by", default=f"{TRAIN_METRICS}:best_val_loss")

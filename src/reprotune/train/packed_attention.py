@@ -3,7 +3,7 @@
 :func:`enable` registers ``reprotune_packed`` through transformers' ``AttentionInterface``
 (and a matching entry in ``AttentionMaskInterface``) and switches a model to it. Per call:
 
-* a packed batch (``cu_seq_lens_q`` in the kwargs, from :class:`reprotune.packing.PackingCollator`):
+* a packed batch (``cu_seq_lens_q`` in the kwargs, from :class:`reprotune.train.packing.PackingCollator`):
   - CUDA with fp16/bf16 activations: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's
     FlashAttention-2 varlen kernel, causal through ``window_size=(-1, 0)``, GQA native): one
     kernel for the whole row, no T x T mask;

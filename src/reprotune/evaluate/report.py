@@ -154,7 +154,7 @@ def plot_confusion(confusion: dict[str, Any] | None, path: str | Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import font_manager
 
-    from reprotune.metrics import has_cjk
+    from reprotune.evaluate.metrics import has_cjk
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
     family = [f for f in CJK_FONTS if f in installed] + ["DejaVu Sans"]

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from reprotune import packed_attention
-from reprotune.lean_loss import resolve_loss_impl
-from reprotune.methods import decoder_layers
 from reprotune.params import TrainParams
+from reprotune.train import packed_attention
+from reprotune.train.lean_loss import resolve_loss_impl
+from reprotune.train.methods import decoder_layers
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@
   the stage moves to the untracked timing file;
 * a base whose validation loss is not finite (corrupt weights) or a run whose loss turns
   NaN/inf stops with one line naming the folder or ``lr``;
-* the fast paths (:mod:`reprotune.speed`): padding-free packing of the train split
-  (:mod:`reprotune.packing`, ``train.packing``), a loss without the batch's full logits
-  (:mod:`reprotune.lean_loss`, ``train.loss_impl``), fused AdamW, optional compilation.
+* the fast paths (:mod:`reprotune.train.speed`): padding-free packing of the train split
+  (:mod:`reprotune.train.packing`, ``train.packing``), a loss without the batch's full logits
+  (:mod:`reprotune.train.lean_loss`, ``train.loss_impl``), fused AdamW, optional compilation.
   The metrics record which ran.
 """
 
@@ -41,15 +41,6 @@ from typing import Any
 
 from reprotune import io
 from reprotune.chat_template import template_fingerprint
-from reprotune.loading import save_finetuned
-from reprotune.methods import (
-    TrainSetupError,
-    check_method,
-    load_base,
-    prepare_model,
-    trainable_summary,
-    virtual_tokens,
-)
 from reprotune.params import (
     FreezeParams,
     LoraParams,
@@ -57,6 +48,15 @@ from reprotune.params import (
     QloraParams,
     TopParams,
     TrainParams,
+)
+from reprotune.train.loading import save_finetuned
+from reprotune.train.methods import (
+    TrainSetupError,
+    check_method,
+    load_base,
+    prepare_model,
+    trainable_summary,
+    virtual_tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -381,12 +381,12 @@ def _callback_classes() -> tuple[type, type, type]:
 def _trainer_class() -> type:
     from transformers import Trainer
 
-    from reprotune.lean_loss import causal_lm_loss
-    from reprotune.packing import model_inputs
+    from reprotune.train.lean_loss import causal_lm_loss
+    from reprotune.train.packing import model_inputs
 
     class CountingTrainer(Trainer):
         """Trainer that counts the label (assistant) tokens it trains on and computes the
-        loss with ``loss_impl`` (see :mod:`reprotune.lean_loss`)."""
+        loss with ``loss_impl`` (see :mod:`reprotune.train.lean_loss`)."""
 
         label_tokens_seen = 0
         loss_impl = "stock"
@@ -487,10 +487,10 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     import torch
     from transformers import AutoConfig, EarlyStoppingCallback, set_seed
 
-    from reprotune import packed_attention
     from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
-    from reprotune.packing import PackingCollator, pack_stats, packed_dataset, resolve_packing
-    from reprotune.speed import speed_setup
+    from reprotune.train import packed_attention
+    from reprotune.train.packing import PackingCollator, pack_stats, packed_dataset, resolve_packing
+    from reprotune.train.speed import speed_setup
 
     t0 = time.perf_counter()
     method = check_method(cfg.top.method)

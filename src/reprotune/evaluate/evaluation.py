@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from reprotune import io
-from reprotune import metrics as M
-from reprotune.generation import generate_detailed, strip_think
+from reprotune.evaluate import metrics as M
+from reprotune.evaluate.generation import generate_detailed, strip_think
 
 log = logging.getLogger(__name__)
 

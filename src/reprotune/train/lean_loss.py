@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Any
 
-from reprotune.training import IGNORE_INDEX
+from reprotune.train.training import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def resolve_loss_impl(setting: str, device: str, model: Any, method: str) -> tup
         return "stock", note
     if setting == "liger" or (setting == "auto" and device.startswith("cuda") and liger_available()):
         if not (device.startswith("cuda") and liger_available()):
-            from reprotune.methods import TrainSetupError
+            from reprotune.train.methods import TrainSetupError
 
             raise TrainSetupError("train.loss_impl: liger needs a CUDA GPU and liger-kernel "
                                   "(pip install -e '.[gpu]'); use auto or chunked")

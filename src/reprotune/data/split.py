@@ -97,7 +97,7 @@ def conversation_text(row: dict[str, Any]) -> str:
 def find_leaks(parts: dict[str, list[dict[str, Any]]], *, threshold: float,
                ngram_range: tuple[int, int] = (2, 4)) -> list[dict[str, Any]]:
     """Val/test rows with a near-duplicate (TF-IDF cosine >= threshold) in train."""
-    from reprotune.similarity import cross_near_duplicates
+    from reprotune.data.similarity import cross_near_duplicates
 
     train = parts["train"]
     if not train:

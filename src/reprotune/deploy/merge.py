@@ -117,8 +117,8 @@ def merge_finetuned(finetuned_dir: str | Path, out_dir: str | Path) -> dict[str,
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from reprotune.loading import load_finetuned
     from reprotune.modeling import load_model
+    from reprotune.train.loading import load_finetuned
 
     finetuned_dir, out_dir = Path(finetuned_dir), Path(out_dir)
     train = read_train_manifest(finetuned_dir)

@@ -13,7 +13,7 @@ pack into a single row with no padding at all:
   varlen convention) travel with the batch through the model's ``**kwargs`` down to the
   attention function. Position ids alone do not isolate samples in transformers' ``sdpa``,
   ``eager`` or ``flex_attention`` during training, so the boundaries are enforced by
-  :mod:`reprotune.packed_attention`.
+  :mod:`reprotune.train.packed_attention`.
 
 Packs are built once per run, so their number (and the Trainer's epoch length, schedule and
 resume bookkeeping) is fixed; the Trainer shuffles their order every epoch.
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from reprotune.methods import TrainSetupError
-from reprotune.training import IGNORE_INDEX
+from reprotune.train.methods import TrainSetupError
+from reprotune.train.training import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

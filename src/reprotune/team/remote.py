@@ -1,6 +1,6 @@
 """Team set-up: one DVC remote for the whole team, and push/pull that say what to do.
 
-``python -m reprotune.remote add URL`` (``make remote URL=...``) picks the DVC back-end from
+``python -m reprotune.team.remote add URL`` (``make remote URL=...``) picks the DVC back-end from
 the URL's scheme, installs its extra from the pinned lock (``lock/<extra>.txt``), makes the
 remote the default in ``.dvc/config`` and prints what to commit. ``push`` and ``pull``
 (``make push`` / ``make pull``) refuse with one line when no remote is configured, instead
@@ -172,7 +172,7 @@ def _next_steps(backend: Backend, name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reprotune.remote", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m reprotune.team.remote", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_add = sub.add_parser("add", help="make URL the default DVC remote")
     p_add.add_argument("url")

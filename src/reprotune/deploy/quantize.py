@@ -10,7 +10,7 @@ Methods (one folder each under ``models/quantized/<method>/``):
 * ``bnb_int8`` / ``bnb_nf4``: bitsandbytes LLM.int8() / NF4 (double quantisation) through
   transformers' ``BitsAndBytesConfig``, saved with ``save_pretrained`` and reloadable with
   ``from_pretrained``; bitsandbytes >= 0.45 has CPU kernels, so this runs without CUDA;
-* ``gguf_f16`` / ``gguf_q8_0``: a llama.cpp / Ollama file, see :mod:`reprotune.gguf_export`.
+* ``gguf_f16`` / ``gguf_q8_0``: a llama.cpp / Ollama file, see :mod:`reprotune.deploy.gguf_export`.
 
 Modules whose name contains a ``keep_full_precision`` fragment are left unquantised. A method
 that cannot run here (package missing, bitsandbytes backend failing, architecture without a
@@ -20,7 +20,7 @@ Every artifact carries the chat template and the ``enable_thinking`` setting it 
 with; the measuring process renders a probe conversation with the artifact's own tokenizer
 and the stage fails if that differs from training's rendering. :func:`quantize_all` builds
 each artifact (:func:`build_artifact`) and measures it with :func:`measure`, run by
-``python -m reprotune.quantize REQUEST RESULT`` in a fresh process so that nothing loaded
+``python -m reprotune.deploy.quantize REQUEST RESULT`` in a fresh process so that nothing loaded
 while building (weights, caches, imported peft) leaks into the numbers.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 
 from reprotune import io
 from reprotune.chat_template import template_fingerprint
-from reprotune.merge import (
+from reprotune.deploy.merge import (
     MERGED_INFO_FILE,
     SOFT_PROMPT_DIR,
     directory_size,
@@ -163,7 +163,7 @@ def load_int8_dynamic(path: str | Path) -> tuple[Any, Any]:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from reprotune.merge import attach_soft_prompt
+    from reprotune.deploy.merge import attach_soft_prompt
     from reprotune.modeling import load_tokenizer
 
     path = Path(path)
@@ -257,8 +257,8 @@ def build_artifact(method: str, merged_dir: str | Path, out: str | Path, keep: S
     manifest. Raises :class:`MethodUnavailable` when the method cannot run here."""
     from transformers import AutoConfig
 
-    from reprotune.gguf_export import GGUF_FILE, GGUFUnsupported, export_gguf
-    from reprotune.merge import checkpoint_dtype
+    from reprotune.deploy.gguf_export import GGUF_FILE, GGUFUnsupported, export_gguf
+    from reprotune.deploy.merge import checkpoint_dtype
 
     merged_dir, out = Path(merged_dir), Path(out)
     merged = io.read_json(merged_dir / MERGED_INFO_FILE)
@@ -302,7 +302,7 @@ def build_artifact(method: str, merged_dir: str | Path, out: str | Path, keep: S
 def load_artifact(method: str, path: str | Path) -> tuple[Any, Any, bool]:
     """(model, tokenizer, enable_thinking) of an artifact folder, as a server would load it;
     ``method`` ``merged`` loads the merge output. Soft prompts are re-attached."""
-    from reprotune.merge import attach_soft_prompt
+    from reprotune.deploy.merge import attach_soft_prompt
     from reprotune.modeling import load_model, load_tokenizer
 
     path = Path(path)
@@ -320,8 +320,8 @@ def load_artifact(method: str, path: str | Path) -> tuple[Any, Any, bool]:
         tok = load_tokenizer(path)
         thinking = io.read_json(path / QUANT_INFO_FILE)["enable_thinking"]
     elif method in ("gguf_f16", "gguf_q8_0"):
-        from reprotune.gguf_export import GGUF_FILE, read_gguf_summary
-        from reprotune.gguf_export import load_gguf as _load
+        from reprotune.deploy.gguf_export import GGUF_FILE, read_gguf_summary
+        from reprotune.deploy.gguf_export import load_gguf as _load
 
         model, tok = _load(path / GGUF_FILE)
         thinking = read_gguf_summary(path / GGUF_FILE)["enable_thinking"]
@@ -350,7 +350,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from reprotune.evaluation import evaluate_model, load_test_rows
+    from reprotune.evaluate.evaluation import evaluate_model, load_test_rows
     from reprotune.params import EvalParams
 
     t0 = time.perf_counter()
@@ -390,7 +390,7 @@ def measure_in_subprocess(request: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="reprotune-measure-") as td:
         req, res = Path(td) / "request.json", Path(td) / "result.json"
         io.write_json(req, request)
-        proc = subprocess.run([sys.executable, "-m", "reprotune.quantize", str(req), str(res)],
+        proc = subprocess.run([sys.executable, "-m", "reprotune.deploy.quantize", str(req), str(res)],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not res.exists():
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -400,14 +400,14 @@ def measure_in_subprocess(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m reprotune.quantize REQUEST.json RESULT.json``: measure one artifact.
+    """``python -m reprotune.deploy.quantize REQUEST.json RESULT.json``: measure one artifact.
 
     When the artifact has no soft prompt, peft is made unimportable first: the measurement
     then also proves the artifact serves without peft.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        raise SystemExit("usage: python -m reprotune.quantize REQUEST.json RESULT.json")
+        raise SystemExit("usage: python -m reprotune.deploy.quantize REQUEST.json RESULT.json")
     request = io.read_json(args[0])
     if not (Path(request["path"]) / SOFT_PROMPT_DIR).is_dir():
         sys.modules["peft"] = None  # type: ignore[assignment]

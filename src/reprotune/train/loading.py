@@ -14,8 +14,8 @@ from typing import Any
 
 from reprotune import io
 from reprotune.chat_template import template_fingerprint
-from reprotune.methods import PEFT_METHODS
 from reprotune.params import QloraParams
+from reprotune.train.methods import PEFT_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def load_finetuned(model_dir: str | Path, *, dtype: Any = None, device: str | No
     if quant and quantized is not False:
         from transformers import BitsAndBytesConfig
 
-        from reprotune.methods import resolve_compute_dtype
+        from reprotune.train.methods import resolve_compute_dtype
 
         compute = resolve_compute_dtype(quant["compute_dtype"], device)
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],

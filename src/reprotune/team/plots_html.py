@@ -6,7 +6,7 @@ template has no ``{scripts}``: it inlines the vendored Vega, Vega-Lite and Vega-
 ``plots/vendor/`` instead, so the page (and a copy of it sent as a CI artifact) needs no
 network. ``.dvc/config`` points ``plots.html_template`` at it.
 
-``python -m reprotune.plots_html`` rebuilds ``plots/offline.html`` after a vendor update.
+``python -m reprotune.team.plots_html`` rebuilds ``plots/offline.html`` after a vendor update.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # src/reprotune/team/plots_html.py -> repo
 VENDOR_DIR = ROOT / "plots" / "vendor"
 TEMPLATE = ROOT / "plots" / "offline.html"
 # Load order matters: vega-lite and vega-embed expect the globals of the ones before.
@@ -84,7 +84,7 @@ def build_template(vendor_dir: Path = VENDOR_DIR) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reprotune.plots_html", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m reprotune.team.plots_html", description=__doc__)
     parser.add_argument("--out", type=Path, default=TEMPLATE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -21,7 +21,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from reprotune.exps import HEADLINE
+from reprotune.team.exps import HEADLINE
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def metrics_markdown(rows: list[tuple[str, str, dict[str, Any]]], hidden: int) -
     text = "\n".join(lines) if rows else "No metrics changed."
     if hidden:
         text += (f"\n\n{hidden} timing/memory/size rows left out (they differ on every machine; "
-                 "`python -m reprotune.review --all` shows them).")
+                 "`python -m reprotune.team.review --all` shows them).")
     return text
 
 
@@ -212,7 +212,7 @@ def build_report(rev: str, predictions: str = PREDICTIONS, examples: int = 5,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reprotune.review", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m reprotune.team.review", description=__doc__)
     parser.add_argument("--rev", default="main", help="compare the workspace against this rev")
     parser.add_argument("--predictions", default=PREDICTIONS)
     parser.add_argument("--examples", type=int, default=5, help="changed predictions to show")

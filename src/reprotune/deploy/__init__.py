@@ -1,0 +1,1 @@
+"""Deployment artifacts: merged weights, INT8 / bitsandbytes / GGUF quantisation."""

@@ -1,0 +1,1 @@
+"""Evaluation: generation, metrics, the base-vs-fine-tuned comparison and its report."""

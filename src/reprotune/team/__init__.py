@@ -1,0 +1,1 @@
+"""Team workflow: DVC remotes, experiment tables, pull-request reports, offline plot pages."""

@@ -1,0 +1,1 @@
+"""Training: fine-tuning methods, the Trainer loop, fine-tuned model folders, packing, packed attention, the memory-lean loss and speed switches."""
