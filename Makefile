@@ -23,7 +23,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install lock repro test test-fast lint dag check lineage clean-venv remote push pull exps exps-plot \
+.PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull exps exps-plot \
         report plots
 
 install: $(STAMP)
@@ -75,6 +75,23 @@ lint: install
 
 dag: install
 	$(BIN)/dvc dag
+
+# Wheels for a lent GPU machine (Python 3.12, its own torch 2.11; nothing can be fetched
+# there): the pinned versions of what its image lacks or has too old (its tokenizers,
+# huggingface-hub and safetensors already fit), into the git-ignored
+# .whl/ (about 58 MB: with the ~4 MB tree under the 64 MiB a device call may carry). bench/gpu_check.sh installs
+# them there and runs the CUDA checks; README "Fast and lean on a GPU".
+GPU_WHEELS := transformers regex ruamel-yaml bitsandbytes peft
+gpu-wheels:
+	@mkdir -p .whl
+	@for pkg in $(GPU_WHEELS); do \
+	    pin=$$(grep -iE "^$$pkg==" $(LOCK) | cut -d' ' -f1); \
+	    $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	        --platform manylinux_2_24_x86_64 -d .whl "$$pin" || exit 1; \
+	done
+	@du -ch .whl/*.whl | tail -1
 
 # which data, params, code and environment produced a model folder (DIR=models/finetuned)
 DIR ?= models/finetuned
