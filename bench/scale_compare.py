@@ -18,7 +18,6 @@ scale_data.score_dedup) whose rows end in one cluster (union-find over the found
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from pathlib import Path
@@ -79,7 +78,9 @@ def main() -> None:
     impl, d, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     cfg = DedupParams()
     texts, where = _rows(d)
-    rss_in = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # high-water before
+    # high-water mark before the step (VmHWM: ru_maxrss would count the parent's pre-exec pages)
+    rss_in = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines()
+                  if x.startswith("VmHWM")) / 1024
     t0 = time.perf_counter()
     if impl == "ours":
         found = find_near_duplicates(texts, threshold=cfg.threshold,

@@ -46,6 +46,7 @@ class SplitResult:
     parts: dict[str, list[dict[str, Any]]]
     metrics: dict[str, Any] = field(default_factory=dict)
     leaks: list[dict[str, Any]] = field(default_factory=list)  # every leaking val/test row
+    indices: dict[str, list[int]] = field(default_factory=dict)  # input positions per split
 
 
 def _unit_key(row: dict[str, Any], group: str | None) -> str:
@@ -171,8 +172,10 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
     names = assign_splits(rows, val_ratio=val_ratio, test_ratio=test_ratio, stratify=stratify,
                           group=group, seed=seed, order_by=order_by)
     parts: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    for row, name in zip(rows, names, strict=True):
+    positions: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, (row, name) in enumerate(zip(rows, names, strict=True)):
         parts[name].append(row)
+        positions[name].append(i)
     for name, ratio, param in (("val", val_ratio, "split.val_ratio"),
                                ("test", test_ratio, "split.test_ratio")):
         if ratio > 0 and not parts[name]:
@@ -192,6 +195,8 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
                              f"(each has a near-duplicate in an earlier split at "
                              f"split.leakage_threshold {leakage_threshold:g}); deduplicate harder "
                              f"(dedup.threshold) or use split.on_leak: report")
+    gone = {(leak["split"], leak["id"]) for leak in leaks if leak.get("action") == "dropped"}
+    positions = {s: [i for i in positions[s] if (s, rows[i]["id"]) not in gone] for s in SPLITS}
     leakage.counts["test_share"] = round(leakage.counts["test"] / max(1, held_out["test"]), 4)
     metrics: dict[str, Any] = {
         "rows": len(rows),
@@ -212,4 +217,4 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
     logger.info("split %s%s; leakage val=%d test=%d at threshold %.2f (on_leak=%s)",
                 metrics["counts"], f" by {order_by}" if order_by else "", leakage.counts["val"],
                 leakage.counts["test"], leakage_threshold, on_leak)
-    return SplitResult(parts=parts, metrics=metrics, leaks=leakage.leaks)
+    return SplitResult(parts=parts, metrics=metrics, leaks=leakage.leaks, indices=positions)
