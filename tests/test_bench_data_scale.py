@@ -11,6 +11,7 @@ import pytest
 from reprotune import io
 
 
+@pytest.mark.slow  # seven processes and a tiny base: ~17 s
 def test_data_scale_smoke(tmp_path: Path, repo_root: Path) -> None:
     pytest.importorskip("datasketch")
     out = tmp_path / "scale.json"
@@ -19,7 +20,7 @@ def test_data_scale_smoke(tmp_path: Path, repo_root: Path) -> None:
                    check=True, capture_output=True, cwd=repo_root)
     (res,) = io.read_json(out)["results"]
     assert res["rows"] == 1000
-    assert list(res["stages"]) == ["read", "ingest", "dedup", "format", "split"]
+    assert set(res["stages"]) == {"read", "ingest", "dedup", "format", "split"}
     assert all(s["rc"] == 0 and s["peak_rss_mib"] > 0 for s in res["stages"].values())
     q = res["dedup_quality"]
     # 100 planted near pairs, 30 exact pairs (NEAR_FRAC, EXACT_FRAC): all found, none wrong

@@ -1,7 +1,8 @@
 """Near-duplicate text detection: character n-gram TF-IDF, MinHash-LSH blocking, exact verification.
 
 Used by the dedup stage (pairs within one corpus) and by the split stage's leakage check
-(val/test rows against earlier splits). Three steps, each scaling to ~1e5-1e6 rows on a laptop:
+(val/test rows against earlier splits). Three steps; 1e5 rows take ~20 s and ~2.5 GB here, and
+the exact document-frequency count grows with the rows (1e6 rows: over 8 GB, bench/data_scale.py):
 
 1. **Features.** The char n-grams (``ngram_range``, e.g. 2-4) of every lower-cased text whose
    whitespace runs are collapsed, exactly as scikit-learn's
