@@ -27,7 +27,8 @@ def main() -> None:
     try:
         check_inputs([args.input])
         res = ingest_files([args.input], fmt=cfg.format, columns=cfg.columns,
-                           label_field=cfg.label_field, group_field=cfg.group_field)
+                           label_field=cfg.label_field, group_field=cfg.group_field,
+                           keep_fields=cfg.keep_fields)
     except (FileNotFoundError, InputFileError, IngestError) as exc:
         sys.exit(f"read: {exc}")
     # written even when the check below fails: rejected.jsonl says what went wrong

@@ -64,17 +64,78 @@ def test_empty_val_split_names_the_param() -> None:
                    leakage_threshold=0.7)
 
 
-def test_leakage_counts_near_duplicates_in_train() -> None:
-    rows = _rows(200)
-    # Plant a near-copy of every row as a second row in its own unit: some copies land in
-    # test while their original is in train, and the leakage check must list exactly those.
-    copies = [dict(r, id=r["id"] + "_copy") for r in rows]
-    result = split_rows(rows + copies, val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
-                        seed=0, leakage_threshold=0.9)
+def _twin(row_id: str) -> str:
+    return row_id.removesuffix("_copy") if row_id.endswith("_copy") else row_id + "_copy"
+
+
+def _planted(n: int = 200) -> list[dict]:
+    """Each row plus an exact copy in its own unit, so copies land in all three splits."""
+    rows = _rows(n)
+    return rows + [dict(r, id=r["id"] + "_copy") for r in rows]
+
+
+def _expected_leaks(where: dict[str, str]) -> dict[str, int]:
+    """Val rows whose twin is in train; test rows whose twin is in train or val."""
+    out = {"val_in_train": 0, "test_in_train": 0, "test_in_val": 0}
+    for rid, s in where.items():
+        before = {"val": ("train",), "test": ("train", "val")}.get(s, ())
+        if where[_twin(rid)] in before:
+            out[f"{s}_in_{where[_twin(rid)]}"] += 1
+    return out
+
+
+def test_leakage_report_counts_val_and_test_against_earlier_splits() -> None:
+    result = split_rows(_planted(), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
+                        seed=0, leakage_threshold=0.9, on_leak="report")
     where = {r["id"]: s for s, part in result.parts.items() for r in part}
-    expected = sum(1 for r in rows + copies for s in ("val", "test")
-                   if where[r["id"]] == s and where[r["id"].removesuffix("_copy") if r["id"].endswith("_copy") else r["id"] + "_copy"] == "train")
-    assert expected > 0
-    assert result.metrics["leakage"]["val"] + result.metrics["leakage"]["test"] == expected
-    assert {leak["split"] for leak in result.leaks} <= {"val", "test"}
+    want = _expected_leaks(where)
+    leak = result.metrics["leakage"]
+    assert want["val_in_train"] > 0 and want["test_in_train"] > 0 and want["test_in_val"] > 0
+    assert {k: leak[k] for k in want} == want
+    assert leak["val"] == want["val_in_train"]
+    assert leak["test"] == want["test_in_train"] + want["test_in_val"]
+    assert leak["dropped"] == {"val": 0, "test": 0}
     assert sum(result.metrics["counts"].values()) == 400
+    assert len(result.leaks) == leak["val"] + leak["test"]
+    assert {(x["split"], x["match_split"]) for x in result.leaks} == {
+        ("val", "train"), ("test", "train"), ("test", "val")}
+    assert all(x["match_id"] == _twin(x["id"]) and x["similarity"] >= 0.9 for x in result.leaks)
+
+
+def test_leakage_drop_removes_leaking_rows_from_val_and_test_only() -> None:
+    report = split_rows(_planted(), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
+                        seed=0, leakage_threshold=0.9, on_leak="report")
+    drop = split_rows(_planted(), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
+                      seed=0, leakage_threshold=0.9)  # default: drop
+    leak = drop.metrics["leakage"]
+    assert leak["on_leak"] == "drop"
+    assert leak["dropped"] == {"val": leak["val"], "test": leak["test"]}
+    assert drop.metrics["counts"] == {
+        "train": len(report.parts["train"]),
+        "val": len(report.parts["val"]) - leak["val"],
+        "test": len(report.parts["test"]) - leak["test"]}
+    assert drop.metrics["rows"] == sum(drop.metrics["counts"].values()) + leak["val"] + leak["test"]
+    left = {r["id"]: s for s, part in drop.parts.items() for r in part}
+    assert all(x["id"] not in left and x["action"] == "dropped" for x in drop.leaks)
+    # nothing left in val/test has its twin in an earlier split
+    assert all(left.get(_twin(rid)) not in {"val": ("train",), "test": ("train", "val")}.get(s, ())
+               for rid, s in left.items())
+    # deterministic
+    again = split_rows(_planted(), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
+                       seed=0, leakage_threshold=0.9)
+    assert again.parts == drop.parts and again.metrics == drop.metrics
+
+
+def test_leakage_fail_names_the_param_and_count() -> None:
+    report = split_rows(_planted(), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
+                        seed=0, leakage_threshold=0.9, on_leak="report")
+    n = len(report.leaks)
+    with pytest.raises(SplitError, match=rf"^split\.on_leak: fail: {n} held-out rows") as err:
+        split_rows(_planted(), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
+                   seed=0, leakage_threshold=0.9, on_leak="fail")
+    assert len(err.value.leaks) == n
+    assert "\n" not in str(err.value)
+    # no leaks: fail passes
+    clean = split_rows(_rows(200), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
+                       seed=0, leakage_threshold=0.9, on_leak="fail")
+    assert clean.leaks == [] and sum(clean.metrics["counts"].values()) == 200

@@ -67,6 +67,8 @@ class IngestParams:
     group_field: str | None = "group"
     # a file keeping less than this share of its rows fails the stage (naming the file)
     min_kept_ratio: float = _f(0.5, **_rng(0, 1))
+    # raw fields kept verbatim in each record's `meta` (e.g. a timestamp for split.order_by)
+    keep_fields: list[str] = _f([])
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,10 @@ class SplitParams:
     stratify: str | None = "label"
     group: str | None = "group"
     leakage_threshold: float = _f(0.7, **_rng(0, 1, lo_open=True))
+    # val/test rows with a near-duplicate in an earlier split: counted, dropped or fatal
+    on_leak: Literal["report", "drop", "fail"] = "drop"
+    # a kept raw field (ingest.keep_fields): oldest rows train, newest test; null = seeded
+    order_by: str | None = None
     seed: int = _f(0, **_rng(0, 2**32 - 1))
 
 
@@ -392,8 +398,12 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
 def validate_all(raw: dict[str, Any]) -> None:
     """Validate every section (used by tests and `python -m reprotune.params`)."""
     build(TopParams, {k: raw[k] for k in TOP_KEYS if k in raw}, "")
-    for name, cls in SECTIONS.items():
-        build(cls, raw.get(name), name)
+    built = {name: build(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+    order_by, kept = built["split"].order_by, built["ingest"].keep_fields
+    if order_by and order_by not in kept:
+        # the split stage only sees what ingest kept: say so before any stage runs
+        raise ParamsError(f"split.order_by: {order_by!r} is not kept by ingest; add it to "
+                          f"ingest.keep_fields (now {kept})")
 
 
 def load_top(path: str | Path = DEFAULT_PARAMS) -> TopParams:

@@ -41,7 +41,7 @@ DROP_TRUNCATED = "no_label_tokens_after_truncation"
 DROP_TURNS = "assistant_turn_mismatch"
 DROP_TEMPLATE = "template_error"
 DROP_REASONS = (markup.REASON, DROP_TEMPLATE, DROP_TURNS, DROP_TRUNCATED)
-CANONICAL_FIELDS = ("id", "source", "messages", "tools", "label", "group")
+CANONICAL_FIELDS = ("id", "source", "messages", "tools", "label", "group", "meta")
 # text no template alters; used to locate content inside probe renderings
 _PROBE = "\u2063reprotune-probe\u2063"
 
@@ -278,6 +278,8 @@ def _row(r: _Rendered, ids: list[int], labels: list[int], n_label: int,
     row["messages"] = json.dumps(r.rec["messages"], ensure_ascii=False)
     tools = r.rec.get("tools") or None
     row["tools"] = None if tools is None else json.dumps(tools, ensure_ascii=False)
+    meta = r.rec.get("meta") or None  # kept raw fields (ingest.keep_fields), for the split
+    row["meta"] = None if meta is None else json.dumps(meta, ensure_ascii=False)
     row.update(text=r.text, input_ids=ids, labels=labels, n_tokens=len(ids),
                n_label_tokens=n_label, truncated=truncated)
     return row
@@ -290,7 +292,7 @@ def formatted_schema() -> Any:
     return pa.schema([
         ("id", pa.string()), ("source", pa.string()), ("messages", pa.string()),
         ("tools", pa.string()), ("label", pa.string()), ("group", pa.string()),
-        ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
+        ("meta", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())), ("n_tokens", pa.int32()),
         ("n_label_tokens", pa.int32()), ("truncated", pa.bool_()),
     ])

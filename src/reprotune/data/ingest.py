@@ -26,12 +26,13 @@ a field holds JSON's ``NaN``/``Infinity``.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,10 +380,23 @@ def _meta(row: Mapping[str, Any], key: str | None) -> str | None:
     return v if v.strip() else None
 
 
+def _kept(row: Mapping[str, Any], keep_fields: Sequence[str]) -> dict[str, Any] | None:
+    """The raw fields of ``keep_fields`` the row has, values as given; null and NaN mean
+    absent, dates (from Parquet) become ISO text. None when the row has none of them."""
+    out = {}
+    for key in keep_fields:
+        v = row.get(key)
+        if v is None or is_non_finite(v):
+            continue
+        out[key] = v.isoformat() if isinstance(v, (datetime.date, datetime.time)) else v
+    return out or None
+
+
 def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
                 label_field: str | None = "label", group_field: str | None = "group",
-                ) -> tuple[str, dict[str, Any]]:
+                keep_fields: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
     """One parsed row → ``(format, record without source)``; raises RowError on rejection."""
+    meta = _kept(row, keep_fields)
     row = _remap(row, columns or {})
     detected = detect_format(row) if fmt == "auto" else fmt
     if detected is None:
@@ -403,7 +417,8 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
         raise
     messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
     return detected, {"id": record_id(messages, tools), "messages": messages, "tools": tools,
-                      "label": _meta(row, label_field), "group": _meta(row, group_field)}
+                      "label": _meta(row, label_field), "group": _meta(row, group_field),
+                      "meta": meta}
 
 
 def _raw_text(raw: RawRow) -> str:
@@ -417,7 +432,8 @@ def _bucket() -> dict[str, Any]:
 
 
 def ingest_rows(rows: Iterable[RawRow], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
-                label_field: str | None = "label", group_field: str | None = "group") -> IngestResult:
+                label_field: str | None = "label", group_field: str | None = "group",
+                keep_fields: Sequence[str] = ()) -> IngestResult:
     """Convert raw rows; every row becomes one record or one reject (see module docstring)."""
     if fmt != "auto" and fmt not in CONVERTERS:
         raise ValueError(f"ingest.format: {fmt!r} is not auto or one of {', '.join(FORMATS)}")
@@ -433,7 +449,8 @@ def ingest_rows(rows: Iterable[RawRow], *, fmt: str = "auto", columns: Mapping[s
             if raw.data is None:
                 raise RowError("parse_error", None, raw.error or "unparseable row")
             detected, rec = convert_row(raw.data, fmt=fmt, columns=columns,
-                                        label_field=label_field, group_field=group_field)
+                                        label_field=label_field, group_field=group_field,
+                                        keep_fields=keep_fields)
         except RowError as exc:
             detected = exc.format or (
                 "unparsed" if exc.reason == "parse_error" else "unknown")
@@ -474,6 +491,7 @@ def summarize(res: IngestResult, files: dict[str, Any], formats: dict[str, Any])
         "with_tools": sum(r["tools"] is not None for r in res.records),
         "with_label": sum(r["label"] is not None for r in res.records),
         "with_group": sum(r["group"] is not None for r in res.records),
+        "with_meta": sum(r.get("meta") is not None for r in res.records),
         "empty_answers": sum(not r["messages"][-1]["content"] and not r["messages"][-1].get("tool_calls")
                              for r in res.records),
     }

@@ -84,7 +84,8 @@ def check_files(res: IngestResult, paths: Sequence[str], min_kept_ratio: float) 
 
 
 def ingest_files(paths: Sequence[str], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
-                 label_field: str | None = "label", group_field: str | None = "group") -> IngestResult:
+                 label_field: str | None = "label", group_field: str | None = "group",
+                 keep_fields: Sequence[str] = ()) -> IngestResult:
     """Read and convert every file of ``paths`` in the order given (one result for all).
 
     File-level problems (missing, unsupported, wrong encoding, broken CSV quoting) raise;
@@ -98,7 +99,7 @@ def ingest_files(paths: Sequence[str], *, fmt: str = "auto", columns: Mapping[st
                             disable=None)
 
     res = ingest_rows(rows(), fmt=fmt, columns=columns, label_field=label_field,
-                      group_field=group_field)
+                      group_field=group_field, keep_fields=keep_fields)
     for path in paths:  # a file without rows still gets its (zero) line in the metrics
         res.counts["files"].setdefault(str(path), {"rows_in": 0, "kept": 0, "rejected": {}})
     return res

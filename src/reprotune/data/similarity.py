@@ -1,7 +1,8 @@
 """Near-duplicate text detection: character n-gram TF-IDF, MinHash-LSH blocking, exact verification.
 
 Used by the dedup stage (pairs within one corpus) and by the split stage's leakage check
-(val/test rows against train). Three steps, each scaling to ~1e5-1e6 rows on a laptop:
+(val/test rows against earlier splits). Three steps; 1e5 rows take ~20 s and ~2.5 GB here, and
+the exact document-frequency count grows with the rows (1e6 rows: over 8 GB, bench/data_scale.py):
 
 1. **Features.** The char n-grams (``ngram_range``, e.g. 2-4) of every lower-cased text whose
    whitespace runs are collapsed, exactly as scikit-learn's
@@ -11,13 +12,13 @@ Used by the dedup stage (pairs within one corpus) and by the split stage's leaka
    which took 65 s for 20k rows here; tests check the cosines equal scikit-learn's. A feature is
    a 52-bit hash of the n-gram: a collision between two distinct n-grams is expected about
    once per 1e8 distinct n-grams and only merges two features.
-2. **Blocking.** One-permutation MinHash (one hash per feature, ``num_perm`` bins, the minimum
-   per bin, empty bins filled by "optimal densification") over the same feature sets, then LSH
-   banding: ``bands`` bands of ``r = num_perm / bands`` bins; rows whose band values agree in
-   any band become candidate pairs. A pair with n-gram-set Jaccard ``s`` becomes a candidate
-   with probability ``1 - (1 - s**r)**bands``. Defaults 128/32 (r=4) catch s=0.6 with 0.99 and
-   s=0.5 with 0.87; char 2-4-gram pairs at TF-IDF cosine >= 0.85 have s ~0.6-0.9 (measured
-   recall: bench/dedup.py). More bands or fewer rows per band raise recall and cost.
+2. **Blocking** (:mod:`reprotune.data.minhash`). One-permutation MinHash (one hash per
+   feature, ``num_perm`` bins, the minimum per bin, empty bins filled by "optimal
+   densification") over the same feature sets, then LSH banding: ``bands`` bands of ``r``
+   bins; rows whose band values agree in any band become candidate pairs. A pair with
+   n-gram-set Jaccard ``s`` becomes a candidate with probability ``1 - (1 - s**r)**bands``.
+   By default the banding follows the cosine threshold (:func:`~reprotune.data.minhash.lsh_banding`:
+   0.85 -> 25 x 5, 0.7 -> 42 x 3 of 128 bins); the dedup stage sets it with ``dedup.bands``.
 3. **Verification.** Every candidate pair's exact TF-IDF cosine (row-wise sparse dot product);
    pairs at or above ``threshold`` are returned. No dense n x n matrix is ever built.
 """
@@ -35,6 +36,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from reprotune.data.minhash import EMPTY, densify, lsh_banding, lsh_candidates, minhash_into, mix
+
 logger = logging.getLogger(__name__)
 
 SEED = 20240611  # fixed: dedup must not rerun (or change) when the training `seed` changes
@@ -47,7 +50,6 @@ _CHUNK_DOCS = 1 << _DOC_BITS
 _CHUNK_CHARS = 2_000_000  # bounds the temporary arrays of one extraction chunk
 _FNV_OFFSET = _U64(0xCBF29CE484222325)
 _FNV_PRIME = _U64(0x100000001B3)
-_EMPTY = np.uint32(0xFFFFFFFF)  # MinHash bin with no feature (a real 0xFFFFFFFF is just refilled)
 # MinHash leaves out n-grams found in more than MAX_DF of the rows (and in more than MIN_DF_CAP
 # rows). English bigrams like "th" make any two English texts share ~14% of their 2-4-grams
 # (alpaca: LSH candidates for 2% of all pairs, infeasible at 1e5 rows); without them unrelated
@@ -56,16 +58,6 @@ _EMPTY = np.uint32(0xFFFFFFFF)  # MinHash bin with no feature (a real 0xFFFFFFFF
 MAX_DF = 0.05
 MIN_DF_CAP = 100
 _DF_SAMPLE = 20_000  # rows (evenly spaced) from which the common n-grams are counted
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised: a well-spread 64-bit hash of each element (new array)."""
-    x = x ^ (x >> _U64(30))
-    x *= _U64(0xBF58476D1CE4E5B9)
-    x ^= x >> _U64(27)
-    x *= _U64(0x94D049BB133111EB)
-    x ^= x >> _U64(31)
-    return x
 
 
 def record_text(record: dict[str, Any]) -> str:
@@ -121,7 +113,7 @@ def _chunk_features(texts: Sequence[str], nmin: int, nmax: int) -> tuple[np.ndar
         for k in range(1, n):  # n-grams that would run past the end of their text
             e = ends - k
             valid[e[(e >= 0) & (e < m)]] = False
-        h = _mix(st[valid] ^ _U64(n))
+        h = mix(st[valid] ^ _U64(n))
         keys.append(doc[:m][valid] | (h >> _U64(_DOC_BITS)))
     if not keys:
         empty = np.empty(0, dtype=_U64)
@@ -191,21 +183,21 @@ class NgramIndex:
         cap = int(sum(np.clip(lens - k + 1, 0, None).sum() for k in range(nmin, nmax + 1)))
         buf = np.empty(cap, dtype=_U64)  # upper bound of the entries: no concatenation copies
         fill = 0
-        sig = np.full((n, num_perm), _EMPTY, dtype=np.uint32)
+        sig = np.full((n, num_perm), EMPTY, dtype=np.uint32)
         has = np.zeros(n, dtype=bool)
-        salt = _mix(np.array([seed], dtype=_U64))[0]
+        salt = mix(np.array([seed], dtype=_U64))[0]
         common = _common_features(norm, nmin, nmax)
         desc = "n-grams + MinHash" if progress else None
         for _, rows, feats, _counts in _features(norm, nmin, nmax, desc=desc):
             buf[fill:fill + feats.size] = feats
             fill += feats.size
             has[rows] = True
-            _minhash_into(sig, rows, feats, common, salt)
+            minhash_into(sig, rows, feats, common, salt)
         entries = buf[:fill]
         entries.sort()  # in place
         vocab, df = _sorted_counts(entries)
         del buf, entries
-        _densify(sig, has, salt)
+        densify(sig, has, salt)
         logger.debug("%d rows, %d entries, %d distinct n-grams", n, fill, vocab.size)
         return cls(norm, vocab, df.astype(np.int32), sig, has, (nmin, nmax))
 
@@ -304,91 +296,6 @@ def _common_features(norm: Sequence[str], nmin: int, nmax: int) -> np.ndarray:
     return uniq[df > max(MAX_DF, MIN_DF_CAP / max(n, 1)) * len(sample)]
 
 
-def _minhash_into(sig: np.ndarray, rows: np.ndarray, feats: np.ndarray, common: np.ndarray,
-                  salt: np.uint64) -> None:
-    """Fold the (row, feature) entries into one-permutation MinHash signatures ``sig``.
-
-    The hashed set of a row is its features minus ``common``; a row made only of common
-    features keeps them all. Each feature is hashed once: its top 32 bits pick a bin, its low
-    32 bits are the value, and a bin keeps its minimum.
-    """
-    k = sig.shape[1]
-    use = np.ones(feats.size, dtype=bool)
-    if common.size:  # membership in the small sorted `common` array
-        use = common[np.searchsorted(common, feats).clip(max=common.size - 1)] != feats
-    if rows.size:
-        r0 = int(rows.min())
-        only_common = np.bincount(rows[use] - r0, minlength=int(rows.max()) - r0 + 1) == 0
-        use |= only_common[rows - r0]
-    g = _mix(feats[use] ^ salt)
-    bins = (((g >> _U64(32)) * _U64(k)) >> _U64(32)).astype(np.int64)
-    np.minimum.at(sig.reshape(-1), rows[use] * k + bins, (g & _U64(0xFFFFFFFF)).astype(np.uint32))
-
-
-def _densify(sig: np.ndarray, ok: np.ndarray, salt: np.uint64) -> None:
-    """Fill empty bins in place ("optimal densification", Shrivastava 2017).
-
-    An empty bin copies a non-empty bin chosen by a probe sequence that depends only on
-    (bin, attempt), so two rows fill it alike and agreement per bin still estimates the
-    Jaccard similarity. Rows without any feature (``ok`` False) stay empty.
-    """
-    k = sig.shape[1]
-    empty = sig == _EMPTY
-    rows_e, bins_e = np.nonzero(empty & ok[:, None])
-    attempt = 0
-    while rows_e.size:
-        attempt += 1
-        probe = (_mix(bins_e.astype(_U64) * _U64(0x9E3779B97F4A7C15) + _U64(attempt) + salt)
-                 % _U64(k)).astype(np.int64)
-        hit = ~empty[rows_e, probe]
-        sig[rows_e[hit], bins_e[hit]] = sig[rows_e[hit], probe[hit]]
-        rows_e, bins_e = rows_e[~hit], bins_e[~hit]
-
-
-# ---------------------------------------------------------------------------- LSH blocking
-def _group_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (p, q), p < q, of every pair of equal ``keys`` (all pairs within each group)."""
-    order = np.argsort(keys, kind="stable")
-    ks = keys[order]
-    starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
-    sizes = np.diff(np.r_[starts, ks.size])
-    starts, sizes = starts[sizes > 1], sizes[sizes > 1]
-    if not starts.size:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    pos = np.repeat(starts, sizes) + (np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-    partners = np.repeat(starts + sizes - 1, sizes) - pos  # later members of the same group
-    first = np.repeat(pos, partners)
-    second = first + 1 + (np.arange(partners.sum()) - np.repeat(np.cumsum(partners) - partners, partners))
-    return order[first], order[second]
-
-
-def lsh_candidates(sig: np.ndarray, ok: np.ndarray, bands: int, *,
-                   split: int | None = None, progress: bool = True) -> np.ndarray:
-    """Candidate pairs (m x 2, i < j, sorted, unique): rows agreeing on every bin of some band.
-
-    Rows without features (``ok`` False) are never candidates. With ``split`` set, only pairs
-    with ``i < split <= j`` are kept (queries first, corpus after: the cross-corpus search).
-    """
-    n, k = sig.shape
-    if k % bands:
-        raise ValueError(f"bands={bands} must divide num_perm={k}")
-    r = k // bands
-    rows = np.flatnonzero(ok)
-    codes = []
-    for b in tqdm(range(bands), desc="LSH bands", disable=not progress, leave=False):
-        key = np.full(rows.size, _mix(np.array([b], dtype=_U64))[0], dtype=_U64)
-        for c in range(b * r, (b + 1) * r):
-            key = _mix(key ^ sig[rows, c].astype(_U64))
-        p, q = _group_pairs(key)
-        i, j = rows[np.minimum(p, q)], rows[np.maximum(p, q)]
-        if split is not None:
-            keep = (i < split) & (j >= split)
-            i, j = i[keep], j[keep]
-        codes.append(np.unique(i * n + j))
-    code = np.unique(np.concatenate(codes)) if codes else np.empty(0, np.int64)
-    return np.stack([code // n, code % n], axis=1) if n else np.empty((0, 2), np.int64)
-
-
 @dataclass
 class NearDuplicates:
     """Verified pairs plus what produced them (kept for metrics and follow-up cosines)."""
@@ -400,23 +307,33 @@ class NearDuplicates:
 
 def find_near_duplicates(texts: Sequence[str], *, threshold: float,
                          ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
-                         bands: int = 32, seed: int = SEED, split: int | None = None,
-                         progress: bool = True) -> NearDuplicates:
-    """Blocking + verification over ``texts``; see :func:`near_duplicate_pairs`."""
+                         bands: int | None = None, seed: int = SEED,
+                         groups: np.ndarray | None = None, progress: bool = True) -> NearDuplicates:
+    """Blocking + verification over ``texts``; see :func:`near_duplicate_pairs`.
+
+    ``bands=None`` derives the LSH banding from ``threshold`` (:func:`lsh_banding`); a number
+    uses ``num_perm / bands`` bins per band. With ``groups``, only pairs across groups count.
+    """
+    if bands is None:
+        bands, rows_per_band = lsh_banding(threshold, num_perm)
+    else:
+        rows_per_band = None
     index = NgramIndex.build(texts, ngram_range, num_perm=num_perm, seed=seed, progress=progress)
-    cand = lsh_candidates(index.sig, index.has_features, bands, split=split, progress=progress)
+    cand = lsh_candidates(index.sig, index.has_features, bands, rows_per_band=rows_per_band,
+                          groups=groups, progress=progress)
     sims = index.cosine(cand[:, 0], cand[:, 1], progress=progress)
     # float32 dot products: an exact copy scores 0.99999994, so allow a rounding margin.
     hit = sims >= threshold - 1e-6
     pairs = [(int(a), int(b), float(s)) for (a, b), s in zip(cand[hit], sims[hit], strict=True)]
-    logger.info("%d rows: %d candidate pairs, %d at cosine >= %.3f", len(texts), len(cand),
-                len(pairs), threshold)
+    logger.info("%d rows: %d candidate pairs (%d bands x %d bins), %d at cosine >= %.3f",
+                len(texts), len(cand), bands, rows_per_band or num_perm // bands, len(pairs),
+                threshold)
     return NearDuplicates(pairs, index, len(cand))
 
 
 def near_duplicate_pairs(texts: Sequence[str], *, threshold: float,
                          ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
-                         bands: int = 32, seed: int = SEED,
+                         bands: int | None = None, seed: int = SEED,
                          progress: bool = True) -> list[tuple[int, int, float]]:
     """All pairs (i, j, cosine), i < j, sorted, whose char n-gram TF-IDF cosine >= threshold.
 
@@ -428,19 +345,32 @@ def near_duplicate_pairs(texts: Sequence[str], *, threshold: float,
                                 progress=progress).pairs
 
 
+def earlier_group_matches(texts: Sequence[str], groups: Sequence[int], *, threshold: float,
+                          ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
+                          seed: int = SEED, progress: bool = True) -> list[tuple[int, int, float]]:
+    """For each row with a text at cosine >= threshold in an earlier group: (row, best
+    earlier-group row, cosine), sorted by row; ties go to the lowest index. ``groups`` must
+    be non-decreasing (e.g. 0 = train, 1 = val, 2 = test). The TF-IDF vocabulary and idf
+    are fitted on all texts together; the LSH banding follows ``threshold``."""
+    g = np.asarray(groups, dtype=np.int64)
+    if g.size != len(texts) or np.any(np.diff(g) < 0):
+        raise ValueError("groups: one non-decreasing integer per text")
+    found = find_near_duplicates(texts, threshold=threshold, ngram_range=ngram_range,
+                                 num_perm=num_perm, seed=seed, groups=g, progress=progress)
+    best: dict[int, tuple[float, int]] = {}
+    for a, b, s in found.pairs:  # a < b and groups differ: b is the later row
+        if b not in best or s > best[b][0] or (s == best[b][0] and a < best[b][1]):
+            best[b] = (s, a)
+    return [(b, a, s) for b, (s, a) in sorted(best.items())]
+
+
 def cross_near_duplicates(queries: Sequence[str], corpus: Sequence[str], *, threshold: float,
                           ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
-                          bands: int = 32, seed: int = SEED,
-                          progress: bool = True) -> list[tuple[int, int, float]]:
+                          seed: int = SEED, progress: bool = True) -> list[tuple[int, int, float]]:
     """For each query with a corpus text at cosine >= threshold: (query index, best corpus
-    index, cosine), sorted by query. Ties go to the lowest corpus index. The TF-IDF
-    vocabulary and idf are fitted on queries and corpus together."""
-    nq = len(queries)
-    found = find_near_duplicates(list(queries) + list(corpus), threshold=threshold,
-                                 ngram_range=ngram_range, num_perm=num_perm, bands=bands,
-                                 seed=seed, split=nq, progress=progress)
-    best: dict[int, tuple[float, int]] = {}
-    for q, c, s in found.pairs:
-        if q not in best or s > best[q][0] or (s == best[q][0] and c - nq < best[q][1]):
-            best[q] = (s, c - nq)
-    return [(q, c, s) for q, (s, c) in sorted(best.items())]
+    index, cosine), sorted by query. Ties go to the lowest corpus index."""
+    nc = len(corpus)
+    hits = earlier_group_matches(list(corpus) + list(queries), [0] * nc + [1] * len(queries),
+                                 threshold=threshold, ngram_range=ngram_range, num_perm=num_perm,
+                                 seed=seed, progress=progress)
+    return [(q - nc, c, s) for q, c, s in hits]

@@ -1,21 +1,34 @@
-"""Seeded train/val/test split with optional stratification and groups, plus a leakage check.
+"""Train/val/test split: seeded (optionally stratified) or by time, with groups and a leakage check.
 
-The split is a pure function of (rows, params): each *unit* (a group, or a single row when it
-has no group) gets a position from a seeded hash of its key, so the assignment of a unit does
-not depend on row order, and adding rows elsewhere does not reshuffle existing ones. Within
-each stratum, units in hash order fill test, then val, up to their share of rows; the rest is
-train. A group never straddles splits.
+The split is a pure function of (rows, params). Rows are split in *units*: a group
+(``split.group``), or a single row when it has no group, so a group never straddles splits.
+
+* **Seeded** (default): each unit gets a position from a seeded hash of its key, so the
+  assignment of a unit does not depend on row order, and adding rows elsewhere does not
+  reshuffle existing ones. Within each stratum, units in hash order fill test, then val, up
+  to their share of rows; the rest is train.
+* **By time** (``split.order_by: <field>``): units are ordered by time, the newest fill test,
+  the next newest val, and the oldest rest is train, so the model is evaluated on data newer
+  than anything it trained on. A group's time is its *newest* row: a group that is still
+  active lands late, so every train row is no newer than the oldest val/test unit's time.
+  Ties are broken by the seeded hash. ``split.stratify`` is not applied (label shares are
+  still reported): balancing labels would move rows across the time cut.
+
+The leakage check then compares val with train and test with train and val
+(:mod:`reprotune.data.leakage`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from reprotune.data.leakage import Leakage, LeakageError, apply_leaks, find_leaks
+from reprotune.data.timeorder import ACCEPTED, iso, meta_value, row_times
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +38,15 @@ SPLITS = ("train", "val", "test")
 class SplitError(ValueError):
     """The split cannot be made as configured; the message names the param."""
 
+    leaks: list[dict[str, Any]] = []  # set when split.on_leak: fail stopped the split
+
 
 @dataclass
 class SplitResult:
     parts: dict[str, list[dict[str, Any]]]
     metrics: dict[str, Any] = field(default_factory=dict)
-    leaks: list[dict[str, Any]] = field(default_factory=list)
+    leaks: list[dict[str, Any]] = field(default_factory=list)  # every leaking val/test row
+    indices: dict[str, list[int]] = field(default_factory=dict)  # input positions per split
 
 
 def _unit_key(row: dict[str, Any], group: str | None) -> str:
@@ -42,8 +58,15 @@ def _rank(key: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
 
 
+def _take(size: int, remaining: int) -> bool:
+    """Whether a unit of ``size`` rows brings a part closer to its row target
+    (any overshoot is smaller than the current shortfall)."""
+    return remaining > 0 and size - remaining < remaining
+
+
 def assign_splits(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: float,
-                  stratify: str | None, group: str | None, seed: int) -> list[str]:
+                  stratify: str | None, group: str | None, seed: int,
+                  order_by: str | None = None) -> list[str]:
     """Return the split name of every row (same order as ``rows``)."""
     for name, fld in (("split.stratify", stratify), ("split.group", group)):
         if fld and rows and all(fld not in r for r in rows):
@@ -52,6 +75,9 @@ def assign_splits(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_rati
     units: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         units[_unit_key(row, group)].append(i)
+    if order_by:
+        return _assign_by_time(rows, units, val_ratio=val_ratio, test_ratio=test_ratio,
+                               order_by=order_by, seed=seed)
     # A unit's stratum is its most common stratify value (ties: smallest string), so a
     # group with mixed labels still lands in one split.
     strata: dict[str, list[str]] = defaultdict(list)
@@ -71,14 +97,8 @@ def assign_splits(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_rati
         filled = {"test": 0, "val": 0}
         for key in keys:
             size = len(units[key])
-            dest = "train"
-            for part in ("test", "val"):
-                # Take the unit if it brings the part closer to its row target
-                # (any overshoot is smaller than the current shortfall).
-                remaining = targets[part] - filled[part]
-                if remaining > 0 and size - remaining < remaining:
-                    dest = part
-                    break
+            dest = next((p for p in ("test", "val") if _take(size, targets[p] - filled[p])),
+                        "train")
             if dest != "train":
                 filled[dest] += size
             for i in units[key]:
@@ -86,72 +106,115 @@ def assign_splits(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_rati
     return out
 
 
-def conversation_text(row: dict[str, Any]) -> str:
-    """User and assistant text of a row (messages may be a JSON string, as in Parquet)."""
-    msgs = row["messages"]
-    if isinstance(msgs, str):
-        msgs = json.loads(msgs)
-    return "\n".join(m.get("content") or "" for m in msgs if m.get("role") in ("user", "assistant"))
+def _times(rows: Sequence[dict[str, Any]], order_by: str) -> list[float]:
+    """Every row's time, or SplitError naming the field, the count and an example."""
+    found = row_times(rows, order_by)
+    problems = []
+    if found.missing:
+        ex = rows[found.missing[0]]
+        problems.append(f"{len(found.missing)} of {len(rows)} rows have no {order_by!r} "
+                        f"(e.g. {ex.get('source') or ex['id']})")
+    if found.unparsable:
+        ex = rows[found.unparsable[0]]
+        problems.append(f"{len(found.unparsable)} rows have a value that is not {ACCEPTED} "
+                        f"(e.g. {ex.get('source') or ex['id']}: {meta_value(ex, order_by)!r})")
+    if problems:
+        raise SplitError(f"split.order_by: {'; '.join(problems)}; fix those rows, or set "
+                         f"split.order_by: null for a seeded random split")
+    return found.times  # type: ignore[return-value]  # no None left
 
 
-def find_leaks(parts: dict[str, list[dict[str, Any]]], *, threshold: float,
-               ngram_range: tuple[int, int] = (2, 4)) -> list[dict[str, Any]]:
-    """Val/test rows with a near-duplicate (TF-IDF cosine >= threshold) in train."""
-    from reprotune.data.similarity import cross_near_duplicates
+def _assign_by_time(rows: Sequence[dict[str, Any]], units: dict[str, list[int]], *,
+                    val_ratio: float, test_ratio: float, order_by: str, seed: int) -> list[str]:
+    """Newest units to test, then val, the rest to train; one contiguous time range each."""
+    times = _times(rows, order_by)
+    unit_time = {k: max(times[i] for i in idx) for k, idx in units.items()}
+    newest_first = sorted(units, key=lambda k: (-unit_time[k], _rank(k, seed)))
+    queue = [("test", round(len(rows) * test_ratio)), ("val", round(len(rows) * val_ratio))]
+    out, filled = [""] * len(rows), 0
+    for key in newest_first:
+        size = len(units[key])
+        # once a part stops taking units it is closed, so each part is one time range
+        while queue and not _take(size, queue[0][1] - filled):
+            queue.pop(0)
+            filled = 0
+        dest = queue[0][0] if queue else "train"
+        filled += size if queue else 0
+        for i in units[key]:
+            out[i] = dest
+    return out
 
-    train = parts["train"]
-    if not train:
-        return []
-    train_text = [conversation_text(r) for r in train]
-    leaks = []
-    for name in ("val", "test"):
-        rows = parts[name]
-        if not rows:
-            continue
-        hits = cross_near_duplicates([conversation_text(r) for r in rows], train_text,
-                                     threshold=threshold, ngram_range=ngram_range)
-        for qi, ci, sim in hits:
-            leaks.append({"split": name, "id": rows[qi]["id"], "train_id": train[ci]["id"],
-                          "similarity": round(float(sim), 4),
-                          "text": conversation_text(rows[qi])[:300],
-                          "train_text": train_text[ci][:300]})
-    return leaks
+
+def _time_ranges(parts: dict[str, list[dict[str, Any]]], order_by: str) -> dict[str, Any]:
+    """Oldest and newest row time of each split (ISO, UTC)."""
+    out: dict[str, Any] = {}
+    for name in SPLITS:
+        ts = row_times(parts[name], order_by).times
+        ts = [t for t in ts if t is not None]
+        out[name] = [iso(min(ts)), iso(max(ts))] if ts else None
+    return out
 
 
 def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: float,
-               stratify: str | None, group: str | None, seed: int,
-               leakage_threshold: float) -> SplitResult:
-    """Split rows, check leakage, and compute the split metrics."""
+               stratify: str | None, group: str | None, seed: int, leakage_threshold: float,
+               order_by: str | None = None, on_leak: str = "drop",
+               progress: bool = False) -> SplitResult:
+    """Split rows, check leakage (acting on it as ``on_leak`` says), compute the metrics.
+
+    Raises :class:`SplitError` naming the param when the split cannot be made, or when
+    ``on_leak`` is ``fail`` and a held-out row leaks.
+    """
     if not rows:
         raise SplitError("no rows to split: the format stage produced an empty table")
-    names = assign_splits(rows, val_ratio=val_ratio, test_ratio=test_ratio,
-                          stratify=stratify, group=group, seed=seed)
+    if order_by and stratify:
+        logger.warning("split.order_by=%s: split.stratify=%s is not applied to a time-ordered "
+                       "split (label shares are reported in metrics/split.json)", order_by, stratify)
+    names = assign_splits(rows, val_ratio=val_ratio, test_ratio=test_ratio, stratify=stratify,
+                          group=group, seed=seed, order_by=order_by)
     parts: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    for row, name in zip(rows, names, strict=True):
+    positions: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, (row, name) in enumerate(zip(rows, names, strict=True)):
         parts[name].append(row)
+        positions[name].append(i)
     for name, ratio, param in (("val", val_ratio, "split.val_ratio"),
                                ("test", test_ratio, "split.test_ratio")):
         if ratio > 0 and not parts[name]:
             raise SplitError(f"{param}: {ratio} of {len(rows)} rows gave an empty {name} split; "
                              f"raise {param} or add data")
-    leaks = find_leaks(parts, threshold=leakage_threshold)
-    leak_counts = Counter(leak["split"] for leak in leaks)
+    held_out = {s: len(parts[s]) for s in ("val", "test")}
+    leaks = find_leaks(parts, threshold=leakage_threshold, progress=progress)
+    try:
+        leakage: Leakage = apply_leaks(parts, leaks, on_leak=on_leak, threshold=leakage_threshold)
+    except LeakageError as exc:
+        err = SplitError(str(exc))
+        err.leaks = leaks  # for the stage to write out before it stops
+        raise err from exc
+    for name in ("val", "test"):
+        if held_out[name] and not parts[name]:
+            raise SplitError(f"split.on_leak: drop removed all {held_out[name]} {name} rows "
+                             f"(each has a near-duplicate in an earlier split at "
+                             f"split.leakage_threshold {leakage_threshold:g}); deduplicate harder "
+                             f"(dedup.threshold) or use split.on_leak: report")
+    gone = {(leak["split"], leak["id"]) for leak in leaks if leak.get("action") == "dropped"}
+    positions = {s: [i for i in positions[s] if (s, rows[i]["id"]) not in gone] for s in SPLITS}
+    leakage.counts["test_share"] = round(leakage.counts["test"] / max(1, held_out["test"]), 4)
     metrics: dict[str, Any] = {
         "rows": len(rows),
+        "order": {"by": order_by, "rule": "a group's time is its newest row"} if order_by
+        else {"by": None, "seed": seed},
         "counts": {s: len(parts[s]) for s in SPLITS},
-        "leakage": {
-            "threshold": leakage_threshold,
-            "val": leak_counts.get("val", 0),
-            "test": leak_counts.get("test", 0),
-            "test_share": round(leak_counts.get("test", 0) / max(1, len(parts["test"])), 4),
-        },
+        "leakage": leakage.counts,
     }
+    if order_by:
+        metrics["order"]["time_ranges"] = _time_ranges(parts, order_by)
     if stratify:
         metrics["strata"] = {s: dict(sorted(Counter(str(r.get(stratify)) for r in parts[s]).items()))
                              for s in SPLITS}
     if group:
         metrics["groups"] = {s: len({r.get(group) for r in parts[s] if r.get(group) not in (None, "")})
                              for s in SPLITS}
-    logger.info("split %s; leakage val=%d test=%d at threshold %.2f", metrics["counts"],
-                metrics["leakage"]["val"], metrics["leakage"]["test"], leakage_threshold)
-    return SplitResult(parts=parts, metrics=metrics, leaks=leaks)
+    assert metrics["rows"] == sum(metrics["counts"].values()) + sum(leakage.counts["dropped"].values())
+    logger.info("split %s%s; leakage val=%d test=%d at threshold %.2f (on_leak=%s)",
+                metrics["counts"], f" by {order_by}" if order_by else "", leakage.counts["val"],
+                leakage.counts["test"], leakage_threshold, on_leak)
+    return SplitResult(parts=parts, metrics=metrics, leaks=leakage.leaks, indices=positions)
