@@ -94,18 +94,27 @@ def layer_classes(base_dir: str | Path) -> set[str]:
     return {type(m).__name__ for m in model.modules()}
 
 
-def _check_deepspeed(config: Any, path: str, top_batch: int, train: TrainParams) -> None:
+def _check_deepspeed(config: Any, path: str, batch_size: int, packing: bool,
+                     train: TrainParams) -> None:
+    """Numbers the DeepSpeed JSON fixes must be the params' (the Trainer fills "auto" ones
+    from them and refuses a mismatch only after loading the model); deepspeed installed."""
+    ds = deepspeed_json(config) or {}
+    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
+    if packing and micro not in ("auto", 1):
+        raise TrainSetupError(f"train.packing: packed runs take one pack per micro-step, but "
+                              f"{path} fixes train_micro_batch_size_per_gpu at {micro}; set "
+                              f"train.packing: false or use a config with \"auto\" there")
+    for key, name, want in (("train_micro_batch_size_per_gpu", "batch_size", batch_size),
+                            ("gradient_accumulation_steps", "train.grad_accum", train.grad_accum)):
+        got = ds.get(key, "auto")
+        if got != "auto" and not (packing and key == "train_micro_batch_size_per_gpu") \
+                and int(got) != want:
+            raise TrainSetupError(f"{name}: {want}, but {path} (its DeepSpeed JSON) fixes {key} "
+                                  f"at {got}; set {name}: {got} or make it \"auto\" there")
     if importlib.util.find_spec("deepspeed") is None:
         raise TrainSetupError(f"train.accelerate_config: {path} uses DeepSpeed, which is not "
                               f"installed; pip install -e '.[deepspeed]' (CUDA machines), or use "
                               f"configs/accelerate/ddp.yaml or fsdp.yaml")
-    ds = deepspeed_json(config) or {}
-    for key, name, want in (("train_micro_batch_size_per_gpu", "batch_size", top_batch),
-                            ("gradient_accumulation_steps", "train.grad_accum", train.grad_accum)):
-        got = ds.get(key, "auto")
-        if got != "auto" and int(got) != want:
-            raise TrainSetupError(f"{name}: {want}, but {path} (its DeepSpeed JSON) fixes {key} "
-                                  f"at {got}; set {name}: {got} or make it \"auto\" there")
 
 
 def preflight(train: TrainParams, *, batch_size: int, method: str, packing: bool,
@@ -124,16 +133,7 @@ def preflight(train: TrainParams, *, batch_size: int, method: str, packing: bool
     if train.num_processes > have:
         raise TrainSetupError(f"train.num_processes: {train.num_processes} processes, but this "
                               f"machine has {have} {what}; use train.num_processes <= {have}")
-    if kind in ("fsdp", "deepspeed") and not cuda:
-        raise TrainSetupError(f"train.accelerate_config: {path} uses {kind.upper()}, which "
-                              f"accelerate runs on CUDA GPUs only (on CPU it would quietly run "
-                              f"plain data parallelism); use configs/accelerate/ddp.yaml here")
-    precision = resolve_precision(train.precision, "cuda" if cuda else "cpu")
-    mixed = str(getattr(config, "mixed_precision", "no") or "no")
-    if mixed != "no" and mixed != PRECISION_TO_MIXED[precision]:
-        raise TrainSetupError(f"train.precision: {train.precision} runs {precision} here, but "
-                              f"{path} asks for {mixed} mixed precision; set train.precision: "
-                              f"{mixed} (or mixed_precision: 'no' in the config)")
+    # what the config asks for is checked first, on any machine; then whether this one can
     if kind == "fsdp":
         wrap = str((config.fsdp_config or {}).get("fsdp_transformer_layer_cls_to_wrap") or "")
         present = layer_classes(base_dir)
@@ -144,14 +144,21 @@ def preflight(train: TrainParams, *, batch_size: int, method: str, packing: bool
                                   f"which {base_dir} does not have; its layer classes: "
                                   f"{', '.join(layers) or 'none found'} (set "
                                   f"fsdp_transformer_layer_cls_to_wrap)")
-        if method == "qlora":
-            raise TrainSetupError(f"method: qlora cannot be sharded with FSDP here ({path}); use "
-                                  f"configs/accelerate/ddp.yaml or zero2.yaml")
     if kind == "deepspeed":
-        _check_deepspeed(config, path, 1 if packing else batch_size, train)
-        if method == "qlora":
-            raise TrainSetupError(f"method: qlora cannot run under DeepSpeed here ({path}); use "
-                                  f"configs/accelerate/ddp.yaml")
+        _check_deepspeed(config, path, batch_size, packing, train)
+    if kind in ("fsdp", "deepspeed") and method == "qlora":
+        raise TrainSetupError(f"method: qlora cannot be sharded by {kind.upper()} here ({path}); "
+                              f"use configs/accelerate/ddp.yaml")
+    if kind in ("fsdp", "deepspeed") and not cuda:
+        raise TrainSetupError(f"train.accelerate_config: {path} uses {kind.upper()}, which "
+                              f"accelerate runs on CUDA GPUs only (on CPU it would quietly run "
+                              f"plain data parallelism); use configs/accelerate/ddp.yaml here")
+    precision = resolve_precision(train.precision, "cuda" if cuda else "cpu")
+    mixed = str(getattr(config, "mixed_precision", "no") or "no")
+    if mixed != "no" and mixed != PRECISION_TO_MIXED[precision]:
+        raise TrainSetupError(f"train.precision: {train.precision} runs {precision} here, but "
+                              f"{path} asks for {mixed} mixed precision; set train.precision: "
+                              f"{mixed} (or mixed_precision: 'no' in the config)")
     return {"kind": kind, "num_processes": train.num_processes, "precision": precision,
             "mixed_precision": PRECISION_TO_MIXED[precision], "config": path}
 
@@ -175,18 +182,32 @@ def launch_args(plan: dict[str, Any], script: str | Path, argv: list[str],
 
 
 def _failure_line(exc: BaseException, n: int) -> str:
+    """One line for torch elastic's ChildFailedError, naming the rank that caused it.
+
+    When one rank dies, its peers fail on the broken connection and the launcher stops the
+    rest with SIGTERM; so the cause is a rank killed by another signal (SIGKILL, a crash),
+    else one that exited with an error, else the first stopped.
+    """
+    import signal
+
     failures = getattr(exc, "failures", None) or {}
     if not failures:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    parts = []
-    for r, f in sorted(failures.items()):
-        code = f.exitcode
-        how = (f"killed by signal {f.signal_name()}" if code is not None and code < 0
-               else f"exit code {code}")
-        parts.append(f"rank {r} (pid {f.pid}) {how}")
-    return (f"{len(failures)} of {n} training processes failed: {'; '.join(parts)}; the "
-            f"launcher stopped the others (see that rank's error above); rerun to resume from "
-            f"the last checkpoint")
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+    def cause(item: tuple[int, Any]) -> tuple[int, float, int]:
+        r, f = item
+        code = f.exitcode if f.exitcode is not None else 1
+        rank_of_kind = 0 if code < 0 and -code != signal.SIGTERM else 1 if code > 0 else 2
+        return rank_of_kind, f.timestamp, r
+
+    r, f = min(failures.items(), key=cause)
+    code = f.exitcode
+    how = f"was killed by signal {f.signal_name()}" if code is not None and code < 0 else \
+        f"exited with code {code}"
+    return (f"training process rank {r} of {n} (pid {f.pid}) {how}; the launcher stopped the "
+            f"other rank(s) (see rank {r}'s error above, if any); rerun to resume from the "
+            f"last checkpoint")
 
 
 def relaunch(plan: dict[str, Any], script: str | Path, argv: list[str]) -> None:
