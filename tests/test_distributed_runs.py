@@ -76,12 +76,12 @@ def params(batch_size: int, processes: int, **train) -> str:
             f"train: {{{body}}}\n")
 
 
-def assert_same_curves(two: Path, one: Path, tol: float) -> None:
+def assert_same_curves(two: Path, one: Path, rel: float) -> None:
+    """The same steps and values within ``rel`` (relative) in every curve."""
     a, b = curves(two), curves(one)
     for name in TSVS:
         assert [s for s, _ in a[name]] == [s for s, _ in b[name]], name
-        diff = max(abs(x - y) for (_, x), (_, y) in zip(a[name], b[name], strict=True))
-        assert diff < tol, (name, diff, a[name], b[name])
+        assert [v for _, v in a[name]] == pytest.approx([v for _, v in b[name]], rel=rel), name
 
 
 # --------------------------------------------------------------------------- DDP
@@ -100,8 +100,9 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
                          live_dir=one / "live",
                          cfg=config("full", batch_size=8, loss_impl="stock", logging_steps=1))
     m = io.read_json(two / "train.json")
-    # fp32 on CPU: two ranks sum the same gradients in another order (measured: < 2e-6)
-    assert_same_curves(two / "live", one / "live", 1e-4)
+    # fp32 on CPU: two ranks sum the same gradients in another order; measured: losses within
+    # 5e-7, grad norms within 4e-5 (relative)
+    assert_same_curves(two / "live", one / "live", 5e-4)
     assert m["best_val_loss"] == pytest.approx(single["best_val_loss"], abs=1e-4)
     assert m["distributed"] == {"num_processes": 2, "strategy": "ddp", "backend": "gloo",
                                 "global_batch": 8, "global_batch_unit": "sequences"}
@@ -140,7 +141,7 @@ def test_packed_ranks_share_the_packs(tmp_path, tiny_base_dir):
     # every sample once per epoch on one rank or the other: the same tokens as one process
     assert (a["tokens_seen"], a["label_tokens_seen"]) == (b["tokens_seen"], b["label_tokens_seen"])
     assert a["epochs_done"] == b["epochs_done"] == 2.0
-    assert_same_curves(two / "live", one / "live", 1e-4)
+    assert_same_curves(two / "live", one / "live", 5e-4)
 
 
 # --------------------------------------------------------------------------- failure, resume

@@ -244,12 +244,6 @@ def finish_checkpoints(ckpt_dir: Path, state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- environment
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_precision(name: str, device: str) -> str:
     """``auto``: bf16 on CUDA that supports it, else fp16 on CUDA; fp32 on CPU."""
     import torch
