@@ -66,14 +66,15 @@ def curves(live: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def params(batch_size: int, processes: int, **train) -> str:
+def params(batch_size: int, processes: int, method: str = "full", **train) -> str:
+    """params.yaml of the runs here (LoRA rank 8, as test_training's ``config``)."""
     t = {"max_steps": 8, "eval_steps": 4, "logging_steps": 1, "patience": 0,
          "warmup_ratio": 0.0, **train}
     if processes > 1:
         t.update(launcher="accelerate", num_processes=processes)
     body = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in t.items())
-    return (f"method: full\nlr: 0.01\nepochs: 1\nbatch_size: {batch_size}\nseed: 0\n"
-            f"train: {{{body}}}\n")
+    return (f"method: {method}\nlr: 0.01\nepochs: 1\nbatch_size: {batch_size}\nseed: 0\n"
+            f"train: {{{body}}}\nlora: {{r: 8}}\n")
 
 
 def assert_same_curves(two: Path, one: Path, rel: float) -> None:
@@ -85,10 +86,11 @@ def assert_same_curves(two: Path, one: Path, rel: float) -> None:
 
 
 # --------------------------------------------------------------------------- DDP
-# not marked slow (about 20 s): it guards the data-parallel path itself
-def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_dir):
+# full is not marked slow (about 20 s): it guards the data-parallel path itself
+@pytest.mark.parametrize("method", ["full", pytest.param("lora", marks=pytest.mark.slow)])
+def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_dir, method):
     train, val = make_rows(64, 0), make_rows(16, 1)
-    two = workdir(tmp_path / "two", tiny_base_dir, params(4, 2), train, val)
+    two = workdir(tmp_path / "two", tiny_base_dir, params(4, 2, method), train, val)
     run_stage(two)
     # one process, the same global batch (8), seed and loss (stock: the fused path is
     # one-process only); in-process, as the other training tests run
@@ -98,7 +100,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     single = train_model(train_path=paths[0], val_path=paths[1], base_dir=tiny_base_dir,
                          out_dir=one / "out", checkpoints_dir=one / "ckpt",
                          live_dir=one / "live",
-                         cfg=config("full", batch_size=8, loss_impl="stock", logging_steps=1))
+                         cfg=config(method, batch_size=8, loss_impl="stock", logging_steps=1))
     m = io.read_json(two / "train.json")
     # fp32 on CPU: two ranks sum the same gradients in another order; measured: losses within
     # 5e-7, grad norms within 4e-5 (relative)
@@ -121,7 +123,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     assert lineage["params"]["launch"]["num_processes"] == 2
     # the folder loads as a one-process one does, and scores its best val loss
     model, tok, manifest = load_finetuned(two / "out")
-    assert manifest["kind"] == "full"
+    assert manifest["kind"] == ("full" if method == "full" else "adapter")
     assert val_loss(model, val, 8, tok.pad_token_id) == pytest.approx(m["best_val_loss"], abs=1e-4)
 
 
@@ -219,7 +221,7 @@ def test_sharded_strategies_save_a_model_that_scores_like_ddp(tmp_path, tiny_bas
     ddp = workdir(tmp_path / "ddp", tiny_base_dir, text, train, val)
     run_stage(ddp)
     other = workdir(tmp_path / config_name, tiny_base_dir, text.replace(
-        "}", f", accelerate_config: configs/accelerate/{config_name}.yaml}}"), train, val)
+        "}", f", accelerate_config: configs/accelerate/{config_name}.yaml}}", 1), train, val)
     run_stage(other)
     a, b = io.read_json(ddp / "train.json"), io.read_json(other / "train.json")
     assert b["distributed"]["strategy"] == ("fsdp" if config_name == "fsdp" else "deepspeed")

@@ -216,6 +216,7 @@ def relaunch(plan: dict[str, Any], script: str | Path, argv: list[str]) -> None:
     Raises :class:`TrainSetupError` with one line when a process fails.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(launch_args(plan, script, argv))
     os.environ[LAUNCHED_ENV] = "1"  # the started processes train instead of relaunching
@@ -226,9 +227,7 @@ def relaunch(plan: dict[str, Any], script: str | Path, argv: list[str]) -> None:
     except subprocess.CalledProcessError as exc:  # accelerate's one-process launcher
         raise TrainSetupError(f"the training process failed (exit code {exc.returncode}); see "
                               f"its error above") from None
-    except Exception as exc:  # torch elastic's ChildFailedError names the failed ranks
-        if type(exc).__name__ != "ChildFailedError":
-            raise
+    except ChildFailedError as exc:  # torch elastic's launcher: it names the failed ranks
         raise TrainSetupError(_failure_line(exc, plan["num_processes"])) from None
     finally:
         os.environ.pop(LAUNCHED_ENV, None)
