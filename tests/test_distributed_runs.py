@@ -122,7 +122,8 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     lineage = io.read_json(two / "out" / "reprotune_lineage.json")
     assert lineage["params"]["launch"]["num_processes"] == 2
     # the folder loads as a one-process one does, and scores its best val loss
-    model, tok, manifest = load_finetuned(two / "out")
+    # (an adapter's manifest names its base as the stage saw it: "base", relative to `two`)
+    model, tok, manifest = load_finetuned(two / "out", base_dir=tiny_base_dir)
     assert manifest["kind"] == ("full" if method == "full" else "adapter")
     assert val_loss(model, val, 8, tok.pad_token_id) == pytest.approx(m["best_val_loss"], abs=1e-4)
 
