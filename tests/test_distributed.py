@@ -16,7 +16,7 @@ from reprotune.params import ParamsError, TrainParams, build
 from reprotune.train import launch
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.packing import balance_packs, pack_rows, packed_dataset
-from reprotune.train.training import LAUNCH_KEYS, RunConfig, check_sizes
+from reprotune.train.training import LAUNCH_KEYS, RunConfig, check_sizes, run_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -51,6 +51,28 @@ def test_one_process_params_record_no_launch_keys():
                                   "accelerate_config": "configs/accelerate/ddp.yaml",
                                   "collective_timeout_s": 600}
     assert launched["train"] == plain["train"]
+
+
+def test_resume_fingerprint_follows_the_launch(tmp_path, monkeypatch):
+    """Checkpoints resume only with the same processes and configs (each rank saved its own
+    RNG state; FSDP/ZeRO shard the files); a python run ignores the launch keys."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "accelerate").mkdir(parents=True)
+    (tmp_path / "configs" / "accelerate" / "ddp.yaml").write_text("distributed_type: MULTI_GPU\n")
+    for name in ("t", "v", "base/w"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+
+    def fp(**train) -> str:
+        return run_fingerprint(RunConfig(train=TrainParams(**train)), "t", "v", "base")
+
+    one = fp()
+    assert fp(collective_timeout_s=60, accelerate_config="configs/accelerate/x.yaml") == one
+    two = fp(launcher="accelerate", num_processes=2)
+    assert two != one and fp(launcher="accelerate", num_processes=4) != two
+    (tmp_path / "configs" / "deepspeed").mkdir()
+    (tmp_path / "configs" / "deepspeed" / "zero2.json").write_text("{}")
+    assert fp(launcher="accelerate", num_processes=2) != two
 
 
 def test_optimizer_step_must_fit_every_process():

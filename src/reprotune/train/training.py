@@ -198,7 +198,9 @@ def run_fingerprint(cfg: RunConfig, train_path: str | Path, val_path: str | Path
                "base": {str(p.relative_to(base)): sha256_file(p)
                         for p in sorted(base.rglob("*")) if p.is_file()}}
     if cfg.train.launcher != "python":  # the strategy shapes the checkpoints' files
-        payload["launch_config"] = sha256_file(cfg.train.accelerate_config)
+        configs = Path(cfg.train.accelerate_config).parents[-2]  # configs/ (and its DeepSpeed JSON)
+        payload["launch_configs"] = {str(p): sha256_file(p) for p in sorted(configs.rglob("*"))
+                                     if p.is_file()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
