@@ -1,14 +1,21 @@
-"""DVC stage `train`: fine-tune the base model with the method chosen by the `method` param."""
+"""DVC stage `train`: fine-tune the base model with the method chosen by the `method` param.
+
+With `train.launcher: accelerate` this script starts `train.num_processes` copies of itself
+under `accelerate launch` (reprotune.train.launch) and waits; only rank 0 writes outputs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from reprotune import io, runtime
 from reprotune.lineage import run_info, write_run_info
 from reprotune.params import load_section, load_top
 from reprotune.timing import split_timing, write_timing
+from reprotune.train import distributed, launch
 from reprotune.train.methods import TrainSetupError
+from reprotune.train.packing import resolve_packing
 from reprotune.train.training import RunConfig, train_model
 
 
@@ -28,20 +35,36 @@ def main() -> None:
                     qlora=load_section("qlora"), freeze=load_section("freeze"),
                     prompt=load_section("prompt"),
                     enable_thinking=load_section("format").enable_thinking)
+    if cfg.train.launcher == "accelerate" and not launch.inside_launch():
+        try:  # every check that can fail runs before any process starts
+            cuda = launch.available_devices()[1].startswith("CUDA")
+            packing = resolve_packing(cfg.train.packing, "cuda" if cuda else "cpu",
+                                      cfg.top.method)[0]
+            plan = launch.preflight(cfg.train, batch_size=cfg.top.batch_size,
+                                    method=cfg.top.method, packing=packing, base_dir=args.base)
+            launch.relaunch(plan, __file__, sys.argv[1:])
+        except TrainSetupError as exc:
+            raise SystemExit(f"train: {exc}") from None
+        return
     runtime.seed_everything(cfg.top.seed)
-    io.clean_stale_temporaries(args.out, args.metrics)
+    if distributed.is_main():
+        io.clean_stale_temporaries(args.out, args.metrics)
     try:
         metrics = train_model(train_path=args.train, val_path=args.val, base_dir=args.base,
                               out_dir=args.out, checkpoints_dir=args.checkpoints,
                               live_dir=args.live_dir, cfg=cfg)
     except TrainSetupError as exc:  # bad input: one clear line, no traceback
         raise SystemExit(f"train: {exc}") from None
+    if not distributed.is_main():  # rank 0 writes the lineage, timing and metrics
+        distributed.finish()
+        return
     # which params, inputs, versions and device made this model; travels with the folder
     write_run_info(args.out, run_info("train", cfg.relevant(), [args.train, args.val, args.base],
                                       metrics["device"]))
     metrics, timing = split_timing(metrics)  # speed and memory vary run to run: untracked
     write_timing("train", timing)
     io.write_json(args.metrics, metrics)
+    distributed.finish()
     log.info("%s: val loss %s -> %s (%d steps, %.0f s, %s tokens/s; packing %s, attention %s, "
              "loss %s)", metrics["method"], metrics["initial_val_loss"], metrics["best_val_loss"],
              metrics["train_steps"], timing.get("wall_time_s", 0), timing.get("tokens_per_s"),

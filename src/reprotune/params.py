@@ -146,6 +146,13 @@ class TrainParams:
     # auto: liger (CUDA, if installed) > chunked; stock = the model's own logits + loss
     loss_impl: Literal["auto", "stock", "chunked", "liger"] = "auto"
     torch_compile: bool = False
+    # python: this process trains; accelerate: the stage re-runs itself under `accelerate
+    # launch` in num_processes processes with accelerate_config (train/launch.py)
+    launcher: Literal["python", "accelerate"] = "python"
+    num_processes: int = _f(1, **_rng(1, 1024))
+    accelerate_config: str = "configs/accelerate/ddp.yaml"
+    # how long a collective waits for the other ranks before the run fails
+    collective_timeout_s: int = _f(600, **_rng(10, 86400))
 
 
 @dataclass(frozen=True)
@@ -359,6 +366,15 @@ def _cross_checks(obj: Any, prefix: str) -> None:
     if isinstance(obj, TrainParams) and not (obj.packing == "auto" or isinstance(obj.packing, bool)):
         # Literal["auto", True, False] would also let 1 and 0 through (1 == True)
         raise ParamsError(f"{prefix}.packing: {obj.packing!r} is not one of auto, true, false")
+    if isinstance(obj, TrainParams):
+        if obj.launcher == "python" and obj.num_processes > 1:
+            raise ParamsError(f"{prefix}.num_processes: {obj.num_processes} processes need "
+                              f"{prefix}.launcher: accelerate (python runs one process)")
+        cfg = Path(obj.accelerate_config)
+        if cfg.is_absolute() or cfg.parts[:1] != ("configs",) or ".." in cfg.parts or \
+                cfg.suffix not in (".yaml", ".yml"):
+            raise ParamsError(f"{prefix}.accelerate_config: {obj.accelerate_config!r} must be a "
+                              f".yaml file under configs/, e.g. configs/accelerate/ddp.yaml")
     if isinstance(obj, LoraParams) and not obj.target_modules:
         raise ParamsError(f"{prefix}.target_modules: must name at least one module")
 

@@ -86,20 +86,47 @@ def pack_rows(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
     return packs
 
 
+def balance_packs(packs: list[list[int]], processes: int) -> list[list[int]]:
+    """Split packs until their number divides by ``processes``: every process then gets
+    the same number of packs each epoch, so the data loader never repeats a pack to even
+    them out, and no sample is dropped or seen twice.
+
+    The pack with the most samples is halved (at a sample boundary) each time; at most
+    ``processes - 1`` splits.
+    """
+    packs = [list(p) for p in packs]
+    while len(packs) % processes:
+        i = max(range(len(packs)), key=lambda j: len(packs[j]))  # first of the largest
+        if len(packs[i]) < 2:
+            raise TrainSetupError(
+                f"train.num_processes: {len(packs)} packs of one sample each cannot be shared "
+                f"evenly by {processes} processes without repeating a sample; use a "
+                f"train.num_processes that divides {len(packs)}")
+        half = len(packs[i]) // 2
+        packs[i:i + 1] = [packs[i][:half], packs[i][half:]]
+    return packs
+
+
 def packed_dataset(rows: list[dict[str, list[int]]], budget: int, seed: int, *,
-                   grad_accum: int = 1, path: str = "train split") -> list[dict[str, Any]]:
+                   grad_accum: int = 1, path: str = "train split",
+                   num_processes: int = 1) -> list[dict[str, Any]]:
     """The train split as packs: one dataset item per pack, holding its samples.
 
     Fails (naming the params) on a sample longer than the budget and when one optimizer
-    step (``grad_accum`` packs) needs more packs than the split fills.
+    step (``grad_accum`` packs on each of ``num_processes`` processes) needs more packs than
+    the split fills. Several processes: the pack count is made a multiple of theirs
+    (:func:`balance_packs`).
     """
     check_budget(rows, budget, path)
     packs = pack_rows([len(r["input_ids"]) for r in rows], budget, seed)
-    if len(packs) < grad_accum:
+    if len(packs) < grad_accum * num_processes:
+        procs = f" on each of train.num_processes {num_processes}" if num_processes > 1 else ""
         raise TrainSetupError(
-            f"train.grad_accum: {grad_accum} packs per optimizer step, but the train split "
-            f"fills only {len(packs)} pack(s) of train.tokens_per_batch {budget} tokens; lower "
-            f"train.grad_accum or train.tokens_per_batch")
+            f"train.grad_accum: {grad_accum} packs per optimizer step{procs}, but the train "
+            f"split fills only {len(packs)} pack(s) of train.tokens_per_batch {budget} tokens; "
+            f"lower train.grad_accum or train.tokens_per_batch")
+    if num_processes > 1:
+        packs = balance_packs(packs, num_processes)
     items = [{"samples": [rows[i] for i in pack]} for pack in packs]
     tokens = sum(len(r["input_ids"]) for r in rows)
     log.info("packing: %d rows (%d tokens) into %d packs of <= %d tokens (%.1f%% of the "

@@ -49,6 +49,7 @@ from reprotune.params import (
     TopParams,
     TrainParams,
 )
+from reprotune.train import distributed
 from reprotune.train.loading import save_finetuned
 from reprotune.train.methods import (
     TrainSetupError,
@@ -65,6 +66,7 @@ IGNORE_INDEX = -100
 RUN_STATE_FILE = "reprotune_run.json"      # in the checkpoint dir: fingerprint + initial loss
 COUNTERS_FILE = "reprotune_counters.json"  # in each checkpoint: label tokens seen so far
 LIVE_METRICS = ("train_loss", "val_loss", "learning_rate", "grad_norm")
+LAUNCH_KEYS = ("launcher", "num_processes", "accelerate_config", "collective_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,14 @@ class RunConfig:
     def relevant(self) -> dict[str, Any]:
         """The params that matter for this method (the run fingerprint's params part)."""
         method = self.top.method
-        out: dict[str, Any] = {"top": dataclasses.asdict(self.top),
-                               "train": dataclasses.asdict(self.train),
+        train = dataclasses.asdict(self.train)
+        # how the run is launched matters only under accelerate: a one-process run's params
+        # (its fingerprint and lineage record) stay what they were before these keys existed
+        launch = {k: train.pop(k) for k in LAUNCH_KEYS}
+        out: dict[str, Any] = {"top": dataclasses.asdict(self.top), "train": train,
                                "group_by_length": self.group_by_length}
+        if self.train.launcher != "python":
+            out["launch"] = launch
         if method in ("lora", "qlora"):
             out["lora"] = dataclasses.asdict(self.lora)
         if method == "qlora":
@@ -132,18 +139,21 @@ def check_rows(rows: list[dict[str, Any]], path: str | Path, *, vocab_size: int,
 
 
 def check_sizes(n_train: int, n_val: int, batch_size: int, grad_accum: int,
-                paths: tuple[str, str] = ("train split", "val split")) -> None:
-    """The val split must be non-empty and one optimizer step must fit in the train split."""
+                paths: tuple[str, str] = ("train split", "val split"), processes: int = 1) -> None:
+    """The val split must be non-empty and one optimizer step (of every process) must fit in
+    the train split."""
     if n_train == 0:
         raise TrainSetupError(f"{paths[0]}: no training rows; check the format and split metrics")
     if n_val == 0:
         raise TrainSetupError(f"{paths[1]}: the val split is empty; raise split.val_ratio (val "
                               f"loss drives evaluation, early stopping and the best checkpoint)")
-    if batch_size * grad_accum > n_train:
+    if batch_size * grad_accum * processes > n_train:
+        procs = f" x train.num_processes {processes}" if processes > 1 else ""
         raise TrainSetupError(
-            f"batch_size: {batch_size} x train.grad_accum {grad_accum} = {batch_size * grad_accum} "
-            f"sequences per optimizer step, but the train split has only {n_train} rows; use "
-            f"batch_size <= {max(1, n_train // grad_accum)}")
+            f"batch_size: {batch_size} x train.grad_accum {grad_accum}{procs} = "
+            f"{batch_size * grad_accum * processes} sequences per optimizer step, but the train "
+            f"split has only {n_train} rows; use batch_size <= "
+            f"{max(1, n_train // (grad_accum * processes))}")
 
 
 @dataclass
@@ -187,6 +197,10 @@ def run_fingerprint(cfg: RunConfig, train_path: str | Path, val_path: str | Path
                "val": sha256_file(val_path),
                "base": {str(p.relative_to(base)): sha256_file(p)
                         for p in sorted(base.rglob("*")) if p.is_file()}}
+    if cfg.train.launcher != "python":  # the strategy shapes the checkpoints' files
+        configs = Path(cfg.train.accelerate_config).parents[-2]  # configs/ (and its DeepSpeed JSON)
+        payload["launch_configs"] = {str(p): sha256_file(p) for p in sorted(configs.rglob("*"))
+                                     if p.is_file()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -232,12 +246,6 @@ def finish_checkpoints(ckpt_dir: Path, state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- environment
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_precision(name: str, device: str) -> str:
     """``auto``: bf16 on CUDA that supports it, else fp16 on CUDA; fp32 on CPU."""
     import torch
@@ -313,13 +321,16 @@ def _callback_classes() -> tuple[type, type, type]:
         """Per-log curves to dvclive (train/val loss, learning rate, grad norm); tokens/s of
         each logging interval is collected in ``rates``, not logged (it varies run to run)."""
 
-        def __init__(self, live_dir: str | Path, resume_step: int | None) -> None:
+        def __init__(self, live_dir: str | Path, resume_step: int | None,
+                     main: bool = True) -> None:
             from dvclive import Live
 
-            if resume_step is not None:
-                trim_live(live_dir, resume_step)
-            self.live = Live(dir=str(live_dir), resume=resume_step is not None, dvcyaml=False,
-                             save_dvc_exp=False)
+            self.live = None  # other ranks than 0 write no curves
+            if main:
+                if resume_step is not None:
+                    trim_live(live_dir, resume_step)
+                self.live = Live(dir=str(live_dir), resume=resume_step is not None,
+                                 dvcyaml=False, save_dvc_exp=False)
             self._t: float | None = None
             self._tokens = 0
             self.rates: list[float] = []
@@ -338,6 +349,8 @@ def _callback_classes() -> tuple[type, type, type]:
             self._restart_clock(state)
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if self.live is None:
+                return
             logs = logs or {}
             self.live.step = state.global_step
             if "loss" in logs:
@@ -370,10 +383,12 @@ def _callback_classes() -> tuple[type, type, type]:
             self.trainer = trainer
 
         def on_save(self, args, state, control, **kw):
+            # every rank calls this after its part of the checkpoint, so the sum (a collective)
+            # also means the other ranks' files are written before the counters mark it complete
+            seen = distributed.sum_over_ranks(self.trainer.label_tokens_seen)
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                io.write_json(ckpt / COUNTERS_FILE,
-                              {"label_tokens_seen": self.trainer.label_tokens_seen})
+            if distributed.is_main() and ckpt.is_dir():
+                io.write_json(ckpt / COUNTERS_FILE, {"label_tokens_seen": seen})
 
     return LiveCallback, EvalAtEnd, Counters
 
@@ -446,7 +461,9 @@ def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
         logging_first_step=True, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy=("group_by_length" if cfg.group_by_length and not packing
                                  else "random"),
-        dataloader_num_workers=0, dataloader_pin_memory=device != "cpu", disable_tqdm=False)
+        dataloader_num_workers=0, dataloader_pin_memory=device != "cpu", disable_tqdm=False,
+        # how long a collective waits for the other ranks (NCCL; gloo: distributed.init)
+        ddp_timeout=t.collective_timeout_s)
 
 
 def mean_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
@@ -494,13 +511,16 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
 
     t0 = time.perf_counter()
     method = check_method(cfg.top.method)
-    device = pick_device()
+    device = distributed.local_device()  # cuda:<local rank> when several processes share GPUs
+    distributed.init(device, cfg.train.collective_timeout_s)
+    world = distributed.world_size()
     precision = resolve_precision(cfg.train.precision, device)
     train_rows, val_rows = read_split(train_path), read_split(val_path)
     packing, packing_note = resolve_packing(cfg.train.packing, device, method)
     # packed, an optimizer step is grad_accum packs (checked once the rows are packed)
     check_sizes(len(train_rows), len(val_rows), 1 if packing else cfg.top.batch_size,
-                1 if packing else cfg.train.grad_accum, (str(train_path), str(val_path)))
+                1 if packing else cfg.train.grad_accum, (str(train_path), str(val_path)),
+                1 if packing else world)
     tokenizer = load_tokenizer(base_dir)
     info_file = Path(base_dir) / BASE_INFO_FILE
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -516,7 +536,8 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     train_data: list[dict[str, Any]] = train_rows
     if packing:
         train_data = packed_dataset(train_rows, cfg.train.tokens_per_batch, cfg.top.seed,
-                                    grad_accum=cfg.train.grad_accum, path=str(train_path))
+                                    grad_accum=cfg.train.grad_accum, path=str(train_path),
+                                    num_processes=world)
 
     set_seed(cfg.top.seed)  # LoRA / soft-prompt init, dropout; the Trainer re-seeds data order
     model = prepare_model(load_base(base_dir, method, qlora=cfg.qlora, device=device), method,
@@ -529,7 +550,14 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     # only now, with the LoRA targets, layer counts and fast paths checked: a mistyped param
     # must not clear the checkpoints of an interrupted run before its error is shown
     ckpt_dir = Path(checkpoints_dir)
-    resume, run_state = resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
+    args = training_arguments(cfg, output_dir=ckpt_dir, device=device, precision=precision,
+                              packing=packing)
+    if world > 1:
+        _ = args.device  # starts the process group (on CUDA: NCCL with train.collective_timeout_s)
+    # rank 0 decides (and clears stale checkpoints); every rank resumes from its answer
+    resume, run_state = distributed.broadcast(
+        resume_point(ckpt_dir, run_fingerprint(cfg, train_path, val_path, base_dir))
+        if distributed.is_main() else None)
     summary = trainable_summary(model)
     log.info("method %s on %s (%s, %d torch threads): %d of %d parameters train (%.4f%%)",
              method, device, precision, torch.get_num_threads(), summary["trainable"],
@@ -537,36 +565,50 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
 
     LiveCallback, EvalAtEnd, Counters = _callback_classes()
     resume_step = _step_of(resume) if resume else None
-    live_cb = LiveCallback(live_dir, resume_step)
+    live_cb = LiveCallback(live_dir, resume_step, main=distributed.is_main())
     callbacks = [live_cb, EvalAtEnd(), *(callbacks or [])]
     if cfg.train.patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.patience))
     padded = PaddingCollator(pad_id, 8 if device != "cpu" else None)
     trainer = _trainer_class()(
-        model=model, args=training_arguments(cfg, output_dir=ckpt_dir, device=device,
-                                             precision=precision, packing=packing),
+        model=model, args=args,
         train_dataset=train_data, eval_dataset=val_rows, processing_class=tokenizer,
         # packs for training; evaluation stays padded, so val loss means the same either way
         data_collator=PackingCollator(unpacked=padded) if packing else padded,
         callbacks=callbacks)
     trainer.loss_impl = speed["loss_impl"]
     trainer.add_callback(Counters(trainer))
+
+    def record_initial(loss: float) -> float:
+        """Check and keep the val loss before training (run state: resume reads it)."""
+        if not math.isfinite(loss):
+            raise TrainSetupError(
+                f"{base_dir}: the base model's validation loss is {loss}: its weights are "
+                f"probably corrupt (`dvc status` trusts size and time stamps). Restore them "
+                f"with `dvc checkout --relink --force {base_dir}` or rebuild them with "
+                f"`dvc repro -f base`")
+        run_state["initial_val_loss"] = loss
+        if distributed.is_main():
+            io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
+        log.info("initial val loss %.4f", loss)
+        return loss
+
     try:
         if resume is not None:
-            trainer.label_tokens_seen = io.read_json(resume / COUNTERS_FILE)["label_tokens_seen"]
+            # the count is global: rank 0 carries it on, the others count from zero
+            trainer.label_tokens_seen = (io.read_json(resume / COUNTERS_FILE)["label_tokens_seen"]
+                                         if distributed.is_main() else 0)
             log.info("resuming from checkpoint %s (global step %d)", resume, resume_step)
             initial = run_state["initial_val_loss"]
+            log.info("initial val loss %.4f", initial)
+        elif world > 1:
+            # An evaluation before train() would leave the model marked as prepared by
+            # accelerate, and train() would then skip the DDP wrapper (no gradient sync): the
+            # Trainer evaluates at the start of train() instead, after wrapping the model.
+            trainer.args.eval_on_start = True
+            trainer.add_callback(distributed.first_eval_callback(record_initial))
         else:
-            initial = trainer.evaluate()["eval_loss"]  # the "before" of "it learned"
-            if not math.isfinite(initial):
-                raise TrainSetupError(
-                    f"{base_dir}: the base model's validation loss is {initial}: its weights are "
-                    f"probably corrupt (`dvc status` trusts size and time stamps). Restore them "
-                    f"with `dvc checkout --relink --force {base_dir}` or rebuild them with "
-                    f"`dvc repro -f base`")
-            run_state["initial_val_loss"] = initial
-            io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
-        log.info("initial val loss %.4f", initial)
+            initial = record_initial(trainer.evaluate()["eval_loss"])  # the "before" of "it learned"
         t_train = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as exc:
@@ -575,6 +617,8 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
                                                    loss_impl=speed["loss_impl"])) from exc
     train_s = time.perf_counter() - t_train
     state = trainer.state
+    if resume is None and world > 1:
+        initial = run_state["initial_val_loss"]
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     bad = next((h for h in state.log_history
                 if not all(math.isfinite(h[k]) for k in ("loss", "eval_loss") if k in h)), None)
@@ -584,8 +628,12 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         raise TrainSetupError(f"training diverged: the loss is not finite at step {bad.get('step')} "
                               f"({what}); lower lr ({cfg.top.lr:g}) or raise train.warmup_ratio")
     session_tokens = state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
+    label_tokens = distributed.sum_over_ranks(trainer.label_tokens_seen)
+    memory = peak_memory(device)
+    if world > 1:  # the rank that needed the most
+        memory["peak_memory_mb"] = distributed.max_over_ranks(memory["peak_memory_mb"])
     metrics = {
-        "method": method, "device": device, "precision": precision,
+        "method": method, "device": device.split(":")[0], "precision": precision,
         "trainable_params": summary["trainable"], "total_params": summary["total"],
         "trainable_share": summary["share"], "train_rows": len(train_rows),
         "val_rows": len(val_rows), "train_steps": state.global_step, "max_steps": state.max_steps,
@@ -595,18 +643,25 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         "initial_val_loss": _round(initial), "best_val_loss": _round(state.best_metric),
         "final_train_loss": _round(losses[-1]) if losses else None,
         "mean_train_loss": _round(mean_logged_loss(state.log_history)),
-        "tokens_seen": state.num_input_tokens_seen, "label_tokens_seen": trainer.label_tokens_seen,
+        # token counts (and so tokens/s) are the Trainer's sums over every rank
+        "tokens_seen": state.num_input_tokens_seen, "label_tokens_seen": label_tokens,
         "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
         "tokens_per_s_steady": _steady(live_cb.rates),
         "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
-        **{k: v for k, v in speed.items() if k != "restore_attention"}, **peak_memory(device),
+        **{k: v for k, v in speed.items() if k != "restore_attention"}, **memory,
     }
+    if cfg.train.launcher != "python" or world > 1:
+        metrics["distributed"] = distributed.summary(trainer, cfg.top.batch_size,
+                                                     cfg.train.grad_accum, packing)
     if speed["restore_attention"]:  # the saved model must load without this process's kernels
         packed_attention.disable(trainer.model, speed["restore_attention"])
-    save_finetuned(trainer.model, tokenizer, out_dir, method=method, base_dir=base_dir,
-                   enable_thinking=cfg.enable_thinking, qlora=cfg.qlora)
-    live_cb.live.end()
-    finish_checkpoints(ckpt_dir, run_state)
+    model_out = distributed.saveable_model(trainer)  # FSDP/ZeRO-3: gathered on every rank
+    if distributed.is_main():  # only rank 0 writes the model, the curves, the run state
+        save_finetuned(model_out, tokenizer, out_dir, method=method, base_dir=base_dir,
+                       enable_thinking=cfg.enable_thinking, qlora=cfg.qlora)
+        live_cb.live.end()
+        finish_checkpoints(ckpt_dir, run_state)
+    distributed.barrier()
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
     log.info("val loss %.4f -> best %.4f at step %s; %d steps%s in %.1fs", initial,
              state.best_metric or float("nan"), state.best_global_step, state.global_step,
