@@ -135,7 +135,7 @@ def test_training_arguments_follow_params(tmp_path):
     assert a.activation_checkpointing and not (a.bf16 or a.fp16) and a.use_cpu
     assert (a.eval_steps, a.save_steps, a.seed, a.data_seed) == (4, 4, 0, 0)
     assert a.load_best_model_at_end and a.metric_for_best_model == "eval_loss"
-    assert a.report_to == []  # no integration auto-wired: the dvclive callback is ours
+    assert a.report_to == []  # no integration auto-wired: the curves callback is ours
     assert str(a.optim.value) == "adamw_torch_fused"  # fused AdamW, named (issue 9)
     packed = training_arguments(cfg, output_dir=tmp_path, device="cpu", precision="fp32",
                                 packing=True)

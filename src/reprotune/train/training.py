@@ -1,4 +1,4 @@
-"""The training loop: HF Trainer, dvclive curves, resumable checkpoints, final artifacts.
+"""The training loop: HF Trainer, loss curves, resumable checkpoints, final artifacts.
 
 :func:`train_model` runs one fine-tuning job from the split Parquet files:
 
@@ -12,8 +12,9 @@
   fingerprint clears them. A finished run deletes its checkpoints. Resuming reads the
   Trainer's optimizer/scheduler/RNG ``.pt`` files with ``torch.load(weights_only=True)``
   (the Trainer's own safe loader); they are this pipeline's own files, never downloads;
-* curves (train/val loss, learning rate, grad norm) go to dvclive with ``dvcyaml=False``:
-  dvclive's own dvc.yaml entries break pipeline metrics (DVC #8974). Throughput is measured
+* curves (train/val loss, learning rate, grad norm) are written in DVC's plot layout by
+  :mod:`reprotune.train.curves` (no dvclive: it would import DVC into every training
+  process, which a GPU machine without DVC lacks). Throughput is measured
   per logging interval but kept out of the curves (a tracked output must not change when
   the same run is repeated): its median is ``tokens_per_s_steady`` in the metrics, which
   the stage moves to the untracked timing file;
@@ -49,7 +50,7 @@ from reprotune.params import (
     TopParams,
     TrainParams,
 )
-from reprotune.train import distributed
+from reprotune.train import curves, distributed
 from reprotune.train.loading import save_finetuned
 from reprotune.train.methods import (
     TrainSetupError,
@@ -301,36 +302,22 @@ def out_of_memory_advice(cfg: RunConfig, method: str, longest: int, device: str,
 
 
 # --------------------------------------------------------------------------- callbacks
-def trim_live(live_dir: str | Path, last_step: int) -> None:
-    """Drop curve rows logged after ``last_step`` (by a run killed after its last checkpoint)."""
-    for tsv in (Path(live_dir) / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text(encoding="utf-8").splitlines()
-        if not lines:
-            continue
-        col = lines[0].split("\t").index("step")
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= last_step]
-        with io.atomic_path(tsv) as tmp:
-            tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
-
-
 def _callback_classes() -> tuple[type, type, type]:
     """TrainerCallback subclasses, built on first use so importing this module stays light."""
     from transformers import TrainerCallback
 
     class LiveCallback(TrainerCallback):
-        """Per-log curves to dvclive (train/val loss, learning rate, grad norm); tokens/s of
-        each logging interval is collected in ``rates``, not logged (it varies run to run)."""
+        """Per-log curves in DVC's plot layout (train/val loss, learning rate, grad norm; see
+        :mod:`reprotune.train.curves`); tokens/s of each logging interval is collected in
+        ``rates``, not logged (it varies run to run)."""
 
         def __init__(self, live_dir: str | Path, resume_step: int | None,
                      main: bool = True) -> None:
-            from dvclive import Live
-
-            self.live = None  # other ranks than 0 write no curves
+            self.live: curves.CurveWriter | None = None  # other ranks than 0 write no curves
             if main:
                 if resume_step is not None:
-                    trim_live(live_dir, resume_step)
-                self.live = Live(dir=str(live_dir), resume=resume_step is not None,
-                                 dvcyaml=False, save_dvc_exp=False)
+                    curves.trim(live_dir, resume_step)
+                self.live = curves.CurveWriter(live_dir, resume=resume_step is not None)
             self._t: float | None = None
             self._tokens = 0
             self.rates: list[float] = []
@@ -354,17 +341,17 @@ def _callback_classes() -> tuple[type, type, type]:
             logs = logs or {}
             self.live.step = state.global_step
             if "loss" in logs:
-                self.live.log_metric("train_loss", logs["loss"])
+                self.live.log("train_loss", logs["loss"])
                 for key in ("learning_rate", "grad_norm"):
                     if key in logs:
-                        self.live.log_metric(key, float(logs[key]))
+                        self.live.log(key, float(logs[key]))
                 if self._t is not None and time.perf_counter() > self._t:
                     rate = (state.num_input_tokens_seen - self._tokens) / (time.perf_counter() - self._t)
                     self.rates.append(rate)
                 self._restart_clock(state)
             if "eval_loss" in logs:
-                self.live.log_metric("val_loss", logs["eval_loss"])
-            self.live.make_summary()
+                self.live.log("val_loss", logs["eval_loss"])
+            self.live.summary()
 
     class EvalAtEnd(TrainerCallback):
         """Evaluate and save at the last step too, so the tail of training can be the best;
@@ -659,7 +646,6 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     if distributed.is_main():  # only rank 0 writes the model, the curves, the run state
         save_finetuned(model_out, tokenizer, out_dir, method=method, base_dir=base_dir,
                        enable_thinking=cfg.enable_thinking, qlora=cfg.qlora)
-        live_cb.live.end()
         finish_checkpoints(ckpt_dir, run_state)
     distributed.barrier()
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
