@@ -70,5 +70,5 @@ class CurveWriter:
     def summary(self) -> None:
         """metrics.json: the latest value of every curve, and the step it was logged at."""
         with io.atomic_path(self.dir / SUMMARY) as tmp:
-            tmp.write_text(json.dumps({**self._latest, "step": self.step}, indent=4),
+            tmp.write_text(json.dumps({**self._latest, "step": self.step}, indent=4) + "\n",
                            encoding="utf-8")
