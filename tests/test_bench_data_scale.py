@@ -21,7 +21,9 @@ def test_data_scale_smoke(tmp_path: Path, repo_root: Path) -> None:
     (res,) = io.read_json(out)["results"]
     assert res["rows"] == 1000
     assert set(res["stages"]) == {"read", "ingest", "dedup", "format", "split"}
-    assert all(s["rc"] == 0 and s["peak_rss_mib"] > 0 for s in res["stages"].values())
+    logs = {f.name: f.read_text()[-2000:] for f in (tmp_path / "work").rglob("logs/*.log")}
+    assert all(s["rc"] == 0 and s["peak_rss_mib"] > 0 for s in res["stages"].values()), (
+        res["stages"], logs)
     q = res["dedup_quality"]
     # 100 planted near pairs, 30 exact pairs (NEAR_FRAC, EXACT_FRAC): all found, none wrong
     assert (q["planted_near"], q["planted_exact"]) == (100, 30)
