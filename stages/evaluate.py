@@ -8,10 +8,11 @@ values and the gain side by side, plus the Markdown report and the confusion-mat
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from reprotune import io, runtime
+from reprotune import io, launcher, runtime
 from reprotune.chat_template import template_fingerprint
 from reprotune.evaluate.evaluation import (
     EvalDataError,
@@ -25,6 +26,7 @@ from reprotune.evaluate.metrics import NonFiniteLossError
 from reprotune.evaluate.report import plot_confusion, relative_link, render_report, write_report
 from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
 from reprotune.params import load_section
+from reprotune.train import distributed
 
 DEFAULTS = {
     "base": {"model": "models/base", "metrics": "metrics/eval_base.json",
@@ -42,8 +44,9 @@ def _load(kind: str, model_dir: str, thinking_param: bool, log: Any) -> tuple[An
     """
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    device = distributed.local_device()  # cuda:<local rank> when several processes share GPUs
+    dtype = (torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported()
+             else torch.float32)
     if kind == "base":
         tokenizer = load_tokenizer(model_dir)
         model = load_model(model_dir, dtype=dtype).to(device).eval()
@@ -89,6 +92,22 @@ def main() -> None:
     log = runtime.setup("evaluate")
     cfg = load_section("eval")
     thinking_param = load_section("format").enable_thinking
+    if cfg.num_processes > 1 and not launcher.inside_launch():
+        # data-parallel generation: the same script in eval.num_processes processes
+        have, what = launcher.available_devices()
+        if cfg.num_processes > have:
+            raise SystemExit(f"evaluate: eval.num_processes: {cfg.num_processes} processes, but "
+                             f"this machine has {have} {what}; use eval.num_processes <= {have}")
+        plan = {"kind": "ddp", "num_processes": cfg.num_processes, "precision": "auto",
+                "mixed_precision": "no",  # the repo's DDP config, wherever the stage runs from
+                "config": str(Path(__file__).resolve().parents[1] / launcher.DDP_CONFIG)}
+        try:
+            launcher.relaunch(plan, __file__, sys.argv[1:], role="evaluation")
+        except launcher.LaunchError as exc:
+            raise SystemExit(f"evaluate: {exc}") from None
+        return
+    distributed.init_collectives(distributed.local_device(), timeout_s=600)
+    shard = (distributed.rank(), distributed.world_size())
     io.clean_stale_temporaries(*(p for p in (args.metrics, args.predictions, args.report,
                                              args.confusion, args.gain) if p))
     runtime.seed_everything(args.seed)
@@ -97,7 +116,7 @@ def main() -> None:
         model, tokenizer, enable_thinking, info = _load(args.kind, args.model, thinking_param, log)
         metrics, predictions = evaluate_model(model, tokenizer, rows, cfg,
                                               enable_thinking=enable_thinking, seed=args.seed,
-                                              source=str(args.test))
+                                              source=str(args.test), shard=shard)
     except EvalDataError as exc:
         raise SystemExit(f"evaluate: {exc}") from None
     except NonFiniteLossError as exc:
@@ -106,6 +125,9 @@ def main() -> None:
             f"trusts size and time stamps, so it misses a changed byte). Restore them from the "
             f"DVC cache with `dvc checkout --relink --force {args.model}`, or rebuild them with "
             f"`dvc repro -f` of the stage that writes {args.model}") from None
+    if not distributed.is_main():  # its batches are in rank 0's predictions; rank 0 writes
+        distributed.finish()
+        return
     confusion = metrics.pop("confusion", None)
     metrics["settings"].update(kind=args.kind, model=args.model, method=info.get("method"))
     if not is_finite_metrics(metrics):
@@ -141,6 +163,7 @@ def main() -> None:
         log.warning("SUMMARY: %.0f%% of answers hit eval.max_new_tokens=%d (more than "
                     "eval.warn_capped=%g): raise it or use `auto`", 100 * metrics["capped_share"],
                     metrics["settings"]["max_new_tokens"], cfg.warn_capped)
+    distributed.finish()  # after rank 0 wrote everything: the other ranks wait here
 
 
 if __name__ == "__main__":

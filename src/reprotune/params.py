@@ -199,6 +199,8 @@ class EvalParams:
     report_examples: int = _f(5, **_rng(0, 1000))
     # warn (stage summary + metric) when more than this share of predictions hits the cap
     warn_capped: float = _f(0.25, **_rng(0, 1))
+    # generation batches shared out over this many processes (GPUs; CPU cores here), same result
+    num_processes: int = _f(1, **_rng(1, 1024))
 
 
 @dataclass(frozen=True)

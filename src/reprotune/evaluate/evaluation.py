@@ -118,13 +118,18 @@ def _round(x: Any) -> Any:
 
 def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], cfg: Any, *,
                    enable_thinking: bool, seed: int, source: str = "test split",
-                   progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                   progress: bool = True, shard: tuple[int, int] = (0, 1),
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate answers for ``rows`` and score them; ``cfg`` is the ``eval`` params section.
 
     Returns ``(metrics, predictions)``: metrics hold the headline numbers, counts, a
     ``settings`` dict and (classification) a ``confusion`` dict; predictions hold one
     record per row, in row order: ``{id, prompt, reference, prediction, label, bleu,
     rouge_l, f1, em}`` (+ ``pred_label`` when classification metrics are computed).
+
+    ``shard = (rank, processes)`` generates data-parallel (``eval.num_processes``): every
+    process generates its share of the batches, and rank 0 alone scores (the others return
+    empty results).
     """
     rows = list(rows[: cfg.max_rows] if cfg.max_rows else rows)
     if not rows:
@@ -141,7 +146,9 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
         model, tokenizer, [e.prompt for e in examples], [e.tools for e in examples],
         max_new_tokens=max_new, batch_size=cfg.batch_size, enable_thinking=enable_thinking,
         do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
-        progress=progress)
+        progress=progress, shard=shard)
+    if shard[0] > 0:  # scoring and perplexity are rank 0's
+        return {}, []
     capped_share = sum(capped) / len(capped)
     cap_warning = capped_share > getattr(cfg, "warn_capped", 1.0)
     if cap_warning:

@@ -87,6 +87,19 @@ def init(device: str, timeout_s: int) -> None:
              timeout_s)
 
 
+def init_collectives(device: str, timeout_s: int) -> None:
+    """A process group for a run without a Trainer (data-parallel evaluation): NCCL on CUDA,
+    gloo on CPU, with ``timeout_s`` (a no-op for one process)."""
+    init(device, timeout_s)
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op for one process)."""
     dist = _dist()

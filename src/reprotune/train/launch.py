@@ -21,25 +21,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from reprotune import launcher
+from reprotune.launcher import (  # noqa: F401 - re-exported: the train stage's names for them
+    DDP_CONFIG,
+    LAUNCHED_ENV,
+    available_devices,
+    free_port,
+    inside_launch,
+    launch_args,
+)
 from reprotune.params import TrainParams
 from reprotune.train.methods import TrainSetupError
 
 log = logging.getLogger(__name__)
 
-LAUNCHED_ENV = "REPROTUNE_LAUNCHED"  # set for the processes accelerate starts
 PRECISION_TO_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def inside_launch() -> bool:
-    """Whether this process was started by a launcher (ours, accelerate's or torchrun)."""
-    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ
 
 
 def read_config(path: str | Path) -> Any:
@@ -72,15 +71,6 @@ def deepspeed_json(config: Any) -> dict[str, Any] | None:
         raise TrainSetupError(f"train.accelerate_config: its deepspeed_config_file {path} is "
                               f"not found")
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def available_devices() -> tuple[int, str]:
-    """How many processes this machine can give a device: its GPUs, else its CPU cores."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.device_count(), "CUDA GPU(s)"
-    return len(os.sched_getaffinity(0)), "CPU core(s) (no CUDA GPU)"
 
 
 def layer_classes(base_dir: str | Path) -> set[str]:
@@ -163,72 +153,10 @@ def preflight(train: TrainParams, *, batch_size: int, method: str, packing: bool
             "mixed_precision": PRECISION_TO_MIXED[precision], "config": path}
 
 
-def free_port() -> int:
-    """A TCP port free right now on this machine, for the processes' rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def launch_args(plan: dict[str, Any], script: str | Path, argv: list[str],
-                port: int | None = None) -> list[str]:
-    """The ``accelerate launch`` arguments for ``plan`` (what :func:`relaunch` runs)."""
-    return ["--config_file", plan["config"], "--num_processes", str(plan["num_processes"]),
-            "--num_machines", "1", "--machine_rank", "0",
-            "--main_process_port", str(port or free_port()),
-            # precision is train.precision's: the config must not switch autocast on behind it
-            "--mixed_precision", plan["mixed_precision"], "--dynamo_backend", "no",
-            str(script), *argv]
-
-
-def _failure_line(exc: BaseException, n: int) -> str:
-    """One line for torch elastic's ChildFailedError, naming the rank that caused it.
-
-    When one rank dies, its peers fail on the broken connection and the launcher stops the
-    rest with SIGTERM; so the cause is a rank killed by another signal (SIGKILL, a crash),
-    else one that exited with an error, else the first stopped.
-    """
-    import signal
-
-    failures = getattr(exc, "failures", None) or {}
-    if not failures:
-        text = str(exc).strip()
-        return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-    def cause(item: tuple[int, Any]) -> tuple[int, float, int]:
-        r, f = item
-        code = f.exitcode if f.exitcode is not None else 1
-        rank_of_kind = 0 if code < 0 and -code != signal.SIGTERM else 1 if code > 0 else 2
-        return rank_of_kind, f.timestamp, r
-
-    r, f = min(failures.items(), key=cause)
-    code = f.exitcode
-    how = f"was killed by signal {f.signal_name()}" if code is not None and code < 0 else \
-        f"exited with code {code}"
-    return (f"training process rank {r} of {n} (pid {f.pid}) {how}; the launcher stopped the "
-            f"other rank(s) (see rank {r}'s error above, if any); rerun to resume from the "
-            f"last checkpoint")
-
-
-def relaunch(plan: dict[str, Any], script: str | Path, argv: list[str]) -> None:
-    """Run ``script argv`` in ``plan['num_processes']`` processes and wait for them.
-
-    Raises :class:`TrainSetupError` with one line when a process fails.
-    """
-    from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    args = launch_command_parser().parse_args(launch_args(plan, script, argv))
-    os.environ[LAUNCHED_ENV] = "1"  # the started processes train instead of relaunching
-    log.info("train.launcher: accelerate, %d processes, %s (%s), %s", plan["num_processes"],
-             plan["kind"], plan["config"], plan["precision"])
+def relaunch(plan: dict[str, Any], script: str | Path, argv: list[str],
+             role: str = "training") -> None:
+    """:func:`reprotune.launcher.relaunch`, its one-line failure as a :class:`TrainSetupError`."""
     try:
-        launch_command(args)
-    except subprocess.CalledProcessError as exc:  # accelerate's one-process launcher
-        raise TrainSetupError(f"the training process failed (exit code {exc.returncode}); see "
-                              f"its error above") from None
-    except ChildFailedError as exc:  # torch elastic's launcher: it names the failed ranks
-        raise TrainSetupError(_failure_line(exc, plan["num_processes"])) from None
-    finally:
-        os.environ.pop(LAUNCHED_ENV, None)
-    sys.stdout.flush()
+        launcher.relaunch(plan, script, argv, role)
+    except launcher.LaunchError as exc:
+        raise TrainSetupError(str(exc)) from None
