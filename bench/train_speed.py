@@ -137,6 +137,13 @@ def environment() -> tuple[str, dict[str, str | None]]:
     return device, versions
 
 
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model-shape options of :func:`build_base` (defaults: Qwen3-0.6B)."""
+    for name, default in (("layers", 28), ("hidden", 1024), ("intermediate", 3072),
+                          ("heads", 16), ("kv-heads", 8), ("head-dim", 128), ("vocab", 151936)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,9 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
-    for name, default in (("layers", 28), ("hidden", 1024), ("intermediate", 3072),
-                          ("heads", 16), ("kv-heads", 8), ("head-dim", 128), ("vocab", 151936)):
-        ap.add_argument(f"--{name}", type=int, default=default)
+    add_shape_args(ap)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     return ap.parse_args(argv)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import build_base, environment  # noqa: E402  (sets HF offline, src path)
+from train_speed import add_shape_args, build_base, environment  # noqa: E402  (sets HF offline, src path)
 
 from reprotune import io  # noqa: E402
 from reprotune.params import LoraParams, TopParams, TrainParams  # noqa: E402
@@ -230,9 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak override")
-    for name, default in (("layers", 28), ("hidden", 1024), ("intermediate", 3072),
-                          ("heads", 16), ("kv-heads", 8), ("head-dim", 128), ("vocab", 151936)):
-        ap.add_argument(f"--{name}", type=int, default=default)
+    add_shape_args(ap)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     return ap.parse_args(argv)
 
