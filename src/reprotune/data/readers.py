@@ -7,6 +7,11 @@ so ingest can reject it with its file and line. Problems with the file as a whol
 unsupported extension, an encoding other than UTF-8/16/32, an unclosed CSV quote,
 unreadable Parquet.
 
+Files are read as streams: JSONL, CSV and Parquet row by row (or batch by batch), so memory
+does not grow with the file; their encoding is checked in a first streaming pass
+(:mod:`reprotune.data.encoding`), so a GBK file still fails before any row. A ``.json``
+document is parsed from its text in memory, its array elements decoded one at a time.
+
 Rows are counted as rows, never as lines of something else: a ``.json`` file is read as one
 document (an array of objects, or one object), and only a file that holds several JSON
 values one after another is read as JSON Lines. A truncated or broken array yields its
@@ -31,21 +36,15 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from reprotune.data.encoding import (BOMS, InputFileError, check_decodes, decode_text, first_error,
+                                     sniff_utf16_32)
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = (".json", ".jsonl", ".csv", ".parquet")
 RAW_LIMIT = 500  # characters of an unparseable line kept for the rejected-rows file
-# Byte-order marks, longest first (the UTF-32-LE BOM starts with the UTF-16-LE one).
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
-         (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
-         (codecs.BOM_UTF16_BE, "utf-16-be"))
-_ENCODINGS_READ = "UTF-8 (with or without BOM), UTF-16 or UTF-32"
-
-
-class InputFileError(ValueError):
-    """A whole input file cannot be read; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -124,43 +123,6 @@ def _loads(text: str) -> Any:
     return JSON_DECODER.decode(text)
 
 
-# --------------------------------------------------------------------------- encodings
-def _sniff_utf16_32(data: bytes) -> str | None:
-    """RFC 4627 §3: a JSON text starts with ASCII, so the NUL pattern of its first four
-    bytes tells UTF-16/32 without a BOM."""
-    head = data[:4]
-    if len(head) < 4 or b"\x00" not in head:
-        return None
-    nul = tuple(b == 0 for b in head)
-    return {(True, True, True, False): "utf-32-be", (False, True, True, True): "utf-32-le",
-            (True, False, True, False): "utf-16-be", (False, True, False, True): "utf-16-le",
-            }.get(nul)
-
-
-def decode_text(source: str, data: bytes) -> str:
-    """Decode a whole text file: BOM-marked UTF-8/16/32, BOM-less UTF-16/32, else UTF-8.
-
-    Anything else (GBK, Latin-1, ...) raises :class:`InputFileError` naming the file and the
-    ``iconv`` command that converts it, instead of being misread line by line.
-    """
-    encoding, start = None, 0
-    for bom, enc in _BOMS:
-        if data.startswith(bom):
-            encoding, start = enc, len(bom)
-            break
-    encoding = encoding or _sniff_utf16_32(data) or "utf-8"
-    try:
-        return data[start:].decode(encoding)
-    except UnicodeDecodeError as exc:
-        bad = data[start + exc.start:start + exc.start + 2].hex(" ")
-        stem = Path(source)
-        raise InputFileError(
-            f"{source}: not {encoding.upper()} text (bytes {bad} at offset {start + exc.start}); "
-            f"ingest reads {_ENCODINGS_READ}. Convert the file first, e.g. for Chinese data "
-            f"saved as GBK: iconv -f GBK -t UTF-8 {source} > "
-            f"{stem.with_name(stem.stem + '.utf8' + stem.suffix)}") from exc
-
-
 # --------------------------------------------------------------------------- JSON / JSONL
 def _object_or_error(source: str, line: int, obj: Any, raw: str | None) -> RawRow:
     if isinstance(obj, dict):
@@ -185,35 +147,57 @@ def _line_row(source: str, lineno: int, text: str) -> RawRow | None:
     return _object_or_error(source, lineno, obj, text)
 
 
-def _iter_lines(source: str, data: bytes) -> Iterator[RawRow]:
-    """One JSON object per non-blank line (blank lines are not rows and are skipped).
+def _byte_lines(fh: BinaryIO) -> Iterator[bytes]:
+    """The lines of a binary stream as ``bytes.splitlines`` cuts them (at \\n, \\r\\n and a
+    lone \\r), one at a time."""
+    for segment in fh:  # buffered reads, cut at b"\n": \r\n never straddles two segments
+        if b"\r" in segment:
+            yield from segment.splitlines()
+        else:
+            yield segment[:-1] if segment.endswith(b"\n") else segment
+
+
+def _iter_lines(source: str, fh: BinaryIO) -> Iterator[RawRow]:
+    """One JSON object per non-blank line of ``fh`` (blank lines are not rows and are skipped),
+    read line by line: memory does not grow with the file.
 
     UTF-8 is decoded line by line, so one corrupt line is one rejected row; a file whose
-    lines are mostly not UTF-8 is in another encoding and raises :class:`InputFileError`.
-    UTF-16/32 files (BOM or sniffed) are decoded whole first. Lines end at \\n only
-    (str.splitlines would also split at U+2028 inside a JSON string).
+    lines are mostly not UTF-8 is in another encoding and raises :class:`InputFileError`
+    (checked in a first pass, before any row). UTF-16/32 files (BOM or sniffed) are checked
+    whole, then decoded as a stream. Lines end at \\n only there (str.splitlines would also
+    split at U+2028 inside a JSON string).
     """
-    if not data.startswith(codecs.BOM_UTF8) and (
-            any(data.startswith(bom) for bom, _ in _BOMS) or _sniff_utf16_32(data)):
-        for lineno, text in enumerate(decode_text(source, data).split("\n"), 1):
-            row = _line_row(source, lineno, text.removesuffix("\r"))
-            if row is not None:
-                yield row
+    begin = fh.tell()
+    head = fh.read(4)
+    fh.seek(begin)
+    if not head.startswith(codecs.BOM_UTF8) and (
+            any(head.startswith(bom) for bom, _ in BOMS) or sniff_utf16_32(head)):
+        encoding, _ = check_decodes(source, fh)  # raises, naming the file and the iconv fix
+        text = io.TextIOWrapper(fh, encoding=encoding, newline="\n")
+        try:
+            for lineno, line in enumerate(text, 1):
+                row = _line_row(source, lineno, line.removesuffix("\n").removesuffix("\r"))
+                if row is not None:
+                    yield row
+        finally:
+            text.detach()  # the caller owns (and closes) fh
         return
-    data = data.removeprefix(codecs.BOM_UTF8)
-    lines = data.splitlines()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        bad = 0
-        for raw_line in lines:
+    if head.startswith(codecs.BOM_UTF8):
+        fh.seek(begin + len(codecs.BOM_UTF8))
+    body = fh.tell()
+    if first_error(fh, "utf-8") is not None:
+        bad = nonblank = 0
+        for raw_line in _byte_lines(fh):
+            nonblank += bool(raw_line.strip())
             try:
                 raw_line.decode("utf-8")
             except UnicodeDecodeError:
                 bad += 1
-        if bad * 2 > sum(1 for ln in lines if ln.strip()):
-            decode_text(source, data)  # raises, naming the file and the iconv fix
-    for lineno, raw_line in enumerate(lines, 1):
+        if bad * 2 > nonblank:
+            fh.seek(body)
+            check_decodes(source, fh)  # raises, naming the file and the iconv fix
+        fh.seek(body)
+    for lineno, raw_line in enumerate(_byte_lines(fh), 1):
         try:
             text = raw_line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -282,9 +266,13 @@ def _iter_array(source: str, text: str, pos: int) -> Iterator[RawRow]:
         pos = _skip_ws(text, pos + 1)
 
 
-def _iter_json(source: str, data: bytes) -> Iterator[RawRow]:
-    """A JSON array of objects, one object, or (a .json file that is really) JSON Lines."""
-    text = decode_text(source, data)
+def _iter_json(source: str, path: Path) -> Iterator[RawRow]:
+    """A JSON array of objects, one object, or (a .json file that is really) JSON Lines.
+
+    The file's text is held in memory (a JSON document is parsed from one string), but not
+    its rows: array elements are decoded and yielded one at a time.
+    """
+    text = decode_text(source, path.read_bytes())
     pos = _skip_ws(text, 0)
     if pos >= len(text):
         return
@@ -300,14 +288,26 @@ def _iter_json(source: str, data: bytes) -> Iterator[RawRow]:
         return
     # Several values in a row (or a broken first one): read it as one object per line.
     logger.info("%s: not a single JSON document, reading one object per line", source)
-    yield from _iter_lines(source, text.encode("utf-8"))
+    yield from _iter_lines(source, io.BytesIO(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------- CSV, Parquet
-def _iter_csv(source: str, data: bytes) -> Iterator[RawRow]:
-    """Header row + one row per record; cells are strings, empty cells stay ``""``."""
-    text = decode_text(source, data)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+def _iter_csv(source: str, fh: BinaryIO) -> Iterator[RawRow]:
+    """Header row + one row per record; cells are strings, empty cells stay ``""``.
+
+    The encoding is checked in a first streaming pass, then the rows are parsed from a text
+    stream: memory does not grow with the file.
+    """
+    encoding, _ = check_decodes(source, fh)
+    text = io.TextIOWrapper(fh, encoding=encoding, newline="")
+    try:
+        yield from _csv_rows(source, csv.reader(text, strict=True))
+    finally:
+        text.detach()  # the caller owns (and closes) fh
+
+
+def _csv_rows(source: str, reader: Any) -> Iterator[RawRow]:
+    """The rows of a ``csv.reader``, each with the file line where it starts."""
     try:
         header = next(reader)
     except StopIteration:
@@ -373,10 +373,8 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
     if ext == ".parquet":
         yield from _iter_parquet(source, p)
         return
-    data = p.read_bytes()
-    if ext == ".jsonl":
-        yield from _iter_lines(source, data)
-    elif ext == ".json":
-        yield from _iter_json(source, data)
-    else:
-        yield from _iter_csv(source, data)
+    if ext == ".json":
+        yield from _iter_json(source, p)
+        return
+    with p.open("rb") as fh:
+        yield from (_iter_lines if ext == ".jsonl" else _iter_csv)(source, fh)

@@ -1,0 +1,107 @@
+"""Text encodings of input files: which one a file uses, and a strict check that all of it
+decodes, done in one streaming pass so a file is never held in memory to be checked.
+
+Accepted: UTF-8 (with or without BOM), UTF-16 and UTF-32 (with a BOM, or without one when
+the NUL pattern of the first four bytes shows it, RFC 4627 §3). Anything else (GBK, Latin-1,
+...) raises :class:`InputFileError` naming the file, the first undecodable bytes with their
+offset, and the ``iconv`` command that converts the file, instead of being misread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from pathlib import Path
+from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes decoded at a time by the streaming check
+# Byte-order marks, longest first (the UTF-32-LE BOM starts with the UTF-16-LE one).
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+        (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+        (codecs.BOM_UTF16_BE, "utf-16-be"))
+_ENCODINGS_READ = "UTF-8 (with or without BOM), UTF-16 or UTF-32"
+
+
+class InputFileError(ValueError):
+    """A whole input file cannot be read; the message names the file and what to do."""
+
+
+def sniff_utf16_32(head: bytes) -> str | None:
+    """RFC 4627 §3: a JSON text starts with ASCII, so the NUL pattern of its first four
+    bytes tells UTF-16/32 without a BOM."""
+    head = head[:4]
+    if len(head) < 4 or b"\x00" not in head:
+        return None
+    nul = tuple(b == 0 for b in head)
+    return {(True, True, True, False): "utf-32-be", (False, True, True, True): "utf-32-le",
+            (True, False, True, False): "utf-16-be", (False, True, False, True): "utf-16-le",
+            }.get(nul)
+
+
+def detect(head: bytes) -> tuple[str, int]:
+    """``(encoding, BOM length)`` of a text starting with ``head`` (its first 4+ bytes)."""
+    for bom, enc in BOMS:
+        if head.startswith(bom):
+            return enc, len(bom)
+    return sniff_utf16_32(head) or "utf-8", 0
+
+
+def _not_text(source: str, encoding: str, offset: int, bad: bytes) -> InputFileError:
+    stem = Path(source)
+    return InputFileError(
+        f"{source}: not {encoding.upper()} text (bytes {bad.hex(' ')} at offset {offset}); "
+        f"ingest reads {_ENCODINGS_READ}. Convert the file first, e.g. for Chinese data "
+        f"saved as GBK: iconv -f GBK -t UTF-8 {source} > "
+        f"{stem.with_name(stem.stem + '.utf8' + stem.suffix)}")
+
+
+def decode_text(source: str, data: bytes) -> str:
+    """Decode a whole text held in memory (see :func:`detect`); an undecodable byte raises
+    :class:`InputFileError` naming the file and the ``iconv`` fix."""
+    encoding, start = detect(data[:4])
+    try:
+        return data[start:].decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise _not_text(source, encoding, start + exc.start,
+                        data[start + exc.start:start + exc.start + 2]) from exc
+
+
+def first_error(fh: BinaryIO, encoding: str) -> int | None:
+    """Offset (from ``fh``'s position) of the first byte that does not decode as
+    ``encoding``, None when everything up to the end does; decoded chunk by chunk, so
+    memory does not grow with the file. ``fh`` is left where it was."""
+    begin = fh.tell()
+    decoder = codecs.getincrementaldecoder(encoding)()
+    fed = 0
+    try:
+        while True:
+            chunk = fh.read(CHUNK)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the chunk end
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                return fed - pending + exc.start
+            if not chunk:
+                return None
+            fed += len(chunk)
+    finally:
+        fh.seek(begin)
+
+
+def check_decodes(source: str, fh: BinaryIO) -> tuple[str, int]:
+    """Detect the encoding of the text from ``fh``'s position on and check that all of it
+    decodes, raising exactly the error :func:`decode_text` would for the same bytes.
+
+    Returns ``(encoding, position where the text starts after any BOM)``; ``fh`` is left
+    at that position.
+    """
+    base = fh.tell()
+    encoding, bom = detect(fh.read(4))
+    fh.seek(base + bom)
+    bad = first_error(fh, encoding)
+    if bad is not None:
+        fh.seek(base + bom + bad)
+        raise _not_text(source, encoding, bom + bad, fh.read(2))
+    return encoding, base + bom
