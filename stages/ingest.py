@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime
-from reprotune.data.inputs import IngestError, check_inputs, merge_parts, part_dir, read_part
+from reprotune.data.inputs import IngestError, check_inputs, merge_part_files
 from reprotune.params import load_section
 
 
@@ -24,13 +24,12 @@ def main() -> None:
     io.clean_stale_temporaries(args.out, args.rejected, args.metrics)
     try:
         check_inputs(cfg.inputs)
-        res = merge_parts([read_part(part_dir(args.parts, p), p) for p in cfg.inputs])
+        # the parts' rows are copied as bytes, in the order of ingest.inputs; counts added
+        counts = merge_part_files(args.parts, cfg.inputs, args.out, args.rejected)
     except IngestError as exc:
         sys.exit(f"ingest: {exc}")
-    io.write_jsonl(args.out, res.records)
-    io.write_jsonl(args.rejected, res.rejects)
-    io.write_json(args.metrics, res.counts)
-    c = res.counts
+    c = counts.as_dict()
+    io.write_json(args.metrics, c)
     reasons = ", ".join(f"{k}={v}" for k, v in c["rejected"].items() if v) or "none"
     log.info("kept %d of %d rows from %d file(s); rejected %d (%s)", c["kept"], c["rows_in"],
              len(cfg.inputs), c["rejected_total"], reasons)

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime
-from reprotune.data.inputs import IngestError, check_files, check_inputs, ingest_files, write_part
+from reprotune.data.inputs import IngestError, check_files, check_inputs, read_to_part
 from reprotune.data.readers import InputFileError
 from reprotune.params import load_section
 
@@ -26,22 +26,22 @@ def main() -> None:
     io.clean_stale_temporaries(args.out)
     try:
         check_inputs([args.input])
-        res = ingest_files([args.input], fmt=cfg.format, columns=cfg.columns,
-                           label_field=cfg.label_field, group_field=cfg.group_field,
-                           keep_fields=cfg.keep_fields)
+        # streamed into the part folder, row by row; written even when check_files below
+        # fails: rejected.jsonl says what went wrong
+        counts = read_to_part(args.input, args.out, fmt=cfg.format, columns=cfg.columns,
+                              label_field=cfg.label_field, group_field=cfg.group_field,
+                              keep_fields=cfg.keep_fields)
     except (FileNotFoundError, InputFileError, IngestError) as exc:
         sys.exit(f"read: {exc}")
-    # written even when the check below fails: rejected.jsonl says what went wrong
-    write_part(args.out, res)
-    c = res.counts
+    c = counts.as_dict()
     reasons = ", ".join(f"{k}={v}" for k, v in c["rejected"].items() if v) or "none"
     log.info("%s: kept %d of %d rows; rejected %d (%s)", args.input, c["kept"], c["rows_in"],
              c["rejected_total"], reasons)
-    for rej in res.rejects[:5]:
+    for rej in counts.first:
         log.info("  rejected %s:%s %s (%s): %s", rej["source"], rej["line"], rej["reason"],
                  rej["field"], rej["detail"])
     try:
-        check_files(res, [args.input], cfg.min_kept_ratio)
+        check_files(counts, [args.input], cfg.min_kept_ratio)
     except IngestError as exc:
         sys.exit(f"read: {exc} (rejected rows: {args.out}/rejected.jsonl)")
 

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -118,29 +118,66 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write one JSON object per line, keys in their own order (never sorted: a tool
-    schema's key order is the user's); returns the number of rows written."""
-    n = 0
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One JSONL line as this project writes it: keys in their own order (never sorted: a
+    tool schema's key order is the user's), text unescaped, NaN refused."""
+    return json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+class JsonlWriter:
+    """Rows appended one at a time to an open JSONL file (see :func:`open_jsonl`)."""
+
+    def __init__(self, fh: TextIO) -> None:
+        self._fh = fh
+        self.rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(jsonl_line(row))
+        self.rows += 1
+
+
+@contextlib.contextmanager
+def open_jsonl(path: str | Path) -> Iterator[JsonlWriter]:
+    """Stream rows into ``path`` (atomically: the file appears complete, or not at all)."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        yield JsonlWriter(fh)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object per line (:func:`jsonl_line`); returns the number of rows."""
+    with open_jsonl(path) as out:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            n += 1
-    return n
+            out.write(row)
+    return out.rows
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file written by this project (trusted: errors name file and line)."""
-    rows = []
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The rows of a JSONL file written by this project, one at a time (trusted: errors
+    name file and line)."""
     with Path(path).open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
-    return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a JSONL file written by this project (see :func:`iter_jsonl`)."""
+    return list(iter_jsonl(path))
+
+
+def append_file(src: str | Path, fh: BinaryIO, chunk: int = 1 << 20) -> int:
+    """Append the bytes of ``src`` to the open binary file ``fh`` in chunks (memory does not
+    grow with the file); returns the number of newlines copied (the rows of a JSONL file)."""
+    lines = 0
+    with Path(src).open("rb") as f:
+        while block := f.read(chunk):
+            fh.write(block)
+            lines += block.count(b"\n")
+    return lines
 
 
 def write_parquet(path: str | Path, rows: list[dict[str, Any]], schema: Any = None) -> None:

@@ -32,7 +32,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,10 @@ class IngestResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
+
+    def example(self, source: str, reason: str) -> dict[str, Any]:
+        """The first reject of ``source`` for ``reason`` ({} when there is none)."""
+        return next((r for r in self.rejects if r["source"] == source and r["reason"] == reason), {})
 
 
 # --------------------------------------------------------------------------- text
@@ -431,20 +435,112 @@ def _bucket() -> dict[str, Any]:
     return {"rows_in": 0, "kept": 0, "rejected": Counter()}
 
 
-def ingest_rows(rows: Iterable[RawRow], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
-                label_field: str | None = "label", group_field: str | None = "group",
-                keep_fields: Sequence[str] = ()) -> IngestResult:
-    """Convert raw rows; every row becomes one record or one reject (see module docstring)."""
+class IngestCounts:
+    """Running counts of an ingest, kept row by row so no record has to stay in memory:
+    totals, rejects per reason, per-file and per-format buckets, roles, tools, labels,
+    groups. :meth:`as_dict` is what ``counts.json`` / ``metrics/ingest.json`` hold;
+    :meth:`add_counts` adds another run's dict (merging per-file parts gives exactly the
+    counts of reading all files at once). The first reject of each (file, reason) is kept
+    as an example for error messages, and the first :attr:`FIRST` rejects for the log."""
+
+    FIRST = 5
+    _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers")
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, Any]] = {}
+        self.formats: dict[str, dict[str, Any]] = {}
+        self.reasons: Counter[str] = Counter()
+        self.roles: Counter[str] = Counter()
+        self.sums: dict[str, int] = dict.fromkeys(self._SUMS, 0)
+        self.kept = self.rejected_total = 0
+        self.examples: dict[tuple[str, str], dict[str, Any]] = {}
+        self.first: list[dict[str, Any]] = []
+
+    def file(self, source: str) -> dict[str, Any]:
+        """The bucket of file ``source`` (created empty: a file without rows still counts)."""
+        return self.files.setdefault(source, _bucket())
+
+    def add(self, source: str, fmt: str, record: dict[str, Any] | None = None,
+            reject: dict[str, Any] | None = None) -> None:
+        """Count one row of ``source`` (detected format ``fmt``): a record or a reject."""
+        for b in (self.file(source), self.formats.setdefault(fmt, _bucket())):
+            b["rows_in"] += 1
+            if record is not None:
+                b["kept"] += 1
+            else:
+                b["rejected"][reject["reason"]] += 1
+        if record is None:
+            self.rejected_total += 1
+            self.reasons[reject["reason"]] += 1
+            self.examples.setdefault((source, reject["reason"]), reject)
+            if len(self.first) < self.FIRST:
+                self.first.append(reject)
+            return
+        self.kept += 1
+        msgs, last = record["messages"], record["messages"][-1]
+        self.roles.update(m["role"] for m in msgs)
+        self.sums["tool_calls"] += sum(len(m.get("tool_calls", [])) for m in msgs)
+        self.sums["with_tools"] += record["tools"] is not None
+        self.sums["with_label"] += record["label"] is not None
+        self.sums["with_group"] += record["group"] is not None
+        self.sums["with_meta"] += record.get("meta") is not None
+        self.sums["empty_answers"] += not last["content"] and not last.get("tool_calls")
+
+    def add_counts(self, counts: Mapping[str, Any]) -> None:
+        """Add the :meth:`as_dict` of another run (one file's part). Extra keys of a file's
+        bucket (e.g. a hub input's pinned revision) are carried over as they are."""
+        for mine, theirs in ((self.files, counts["files"]), (self.formats, counts["formats"])):
+            for key, b in theirs.items():
+                acc = mine.setdefault(key, _bucket())
+                acc["rows_in"] += b["rows_in"]
+                acc["kept"] += b["kept"]
+                acc["rejected"].update(b["rejected"])
+                acc.update({k: v for k, v in b.items() if k not in ("rows_in", "kept", "rejected")})
+        self.reasons.update({k: v for k, v in counts["rejected"].items() if v})
+        self.roles.update(counts["messages_by_role"])
+        for key in self._SUMS:
+            self.sums[key] += counts[key]
+        self.kept += counts["kept"]
+        self.rejected_total += counts["rejected_total"]
+
+    def example(self, source: str, reason: str) -> dict[str, Any]:
+        """The first reject of ``source`` for ``reason`` ({} when there is none)."""
+        return self.examples.get((source, reason), {})
+
+    def as_dict(self) -> dict[str, Any]:
+        def plain(b: dict[str, Any]) -> dict[str, Any]:
+            return {**b, "rejected": dict(sorted(b["rejected"].items()))}
+
+        return {
+            "rows_in": self.kept + self.rejected_total,
+            "kept": self.kept,
+            "rejected_total": self.rejected_total,
+            "rejected": {k: self.reasons.get(k, 0) for k in REASONS},
+            "files": {k: plain(v) for k, v in self.files.items()},
+            "formats": {k: plain(v) for k, v in sorted(self.formats.items())},
+            "messages_by_role": dict(sorted(self.roles.items())),
+            **self.sums,
+        }
+
+
+def _check_options(fmt: str, columns: Mapping[str, str] | None) -> None:
     if fmt != "auto" and fmt not in CONVERTERS:
         raise ValueError(f"ingest.format: {fmt!r} is not auto or one of {', '.join(FORMATS)}")
     unknown = sorted(set(columns or {}) - set(CANONICAL_COLUMNS))
     if unknown:
         raise ValueError(f"ingest.columns: unknown canonical field(s) {', '.join(unknown)}; "
                          f"known: {', '.join(CANONICAL_COLUMNS)}")
-    res = IngestResult()
-    files: dict[str, dict[str, Any]] = {}
-    formats: dict[str, dict[str, Any]] = {}
+
+
+def convert_rows(rows: Iterable[RawRow], counts: IngestCounts, *, fmt: str = "auto",
+                 columns: Mapping[str, str] | None = None, label_field: str | None = "label",
+                 group_field: str | None = "group", keep_fields: Sequence[str] = (),
+                 ) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+    """Convert raw rows one at a time: yields ``(record, None)`` or ``(None, reject)`` per row,
+    in input order, and counts each in ``counts`` (see module docstring)."""
+    _check_options(fmt, columns)
     for raw in rows:
+        record = reject = None
         try:
             if raw.data is None:
                 raise RowError("parse_error", None, raw.error or "unparseable row")
@@ -454,44 +550,25 @@ def ingest_rows(rows: Iterable[RawRow], *, fmt: str = "auto", columns: Mapping[s
         except RowError as exc:
             detected = exc.format or (
                 "unparsed" if exc.reason == "parse_error" else "unknown")
-            res.rejects.append({"source": raw.source, "line": raw.line, "field": exc.field,
-                                "reason": exc.reason, "detail": exc.detail, "raw": _raw_text(raw)})
-            outcome = exc.reason
+            reject = {"source": raw.source, "line": raw.line, "field": exc.field,
+                      "reason": exc.reason, "detail": exc.detail, "raw": _raw_text(raw)}
         else:
-            res.records.append({"source": raw.where, **rec})
-            outcome = None
-        for bucket in (files.setdefault(raw.source, _bucket()), formats.setdefault(detected, _bucket())):
-            bucket["rows_in"] += 1
-            if outcome is None:
-                bucket["kept"] += 1
-            else:
-                bucket["rejected"][outcome] += 1
-    res.counts = summarize(res, files, formats)
+            record = {"source": raw.where, **rec}
+        counts.add(raw.source, detected, record, reject)
+        yield record, reject
+
+
+def ingest_rows(rows: Iterable[RawRow], *, fmt: str = "auto", columns: Mapping[str, str] | None = None,
+                label_field: str | None = "label", group_field: str | None = "group",
+                keep_fields: Sequence[str] = ()) -> IngestResult:
+    """Convert raw rows into one in-memory result (every row one record or one reject)."""
+    res, counts = IngestResult(), IngestCounts()
+    for record, reject in convert_rows(rows, counts, fmt=fmt, columns=columns,
+                                       label_field=label_field, group_field=group_field,
+                                       keep_fields=keep_fields):
+        if record is not None:
+            res.records.append(record)
+        else:
+            res.rejects.append(reject)
+    res.counts = counts.as_dict()
     return res
-
-
-def summarize(res: IngestResult, files: dict[str, Any], formats: dict[str, Any]) -> dict[str, Any]:
-    """The ingest metrics of ``res``: totals, rejects per reason, per-file and per-format
-    buckets (``{rows_in, kept, rejected: Counter}``), roles, tools, labels, groups."""
-    reasons = Counter(r["reason"] for r in res.rejects)
-
-    def plain(b: dict[str, Any]) -> dict[str, Any]:
-        return {"rows_in": b["rows_in"], "kept": b["kept"], "rejected": dict(sorted(b["rejected"].items()))}
-
-    roles = Counter(m["role"] for r in res.records for m in r["messages"])
-    return {
-        "rows_in": len(res.records) + len(res.rejects),
-        "kept": len(res.records),
-        "rejected_total": len(res.rejects),
-        "rejected": {k: reasons.get(k, 0) for k in REASONS},
-        "files": {k: plain(v) for k, v in files.items()},
-        "formats": {k: plain(v) for k, v in sorted(formats.items())},
-        "messages_by_role": dict(sorted(roles.items())),
-        "tool_calls": sum(len(m.get("tool_calls", [])) for r in res.records for m in r["messages"]),
-        "with_tools": sum(r["tools"] is not None for r in res.records),
-        "with_label": sum(r["label"] is not None for r in res.records),
-        "with_group": sum(r["group"] is not None for r in res.records),
-        "with_meta": sum(r.get("meta") is not None for r in res.records),
-        "empty_answers": sum(not r["messages"][-1]["content"] and not r["messages"][-1].get("tool_calls")
-                             for r in res.records),
-    }
