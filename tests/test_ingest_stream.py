@@ -18,8 +18,16 @@ import pytest
 from reprotune import io
 from reprotune.data import encoding
 from reprotune.data.encoding import InputFileError, check_decodes, decode_text
-from reprotune.data.inputs import (IngestError, ingest_files, merge_part_files, merge_parts,
-                                   part_dir, read_part, read_to_part, write_part)
+from reprotune.data.inputs import (
+    IngestError,
+    ingest_files,
+    merge_part_files,
+    merge_parts,
+    part_dir,
+    read_part,
+    read_to_part,
+    write_part,
+)
 from reprotune.data.readers import _byte_lines, iter_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,8 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from reprotune.data.encoding import (BOMS, InputFileError, check_decodes, decode_text, first_error,
-                                     sniff_utf16_32)
+from reprotune.data.encoding import (
+    BOMS,
+    InputFileError,
+    check_decodes,
+    decode_text,
+    first_error,
+    sniff_utf16_32,
+)
 
 logger = logging.getLogger(__name__)
 
