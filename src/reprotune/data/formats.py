@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from reprotune.data.readers import JSON_DECODER, is_non_finite
+from reprotune.data.jsonvalues import JSON_DECODER, is_non_finite
 
 logger = logging.getLogger(__name__)
 

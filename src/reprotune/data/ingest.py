@@ -41,7 +41,8 @@ from reprotune.data.formats import (
     record_id,
     tools_of,
 )
-from reprotune.data.readers import RAW_LIMIT, RawRow, is_non_finite, json_problem
+from reprotune.data.jsonvalues import is_non_finite, json_problem
+from reprotune.data.readers import RAW_LIMIT, RawRow
 
 logger = logging.getLogger(__name__)
 

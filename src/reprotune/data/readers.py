@@ -21,8 +21,8 @@ Line numbers: JSONL and CSV use the file line where the row starts, JSON arrays 
 element index + 1 (the tail error names the file line too), Parquet the row index + 1.
 
 JSON's non-standard ``NaN``/``Infinity`` constants are not turned into floats: they become
-:class:`NonFinite` markers, so ingest can reject ``"output": NaN`` instead of training on
-the answer "nan".
+``NonFinite`` markers (:mod:`reprotune.data.jsonvalues`), so ingest can reject
+``"output": NaN`` instead of training on the answer "nan".
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import csv
 import io
 import json
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,21 +45,12 @@ from reprotune.data.encoding import (
     first_error,
     sniff_utf16_32,
 )
+from reprotune.data.jsonvalues import JSON_DECODER, json_problem
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = (".json", ".jsonl", ".csv", ".parquet")
 RAW_LIMIT = 500  # characters of an unparseable line kept for the rejected-rows file
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    """A JSON ``NaN``/``Infinity``/``-Infinity`` constant, kept apart from real numbers."""
-
-    constant: str
-
-    def __str__(self) -> str:
-        return self.constant
 
 
 @dataclass(frozen=True)
@@ -76,57 +66,6 @@ class RawRow:
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}"
-
-
-class _Object(dict):
-    """A parsed JSON object that remembers keys given twice (json keeps only the last)."""
-
-    duplicates: tuple[str, ...] = ()
-
-
-def _object_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = _Object(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        obj.duplicates = tuple(k for k, _ in pairs if k in seen or seen.add(k))
-    return obj
-
-
-def json_problem(value: Any, path: str = "") -> str | None:
-    """Why a parsed value cannot be taken as written: a key given twice (which value did the
-    user mean?) or an unpaired surrogate escape such as \\ud800 (not Unicode text)."""
-    if isinstance(value, dict):
-        dup = getattr(value, "duplicates", ())
-        if dup:
-            return f"key {dup[0]!r} appears twice in the object at {path or 'the top level'}"
-        for k, v in value.items():
-            found = json_problem(k, path) or json_problem(v, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = json_problem(v, f"{path}[{i}]")
-            if found:
-                return found
-    elif isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"unpaired surrogate {value[exc.start]!r} at {path or 'a key'}: not valid Unicode text"
-    return None
-
-
-# NaN/Infinity stay recognisable, duplicate keys are remembered (see json_problem)
-JSON_DECODER = json.JSONDecoder(parse_constant=NonFinite, object_pairs_hook=_object_hook)
-
-
-def is_non_finite(value: Any) -> bool:
-    """True for a NaN/Infinity constant from JSON or a non-finite float (Parquet, CSV readers)."""
-    return isinstance(value, NonFinite) or (isinstance(value, float) and not math.isfinite(value))
-
-
-def _loads(text: str) -> Any:
-    return JSON_DECODER.decode(text)
 
 
 # --------------------------------------------------------------------------- JSON / JSONL
@@ -146,7 +85,7 @@ def _line_row(source: str, lineno: int, text: str) -> RawRow | None:
     if not text.strip():
         return None
     try:
-        obj = _loads(text)
+        obj = JSON_DECODER.decode(text)
     except json.JSONDecodeError as exc:
         return RawRow(source, lineno, error=f"invalid JSON: {exc.msg} (column {exc.colno})",
                       raw=text[:RAW_LIMIT])

@@ -1,0 +1,70 @@
+"""JSON values as input rows hold them: ``NaN``/``Infinity`` kept recognisable
+(:class:`NonFinite`, never a float), keys given twice remembered, and :func:`json_problem`
+saying why a parsed value cannot be taken as written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """A JSON ``NaN``/``Infinity``/``-Infinity`` constant, kept apart from real numbers."""
+
+    constant: str
+
+    def __str__(self) -> str:
+        return self.constant
+
+
+class _Object(dict):
+    """A parsed JSON object that remembers keys given twice (json keeps only the last)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def json_problem(value: Any, path: str = "") -> str | None:
+    """Why a parsed value cannot be taken as written: a key given twice (which value did the
+    user mean?) or an unpaired surrogate escape such as \\ud800 (not Unicode text)."""
+    if isinstance(value, dict):
+        dup = getattr(value, "duplicates", ())
+        if dup:
+            return f"key {dup[0]!r} appears twice in the object at {path or 'the top level'}"
+        for k, v in value.items():
+            found = json_problem(k, path) or json_problem(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = json_problem(v, f"{path}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"unpaired surrogate {value[exc.start]!r} at {path or 'a key'}: not valid Unicode text"
+    return None
+
+
+# NaN/Infinity stay recognisable, duplicate keys are remembered (see json_problem)
+JSON_DECODER = json.JSONDecoder(parse_constant=NonFinite, object_pairs_hook=_object_hook)
+
+
+def is_non_finite(value: Any) -> bool:
+    """True for a NaN/Infinity constant from JSON or a non-finite float (Parquet, CSV readers)."""
+    return isinstance(value, NonFinite) or (isinstance(value, float) and not math.isfinite(value))
