@@ -1,4 +1,5 @@
-"""DVC stage `read@<n>`: one file of ingest.inputs -> its canonical records, rejects, counts.
+"""DVC stage `read@<n>`: one file of ingest.inputs -> its canonical records, rejects, counts,
+streamed row by row (memory does not grow with the file).
 
 dvc.yaml generates one such stage per entry of `ingest.inputs` (`foreach`), so each depends
 on exactly the file it reads. The `ingest` stage merges the parts.
