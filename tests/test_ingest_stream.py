@@ -242,3 +242,28 @@ def test_utf16_bom_stream_equals_decoding_whole(tmp_path: Path) -> None:
     rows = list(iter_rows(p))
     assert [r.line for r in rows] == list(range(1, 51))
     assert [r.data for r in rows] == [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def test_json_problem_fast_check_agrees_with_the_walk() -> None:
+    """The pre-check of json_problem never hides a problem the full walk finds."""
+    from reprotune.data.jsonvalues import JSON_DECODER, _problem, json_problem
+
+    rng = random.Random(2)
+    parts = ['"a"', '"b"', '"\\ud800"', '"x\\udc00y"', '"ok"', "1", "null", "NaN", '"中"']
+
+    def value(depth: int) -> str:
+        kind = rng.random()
+        if depth > 2 or kind < 0.4:
+            return rng.choice(parts)
+        if kind < 0.7:
+            return "[" + ", ".join(value(depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+        keys = [rng.choice(['"a"', '"b"', '"c"', '"\\udfff"']) for _ in range(rng.randint(0, 3))]
+        return "{" + ", ".join(f"{k}: {value(depth + 1)}" for k in keys) + "}"
+
+    found = 0
+    for _ in range(3000):
+        obj = JSON_DECODER.decode(value(0))
+        assert json_problem(obj) == _problem(obj, "")
+        found += json_problem(obj) is not None
+    assert 300 < found < 2700
+    assert json_problem({1: "a", "b": ["\ud800"]}) == _problem({1: "a", "b": ["\ud800"]}, "")
