@@ -122,6 +122,26 @@ def test_reading_memory_does_not_grow_with_the_file(tmp_path: Path, name: str,
     assert peak < size / 8, (peak, size)
 
 
+def test_parquet_row_group_is_not_read_whole(tmp_path: Path) -> None:
+    """A Parquet file of one big row group is decoded page by page: Arrow's memory stays
+    far below the column chunk's size (pre-buffering the row group, pyarrow's default,
+    holds all of it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [_row(i, 100) for i in range(120_000)]
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, compression="none", row_group_size=10**6)
+    size = path.stat().st_size
+    assert size > 30_000_000 and pq.ParquetFile(path).metadata.num_row_groups == 1
+    peak = n = 0
+    for row in iter_rows(path):
+        peak = max(peak, pa.total_allocated_bytes())
+        assert row.data == rows[n]
+        n += 1
+    assert n == 120_000 and peak < size / 3, (peak, size)
+
+
 def test_read_to_part_memory_does_not_grow_with_the_file(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(encoding, "CHUNK", 1 << 16)
