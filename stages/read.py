@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime
+from reprotune.data import hub
 from reprotune.data.inputs import IngestError, check_files, check_inputs, ingest_files, write_part
 from reprotune.data.readers import InputFileError
 from reprotune.params import load_section
@@ -26,11 +27,15 @@ def main() -> None:
     io.clean_stale_temporaries(args.out)
     try:
         check_inputs([args.input])
+        # a hub manifest: snapshot, subset, split and ingest.columns checked before any row
+        source = hub.check(args.input, cfg.columns) if hub.is_manifest(args.input) else None
         res = ingest_files([args.input], fmt=cfg.format, columns=cfg.columns,
                            label_field=cfg.label_field, group_field=cfg.group_field,
                            keep_fields=cfg.keep_fields)
     except (FileNotFoundError, InputFileError, IngestError) as exc:
         sys.exit(f"read: {exc}")
+    if source is not None:  # the pinned commit goes into metrics/ingest.json
+        res.counts["files"][args.input]["hub"] = source.info()
     # written even when the check below fails: rejected.jsonl says what went wrong
     write_part(args.out, res)
     c = res.counts

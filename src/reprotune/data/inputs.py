@@ -155,4 +155,8 @@ def merge_parts(parts: Sequence[IngestResult]) -> IngestResult:
     files = _buckets(p.counts["files"] for p in parts)
     formats = _buckets(p.counts["formats"] for p in parts)
     res.counts = summarize(res, files, formats)
+    for p in parts:  # a hub input's pinned dataset/split/commit (reprotune.data.hub)
+        for key, b in p.counts["files"].items():
+            if "hub" in b:
+                res.counts["files"][key]["hub"] = b["hub"]
     return res
