@@ -254,3 +254,25 @@ def test_offline_switch() -> None:
     assert run(env) == "False"
     assert run({**env, "HF_DATASETS_OFFLINE": "1"}) == "True"
     assert run({**env, "HF_HUB_OFFLINE": "true"}) == "True"
+
+
+def test_unreachable_hub_fails_at_once_and_pin_falls_back_to_the_cache(project: Path) -> None:
+    """Online mode with a hub that refuses connections (a closed local port, so no real
+    network is touched): an uncached revision fails in one request, without retries; pin
+    resolves the branch from the cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    _manifest(project, revision="4" * 40)
+    (project / "params.yaml").write_text(f"ingest:\n  inputs: [{MANIFEST}]\n", encoding="utf-8")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/read.py"), "--input", MANIFEST,
+                           "--out", f"data/interim/read/{MANIFEST}"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 30
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "is not in the HF cache" in proc.stderr and "the hub cannot be reached" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "reprotune.data.hub", "pin", "acme/sft",
+                           "--split", "train", "--out", "data/raw/p.hub.yaml"], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert hub.load_manifest(project / "data/raw/p.hub.yaml").revision == SHA1

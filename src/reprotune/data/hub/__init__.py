@@ -153,15 +153,38 @@ def load_manifest(path: str | Path) -> HubSource:
     return HubSource(hub=hub, split=split, subset=subset, revision=revision)
 
 
-def snapshot(src: HubSource, where: str) -> Path:
-    """The local folder of the pinned snapshot: from the HF cache, else (hub not switched
-    off) downloaded with a short timeout. Raises :class:`HubError` saying how to get it."""
-    from huggingface_hub import snapshot_download
+def remote_sha(hub: str, revision: str, where: str) -> str | None:
+    """The commit ``revision`` of dataset ``hub`` is on the hub, asked once with a short
+    timeout and no retries; None when the hub cannot be reached (no network, hub down).
+    A repo or revision the hub does not have raises :class:`HubError`."""
+    import httpx2
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import (
-        LocalEntryNotFoundError,
+        HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    try:
+        return str(HfApi().dataset_info(hub, revision=revision, timeout=NETWORK_TIMEOUT_S).sha)
+    except RepositoryNotFoundError as exc:  # also gated/private without a token
+        raise HubError(f"{where}: hub: {hub} does not exist on the hub (or is private/gated: "
+                       f"`hf auth login`); check the id on huggingface.co/datasets") from exc
+    except RevisionNotFoundError as exc:
+        raise HubError(f"{where}: revision: {revision!r} is not a branch, tag or commit of "
+                       f"{hub}; pin one with "
+                       f"{pin_command(hub, 'train', None, 'main', where)}") from exc
+    except (httpx2.TransportError, HfHubHTTPError, OSError) as exc:
+        logger.debug("the hub cannot be reached (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def snapshot(src: HubSource, where: str) -> Path:
+    """The local folder of the pinned snapshot: from the HF cache, else (hub not switched
+    off, and answering one short request) downloaded. Raises :class:`HubError` saying how
+    to get it: with no network this fails at once instead of retrying."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     kw = dict(repo_type="dataset", revision=src.revision, cache_dir=hub_cache())
     try:
@@ -176,21 +199,16 @@ def snapshot(src: HubSource, where: str) -> Path:
         raise HubError(f"{where}: hub: {src.hub} at revision {src.revision} is not in the HF "
                        f"cache {hub_cache()} and the hub is offline{known}; download it once "
                        f"with `{fetch}` (or point HF_HUB_CACHE at a cache that has it)")
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(NETWORK_TIMEOUT_S)))
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(NETWORK_TIMEOUT_S)))
+    unreachable = (f"{where}: hub: {src.hub} at revision {src.revision} is not in the HF cache "
+                   f"{hub_cache()} and the hub cannot be reached; download it where there is a "
+                   f"network with `{fetch}`, or point HF_HUB_CACHE at a cache that has it")
+    if remote_sha(src.hub, src.revision, where) is None:
+        raise HubError(unreachable)
+    logger.info("%s: downloading %s at %s into %s", where, src.hub, src.revision, hub_cache())
     try:
         return Path(snapshot_download(src.hub, etag_timeout=NETWORK_TIMEOUT_S, **kw))
-    except RepositoryNotFoundError as exc:
-        raise HubError(f"{where}: hub: {src.hub} does not exist on the hub (or is private/gated: "
-                       f"`hf auth login`); check the id on huggingface.co/datasets") from exc
-    except RevisionNotFoundError as exc:
-        raise HubError(f"{where}: revision: {src.revision} is not a commit of {src.hub}; pin "
-                       f"one with {pin_command(src.hub, src.split, src.subset, 'main', where)}"
-                       ) from exc
-    except (LocalEntryNotFoundError, OSError) as exc:
-        raise HubError(f"{where}: hub: {src.hub} is not cached and the hub cannot be reached "
-                       f"({type(exc).__name__}); download it where there is a network with "
-                       f"`{fetch}`, or set HF_HUB_OFFLINE=1 with a cache that has it") from exc
+    except (LocalEntryNotFoundError, OSError) as exc:  # the connection dropped meanwhile
+        raise HubError(f"{unreachable} ({type(exc).__name__})") from exc
 
 
 def _stream(folder: Path, src: HubSource, where: str, cache_dir: str) -> Any:

@@ -17,7 +17,6 @@ from pathlib import Path
 from reprotune import io
 from reprotune.data.hub import (
     KEYS,
-    NETWORK_TIMEOUT_S,
     SHA,
     SUFFIX,
     HubError,
@@ -27,42 +26,35 @@ from reprotune.data.hub import (
     is_manifest,
     load_manifest,
     offline,
+    remote_sha,
     verify,
 )
 
 logger = logging.getLogger(__name__)
 
 
-def resolve(hub: str, ref: str) -> str:
+def resolve(hub: str, ref: str, where: str) -> str:
     """The commit sha of ``ref`` (a branch, tag or sha): from the hub when it is reachable,
     else from ``refs/<ref>`` in the local cache."""
     if SHA.fullmatch(ref):
         return ref
     if not offline():
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-        try:
-            return str(HfApi().dataset_info(hub, revision=ref, timeout=NETWORK_TIMEOUT_S).sha)
-        except RepositoryNotFoundError as exc:
-            raise HubError(f"hub: {hub} does not exist on the hub (or is private/gated: "
-                           f"`hf auth login`)") from exc
-        except RevisionNotFoundError as exc:
-            raise HubError(f"revision: {ref!r} is not a branch, tag or commit of {hub}") from exc
-        except OSError as exc:  # no network: fall back to the cache
-            logger.warning("hub unreachable (%s); resolving %s from the HF cache", exc, ref)
+        sha = remote_sha(hub, ref, where)
+        if sha is not None:
+            return sha
     sha = cached_ref(hub, ref)
     if sha is None:
-        raise HubError(f"revision: {hub} has no cached {ref!r} in {hub_cache()} and the hub is "
-                       f"offline; run this once with network access (HF_HUB_OFFLINE unset), or "
-                       f"give --revision <40-hex sha>")
+        raise HubError(f"revision: the HF cache {hub_cache()} has no {ref!r} of {hub} and the "
+                       f"hub is offline or unreachable; run this once with network access "
+                       f"(HF_HUB_OFFLINE unset), or give --revision <40-hex sha>")
+    logger.info("%s: %s of %s from the HF cache: %s", where, ref, hub, sha)
     return sha
 
 
 def pin(hub: str, split: str, subset: str | None, ref: str, out: str | Path) -> HubSource:
     """Resolve ``ref`` to a commit, check that the snapshot, subset and split are there
     (downloading the snapshot when the hub is reachable), and write the manifest ``out``."""
-    src = HubSource(hub=hub, split=split, subset=subset, revision=resolve(hub, ref))
+    src = HubSource(hub=hub, split=split, subset=subset, revision=resolve(hub, ref, str(out)))
     verify(src, str(out))
     q = lambda v: "null" if v is None else json.dumps(v, ensure_ascii=False)  # noqa: E731
     text = (f"# hub dataset for ingest.inputs; {ref} pinned by reprotune.data.hub pin\n"
