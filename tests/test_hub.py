@@ -276,3 +276,49 @@ def test_unreachable_hub_fails_at_once_and_pin_falls_back_to_the_cache(project: 
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert hub.load_manifest(project / "data/raw/p.hub.yaml").revision == SHA1
+
+
+@pytest.mark.slow
+def test_dvc_reruns_the_read_stage_when_the_pinned_revision_changes(project: Path) -> None:
+    """`dvc repro ingest` in a copy of the repo: a manifest is an exact dependency, so pinning
+    another revision rereads exactly that input, and an unchanged one reruns nothing."""
+    import re
+    import shutil
+
+    repo = project / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("tests/", "docs/", "bench/")):
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    params = (repo / "params.yaml").read_text(encoding="utf-8")
+    params = params.replace("  - data/raw/demo.jsonl\n", f"  - {MANIFEST}\n", 1)
+    assert f"  - {MANIFEST}\n" in params
+    (repo / "params.yaml").write_text(params, encoding="utf-8")
+    _manifest(repo)
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    run = lambda *a: subprocess.run(a, cwd=repo, env=env, capture_output=True, text=True,  # noqa: E731
+                                    timeout=600)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"]):
+        assert run(*cmd).returncode == 0
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def repro() -> set[str]:
+        proc = run(dvc, "repro", "ingest")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return set(re.findall(r"Running stage '([\w@./-]+)'", proc.stdout + proc.stderr))
+
+    assert repro() == {"check", f"read@{MANIFEST}", "ingest"}
+    m = io.read_json(repo / "metrics/ingest.json")
+    assert (m["files"][MANIFEST]["hub"]["revision"], m["rows_in"]) == (SHA1, 3)
+    assert repro() == set()
+    _manifest(repo, revision=SHA2)
+    assert repro() == {f"read@{MANIFEST}", "ingest"}
+    m = io.read_json(repo / "metrics/ingest.json")
+    assert (m["files"][MANIFEST]["hub"]["revision"], m["rows_in"]) == (SHA2, 4)
