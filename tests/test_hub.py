@@ -80,6 +80,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "README.md": MULTI_README,
         "zh/train.jsonl": [{"instruction": "你好", "output": "您好"}],
         "en/train.jsonl": [{"instruction": "hi", "output": "hello"}, {"instruction": "a", "output": "b"}]})
+    _snapshot(cache, "acme/broken", SHA1, {"data/train-00000-of-00001.parquet": "not Parquet"})
     (tmp_path / "data/raw").mkdir(parents=True)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -142,6 +143,19 @@ def test_revision_picks_the_snapshot_and_shards_number_on(project: Path) -> None
     assert _run(project, [MANIFEST]).returncode == 0
     recs = io.read_jsonl(project / "data/interim/ingested.jsonl")
     assert [r["messages"][0]["content"] for r in recs] == ["t"]
+
+
+def test_records_equal_those_of_the_same_local_parquet(project: Path) -> None:
+    """The hub path converts exactly like a local file: same records but for `source`."""
+    _manifest(project)
+    pq.write_table(pa.Table.from_pylist(TRAIN), project / "data/raw/same.parquet")
+    ingest = "  keep_fields: [created_at]\n"
+    assert _run(project, [MANIFEST, "data/raw/same.parquet"], ingest).returncode == 0
+    recs = io.read_jsonl(project / "data/interim/ingested.jsonl")
+    rejects = io.read_jsonl(project / "data/interim/rejected.jsonl")
+    strip = lambda r: {k: v for k, v in r.items() if k != "source"}  # noqa: E731
+    assert [strip(r) for r in recs[:2]] == [strip(r) for r in recs[2:]]
+    assert [strip(r) for r in rejects[:1]] == [strip(r) for r in rejects[1:]]
 
 
 def test_subset_from_readme_configs(project: Path) -> None:
@@ -208,6 +222,9 @@ BAD = {
     "unknown key": ({"revison": SHA1}, {}, ["revison: unknown key (did you mean 'revision'?)"]),
     "bad id": ({"hub": "acme/sft/extra"}, {}, ["hub: 'acme/sft/extra' is not a hub repo id"]),
     "missing key": ({"split": ...}, {}, ["split: missing"]),
+    "broken file": ({"hub": "acme/broken"}, {},
+                    ["acme/broken@111111111111 split train: data unreadable after row 0",
+                     "--force-download"]),
 }
 
 
@@ -322,3 +339,14 @@ def test_dvc_reruns_the_read_stage_when_the_pinned_revision_changes(project: Pat
     assert repro() == {f"read@{MANIFEST}", "ingest"}
     m = io.read_json(repo / "metrics/ingest.json")
     assert (m["files"][MANIFEST]["hub"]["revision"], m["rows_in"]) == (SHA2, 4)
+
+
+def test_rows_stream_in_batches_with_continuous_lines(project: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of 2 rows over two shards (3 + 1 rows): every row once, lines 1..4 in order."""
+    monkeypatch.setattr(hub, "BATCH", 2)
+    _manifest(project, revision=SHA2)
+    rows = list(hub.iter_rows(project / MANIFEST))
+    assert [r.line for r in rows] == [1, 2, 3, 4]
+    assert [r.data["instruction"] for r in rows] == [r["instruction"] for r in TRAIN + TRAIN_2]
+    assert {r.source for r in rows} == {str(project / MANIFEST)}

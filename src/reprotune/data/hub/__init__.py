@@ -10,147 +10,46 @@ like any file::
     subset: null                   # the config name, when the dataset has several
     revision: 0123...cdef          # a 40-hex commit sha: never a branch, which can move
 
-DVC hashes the manifest, so pinning another revision reruns exactly that read stage. A branch
-name is refused with the sha it points at in the local cache (``python -m reprotune.data.hub
-pin`` writes the manifest, see :mod:`reprotune.data.hub.pin`). Loading takes the snapshot from the HF cache
-(``snapshot_download(..., local_files_only=True)``); only when it is not cached and the hub is
-not switched off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) is it downloaded. The split is
-streamed with ``datasets`` (no copy of the rows, bounded memory) and yielded as
-:class:`~reprotune.data.readers.RawRow` (line = row index + 1), so conversion, rejects,
-``ingest.columns`` and ``ingest.keep_fields`` work as for local files. Every problem is one
-:class:`HubError` line naming the manifest key or param and what would work.
+DVC hashes the manifest, so pinning another revision reruns exactly that read stage; a branch
+name is refused with the sha it points at in the cache (:mod:`reprotune.data.hub.pin` writes
+manifests). The snapshot comes from the HF cache, and is downloaded only when missing and the
+hub is not switched off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``). ``datasets`` resolves
+the subset and split; the rows are streamed in Arrow batches and yielded as
+:class:`~reprotune.data.readers.RawRow`, so conversion, rejects, ``ingest.columns`` and
+``ingest.keep_fields`` work as for local files. Every problem is one :class:`HubError` line
+naming the manifest key or param and what would work.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from reprotune.data.readers import InputFileError, RawRow
+from reprotune.data.hub.manifest import (
+    KEYS,
+    SHA,
+    SUFFIX,
+    HubError,
+    HubSource,
+    cached_ref,
+    hub_cache,
+    is_manifest,
+    load_manifest,
+    offline,
+    pin_command,
+)
+from reprotune.data.readers import RawRow
 
+__all__ = ["KEYS", "SHA", "SUFFIX", "HubError", "HubSource", "cached_ref", "check", "hub_cache",
+           "is_manifest", "iter_rows", "load_manifest", "offline", "remote_sha", "snapshot",
+           "verify"]
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".hub.yaml"
-KEYS = ("hub", "split", "subset", "revision")
-SHA = re.compile(r"[0-9a-f]{40}")
+BATCH = 4096  # rows converted to Python objects at a time
 NETWORK_TIMEOUT_S = 10.0  # a hub that does not answer fails fast instead of hanging the stage
-
-
-class HubError(InputFileError):
-    """A hub input cannot be used; one line naming the manifest key or param and the fix."""
-
-
-@dataclass(frozen=True)
-class HubSource:
-    """One pinned hub split: what a manifest declares (and what metrics/ingest.json records)."""
-
-    hub: str
-    split: str
-    subset: str | None
-    revision: str
-
-    def info(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def is_manifest(path: str | Path) -> bool:
-    """True for an ``ingest.inputs`` entry that declares a hub dataset (``*.hub.yaml``)."""
-    return str(path).endswith(SUFFIX)
-
-
-def offline() -> bool:
-    """The hub is switched off (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` set true)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def hub_cache() -> Path:
-    """The HF hub cache in use (``HF_HUB_CACHE``, else huggingface_hub's default), read now
-    rather than when huggingface_hub was imported."""
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
-
-
-def cached_ref(repo_id: str, ref: str) -> str | None:
-    """The commit sha that branch/tag ``ref`` of dataset ``repo_id`` had when last downloaded
-    (``refs/<ref>`` in the hub cache), or None when the cache does not know it."""
-    from huggingface_hub.file_download import repo_folder_name
-
-    path = hub_cache() / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs" / ref
-    try:
-        sha = path.read_text(encoding="utf-8").strip()
-    except (OSError, ValueError):
-        return None
-    return sha if SHA.fullmatch(sha) else None
-
-
-def pin_command(hub: str, split: str, subset: str | None, ref: str, out: str | Path) -> str:
-    """The shell command that (re)writes a pinned manifest."""
-    sub = f" --subset {subset}" if subset else ""
-    return f"python -m reprotune.data.hub pin {hub} --split {split}{sub} --revision {ref} --out {out}"
-
-
-def _text(path: str, key: str, value: Any, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise HubError(f"{path}: {key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def load_manifest(path: str | Path) -> HubSource:
-    """Read and check a manifest: a YAML mapping of exactly :data:`KEYS` (``subset``
-    optional), with ``revision`` a 40-hex commit sha."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-
-    src = str(path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{src}: hub manifest not found (listed in params.yaml "
-                                f"ingest.inputs); write it with python -m reprotune.data.hub pin "
-                                f"<owner/name> --split train --out {src}")
-    try:
-        raw = YAML(typ="safe", pure=True).load(Path(path).read_text(encoding="utf-8"))
-    except (YAMLError, UnicodeDecodeError) as exc:
-        raise HubError(f"{src}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise HubError(f"{src}: expected a mapping with keys {', '.join(KEYS)}, got "
-                       f"{type(raw).__name__}")
-    for k in raw:
-        if k not in KEYS:
-            close = difflib.get_close_matches(str(k), KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise HubError(f"{src}: {k}: unknown key{hint}; known keys: {', '.join(KEYS)}")
-    for k in ("hub", "split", "revision"):
-        if k not in raw:
-            raise HubError(f"{src}: {k}: missing; a manifest needs hub, split and revision "
-                           f"(subset optional)")
-    hub = _text(src, "hub", raw["hub"])
-    try:
-        validate_repo_id(hub)
-    except HFValidationError as exc:
-        raise HubError(f"{src}: hub: {hub!r} is not a hub repo id; use the dataset's "
-                       f"owner/name as on huggingface.co, e.g. shibing624/alpaca-zh") from exc
-    split = _text(src, "split", raw["split"])
-    subset = _text(src, "subset", raw.get("subset"), optional=True)
-    revision = str(raw["revision"]).strip()
-    if not SHA.fullmatch(revision):
-        sha = cached_ref(hub, revision)
-        known = (f"the HF cache has {revision} = {sha}: pin `revision: {sha}`" if sha else
-                 f"pin it with {pin_command(hub, split, subset, revision, src)}")
-        raise HubError(f"{src}: revision: {revision!r} is not a commit sha (40 hex digits); a "
-                       f"branch or tag can move without DVC noticing, so {known}")
-    return HubSource(hub=hub, split=split, subset=subset, revision=revision)
 
 
 def remote_sha(hub: str, revision: str, where: str) -> str | None:
@@ -211,49 +110,79 @@ def snapshot(src: HubSource, where: str) -> Path:
         raise HubError(f"{unreachable} ({type(exc).__name__})") from exc
 
 
-def _stream(folder: Path, src: HubSource, where: str, cache_dir: str) -> Any:
-    """The split as a streaming ``datasets.IterableDataset`` (checks subset and split)."""
+def _builder(folder: Path, src: HubSource, where: str, cache_dir: str) -> Any:
+    """The ``datasets`` builder of the snapshot (its subset, its data files per split)."""
     import datasets
 
     try:
-        dd = datasets.load_dataset(str(folder), name=src.subset, streaming=True,
-                                   cache_dir=cache_dir)
+        builder = datasets.load_dataset_builder(str(folder), name=src.subset, cache_dir=cache_dir)
     except (ValueError, FileNotFoundError) as exc:
         try:
             names = datasets.get_dataset_config_names(str(folder))
         except (ValueError, FileNotFoundError):
             names = []
+        at = f"{src.hub}@{src.revision[:12]}"
         if src.subset is None and len(names) > 1:
-            raise HubError(f"{where}: subset: missing, and {src.hub}@{src.revision[:12]} has "
-                           f"several; set one of its subsets: {', '.join(names)}") from exc
+            raise HubError(f"{where}: subset: missing, and {at} has several; set one of its "
+                           f"subsets: {', '.join(names)}") from exc
         if src.subset is not None and src.subset not in names:
-            raise HubError(f"{where}: subset: {src.subset!r} is not a subset of {src.hub}@"
-                           f"{src.revision[:12]}; its subsets: {', '.join(names) or 'none'}"
-                           ) from exc
-        raise HubError(f"{where}: {src.hub}@{src.revision[:12]} cannot be loaded with datasets: "
+            raise HubError(f"{where}: subset: {src.subset!r} is not a subset of {at}; its "
+                           f"subsets: {', '.join(names) or 'none'}") from exc
+        raise HubError(f"{where}: {at} cannot be loaded with datasets: "
                        f"{str(exc).splitlines()[0]}") from exc
-    if src.split not in dd:
+    splits = list(builder.config.data_files or {})
+    if src.split not in splits:
         raise HubError(f"{where}: split: {src.split!r} is not a split of {src.hub}"
                        f"{f' (subset {src.subset})' if src.subset else ''}; its splits: "
-                       f"{', '.join(dd)}")
-    return dd[src.split]
+                       f"{', '.join(splits) or 'none'}")
+    return builder
 
 
-def _columns(ds: Any) -> list[str]:
-    """The dataset's column names (from its schema, else from its first row)."""
-    if ds.column_names:
-        return list(ds.column_names)
-    first = next(iter(ds), None)
-    return list(first or ())
+def _batches(builder: Any, split: str) -> Iterator[Any]:
+    """Arrow batches of ``split``, BATCH rows at most: Parquet files are read with pyarrow
+    (datasets' streaming reads a whole row group at once, which can be the whole file),
+    other formats are streamed by datasets."""
+    if builder.name == "parquet":
+        import pyarrow.parquet as pq
+
+        for f in builder.config.data_files[split]:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH)
+    else:
+        yield from builder.as_streaming_dataset(split=split).with_format("arrow").iter(BATCH)
+
+
+def _rows(src: HubSource, where: str) -> Iterator[tuple[list[str], list[dict[str, Any]]]]:
+    """(column names, rows) per batch of the pinned split; a broken data file raises
+    :class:`HubError` saying after which row."""
+    from datasets.exceptions import DatasetGenerationError
+
+    folder, done = snapshot(src, where), 0
+    with tempfile.TemporaryDirectory(prefix="reprotune-hub-") as cache_dir:
+        batches = _batches(_builder(folder, src, where, cache_dir), src.split)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (ValueError, OSError, TypeError, DatasetGenerationError) as exc:
+                raise HubError(
+                    f"{where}: {src.hub}@{src.revision[:12]} split {src.split}: data unreadable "
+                    f"after row {done} ({type(exc).__name__}: {str(exc)[:200]!r}); re-download "
+                    f"with `hf download {src.hub} --repo-type dataset --revision {src.revision} "
+                    f"--force-download`") from exc
+            if batch is None:
+                return
+            done += batch.num_rows
+            yield batch.schema.names, batch.to_pylist()
 
 
 def verify(src: HubSource, where: str, columns: Mapping[str, str] | None = None) -> None:
     """Everything that can be wrong with a pinned source before its rows are read: the cached
     (or downloadable) snapshot, the subset, the split, and every column that
-    ``ingest.columns`` maps from."""
-    folder = snapshot(src, where)
-    with tempfile.TemporaryDirectory(prefix="reprotune-hub-") as cache_dir:
-        have = _columns(_stream(folder, src, where, cache_dir))
+    ``ingest.columns`` maps from (read from the first batch)."""
+    batches = _rows(src, where)
+    try:
+        have, _ = next(batches, ([], []))
+    finally:
+        batches.close()  # removes its temporary datasets cache now
     for canon, col in (columns or {}).items():
         if col not in have:
             raise HubError(f"{where}: ingest.columns.{canon}: column {col!r} is not in {src.hub} "
@@ -269,25 +198,13 @@ def check(path: str | Path, columns: Mapping[str, str] | None = None) -> HubSour
 
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
     """The rows of the split a manifest pins, as RawRows (source = the manifest path,
-    line = row index + 1), streamed: memory stays bounded whatever the split's size."""
+    line = row index + 1 across the split's files), BATCH rows in memory at a time."""
     where = str(path)
     src = load_manifest(path)
-    folder = snapshot(src, where)
     index = 0
-    with tempfile.TemporaryDirectory(prefix="reprotune-hub-") as cache_dir:
-        it = iter(_stream(folder, src, where, cache_dir))
-        while True:
-            try:
-                row = next(it, None)
-            except (ValueError, OSError, TypeError) as exc:  # a broken data file
-                raise HubError(
-                    f"{where}: {src.hub}@{src.revision[:12]} split {src.split}: data unreadable "
-                    f"after row {index} ({type(exc).__name__}: {str(exc)[:200]!r}); re-download "
-                    f"with `hf download {src.hub} --repo-type dataset --revision {src.revision} "
-                    f"--force-download`") from exc
-            if row is None:
-                break
+    for _, rows in _rows(src, where):
+        for row in rows:
             index += 1
-            yield RawRow(where, index, data=dict(row))
+            yield RawRow(where, index, data=row)
     logger.info("%s: %d rows of %s (split %s, revision %s)", where, index, src.hub, src.split,
                 src.revision)
