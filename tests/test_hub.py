@@ -51,6 +51,7 @@ TRAIN = [{"instruction": "把苹果翻译成英文", "output": "apple", "created
          {"instruction": "no answer", "output": None, "created_at": "2024-01-04"}]
 TRAIN_2 = [{"instruction": "3+3?", "output": "6", "created_at": "2024-01-05"}]
 TEST = [{"instruction": "t", "output": "u", "created_at": "2024-02-01"}]
+JSONL = '{"instruction": "q", "output": "a"}\n{oops\n{"instruction": "r", "output": "b"}\n'
 MULTI_README = """---
 configs:
 - config_name: zh
@@ -80,6 +81,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "README.md": MULTI_README,
         "zh/train.jsonl": [{"instruction": "你好", "output": "您好"}],
         "en/train.jsonl": [{"instruction": "hi", "output": "hello"}, {"instruction": "a", "output": "b"}]})
+    _snapshot(cache, "acme/jsonl", SHA3, {"train.jsonl": JSONL})
     _snapshot(cache, "acme/broken", SHA1, {"data/train-00000-of-00001.parquet": "not Parquet"})
     (tmp_path / "data/raw").mkdir(parents=True)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -158,6 +160,36 @@ def test_records_equal_those_of_the_same_local_parquet(project: Path) -> None:
     assert [strip(r) for r in rejects[:1]] == [strip(r) for r in rejects[1:]]
 
 
+def test_a_malformed_jsonl_line_is_one_rejected_row(project: Path) -> None:
+    """A hub JSONL file goes through the same reader as a local one: the broken line is
+    rejected with its number and raw text, the rows around it are kept."""
+    _manifest(project, hub="acme/jsonl", revision=SHA3)
+    proc = _run(project, [MANIFEST])
+    assert proc.returncode == 0, proc.stderr
+    recs = io.read_jsonl(project / "data/interim/ingested.jsonl")
+    rejects = io.read_jsonl(project / "data/interim/rejected.jsonl")
+    assert [r["source"] for r in recs] == [f"{MANIFEST}:1", f"{MANIFEST}:3"]
+    assert [(r["line"], r["reason"], r["raw"]) for r in rejects] == [(2, "parse_error", "{oops")]
+
+
+def test_other_file_types_stream_through_datasets(project: Path) -> None:
+    """A gzipped JSONL shard (a type ingest does not read itself) is streamed by datasets."""
+    import gzip
+
+    snap = _snapshot(project / "hf", "acme/gz", SHA1, {})
+    (snap / "data").mkdir(parents=True)
+    with gzip.open(snap / "data/train-00000-of-00001.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TRAIN))
+    _manifest(project, hub="acme/gz")
+    proc = _run(project, [MANIFEST], "  columns: {output: output}\n")
+    assert proc.returncode == 0, proc.stderr
+    recs = io.read_jsonl(project / "data/interim/ingested.jsonl")
+    m = io.read_json(project / "metrics/ingest.json")
+    assert [r["source"] for r in recs] == [f"{MANIFEST}:1", f"{MANIFEST}:2"]
+    assert recs[0]["messages"][0]["content"] == "把苹果翻译成英文"
+    assert m["files"][MANIFEST]["rejected"] == {"missing_field": 1}
+
+
 def test_subset_from_readme_configs(project: Path) -> None:
     _manifest(project, hub="acme/multi", subset="en", revision=SHA3)
     assert _run(project, [MANIFEST]).returncode == 0
@@ -223,8 +255,8 @@ BAD = {
     "bad id": ({"hub": "acme/sft/extra"}, {}, ["hub: 'acme/sft/extra' is not a hub repo id"]),
     "missing key": ({"split": ...}, {}, ["split: missing"]),
     "broken file": ({"hub": "acme/broken"}, {},
-                    ["acme/broken@111111111111 split train: data unreadable after row 0",
-                     "--force-download"]),
+                    ["acme/broken@111111111111: ", "not a readable Parquet file",
+                     "if the cached copy is damaged: `hf download acme/broken", "--force-download"]),
 }
 
 
@@ -350,3 +382,13 @@ def test_rows_stream_in_batches_with_continuous_lines(project: Path,
     assert [r.line for r in rows] == [1, 2, 3, 4]
     assert [r.data["instruction"] for r in rows] == [r["instruction"] for r in TRAIN + TRAIN_2]
     assert {r.source for r in rows} == {str(project / MANIFEST)}
+
+
+@pytest.mark.slow
+def test_bench_hub_read(tmp_path: Path) -> None:
+    """bench/hub_read.py: both inputs read, same records but for the source file."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/hub_read.py"), "--rows", "1000",
+                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("rows_in=1000 ") == 2 and "'rc': 0" in proc.stdout
+    assert "same records but for the source file: True" in proc.stdout

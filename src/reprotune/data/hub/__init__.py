@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,8 @@ from reprotune.data.hub.manifest import (
     offline,
     pin_command,
 )
-from reprotune.data.readers import RawRow
+from reprotune.data.readers import SUPPORTED, InputFileError, RawRow
+from reprotune.data.readers import iter_rows as read_file
 
 __all__ = ["KEYS", "SHA", "SUFFIX", "HubError", "HubSource", "cached_ref", "check", "hub_cache",
            "is_manifest", "iter_rows", "load_manifest", "offline", "remote_sha", "snapshot",
@@ -138,51 +141,57 @@ def _builder(folder: Path, src: HubSource, where: str, cache_dir: str) -> Any:
     return builder
 
 
-def _batches(builder: Any, split: str) -> Iterator[Any]:
-    """Arrow batches of ``split``, BATCH rows at most: Parquet files are read with pyarrow
-    (datasets' streaming reads a whole row group at once, which can be the whole file),
-    other formats are streamed by datasets."""
-    if builder.name == "parquet":
-        import pyarrow.parquet as pq
+def _raw_rows(builder: Any, split: str) -> Iterator[RawRow]:
+    """The split's rows, file by file. Files of a type ingest reads (.json, .jsonl, .csv,
+    .parquet) go through :func:`reprotune.data.readers.iter_rows` exactly as local files do
+    (a malformed line is one rejected row, Parquet is read in bounded batches); other types
+    (.arrow, compressed, ...) are streamed by ``datasets`` in Arrow batches."""
+    files = [str(f) for f in builder.config.data_files[split]]
+    if all(Path(f).suffix.lower() in SUPPORTED for f in files):
+        for f in files:
+            yield from read_file(f)
+        return
+    for batch in builder.as_streaming_dataset(split=split).with_format("arrow").iter(BATCH):
+        for row in batch.to_pylist():
+            yield RawRow(split, 0, data=row)
 
-        for f in builder.config.data_files[split]:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH)
-    else:
-        yield from builder.as_streaming_dataset(split=split).with_format("arrow").iter(BATCH)
 
-
-def _rows(src: HubSource, where: str) -> Iterator[tuple[list[str], list[dict[str, Any]]]]:
-    """(column names, rows) per batch of the pinned split; a broken data file raises
-    :class:`HubError` saying after which row."""
+def _rows(src: HubSource, where: str) -> Iterator[RawRow]:
+    """The pinned split's rows (source = ``where``, line = row number in the split); a file
+    that cannot be read raises :class:`HubError` naming the manifest."""
     from datasets.exceptions import DatasetGenerationError
 
-    folder, done = snapshot(src, where), 0
+    folder, index = snapshot(src, where), 0
+    fix = f"`hf download {src.hub} --repo-type dataset --revision {src.revision} --force-download`"
     with tempfile.TemporaryDirectory(prefix="reprotune-hub-") as cache_dir:
-        batches = _batches(_builder(folder, src, where, cache_dir), src.split)
+        rows = _raw_rows(_builder(folder, src, where, cache_dir), src.split)
         while True:
             try:
-                batch = next(batches, None)
+                raw = next(rows, None)
+            except InputFileError as exc:  # a data file of the snapshot, as for a local file
+                raise HubError(f"{where}: {src.hub}@{src.revision[:12]}: {exc}; if the cached "
+                               f"copy is damaged: {fix}") from exc
             except (ValueError, OSError, TypeError, DatasetGenerationError) as exc:
                 raise HubError(
                     f"{where}: {src.hub}@{src.revision[:12]} split {src.split}: data unreadable "
-                    f"after row {done} ({type(exc).__name__}: {str(exc)[:200]!r}); re-download "
-                    f"with `hf download {src.hub} --repo-type dataset --revision {src.revision} "
-                    f"--force-download`") from exc
-            if batch is None:
+                    f"after row {index} ({type(exc).__name__}: {str(exc)[:200]!r}); if the "
+                    f"cached copy is damaged: {fix}") from exc
+            if raw is None:
                 return
-            done += batch.num_rows
-            yield batch.schema.names, batch.to_pylist()
+            index += 1
+            yield replace(raw, source=where, line=index)
 
 
 def verify(src: HubSource, where: str, columns: Mapping[str, str] | None = None) -> None:
     """Everything that can be wrong with a pinned source before its rows are read: the cached
     (or downloadable) snapshot, the subset, the split, and every column that
-    ``ingest.columns`` maps from (read from the first batch)."""
-    batches = _rows(src, where)
+    ``ingest.columns`` maps from (the columns of the first BATCH rows)."""
+    rows, have = _rows(src, where), {}
     try:
-        have, _ = next(batches, ([], []))
+        for raw in islice(rows, BATCH):
+            have.update(dict.fromkeys(raw.data or ()))
     finally:
-        batches.close()  # removes its temporary datasets cache now
+        rows.close()  # removes its temporary datasets cache now
     for canon, col in (columns or {}).items():
         if col not in have:
             raise HubError(f"{where}: ingest.columns.{canon}: column {col!r} is not in {src.hub} "
@@ -197,14 +206,12 @@ def check(path: str | Path, columns: Mapping[str, str] | None = None) -> HubSour
 
 
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
-    """The rows of the split a manifest pins, as RawRows (source = the manifest path,
-    line = row index + 1 across the split's files), BATCH rows in memory at a time."""
-    where = str(path)
+    """The rows of the split a manifest pins, as RawRows: source = the manifest path, line =
+    the row's number in the split (1-based, across its files in order)."""
+    where, n = str(path), 0
     src = load_manifest(path)
-    index = 0
-    for _, rows in _rows(src, where):
-        for row in rows:
-            index += 1
-            yield RawRow(where, index, data=row)
-    logger.info("%s: %d rows of %s (split %s, revision %s)", where, index, src.hub, src.split,
+    for raw in _rows(src, where):
+        n += 1
+        yield raw
+    logger.info("%s: %d rows of %s (split %s, revision %s)", where, n, src.hub, src.split,
                 src.revision)
