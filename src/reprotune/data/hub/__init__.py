@@ -14,9 +14,10 @@ DVC hashes the manifest, so pinning another revision reruns exactly that read st
 name is refused with the sha it points at in the cache (:mod:`reprotune.data.hub.pin` writes
 manifests). The snapshot comes from the HF cache, and is downloaded only when missing and the
 hub is not switched off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``). ``datasets`` resolves
-the subset and split; the rows are streamed in Arrow batches and yielded as
-:class:`~reprotune.data.readers.RawRow`, so conversion, rejects, ``ingest.columns`` and
-``ingest.keep_fields`` work as for local files. Every problem is one :class:`HubError` line
+the subset and split to data files, which are read like local files (or streamed by
+``datasets`` when ingest has no reader for their type) and yielded as
+:class:`~reprotune.data.readers.RawRow` (line = the row's number in the split), so conversion,
+rejects, ``ingest.columns`` and ``ingest.keep_fields`` work as for local files. Every problem is one :class:`HubError` line
 naming the manifest key or param and what would work.
 """
 
@@ -42,6 +43,7 @@ from reprotune.data.hub.manifest import (
     load_manifest,
     offline,
     pin_command,
+    repo_dir,
 )
 from reprotune.data.readers import SUPPORTED, InputFileError, RawRow
 from reprotune.data.readers import iter_rows as read_file
@@ -51,7 +53,7 @@ __all__ = ["KEYS", "SHA", "SUFFIX", "HubError", "HubSource", "cached_ref", "chec
            "verify"]
 logger = logging.getLogger(__name__)
 
-BATCH = 4096  # rows converted to Python objects at a time
+BATCH = 4096  # rows per Arrow batch streamed by datasets; rows read to check ingest.columns
 NETWORK_TIMEOUT_S = 10.0  # a hub that does not answer fails fast instead of hanging the stage
 
 
@@ -86,22 +88,24 @@ def snapshot(src: HubSource, where: str) -> Path:
     off, and answering one short request) downloaded. Raises :class:`HubError` saying how
     to get it: with no network this fails at once instead of retrying."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     kw = dict(repo_type="dataset", revision=src.revision, cache_dir=hub_cache())
     try:
         return Path(snapshot_download(src.hub, local_files_only=True, **kw))
+    except IncompleteSnapshotError:  # an interrupted download
+        state = "only partly in the HF cache"
     except LocalEntryNotFoundError:
-        pass
+        state = "not in the HF cache"
     fetch = (f"HF_HUB_OFFLINE=0 hf download {src.hub} --repo-type dataset --revision "
              f"{src.revision}")
     if offline():
-        known = "" if (hub_cache() / f"datasets--{src.hub.replace('/', '--')}").is_dir() else (
+        known = "" if repo_dir(src.hub).is_dir() else (
             "; the dataset is not cached at all (check the hub id)")
-        raise HubError(f"{where}: hub: {src.hub} at revision {src.revision} is not in the HF "
-                       f"cache {hub_cache()} and the hub is offline{known}; download it once "
+        raise HubError(f"{where}: hub: {src.hub} at revision {src.revision} is {state} "
+                       f"{hub_cache()} and the hub is offline{known}; download it once "
                        f"with `{fetch}` (or point HF_HUB_CACHE at a cache that has it)")
-    unreachable = (f"{where}: hub: {src.hub} at revision {src.revision} is not in the HF cache "
+    unreachable = (f"{where}: hub: {src.hub} at revision {src.revision} is {state} "
                    f"{hub_cache()} and the hub cannot be reached; download it where there is a "
                    f"network with `{fetch}`, or point HF_HUB_CACHE at a cache that has it")
     if remote_sha(src.hub, src.revision, where) is None:

@@ -60,12 +60,17 @@ def hub_cache() -> Path:
     return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
 
 
+def repo_dir(repo_id: str) -> Path:
+    """The cache folder of dataset ``repo_id`` (``datasets--owner--name``)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return hub_cache() / repo_folder_name(repo_id=repo_id, repo_type="dataset")
+
+
 def cached_ref(repo_id: str, ref: str) -> str | None:
     """The commit sha that branch/tag ``ref`` of dataset ``repo_id`` had when last downloaded
     (``refs/<ref>`` in the hub cache), or None when the cache does not know it."""
-    from huggingface_hub.file_download import repo_folder_name
-
-    path = hub_cache() / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "refs" / ref
+    path = repo_dir(repo_id) / "refs" / ref
     try:
         sha = path.read_text(encoding="utf-8").strip()
     except (OSError, ValueError):
