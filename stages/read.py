@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime
+from reprotune.data import hub
 from reprotune.data.inputs import IngestError, check_files, check_inputs, read_to_part
 from reprotune.data.readers import InputFileError
 from reprotune.params import load_section
@@ -27,11 +28,15 @@ def main() -> None:
     io.clean_stale_temporaries(args.out)
     try:
         check_inputs([args.input])
+        # a hub manifest: snapshot, subset, split and ingest.columns checked before any row
+        source = hub.check(args.input, cfg.columns) if hub.is_manifest(args.input) else None
         # streamed into the part folder, row by row; written even when check_files below
-        # fails: rejected.jsonl says what went wrong
+        # fails: rejected.jsonl says what went wrong. A hub input's pinned commit goes into
+        # metrics/ingest.json.
         counts = read_to_part(args.input, args.out, fmt=cfg.format, columns=cfg.columns,
                               label_field=cfg.label_field, group_field=cfg.group_field,
-                              keep_fields=cfg.keep_fields)
+                              keep_fields=cfg.keep_fields,
+                              file_info={"hub": source.info()} if source is not None else None)
     except (FileNotFoundError, InputFileError, IngestError) as exc:
         sys.exit(f"read: {exc}")
     c = counts.as_dict()

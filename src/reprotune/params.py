@@ -60,6 +60,7 @@ class DemoParams:
 
 @dataclass(frozen=True)
 class IngestParams:
+    # files under data/raw/; a hub dataset is a `*.hub.yaml` manifest (reprotune.data.hub)
     inputs: list[str] = _f(["data/raw/demo.jsonl"])
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
     columns: dict[str, str] = _f({})
@@ -337,6 +338,8 @@ def build(cls: type[T], raw: Any, prefix: str) -> T:
         if k not in fields:
             raise ParamsError(f"{prefix}.{k}: unknown key{_suggest(str(k), fields)}; "
                               f"known keys: {', '.join(fields)}")
+    if cls is IngestParams:
+        _check_hub_entries(raw.get("inputs"), f"{prefix}.inputs")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -348,6 +351,27 @@ def build(cls: type[T], raw: Any, prefix: str) -> T:
     obj = cls(**kwargs)
     _cross_checks(obj, prefix)
     return obj
+
+
+def _check_hub_entries(inputs: Any, key: str) -> None:
+    """A hub dataset written straight into ingest.inputs (an inline mapping, or a bare
+    ``owner/name``) cannot be a DVC dependency: point at the manifest form instead."""
+    if not isinstance(inputs, list):
+        return
+    for i, entry in enumerate(inputs):
+        bare = isinstance(entry, str) and not Path(entry).suffix and len(Path(entry).parts) == 2 \
+            and Path(entry).parts[0] != "data"
+        if not (isinstance(entry, dict) or bare):
+            continue
+        hub = (entry.get("hub") if isinstance(entry, dict) else entry) or "owner/name"
+        name = str(hub).rsplit("/", 1)[-1]
+        split = entry.get("split", "train") if isinstance(entry, dict) else "train"
+        raise ParamsError(
+            f"{key}[{i}]: {entry!r} is not a file; DVC needs a file per input, so declare a hub "
+            f"dataset in a manifest and list that: data/raw/{name}.hub.yaml holding `hub: {hub}`, "
+            f"`split: {split}`, `revision: <40-hex commit sha>` (and `subset:` if any), written "
+            f"by python -m reprotune.data.hub pin {hub} --split {split} --out "
+            f"data/raw/{name}.hub.yaml")
 
 
 def _cross_checks(obj: Any, prefix: str) -> None:

@@ -302,13 +302,19 @@ def _iter_parquet(source: str, path: Path) -> Iterator[RawRow]:
 
 
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
-    """Yield the rows of one input file (format chosen by extension).
+    """Yield the rows of one input file (format chosen by extension; a ``*.hub.yaml``
+    manifest names a hub dataset, read by :func:`reprotune.data.hub.iter_rows`).
 
     Raises FileNotFoundError when the file does not exist and :class:`InputFileError` when
     the file as a whole cannot be read; everything wrong with a single row is reported on
     that row instead.
     """
     source = str(path)
+    if source.endswith(".hub.yaml"):  # a Hugging Face hub dataset, pinned by a manifest
+        from reprotune.data import hub
+
+        yield from hub.iter_rows(path)
+        return
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{source}: input file not found (listed in params.yaml "
