@@ -15,6 +15,7 @@ import pytest
 
 from reprotune import io
 from reprotune.params import LoraParams, PromptParams, TopParams, TrainParams
+from reprotune.train.data import check_rows
 from reprotune.train.loading import load_finetuned
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.training import (
@@ -22,7 +23,6 @@ from reprotune.train.training import (
     RUN_STATE_FILE,
     PaddingCollator,
     RunConfig,
-    check_rows,
     check_sizes,
     mean_logged_loss,
     out_of_memory_advice,
