@@ -102,7 +102,8 @@ def check_rows(rows: Any, path: str | Path, *, vocab_size: int, max_positions: i
     if len(rows) == 0:
         return
     if isinstance(rows, list):
-        rows = pa.Table.from_pylist(list(rows))
+        rows = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.list_(pa.int64()))
+                                                            for c in COLUMNS]))
     cols = {}
     for name in COLUMNS:
         col = rows.column(name)
