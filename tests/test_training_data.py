@@ -164,3 +164,25 @@ def test_arrow_split_over_several_chunks(tmp_path):
     assert len(split) == 12 and split.table.column("input_ids").num_chunks == 2
     assert [split[i]["input_ids"].tolist() for i in range(12)] == (
         t1.column("input_ids").to_pylist() + t2.column("input_ids").to_pylist())
+
+
+def test_scratch_folder_is_removed_and_killed_runs_leftovers_too(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f"{data.SCRATCH_PREFIX}{gone.stdout.strip()}-abc"
+    live = tmp_path / f"{data.SCRATCH_PREFIX}{os.getppid()}-def"  # pytest's parent: alive
+    for d in (stale, live):
+        d.mkdir()
+        (d / "train-x.arrow").write_bytes(b"x")
+    with data.scratch_dir() as scratch:
+        assert scratch.name.startswith(f"{data.SCRATCH_PREFIX}{os.getpid()}-")
+        load_split(write(tmp_path / "t.parquet", rows(10)), scratch, vocab_size=100,
+                   max_positions=64)
+        assert len(list(scratch.glob("t-*.arrow"))) == 1
+    assert not scratch.exists() and not stale.exists() and (live / "train-x.arrow").exists()

@@ -3,7 +3,7 @@
 :func:`load_split` streams a split Parquet file record batch by record batch, checks every
 batch with vectorised numpy over the flattened ``input_ids``/``labels`` list arrays
 (:func:`check_rows`; an error names the file and the 1-based row) and writes it to an Arrow
-IPC file in a scratch folder that the caller removes. The rows are then read back
+IPC file in a scratch folder (:func:`scratch_dir`). The rows are then read back
 memory-mapped (:class:`ArrowSplit`): a row is a pair of zero-copy numpy views into the
 mapped buffers, so no split is ever held as Python lists, and only the pages a batch
 touches are read. :class:`PaddingCollator` builds each batch's tensors from those views.
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
 BATCH_ROWS = 8192          # rows per record batch read, checked and written
 PROGRESS_MIN_ROWS = 20_000  # smaller splits load in about a second: no bar
+SCRATCH_PREFIX = "reprotune-train-"
 
 
 def progress(total: int, desc: str, *, items: Iterable[Any] | None = None) -> Any:
@@ -42,6 +45,29 @@ def progress(total: int, desc: str, *, items: Iterable[Any] | None = None) -> An
 
     return tqdm(items, total=total, desc=desc, unit="row", unit_scale=True, mininterval=2,
                 disable=total < PROGRESS_MIN_ROWS or not distributed.is_main())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A temp folder for the memory-mapped splits, removed on exit. Folders that killed runs
+    left behind (named after a process id that is gone) are removed first."""
+    for old in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = old.name[len(SCRATCH_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by a train run that was killed", old)
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as path:
+        yield Path(path)
 
 
 def split_size(path: str | Path) -> int:
@@ -188,7 +214,8 @@ def load_split(path: str | Path, scratch: str | Path, *, vocab_size: int, max_po
     import pyarrow.parquet as pq
 
     n = split_size(path)
-    parquet = pq.ParquetFile(path)
+    # no pre-buffering: it would hold the whole file's column chunks in memory at once
+    parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     schema = pa.schema([parquet.schema_arrow.field(name) for name in COLUMNS])
     fd, name = tempfile.mkstemp(prefix=f"{Path(path).stem}-", suffix=".arrow", dir=scratch)
     os.close(fd)

@@ -35,7 +35,6 @@ import logging
 import math
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,14 @@ from reprotune.params import (
     TrainParams,
 )
 from reprotune.train import curves, distributed
-from reprotune.train.data import IGNORE_INDEX, PaddingCollator, check_sizes, load_split, split_size
+from reprotune.train.data import (
+    IGNORE_INDEX,
+    PaddingCollator,
+    check_sizes,
+    load_split,
+    scratch_dir,
+    split_size,
+)
 from reprotune.train.loading import save_finetuned
 from reprotune.train.methods import (
     TrainSetupError,
@@ -414,10 +420,10 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     (the throughput benchmark times steps with one). The splits are read memory-mapped from
     Arrow copies in a scratch folder (:mod:`reprotune.train.data`), removed at the end.
     """
-    with tempfile.TemporaryDirectory(prefix="reprotune-train-") as scratch:
+    with scratch_dir() as scratch:
         return _train(train_path=train_path, val_path=val_path, base_dir=base_dir,
                       out_dir=out_dir, checkpoints_dir=checkpoints_dir, live_dir=live_dir,
-                      cfg=cfg, callbacks=callbacks, scratch=Path(scratch))
+                      cfg=cfg, callbacks=callbacks, scratch=scratch)
 
 
 def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path,
