@@ -2,6 +2,8 @@
 
 :func:`train_model` runs one fine-tuning job from the split Parquet files:
 
+* the splits are checked and read as memory-mapped Arrow (:mod:`reprotune.train.data`): rows
+  are numpy views pulled per batch, never Python lists of the whole split;
 * loss only on assistant tokens: ``labels`` come from the format stage (-100 elsewhere) and
   :class:`PaddingCollator` pads them with -100 too;
 * one evaluation before training (``initial_val_loss``), then every ``train.eval_steps`` and
