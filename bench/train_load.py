@@ -16,6 +16,7 @@ memory-mapped split too; RssAnon/RssFile after each phase say which is which.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -63,6 +64,11 @@ def _mem() -> dict[str, float]:
 
 def child(path: str) -> None:
     """Load, pack and collate the split with whichever library tree is on sys.path."""
+    with contextlib.ExitStack() as stack:
+        _child(path, stack)
+
+
+def _child(path: str, stack: contextlib.ExitStack) -> None:
     from reprotune.train import training
     from reprotune.train.packing import packed_dataset
 
@@ -73,9 +79,9 @@ def child(path: str) -> None:
         training.check_rows(rows, path, vocab_size=VOCAB, max_positions=POSITIONS)
         collate = training.PaddingCollator(0)
     else:
-        from reprotune.train.data import PaddingCollator, load_split
+        from reprotune.train.data import PaddingCollator, load_split, scratch_dir
 
-        scratch = tempfile.mkdtemp(prefix="train-load-")
+        scratch = stack.enter_context(scratch_dir())  # removed when the child is done
         rows = load_split(path, scratch, vocab_size=VOCAB, max_positions=POSITIONS)
         collate = PaddingCollator(0)
     out["load_s"] = round(time.perf_counter() - t0, 1)
