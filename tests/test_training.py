@@ -15,6 +15,7 @@ import pytest
 
 from reprotune import io
 from reprotune.params import LoraParams, PromptParams, TopParams, TrainParams
+from reprotune.train.data import check_rows
 from reprotune.train.loading import load_finetuned
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.training import (
@@ -22,7 +23,6 @@ from reprotune.train.training import (
     RUN_STATE_FILE,
     PaddingCollator,
     RunConfig,
-    check_rows,
     check_sizes,
     mean_logged_loss,
     out_of_memory_advice,
@@ -248,10 +248,29 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_base_dir):
     assert got == pytest.approx(m["best_val_loss"], abs=1e-4)
 
 
-def test_loop_options_schedule_accumulation_and_checkpointing(tmp_path, tiny_base_dir):
+def test_loop_options_schedule_accumulation_and_checkpointing(tmp_path, tiny_base_dir,
+                                                              monkeypatch):
+    import tempfile
+
+    from transformers import TrainerCallback
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seen: list[str] = []
+
+    class ListScratch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            seen.extend(sorted(p.name for p in scratch.rglob("*.arrow")))
+
     cfg = config("full", lr=1e-2, scheduler="linear", warmup_ratio=0.25, weight_decay=0.1,
                  grad_accum=2, max_grad_norm=0.5, gradient_checkpointing=True, logging_steps=1)
-    m = run(tmp_path, tiny_base_dir, cfg)
+    paths = write_splits(tmp_path, make_rows(64, 0), make_rows(16, 1))
+    m = train_model(train_path=paths[0], val_path=paths[1], base_dir=tiny_base_dir,
+                    out_dir=tmp_path / "out", checkpoints_dir=tmp_path / "ckpt",
+                    live_dir=tmp_path / "live", cfg=cfg, callbacks=[ListScratch()])
+    # the splits were read from memory-mapped Arrow copies, removed when training ended
+    assert [n.split("-")[0] for n in seen] == ["train", "val"] and not list(scratch.iterdir())
     assert m["train_steps"] == 8 and m["best_val_loss"] < m["initial_val_loss"] - 0.05, m
     assert m["tokens_seen"] == 8 * 2 * 8 * 16  # steps x grad_accum x batch x tokens per row
     lrs = [float(r.split("\t")[1]) for r in

@@ -16,19 +16,23 @@ pack into a single row with no padding at all:
   :mod:`reprotune.train.packed_attention`.
 
 Packs are built once per run, so their number (and the Trainer's epoch length, schedule and
-resume bookkeeping) is fixed; the Trainer shuffles their order every epoch.
+resume bookkeeping) is fixed; the Trainer shuffles their order every epoch. They hold row
+indices only (:class:`PackedRows`): a pack's samples are read from the split when the data
+loader asks for it, as numpy views of the memory-mapped rows (:mod:`reprotune.train.data`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from reprotune.train.data import IGNORE_INDEX, progress
 from reprotune.train.methods import TrainSetupError
-from reprotune.train.training import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +53,23 @@ def resolve_packing(setting: bool | str, device: str, method: str) -> tuple[bool
     return wanted, why
 
 
-def check_budget(rows: list[dict[str, Any]], budget: int, path: str) -> None:
+def row_lengths(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Tokens per row: an :class:`~reprotune.train.data.ArrowSplit`'s own lengths, or counted."""
+    lengths = getattr(rows, "lengths", None)
+    if lengths is not None:
+        return lengths
+    return np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
+
+
+def check_budget(lengths: np.ndarray, budget: int, path: str) -> None:
     """Every sample must fit in one pack: a longer one is an error, never truncated."""
-    for i, row in enumerate(rows, 1):
-        n = len(row["input_ids"])
-        if n > budget:
-            raise TrainSetupError(
-                f"{path}: row {i} has {n} tokens, more than train.tokens_per_batch {budget} "
-                f"(the packing budget); raise train.tokens_per_batch to at least {n} or lower "
-                f"format.max_length (samples are never truncated to fit a pack)")
+    over = np.flatnonzero(lengths > budget)
+    if len(over):
+        i, n = int(over[0]), int(lengths[over[0]])
+        raise TrainSetupError(
+            f"{path}: row {i + 1} has {n} tokens, more than train.tokens_per_batch {budget} "
+            f"(the packing budget); raise train.tokens_per_batch to at least {n} or lower "
+            f"format.max_length (samples are never truncated to fit a pack)")
 
 
 def pack_rows(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
@@ -72,15 +84,16 @@ def pack_rows(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
     packs: list[list[int]] = []
     current: list[int] = []
     used = 0
-    for i in order:
-        if lengths[i] > budget:
-            raise TrainSetupError(f"row {i + 1}: {lengths[i]} tokens exceed "
-                                  f"train.tokens_per_batch {budget}")
-        if current and used + lengths[i] > budget:
-            packs.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
+    with progress(len(order), "packing", items=order) as bar:
+        for i in bar:
+            if lengths[i] > budget:
+                raise TrainSetupError(f"row {i + 1}: {lengths[i]} tokens exceed "
+                                      f"train.tokens_per_batch {budget}")
+            if current and used + lengths[i] > budget:
+                packs.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += lengths[i]
     if current:
         packs.append(current)
     return packs
@@ -107,18 +120,45 @@ def balance_packs(packs: list[list[int]], processes: int) -> list[list[int]]:
     return packs
 
 
-def packed_dataset(rows: list[dict[str, list[int]]], budget: int, seed: int, *,
+class PackedRows:
+    """The train split as packs, one dataset item per pack: ``packs[k]`` is
+    ``{"samples": [row, ...]}``, its rows read from ``rows`` when asked for. The packs are
+    kept as two numpy arrays (row indices in pack order, and where each pack starts)."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], packs: list[list[int]],
+                 lengths: np.ndarray) -> None:
+        self.rows = rows
+        self.order = np.fromiter((i for p in packs for i in p), dtype=np.int64,
+                                 count=sum(len(p) for p in packs))
+        self.starts = np.cumsum([0, *(len(p) for p in packs)])
+        self.pack_tokens = (np.add.reduceat(lengths[self.order], self.starts[:-1])
+                            if packs else np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        if not 0 <= k < len(self):
+            raise IndexError(f"pack {k} of {len(self)}")
+        return {"samples": [self.rows[i] for i in self.order[self.starts[k]:self.starts[k + 1]]]}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[k] for k in range(len(self)))
+
+
+def packed_dataset(rows: Sequence[dict[str, Any]], budget: int, seed: int, *,
                    grad_accum: int = 1, path: str = "train split",
-                   num_processes: int = 1) -> list[dict[str, Any]]:
-    """The train split as packs: one dataset item per pack, holding its samples.
+                   num_processes: int = 1) -> PackedRows:
+    """The train split as packs (:class:`PackedRows`).
 
     Fails (naming the params) on a sample longer than the budget and when one optimizer
     step (``grad_accum`` packs on each of ``num_processes`` processes) needs more packs than
     the split fills. Several processes: the pack count is made a multiple of theirs
     (:func:`balance_packs`).
     """
-    check_budget(rows, budget, path)
-    packs = pack_rows([len(r["input_ids"]) for r in rows], budget, seed)
+    lengths = row_lengths(rows)
+    check_budget(lengths, budget, path)
+    packs = pack_rows(lengths.tolist(), budget, seed)
     if len(packs) < grad_accum * num_processes:
         procs = f" on each of train.num_processes {num_processes}" if num_processes > 1 else ""
         raise TrainSetupError(
@@ -127,20 +167,21 @@ def packed_dataset(rows: list[dict[str, list[int]]], budget: int, seed: int, *,
             f"lower train.grad_accum or train.tokens_per_batch")
     if num_processes > 1:
         packs = balance_packs(packs, num_processes)
-    items = [{"samples": [rows[i] for i in pack]} for pack in packs]
-    tokens = sum(len(r["input_ids"]) for r in rows)
+    items = PackedRows(rows, packs, lengths)
+    tokens = int(lengths.sum())
     log.info("packing: %d rows (%d tokens) into %d packs of <= %d tokens (%.1f%% of the "
              "budget used on average)", len(rows), tokens, len(items), budget,
-             100 * tokens / (len(items) * budget) if items else 0.0)
+             100 * tokens / (len(items) * budget) if len(items) else 0.0)
     return items
 
 
-def pack_stats(items: list[dict[str, Any]], budget: int) -> dict[str, Any]:
+def pack_stats(items: PackedRows, budget: int) -> dict[str, Any]:
     """Sizes of the packs, for the train metrics."""
-    sizes = [sum(len(s["input_ids"]) for s in it["samples"]) for it in items]
-    return {"packs": len(items), "tokens_per_batch": budget,
-            "mean_pack_tokens": round(sum(sizes) / len(sizes), 1) if sizes else 0.0,
-            "budget_fill": round(sum(sizes) / (len(sizes) * budget), 4) if sizes else 0.0}
+    sizes, n = items.pack_tokens, len(items)
+    total = int(sizes.sum())
+    return {"packs": n, "tokens_per_batch": budget,
+            "mean_pack_tokens": round(total / n, 1) if n else 0.0,
+            "budget_fill": round(total / (n * budget), 4) if n else 0.0}
 
 
 @dataclass
@@ -160,22 +201,18 @@ class PackingCollator:
                 raise ValueError("PackingCollator: got plain rows and has no unpacked collator")
             return self.unpacked(features)
         samples = [s for f in features for s in f["samples"]]
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        bounds = [0]
-        for s in samples:
-            n = len(s["input_ids"])
-            ids.extend(s["input_ids"])
-            # the first token's label would be predicted across the boundary: never a target
-            labels.extend([IGNORE_INDEX, *s["labels"][1:]])
-            positions.extend(range(n))
-            bounds.append(bounds[-1] + n)
-        cu = torch.tensor(bounds, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-        return {"input_ids": torch.tensor([ids], dtype=torch.long),
-                "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long),
+        sizes = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        ids = np.concatenate([np.asarray(s["input_ids"], dtype=np.int64) for s in samples])
+        labels = np.concatenate([np.asarray(s["labels"], dtype=np.int64) for s in samples])
+        # the first token's label would be predicted across the boundary: never a target
+        labels[bounds[:-1]] = IGNORE_INDEX
+        positions = np.arange(len(ids), dtype=np.int64) - np.repeat(bounds[:-1], sizes)
+        cu = torch.from_numpy(bounds.astype(np.int32))
+        longest = int(sizes.max())
+        return {"input_ids": torch.from_numpy(ids)[None],
+                "labels": torch.from_numpy(labels)[None],
+                "position_ids": torch.from_numpy(positions)[None],
                 # all ones: only read by the Trainer's non-padding token count, dropped before
                 # the forward (a 2D mask would make transformers build a dense T x T mask)
                 "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),

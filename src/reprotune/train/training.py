@@ -2,6 +2,8 @@
 
 :func:`train_model` runs one fine-tuning job from the split Parquet files:
 
+* the splits are checked and read as memory-mapped Arrow (:mod:`reprotune.train.data`): rows
+  are numpy views pulled per batch, never Python lists of the whole split;
 * loss only on assistant tokens: ``labels`` come from the format stage (-100 elsewhere) and
   :class:`PaddingCollator` pads them with -100 too;
 * one evaluation before training (``initial_val_loss``), then every ``train.eval_steps`` and
@@ -51,6 +53,14 @@ from reprotune.params import (
     TrainParams,
 )
 from reprotune.train import curves, distributed
+from reprotune.train.data import (
+    IGNORE_INDEX,
+    PaddingCollator,
+    check_sizes,
+    load_split,
+    scratch_dir,
+    split_size,
+)
 from reprotune.train.loading import save_finetuned
 from reprotune.train.methods import (
     TrainSetupError,
@@ -63,7 +73,6 @@ from reprotune.train.methods import (
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 RUN_STATE_FILE = "reprotune_run.json"      # in the checkpoint dir: fingerprint + initial loss
 COUNTERS_FILE = "reprotune_counters.json"  # in each checkpoint: label tokens seen so far
 LIVE_METRICS = ("train_loss", "val_loss", "learning_rate", "grad_norm")
@@ -103,82 +112,6 @@ class RunConfig:
         if method in ("prompt_tuning", "prefix_tuning"):
             out["prompt"] = dataclasses.asdict(self.prompt)
         return out
-
-
-# --------------------------------------------------------------------------- data
-def read_split(path: str | Path) -> list[dict[str, list[int]]]:
-    """``input_ids`` and ``labels`` of a split Parquet file."""
-    import pyarrow.parquet as pq
-
-    names = set(pq.read_schema(path).names)
-    missing = {"input_ids", "labels"} - names
-    if missing:
-        raise TrainSetupError(f"{path}: missing column(s) {sorted(missing)}; rerun the format "
-                              f"and split stages")
-    return pq.read_table(path, columns=["input_ids", "labels"]).to_pylist()
-
-
-def check_rows(rows: list[dict[str, Any]], path: str | Path, *, vocab_size: int,
-               max_positions: int, extra_positions: int = 0) -> None:
-    """Fail on rows the model cannot train on, naming file and row (1-based)."""
-    for i, row in enumerate(rows, 1):
-        ids, labels = row["input_ids"], row["labels"]
-        where = f"{path}: row {i}"
-        if not ids or len(ids) != len(labels):
-            raise TrainSetupError(f"{where}: input_ids ({len(ids)}) and labels ({len(labels)}) "
-                                  f"must be non-empty and of equal length; rerun the format stage")
-        if max(ids) >= vocab_size or min(ids) < 0:
-            raise TrainSetupError(f"{where}: token id {max(ids)} outside the model's vocab of "
-                                  f"{vocab_size}; the data was tokenised for another base model "
-                                  f"(rerun the format stage)")
-        if all(x == IGNORE_INDEX for x in labels):
-            raise TrainSetupError(f"{where}: no label tokens (every label is -100)")
-        if len(ids) + extra_positions > max_positions:
-            what = (f" + prompt.num_virtual_tokens {extra_positions}" if extra_positions else "")
-            raise TrainSetupError(f"{where}: {len(ids)} tokens{what} exceed the model's "
-                                  f"{max_positions} positions; lower format.max_length")
-
-
-def check_sizes(n_train: int, n_val: int, batch_size: int, grad_accum: int,
-                paths: tuple[str, str] = ("train split", "val split"), processes: int = 1) -> None:
-    """The val split must be non-empty and one optimizer step (of every process) must fit in
-    the train split."""
-    if n_train == 0:
-        raise TrainSetupError(f"{paths[0]}: no training rows; check the format and split metrics")
-    if n_val == 0:
-        raise TrainSetupError(f"{paths[1]}: the val split is empty; raise split.val_ratio (val "
-                              f"loss drives evaluation, early stopping and the best checkpoint)")
-    if batch_size * grad_accum * processes > n_train:
-        procs = f" x train.num_processes {processes}" if processes > 1 else ""
-        raise TrainSetupError(
-            f"batch_size: {batch_size} x train.grad_accum {grad_accum}{procs} = "
-            f"{batch_size * grad_accum * processes} sequences per optimizer step, but the train "
-            f"split has only {n_train} rows; use batch_size <= "
-            f"{max(1, n_train // (grad_accum * processes))}")
-
-
-@dataclass
-class PaddingCollator:
-    """Right-pad a batch: input_ids with ``pad_id``, labels with -100, attention mask 0."""
-
-    pad_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
-        import torch
-
-        n = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), n), dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k] = torch.tensor(f["input_ids"], dtype=torch.long)
-            labels[i, :k] = torch.tensor(f["labels"], dtype=torch.long)
-            mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 # --------------------------------------------------------------------------- run identity
@@ -486,8 +419,19 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
 
     Every check that can fail (method, sizes, rows, LoRA targets, packing budget, layer
     counts) runs before the first training step. ``callbacks`` are extra TrainerCallbacks
-    (the throughput benchmark times steps with one).
+    (the throughput benchmark times steps with one). The splits are read memory-mapped from
+    Arrow copies in a scratch folder (:mod:`reprotune.train.data`), removed at the end.
     """
+    with scratch_dir() as scratch:
+        return _train(train_path=train_path, val_path=val_path, base_dir=base_dir,
+                      out_dir=out_dir, checkpoints_dir=checkpoints_dir, live_dir=live_dir,
+                      cfg=cfg, callbacks=callbacks, scratch=scratch)
+
+
+def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path,
+           out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
+           cfg: RunConfig, callbacks: list[Any] | None, scratch: Path) -> dict[str, Any]:
+    """:func:`train_model`, with ``scratch`` for the memory-mapped splits."""
     import torch
     from transformers import AutoConfig, EarlyStoppingCallback, set_seed
 
@@ -502,10 +446,10 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
     distributed.init(device, cfg.train.collective_timeout_s)
     world = distributed.world_size()
     precision = resolve_precision(cfg.train.precision, device)
-    train_rows, val_rows = read_split(train_path), read_split(val_path)
+    n_train, n_val = split_size(train_path), split_size(val_path)
     packing, packing_note = resolve_packing(cfg.train.packing, device, method)
     # packed, an optimizer step is grad_accum packs (checked once the rows are packed)
-    check_sizes(len(train_rows), len(val_rows), 1 if packing else cfg.top.batch_size,
+    check_sizes(n_train, n_val, 1 if packing else cfg.top.batch_size,
                 1 if packing else cfg.train.grad_accum, (str(train_path), str(val_path)),
                 1 if packing else world)
     tokenizer = load_tokenizer(base_dir)
@@ -515,12 +459,13 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         raise TrainSetupError(f"{base_dir}: the tokenizer's chat template differs from the one in "
                               f"{BASE_INFO_FILE}; rerun the base stage")
     config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-    for rows, path in ((train_rows, train_path), (val_rows, val_path)):
-        check_rows(rows, path, vocab_size=config.vocab_size,
+    train_rows, val_rows = (
+        load_split(path, scratch, vocab_size=config.vocab_size,
                    max_positions=config.max_position_embeddings,
                    extra_positions=virtual_tokens(method, cfg.prompt))
+        for path in (train_path, val_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_data: list[dict[str, Any]] = train_rows
+    train_data: Any = train_rows
     if packing:
         train_data = packed_dataset(train_rows, cfg.train.tokens_per_batch, cfg.top.seed,
                                     grad_accum=cfg.train.grad_accum, path=str(train_path),
@@ -599,7 +544,7 @@ def train_model(*, train_path: str | Path, val_path: str | Path, base_dir: str |
         t_train = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as exc:
-        longest = max(len(r["input_ids"]) for rows in (train_rows, val_rows) for r in rows)
+        longest = int(max(train_rows.lengths.max(), val_rows.lengths.max()))
         raise TrainSetupError(out_of_memory_advice(cfg, method, longest, device, packing=packing,
                                                    loss_impl=speed["loss_impl"])) from exc
     train_s = time.perf_counter() - t_train
