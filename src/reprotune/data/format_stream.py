@@ -19,7 +19,6 @@ are contiguous and concatenated in order, and row groups are cut by row count an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
@@ -153,27 +152,31 @@ def format_jsonl(data: str | Path, tokenizer: Any, *, out: str | Path, dropped: 
     """
     import numpy as np
     import pyarrow as pa
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+    from datasets.utils import logging as ds_logging
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     render = Renderer.create(tokenizer, enable_thinking=enable_thinking)
-    with contextlib.ExitStack() as stack:
-        cache = stack.enter_context(tempfile.TemporaryDirectory(
-            prefix=f".{out.name}.cache.", suffix=".tmp", dir=out.parent))
-        (enable_progress_bar if progress else disable_progress_bar)()
-        lines = load_lines(data, cache)
-        log.info("%s: %d rows; rendering with num_proc=%d (Arrow cache in %s)", data,
-                 lines.num_rows, num_proc, cache)
-        ds = render_dataset(lines, render, num_proc=num_proc, path=str(data))
-        # the small columns, copied out of their batches (a selected column alone would
-        # keep its whole batch, token ids included, alive)
-        summary = pa.concat_tables([rendered_schema().empty_table().select(SUMMARY_FIELDS)] + [
-            t.take(np.arange(t.num_rows)) for t in _batches(ds)(SUMMARY_FIELDS)])
-        p = plan(summary, max_length=max_length, enable_thinking=enable_thinking,
-                 model_limit=model_limit, warn_truncated=warn_truncated)
-        io.write_jsonl(dropped, dropped_rows(p))
-        if p.stats["rows_out"]:
-            write_parquet(out, cut_tables(_batches(ds), p), formatted_schema())
-        del ds, lines  # release the memory maps before the folder goes
+    shown = ds_logging.is_progress_bar_enabled()
+    (ds_logging.enable_progress_bar if progress else ds_logging.disable_progress_bar)()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.cache.", suffix=".tmp",
+                                         dir=out.parent) as cache:
+            lines = load_lines(data, cache)
+            log.info("%s: %d rows; rendering with num_proc=%d (Arrow cache in %s)", data,
+                     lines.num_rows, num_proc, cache)
+            ds = render_dataset(lines, render, num_proc=num_proc, path=str(data))
+            # the small columns, copied out of their batches (a selected column alone would
+            # keep its whole batch, token ids included, alive)
+            summary = pa.concat_tables(
+                [rendered_schema().empty_table().select(SUMMARY_FIELDS)]
+                + [t.take(np.arange(t.num_rows)) for t in _batches(ds)(SUMMARY_FIELDS)])
+            p = plan(summary, max_length=max_length, enable_thinking=enable_thinking,
+                     model_limit=model_limit, warn_truncated=warn_truncated)
+            io.write_jsonl(dropped, dropped_rows(p))
+            if p.stats["rows_out"]:
+                write_parquet(out, cut_tables(_batches(ds), p), formatted_schema())
+            del ds, lines  # release the memory maps before the folder goes
+    finally:
+        (ds_logging.enable_progress_bar if shown else ds_logging.disable_progress_bar)()
     return p
