@@ -152,6 +152,10 @@ def test_failures_name_the_line_or_param_and_leave_no_cache(tmp_path, tok):
         format_stream.format_jsonl(data, tok, max_length=8, **kw)
     assert list((tmp_path / "o").iterdir()) == []  # no output, no Arrow cache left
     assert not (tmp_path / "d.jsonl").exists()
+    data.write_text("\n \n", encoding="utf-8")  # no rows: counted as such, nothing written
+    p = format_stream.format_jsonl(data, tok, max_length="auto", **kw)
+    assert (p.stats["rows_in"], p.stats["rows_out"], len(p.lengths)) == (0, 0, 0)
+    assert list((tmp_path / "o").iterdir()) == [] and (tmp_path / "d.jsonl").read_text() == ""
 
 
 def test_num_proc_param():

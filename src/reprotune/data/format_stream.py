@@ -162,21 +162,25 @@ def format_jsonl(data: str | Path, tokenizer: Any, *, out: str | Path, dropped: 
     try:
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.cache.", suffix=".tmp",
                                          dir=out.parent) as cache:
-            lines = load_lines(data, cache)
-            log.info("%s: %d rows; rendering with num_proc=%d (Arrow cache in %s)", data,
-                     lines.num_rows, num_proc, cache)
-            ds = render_dataset(lines, render, num_proc=num_proc, path=str(data))
-            # the small columns, copied out of their batches (a selected column alone would
-            # keep its whole batch, token ids included, alive)
-            summary = pa.concat_tables(
-                [rendered_schema().empty_table().select(SUMMARY_FIELDS)]
-                + [t.take(np.arange(t.num_rows)) for t in _batches(ds)(SUMMARY_FIELDS)])
+            summary = rendered_schema().empty_table().select(SUMMARY_FIELDS)
+            ds = None
+            if next(_lines(str(data)), None) is not None:  # datasets refuses an empty file
+                lines = load_lines(data, cache)
+                log.info("%s: %d rows; rendering with num_proc=%d (Arrow cache in %s)", data,
+                         lines.num_rows, num_proc, cache)
+                ds = render_dataset(lines, render, num_proc=num_proc, path=str(data))
+                del lines
+                # the small columns, copied out of their batches (a selected column alone
+                # would keep its whole batch, token ids included, alive)
+                summary = pa.concat_tables(
+                    [summary] + [t.take(np.arange(t.num_rows))
+                                 for t in _batches(ds)(SUMMARY_FIELDS)])
             p = plan(summary, max_length=max_length, enable_thinking=enable_thinking,
                      model_limit=model_limit, warn_truncated=warn_truncated)
             io.write_jsonl(dropped, dropped_rows(p))
             if p.stats["rows_out"]:
                 write_parquet(out, cut_tables(_batches(ds), p), formatted_schema())
-            del ds, lines  # release the memory maps before the folder goes
+            del ds  # release the memory maps before the folder goes
     finally:
         (ds_logging.enable_progress_bar if shown else ds_logging.disable_progress_bar)()
     return p
