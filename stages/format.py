@@ -1,13 +1,20 @@
-"""DVC stage `format`: render with the chat template, mask every assistant turn, truncate."""
+"""DVC stage `format`: render with the chat template, mask every assistant turn, truncate.
+
+Rows go through Hugging Face `datasets` (Arrow on disk, a batched map over `data.num_proc`
+processes) and are written in bounded Parquet row groups: no stage-wide Python rows
+(reprotune.data.format_stream).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from reprotune import io, runtime
 from reprotune.chat_template import template_fingerprint
-from reprotune.data.formatting import FormatError, format_records, formatted_schema
+from reprotune.data.format_stream import format_jsonl
+from reprotune.data.formatting import FormatError
 from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
 from reprotune.params import load_section
 from reprotune.plots import histogram
@@ -25,8 +32,8 @@ def main() -> None:
 
     log = runtime.setup("format")
     cfg = load_section("format")
+    num_proc = load_section("data").processes()
     io.clean_stale_temporaries(args.out, args.dropped, args.metrics, args.plot)
-    records = io.read_jsonl(args.data)
     tokenizer = load_tokenizer(args.base)
     base_info = io.read_json(Path(args.base) / BASE_INFO_FILE)
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -35,17 +42,16 @@ def main() -> None:
                          f"recorded in {BASE_INFO_FILE} ({base_info['chat_template_sha256'][:12]}); "
                          f"rerun the base stage")
     try:
-        rows, stats, dropped = format_records(
-            records, tokenizer, max_length=cfg.max_length, enable_thinking=cfg.enable_thinking,
-            model_limit=context_length(args.base), warn_truncated=cfg.warn_truncated)
+        plan = format_jsonl(
+            args.data, tokenizer, out=args.out, dropped=args.dropped, max_length=cfg.max_length,
+            enable_thinking=cfg.enable_thinking, model_limit=context_length(args.base),
+            warn_truncated=cfg.warn_truncated, num_proc=num_proc, progress=sys.stderr.isatty())
     except FormatError as exc:
         raise SystemExit(f"format: {exc}") from None
-    io.write_jsonl(args.dropped, dropped)
-    if not rows:
+    stats, lengths = plan.stats, plan.lengths
+    if not stats["rows_out"]:
         raise SystemExit(f"format: {args.data}: no rows left after formatting: "
                          f"{stats['dropped']} (see {args.dropped})")
-    io.write_parquet(args.out, rows, schema=formatted_schema())
-    lengths = stats.pop("lengths")
     histogram(lengths, args.plot, title="Tokens per conversation (before truncation)",
               xlabel="tokens", vline=stats["max_length"])
     stats["chat_template_sha256"] = sha

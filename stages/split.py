@@ -1,8 +1,9 @@
 """DVC stage `split`: train/val/test split of the formatted table (seeded or by time) + leakage check.
 
-Only the light columns become Python rows (ids, messages, label, group, meta: what the split
-and the leakage check read); the token columns stay in Arrow and each split is written by
-streaming the formatted table's batches through a row filter, so the stage never holds the
+Only the columns the split and the leakage check read become Python rows (id, source,
+messages, and the split.stratify / split.group fields and meta when the params use them), read
+batch by batch; the token columns stay in Arrow and each split is written by streaming the
+formatted table's batches through a row filter, so the stage never holds the
 ``input_ids``/``labels`` of every row as Python lists (100,000 rows: 5.6 GiB before).
 """
 
@@ -12,11 +13,12 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from reprotune import io, runtime
-from reprotune.data.split import SPLITS, SplitError, split_rows
+from reprotune.data.split import SPLITS, SplitError, check_fields, split_rows
 from reprotune.params import load_section
 
 HEAVY = ("text", "input_ids", "labels")  # never needed to decide the split
@@ -47,6 +49,22 @@ def write_parts(src: str, out_dir: str, indices: dict[str, list[int]]) -> None:
                     w.write_table(table.filter(pa.array(d == k)))
 
 
+def split_columns(src: str, cfg: Any) -> list[dict[str, Any]]:
+    """The rows of ``src`` with only the columns the split reads, built batch by batch."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src)
+    names = [c for c in pf.schema_arrow.names if c not in HEAVY]
+    check_fields(names, stratify=cfg.stratify, group=cfg.group)
+    wanted = {"id", "source", "messages", cfg.stratify, cfg.group}
+    if cfg.order_by:
+        wanted.add("meta")
+    rows: list[dict[str, Any]] = []
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[c for c in names if c in wanted]):
+        rows.extend(batch.to_pylist())
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", default="data/processed/formatted.parquet")
@@ -58,11 +76,8 @@ def main() -> None:
     log = runtime.setup("split")
     cfg = load_section("split")
     io.clean_stale_temporaries(args.out_dir, args.metrics, args.leaks)
-    import pyarrow.parquet as pq
-
-    columns = [c for c in pq.read_schema(args.data).names if c not in HEAVY]
-    rows = pq.read_table(args.data, columns=columns).to_pylist()
     try:
+        rows = split_columns(args.data, cfg)
         result = split_rows(rows, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
                             stratify=cfg.stratify, group=cfg.group, seed=cfg.seed,
                             leakage_threshold=cfg.leakage_threshold, order_by=cfg.order_by,

@@ -11,14 +11,12 @@ import pytest
 
 from reprotune.data.formatting import (
     DROP_TRUNCATED,
-    IGNORE_INDEX,
     FormatError,
     format_records,
     formatted_schema,
-    label_tokens,
     resolve_max_length,
-    turn_markers,
 )
+from reprotune.data.rendering import IGNORE_INDEX, label_tokens, turn_markers
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",

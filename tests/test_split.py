@@ -139,3 +139,35 @@ def test_leakage_fail_names_the_param_and_count() -> None:
     clean = split_rows(_rows(200), val_ratio=0.1, test_ratio=0.1, stratify=None, group=None,
                        seed=0, leakage_threshold=0.9, on_leak="fail")
     assert clean.leaks == [] and sum(clean.metrics["counts"].values()) == 200
+
+
+def test_split_stage_reads_only_the_columns_it_uses(tmp_path) -> None:
+    """The stage builds Python rows of id/source/messages and the fields its params name,
+    batch by batch; an unknown field fails naming the param and the table's columns."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from reprotune import io
+    from reprotune.data.formatting import formatted_schema
+
+    spec = importlib.util.spec_from_file_location(
+        "split_stage", Path(__file__).resolve().parents[1] / "stages" / "split.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    rows = [{**r, "source": f"f:{i}", "tools": None, "meta": json.dumps({"t": i}), "text": "x",
+             "input_ids": [1, 2], "labels": [-100, 2], "n_tokens": 2, "n_label_tokens": 1,
+             "truncated": False} for i, r in enumerate(_rows(50, groups=5))]
+    io.write_parquet(tmp_path / "f.parquet", rows, schema=formatted_schema())
+    cfg = SimpleNamespace(stratify="label", group=None, order_by=None)
+    stage.BATCH_ROWS = 16  # several batches
+    got = stage.split_columns(str(tmp_path / "f.parquet"), cfg)
+    assert got == [{k: r[k] for k in ("id", "source", "messages", "label")} for r in rows]
+    cfg = SimpleNamespace(stratify=None, group="group", order_by="t")
+    assert sorted(stage.split_columns(str(tmp_path / "f.parquet"), cfg)[3]) == [
+        "group", "id", "messages", "meta", "source"]
+    with pytest.raises(SplitError, match=r"^split\.group: field 'topic' is not a column of the "
+                                         r"data; available: group, id, label, messages, meta, "
+                                         r"n_label_tokens, n_tokens, source, tools, truncated "):
+        stage.split_columns(str(tmp_path / "f.parquet"),
+                            SimpleNamespace(stratify=None, group="topic", order_by=None))

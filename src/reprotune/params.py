@@ -106,6 +106,24 @@ class DedupParams:
 
 
 @dataclass(frozen=True)
+class DataParams:
+    # processes of the data stages' batched `datasets` map; "auto": every core this process
+    # may run on. Outputs never depend on it (rows are processed alone, results kept in order)
+    num_proc: int | Literal["auto"] = _f("auto", **_rng(1, 1024))
+
+    def processes(self) -> int:
+        """``num_proc`` as a number: ``auto`` is the CPUs this process may use (its affinity
+        mask where the OS has one, else ``os.cpu_count()``)."""
+        import os
+
+        if self.num_proc != "auto":
+            return int(self.num_proc)
+        if hasattr(os, "sched_getaffinity"):
+            return max(1, len(os.sched_getaffinity(0)))
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
 class FormatParams:
     # "auto": the p99 of the rendered lengths, capped by the model's context length
     max_length: int | Literal["auto"] = _f("auto", **_rng(8, 1_000_000))
@@ -217,6 +235,7 @@ SECTIONS: dict[str, type] = {
     "ingest": IngestParams,
     "model": ModelParams,
     "dedup": DedupParams,
+    "data": DataParams,
     "format": FormatParams,
     "split": SplitParams,
     "train": TrainParams,

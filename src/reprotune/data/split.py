@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,14 +64,21 @@ def _take(size: int, remaining: int) -> bool:
     return remaining > 0 and size - remaining < remaining
 
 
+def check_fields(columns: Collection[str], *, stratify: str | None, group: str | None) -> None:
+    """:class:`SplitError` naming the param when ``split.stratify`` or ``split.group`` is not
+    one of ``columns``."""
+    for name, fld in (("split.stratify", stratify), ("split.group", group)):
+        if fld and fld not in columns:
+            raise SplitError(f"{name}: field {fld!r} is not a column of the data; "
+                             f"available: {', '.join(sorted(columns))} (or null)")
+
+
 def assign_splits(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: float,
                   stratify: str | None, group: str | None, seed: int,
                   order_by: str | None = None) -> list[str]:
     """Return the split name of every row (same order as ``rows``)."""
-    for name, fld in (("split.stratify", stratify), ("split.group", group)):
-        if fld and rows and all(fld not in r for r in rows):
-            raise SplitError(f"{name}: field {fld!r} is not a column of the data; "
-                             f"available: {', '.join(sorted(rows[0]))} (or null)")
+    if rows:
+        check_fields({k for r in rows for k in r}, stratify=stratify, group=group)
     units: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         units[_unit_key(row, group)].append(i)
