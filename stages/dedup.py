@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime
-from reprotune.data.dedup import run_dedup
+from reprotune.data.dedup import dedup_stream
 from reprotune.params import load_section
 
 
@@ -22,16 +22,15 @@ def main() -> None:
     log = runtime.setup("dedup")
     cfg = load_section("dedup")
     io.clean_stale_temporaries(args.out, args.dropped, args.metrics, args.pairs)
-    records = io.read_jsonl(args.data)
-    res = run_dedup(records, cfg, progress=sys.stderr.isatty())
-    io.write_jsonl(args.out, res.kept)
-    io.write_jsonl(args.dropped, res.dropped)
-    io.write_json(args.metrics, res.metrics)
-    io.write_json(args.pairs, {"threshold": cfg.threshold, "pairs": res.sample_pairs})
-    m = res.metrics
+    with io.open_jsonl(args.out) as kept, io.open_jsonl(args.dropped) as dropped:
+        # two passes over the input, rows streamed: memory does not hold the records
+        m, pairs = dedup_stream(lambda: io.iter_jsonl(args.data), cfg, kept=kept.write,
+                                dropped=dropped.write, progress=sys.stderr.isatty())
+    io.write_json(args.metrics, m)
+    io.write_json(args.pairs, {"threshold": cfg.threshold, "pairs": pairs})
     log.info("kept %d of %d rows; dropped %s; %d near-duplicate clusters", m["kept"], m["in"],
              ", ".join(f"{k}={v}" for k, v in m["dropped"].items()), m["near_dup_clusters"])
-    if not res.kept:
+    if not m["kept"]:
         sys.exit(f"dedup: no rows kept out of {m['in']} from {args.data}: {m['dropped']}")
 
 

@@ -3,7 +3,8 @@
 Each step is a separate, tested function; :func:`run_dedup` chains them. Every input row ends
 up either kept or in ``dropped`` with one reason, so ``in == kept + sum(dropped)``.
 
-- Exact duplicates: same SHA-256 of the normalised role-tagged text (:func:`normalize_text`).
+- Exact duplicates: same SHA-256 (first 16 bytes) of the normalised role-tagged text
+  (:func:`normalize_text`).
 - Near duplicates: char n-gram TF-IDF cosine >= ``threshold`` (:mod:`reprotune.data.similarity`);
   pairs are joined transitively (union-find), so a chain a~b~c is one cluster even when a and
   c are further apart; each dropped row records its actual similarity to the kept row.
@@ -18,7 +19,8 @@ import hashlib
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from reprotune.data import quality
 from reprotune.data.similarity import SEED, find_near_duplicates, record_text
+from reprotune.data.spill import DiskTexts
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +63,17 @@ def normalize_text(text: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
+def exact_key(text: str) -> bytes:
+    """The exact-duplicate key: the first 16 bytes of the SHA-256 of :func:`normalize_text`."""
+    return hashlib.sha256(normalize_text(text).encode("utf-8")).digest()[:16]
+
+
 def exact_duplicates(texts: Sequence[str]) -> list[int | None]:
     """For each text, the index of the first earlier text with the same normalised form."""
     first: dict[bytes, int] = {}
     out: list[int | None] = []
     for i, t in enumerate(texts):
-        key = hashlib.sha256(normalize_text(t).encode("utf-8")).digest()
-        j = first.setdefault(key, i)
+        j = first.setdefault(exact_key(t), i)
         out.append(None if j == i else j)
     return out
 
@@ -74,23 +81,26 @@ def exact_duplicates(texts: Sequence[str]) -> list[int | None]:
 def union_find_clusters(n: int, pairs: Iterable[tuple[int, int] | tuple[int, int, float]]
                         ) -> list[list[int]]:
     """Connected components of ``pairs`` over ``range(n)``: sorted clusters of 2+ members,
-    ordered by their first member. Independent of the order of ``pairs``."""
-    parent = list(range(n))
+    ordered by their first member. Independent of the order of ``pairs``; memory grows with
+    the rows in pairs, not with ``n``."""
+    parent: dict[int, int] = {}
 
     def find(x: int) -> int:
         root = x
-        while parent[root] != root:
+        while parent.setdefault(root, root) != root:
             root = parent[root]
         while parent[x] != root:  # path compression
             parent[x], x = root, parent[x]
         return root
 
     for pair in pairs:
+        if not (0 <= pair[0] < n and 0 <= pair[1] < n):
+            raise IndexError(f"pair {pair[:2]} outside range({n})")
         a, b = find(pair[0]), find(pair[1])
         if a != b:
             parent[max(a, b)] = min(a, b)  # the root is always the smallest member
     groups: dict[int, list[int]] = {}
-    for i in range(n):
+    for i in sorted(parent):
         groups.setdefault(find(i), []).append(i)
     return [g for _, g in sorted(groups.items()) if len(g) > 1]
 
@@ -100,76 +110,130 @@ def choose_representative(cluster: Iterable[int]) -> int:
     return min(cluster)
 
 
-def _sample_pairs(pairs: list[tuple[int, int, float]], k: int, texts: dict[int, str],
-                  records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _pick_pairs(pairs: list[tuple[int, int, float]], k: int) -> list[tuple[int, int, float]]:
     """``k`` pairs spread evenly over the similarity range (lowest = most borderline first)."""
     if not pairs or k <= 0:
         return []
     ordered = sorted(pairs, key=lambda p: (p[2], p[0], p[1]))
     picks = sorted({int(round(x)) for x in np.linspace(0, len(ordered) - 1, min(k, len(ordered)))})
-    return [{"similarity": round(s, 4),
-             "a": {"id": records[i]["id"], "source": records[i].get("source"), "text": texts[i][:300]},
-             "b": {"id": records[j]["id"], "source": records[j].get("source"), "text": texts[j][:300]}}
-            for i, j, s in (ordered[p] for p in picks)]
+    return [ordered[p] for p in picks]
 
 
-def run_dedup(records: Sequence[dict[str, Any]], cfg: DedupConfig, *,
-              progress: bool = True) -> DedupResult:
-    """Quality filters, then exact, then near-duplicate removal (see the module docstring)."""
+@dataclass
+class _Scan:
+    """Pass 1 over the rows: what is kept globally, per row (see :func:`dedup_stream`)."""
+
+    reason: np.ndarray  # int8 per row: 0 kept, else 1 + index in REASONS
+    uniq: np.ndarray  # rows that passed the filters and are first of their exact key, in order
+    texts: DiskTexts  # record_text of each ``uniq`` row, on disk
+    exact_first: dict[int, int]  # exact-duplicate row -> first row with the same key
+
+
+def _scan(rows: Iterable[dict[str, Any]], cfg: DedupConfig, progress: bool) -> _Scan:
+    """Quality filters and exact-duplicate keys (a 16-byte SHA-256 prefix) in one pass."""
     filters = quality.make_filters(cfg)
-    dropped: dict[int, dict[str, Any]] = {}
-
-    def drop(i: int, reason: str, dup_of: int | None = None, sim: float | None = None) -> None:
-        dropped[i] = {"id": records[i]["id"], "source": records[i].get("source"), "reason": reason,
-                      "duplicate_of": None if dup_of is None else records[dup_of]["id"],
-                      "similarity": None if sim is None else round(float(sim), 4)}
-
-    good = []
-    for i, rec in enumerate(tqdm(records, desc="quality", unit="row", disable=not progress,
+    code = {r: k + 1 for k, r in enumerate(REASONS)}
+    reason, uniq = array("b"), array("q")
+    texts = DiskTexts()
+    first: dict[bytes, int] = {}
+    exact_first: dict[int, int] = {}
+    for i, rec in enumerate(tqdm(rows, desc="quality + exact", unit="row", disable=not progress,
                                  leave=False, mininterval=1)):
-        reason = quality.first_failure(rec, filters)
-        if reason is None:
-            good.append(i)
+        failed = quality.first_failure(rec, filters)
+        if failed is not None:
+            reason.append(code[failed])
+            continue
+        text = record_text(rec)
+        j = first.setdefault(exact_key(text), i)
+        if j != i:
+            reason.append(code["exact_duplicate"])
+            exact_first[i] = j
         else:
-            drop(i, reason)
+            reason.append(0)
+            uniq.append(i)
+            texts.append(text)
+    return _Scan(np.frombuffer(reason, dtype=np.int8).copy(), np.frombuffer(uniq, np.int64).copy(),
+                 texts, exact_first)
 
-    texts = [record_text(records[i]) for i in good]
-    first_of = exact_duplicates(texts)
-    uniq = [k for k, f in enumerate(first_of) if f is None]  # positions in `good`
-    found = find_near_duplicates([texts[k] for k in uniq], threshold=cfg.threshold,
+
+def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig, *,
+                 kept: Callable[[dict[str, Any]], None],
+                 dropped: Callable[[dict[str, Any]], None],
+                 progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Quality filters, exact, then near-duplicate removal over two passes of ``read()``.
+
+    Pass 1 (:func:`_scan`) keeps per row one byte (the reason code) and, per first
+    occurrence, 8 bytes (its row number) plus its role-tagged text in a temporary file
+    (:class:`~reprotune.data.spill.DiskTexts`, 12 bytes in memory), and a 16-byte key per
+    distinct text in a dict (~130 bytes with Python's overhead); the near-duplicate index adds
+    the MinHash signatures (4 * num_perm bytes per first occurrence). Pass 2 hands every row,
+    in input order, to ``kept`` or (as ``{id, source, reason, duplicate_of, similarity}``)
+    to ``dropped``. Returns the metrics and the sample pairs.
+    """
+    scan = _scan(read(), cfg, progress)
+    n, uniq = scan.reason.size, scan.uniq
+    found = find_near_duplicates(scan.texts, threshold=cfg.threshold,
                                  ngram_range=(cfg.ngram_min, cfg.ngram_max),
                                  num_perm=cfg.num_perm, bands=cfg.bands, seed=SEED,
                                  progress=progress)
-    clusters = union_find_clusters(len(uniq), found.pairs)
-    rep_of = np.arange(len(uniq))  # position in `uniq` of each row's kept row
+    clusters = union_find_clusters(uniq.size, found.pairs)
+    rep_of = np.arange(uniq.size)  # position in `uniq` of each row's kept row
     for cluster in clusters:
         rep_of[cluster] = choose_representative(cluster)
-    members = np.flatnonzero(rep_of != np.arange(len(uniq)))
+    members = np.flatnonzero(rep_of != np.arange(uniq.size))
     sims = found.index.cosine(members, rep_of[members])
     sim_to_rep = dict(zip(members.tolist(), sims.tolist(), strict=True))
-    for u, s in zip(members.tolist(), sims.tolist(), strict=True):
-        drop(good[uniq[u]], "near_duplicate", good[uniq[rep_of[u]]], s)
-    pos_in_uniq = {k: u for u, k in enumerate(uniq)}
-    for k, f in enumerate(first_of):
-        if f is not None:  # point at the row finally kept for the first occurrence
-            u = pos_in_uniq[f]
-            drop(good[k], "exact_duplicate", good[uniq[rep_of[u]]], sim_to_rep.get(u, 1.0))
-
-    kept = [records[i] for i in range(len(records)) if i not in dropped]
-    counts = {r: 0 for r in REASONS}
-    for d in dropped.values():
-        counts[d["reason"]] += 1
+    dup_of: dict[int, tuple[int, float]] = {}  # dropped row -> (kept row, similarity)
+    for u, s in sim_to_rep.items():
+        dup_of[int(uniq[u])] = (int(uniq[rep_of[u]]), s)
+    scan.reason[uniq[members]] = REASONS.index("near_duplicate") + 1
+    for i, f in scan.exact_first.items():  # point at the row finally kept for the first one
+        u = int(np.searchsorted(uniq, f))
+        dup_of[i] = (int(uniq[rep_of[u]]), sim_to_rep.get(u, 1.0))
+    picks = _pick_pairs(found.pairs, cfg.sample_pairs)
+    wanted = {k for k, _ in dup_of.values()} | {int(uniq[x]) for a, b, _ in picks for x in (a, b)}
+    ids: dict[int, tuple[str, Any]] = {}
+    count = 0
+    for i, rec in enumerate(read()):
+        if i >= n:
+            raise ValueError(f"dedup: the input grew between passes (over {n} rows)")
+        count += 1
+        if i in wanted:
+            ids[i] = (rec["id"], rec.get("source"))
+        if not scan.reason[i]:
+            kept(rec)
+            continue
+        d = dup_of.get(i)
+        dropped({"id": rec["id"], "source": rec.get("source"),
+                 "reason": REASONS[scan.reason[i] - 1],
+                 "duplicate_of": None if d is None else ids[d[0]][0],
+                 "similarity": None if d is None else round(float(d[1]), 4)})
+    if count != n:
+        raise ValueError(f"dedup: the input changed between passes ({n} rows, then {count})")
+    counts = {r: int(np.sum(scan.reason == k + 1)) for k, r in enumerate(REASONS)}
     metrics = {
-        "in": len(records), "kept": len(kept), "dropped": counts,
+        "in": n, "kept": int(np.sum(scan.reason == 0)), "dropped": counts,
         "threshold": cfg.threshold, "near_dup_clusters": len(clusters),
         "near_dup_pairs": len(found.pairs), "lsh_candidate_pairs": found.n_candidates,
         # near-duplicates joined through a chain, less similar to the kept row than threshold
         "near_dup_below_threshold_to_kept": int(np.sum(sims < cfg.threshold - 1e-6)),
     }
     assert metrics["in"] == metrics["kept"] + sum(counts.values())
-    logger.info("dedup: in %d, kept %d, dropped %s", len(records), len(kept), counts)
-    return DedupResult(kept=kept, dropped=[dropped[i] for i in sorted(dropped)], metrics=metrics,
-                       sample_pairs=_sample_pairs(
-                           [(good[uniq[a]], good[uniq[b]], s) for a, b, s in found.pairs],
-                           cfg.sample_pairs, dict(zip(good, texts, strict=True)), records))
+    logger.info("dedup: in %d, kept %d, dropped %s", n, metrics["kept"], counts)
 
+    def side(u: int) -> dict[str, Any]:
+        i = int(uniq[u])
+        return {"id": ids[i][0], "source": ids[i][1], "text": scan.texts[u][:300]}
+
+    samples = [{"similarity": round(s, 4), "a": side(a), "b": side(b)} for a, b, s in picks]
+    return metrics, samples
+
+
+def run_dedup(records: Sequence[dict[str, Any]], cfg: DedupConfig, *,
+              progress: bool = True) -> DedupResult:
+    """:func:`dedup_stream` over rows in memory (see the module docstring)."""
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    metrics, samples = dedup_stream(lambda: records, cfg, kept=kept.append,
+                                    dropped=dropped.append, progress=progress)
+    return DedupResult(kept=kept, dropped=dropped, metrics=metrics, sample_pairs=samples)

@@ -25,7 +25,6 @@ the exact document-frequency count grows with the rows (1e6 rows: over 8 GB, ben
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
@@ -37,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reprotune.data.minhash import EMPTY, densify, lsh_banding, lsh_candidates, minhash_into, mix
+from reprotune.data.spill import FEAT_BITS, DiskTexts, Partitions
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ SEED = 20240611  # fixed: dedup must not rerun (or change) when the training `se
 
 _WS = re.compile(r"\s\s+")  # scikit-learn's char analyzer collapses runs of 2+ whitespace
 _U64 = np.uint64
-_FEAT_BITS = 52
+_FEAT_BITS = FEAT_BITS
 _DOC_BITS = 64 - _FEAT_BITS  # row-in-chunk bits packed above the feature hash for one sort
 _CHUNK_DOCS = 1 << _DOC_BITS
 _CHUNK_CHARS = 2_000_000  # bounds the temporary arrays of one extraction chunk
@@ -58,6 +58,9 @@ _FNV_PRIME = _U64(0x100000001B3)
 MAX_DF = 0.05
 MIN_DF_CAP = 100
 _DF_SAMPLE = 20_000  # rows (evenly spaced) from which the common n-grams are counted
+_PART_ENTRIES = 1 << 25  # (row, n-gram) entries counted at once (~256 MB); more: partitions
+_DF_ENTRY = np.dtype([("f", "<u8")])  # a feature hash, for the document frequencies
+_ROW_ENTRY = np.dtype([("f", "<u8"), ("r", "<i4"), ("c", "<f4")])  # feature, row, count
 
 
 def record_text(record: dict[str, Any]) -> str:
@@ -130,12 +133,19 @@ def _normalise(text: str) -> str:
     return _WS.sub(" ", text.lower())
 
 
+def _lengths(texts: Sequence[str]) -> np.ndarray:
+    """Length in characters of each text (before normalisation: an upper bound after it)."""
+    if isinstance(texts, DiskTexts):
+        return texts.lengths
+    return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+
+
 def _features(texts: Sequence[str], nmin: int, nmax: int, *, desc: str | None = None):
-    """Yield (first row, rows, feats, counts) per chunk of already-normalised ``texts``."""
-    chunks = _chunks([len(t) for t in texts])
+    """Yield (first row, rows, feats, counts) per chunk of ``texts`` (normalised here)."""
+    chunks = _chunks(_lengths(texts))
     for a, b in tqdm(chunks, desc=desc, unit="chunk", disable=desc is None or len(chunks) < 4,
                      leave=False):
-        r, f, c = _chunk_features(texts[a:b], nmin, nmax)
+        r, f, c = _chunk_features([_normalise(t) for t in texts[a:b]], nmin, nmax)
         yield a, r + a, f, c
 
 
@@ -147,111 +157,137 @@ def _sorted_counts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[first], np.diff(np.r_[first, x.size])
 
 
+def _columns(vocab: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Position in the sorted ``vocab`` of each feature hash in ``q`` (all present).
+
+    Hashes are uniform, so a table of bucket starts on their top bits lands within a few
+    steps of the answer, where a binary search would take ~25 cache misses per query.
+    """
+    bits = min(max(1, int(vocab.size).bit_length() - 2), _FEAT_BITS)
+    shift = _U64(_FEAT_BITS - bits)
+    start = np.zeros((1 << bits) + 1, dtype=np.int64)
+    np.cumsum(np.bincount((vocab >> shift).astype(np.int64), minlength=1 << bits), out=start[1:])
+    pos = start[(q >> shift).astype(np.int64)]
+    todo = np.flatnonzero(vocab[pos.clip(max=max(vocab.size - 1, 0))] != q)
+    while todo.size:
+        pos[todo] += 1
+        todo = todo[vocab[pos[todo]] != q[todo]]
+    return pos
+
+
 @dataclass(frozen=True)
 class NgramIndex:
-    """A corpus' char n-gram statistics: document frequencies and MinHash signatures.
+    """A corpus' char n-gram statistics: exact document frequencies and MinHash signatures.
 
-    Row features are not stored (1e5 rows have ~1e8 of them): TF-IDF rows are re-extracted on
-    demand for the rows being compared, typically the few that are LSH candidates.
+    The document frequencies are counted partition by partition of the feature hashes: the
+    (row, distinct n-gram) entries of a partition (at most ~``_PART_ENTRIES``) are sorted and
+    counted on their own, so memory does not grow with the corpus (more partitions spill to
+    disk instead). Row features are not stored: TF-IDF rows are re-extracted on demand for
+    the rows being compared, typically the few that are LSH candidates. ``texts`` may be a
+    :class:`~reprotune.data.spill.DiskTexts`, so they need not be in memory either.
     """
 
-    texts: list[str]  # normalised as scikit-learn's char analyzer does
-    vocab: np.ndarray  # sorted distinct feature hashes (the TF-IDF columns)
-    df: np.ndarray  # document frequency of each vocab entry
+    texts: Sequence[str]  # as given; normalised as scikit-learn's char analyzer does when read
+    parts: Partitions  # per partition: sorted distinct feature hashes ("vocab") and their df
     sig: np.ndarray  # MinHash signatures, n_rows x num_perm uint32
     has_features: np.ndarray  # rows with at least one n-gram (others are never candidates)
     ngram_range: tuple[int, int]
+    n_features: int  # distinct n-gram hashes in the corpus (the TF-IDF columns)
 
     @property
     def n_rows(self) -> int:
         return len(self.texts)
 
+    @property
+    def vocab(self) -> np.ndarray:
+        """Sorted distinct feature hashes (one partition only: small corpora and tests)."""
+        return self._single()["vocab"]
+
+    @property
+    def df(self) -> np.ndarray:
+        """Document frequency of each :attr:`vocab` entry (one partition only)."""
+        return self._single()["df"]
+
+    def _single(self) -> dict[str, np.ndarray]:
+        if self.parts.count != 1:
+            raise ValueError(f"the index has {self.parts.count} partitions: use cosine()")
+        return self.parts.derived(0)
+
     @classmethod
     def build(cls, texts: Sequence[str], ngram_range: tuple[int, int] = (2, 4), *,
               num_perm: int = 128, seed: int = SEED, progress: bool = True) -> NgramIndex:
-        """One pass over ``texts``: signatures per chunk, all features kept only for the df.
+        """One pass over ``texts``: signatures per chunk, features routed to partitions.
 
-        Peak memory is ~8 bytes per (row, distinct n-gram) entry (~1 GB for 1e5 rows of
-        ~400 characters), for sorting the entries in place to count document frequencies.
+        Memory: the signatures (4 * num_perm bytes per row) and one partition's entries
+        (8 bytes each, ``_PART_ENTRIES`` at most, ~256 MB) while it is counted.
         """
         nmin, nmax = ngram_range
         if not 1 <= nmin <= nmax:
             raise ValueError(f"ngram_range {ngram_range}: need 1 <= min <= max")
-        norm = [_normalise(t) for t in texts]
-        n = len(norm)
-        lens = np.fromiter((len(t) for t in norm), dtype=np.int64, count=n)
+        n = len(texts)
+        lens = _lengths(texts)
         cap = int(sum(np.clip(lens - k + 1, 0, None).sum() for k in range(nmin, nmax + 1)))
-        buf = np.empty(cap, dtype=_U64)  # upper bound of the entries: no concatenation copies
-        fill = 0
+        parts = Partitions(max(0, int(np.ceil(np.log2(max(cap, 1) / _PART_ENTRIES)))), _DF_ENTRY)
         sig = np.full((n, num_perm), EMPTY, dtype=np.uint32)
         has = np.zeros(n, dtype=bool)
         salt = mix(np.array([seed], dtype=_U64))[0]
-        common = _common_features(norm, nmin, nmax)
+        common = _common_features(texts, nmin, nmax)
         desc = "n-grams + MinHash" if progress else None
-        for _, rows, feats, _counts in _features(norm, nmin, nmax, desc=desc):
-            buf[fill:fill + feats.size] = feats
-            fill += feats.size
+        for _, rows, feats, _counts in _features(texts, nmin, nmax, desc=desc):
+            parts.add(feats.view(_DF_ENTRY))
             has[rows] = True
             minhash_into(sig, rows, feats, common, salt)
-        entries = buf[:fill]
-        entries.sort()  # in place
-        vocab, df = _sorted_counts(entries)
-        del buf, entries
+        n_features = 0
+        for p in range(parts.count):
+            entries = parts.load(p).view(_U64)
+            entries.sort()
+            vocab, df = _sorted_counts(entries)
+            del entries
+            parts.replace(p, {"vocab": vocab, "df": df.astype(np.int32)})
+            n_features += vocab.size
         densify(sig, has, salt)
-        logger.debug("%d rows, %d entries, %d distinct n-grams", n, fill, vocab.size)
-        return cls(norm, vocab, df.astype(np.int32), sig, has, (nmin, nmax))
+        logger.debug("%d rows, %d distinct n-grams, %d partitions", n, n_features, parts.count)
+        return cls(texts, parts, sig, has, (nmin, nmax), n_features)
 
     # ------------------------------------------------------------------ TF-IDF
-    @functools.cached_property
-    def _buckets(self) -> tuple[int, np.ndarray]:
-        """(shift, start): vocab entries whose hash >> shift == b begin at start[b]."""
-        bits = min(max(1, int(self.vocab.size).bit_length() - 2), _FEAT_BITS)
-        shift = _FEAT_BITS - bits
-        start = np.zeros((1 << bits) + 1, dtype=np.int64)
-        np.cumsum(np.bincount((self.vocab >> _U64(shift)).astype(np.int64), minlength=1 << bits),
-                  out=start[1:])
-        return shift, start
+    def _row_entries(self, rows: np.ndarray) -> Partitions:
+        """(feature, position in ``rows``, count) of every distinct n-gram of those rows,
+        routed like the index's partitions, rows in order."""
+        nmin, nmax = self.ngram_range
+        out = Partitions(self.parts.bits, _ROW_ENTRY)
+        for a in range(0, rows.size, _CHUNK_DOCS):
+            batch = [self.texts[k] for k in rows[a:a + _CHUNK_DOCS].tolist()]
+            for _, r, f, c in _features(batch, nmin, nmax):
+                e = np.empty(f.size, dtype=_ROW_ENTRY)
+                e["f"], e["r"], e["c"] = f, r + a, c
+                out.add(e)
+        return out
 
-    def _columns(self, q: np.ndarray) -> np.ndarray:
-        """Vocab position of each feature hash in ``q`` (all present): bucketed lookup.
-
-        Hashes are uniform, so a table of bucket starts on their top bits lands within a few
-        steps of the answer, where a binary search would take ~25 cache misses per query.
-        """
-        v = self.vocab
-        shift, start = self._buckets
-        pos = start[(q >> _U64(shift)).astype(np.int64)]
-        todo = np.flatnonzero(v[pos.clip(max=v.size - 1)] != q)
-        while todo.size:
-            pos[todo] += 1
-            todo = todo[v[pos[todo]] != q[todo]]
-        return pos
+    def _weights(self, p: int, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vocab column, TF-IDF weight) of partition ``p``'s entries (sublinear tf, smooth idf)."""
+        d = self.parts.derived(p)
+        cols = _columns(d["vocab"], entries["f"])
+        idf = np.log((1.0 + self.n_rows) / (1.0 + d["df"][cols])) + 1.0
+        return cols, ((1.0 + np.log(entries["c"])) * idf).astype(np.float32)
 
     def tfidf_rows(self, rows: Sequence[int] | np.ndarray) -> Any:
         """L2-normalised TF-IDF rows (scipy CSR, float32, sorted column indices).
 
         Equal to scikit-learn's ``TfidfVectorizer(analyzer="char", ngram_range=...,
-        sublinear_tf=True)`` rows fitted on the whole corpus, up to column order.
+        sublinear_tf=True)`` rows fitted on the whole corpus, up to column order. One
+        partition only (small corpora); :meth:`cosine` works at any size.
         """
         import scipy.sparse as sp
 
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        nmin, nmax = self.ngram_range
-        parts_r, parts_c, parts_w = [], [], []
-        for _, r, f, c in _features([self.texts[i] for i in rows], nmin, nmax):
-            cols = self._columns(f)
-            idf = np.log((1.0 + self.n_rows) / (1.0 + self.df[cols])) + 1.0
-            parts_r.append(r)
-            parts_c.append(cols.astype(np.int32))
-            parts_w.append(((1.0 + np.log(c)) * idf).astype(np.float32))
-        r = np.concatenate(parts_r) if parts_r else np.empty(0, np.int64)
-        w = np.concatenate(parts_w) if parts_w else np.empty(0, np.float32)
+        e = self._row_entries(rows).load(0)
+        cols, w = self._weights(0, e)
+        r = e["r"].astype(np.int64)
         ptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(np.bincount(r, minlength=rows.size), out=ptr[1:])
         sq = np.bincount(r, weights=w.astype(np.float64) ** 2, minlength=rows.size)
         w /= np.sqrt(np.where(sq > 0, sq, 1.0))[r].astype(np.float32)
-        cols = np.concatenate(parts_c) if parts_c else np.empty(0, np.int32)
-        m = sp.csr_matrix((w, cols, ptr), shape=(rows.size, self.vocab.size))
+        m = sp.csr_matrix((w, cols.astype(np.int32), ptr), shape=(rows.size, self.vocab.size))
         m.has_sorted_indices = True  # features sorted per row and vocab sorted
         return m
 
@@ -261,35 +297,54 @@ class NgramIndex:
 
     def cosine(self, i: Sequence[int] | np.ndarray, j: Sequence[int] | np.ndarray, *,
                progress: bool = False) -> np.ndarray:
-        """Exact TF-IDF cosine of each pair (i[k], j[k]); rows of either side may repeat."""
+        """Exact TF-IDF cosine of each pair (i[k], j[k]); rows of either side may repeat.
+
+        Summed partition by partition: dot products and squared norms add up over disjoint
+        sets of features, so only one partition's weights are in memory at a time.
+        """
+        import scipy.sparse as sp
+
         i = np.asarray(i, dtype=np.int64).reshape(-1)
         j = np.asarray(j, dtype=np.int64).reshape(-1)
-        out = np.zeros(i.size, dtype=np.float32)
         if not i.size:
-            return out
+            return np.zeros(0, dtype=np.float32)
         rows = np.unique(np.concatenate([i, j]))
-        sub = self.tfidf_rows(rows)
         li, lj = np.searchsorted(rows, i), np.searchsorted(rows, j)
-        # Chunks of pairs bounded by stored entries, so the gathered rows stay ~100 MB.
-        nnz = np.diff(sub.indptr)
-        cost = np.cumsum(nnz[li] + nnz[lj])
-        ends = np.unique(np.r_[np.searchsorted(cost, np.arange(8_000_000, cost[-1], 8_000_000)),
-                               i.size].clip(1, i.size))
-        start = 0
-        for end in tqdm(ends, desc="verify", unit="chunk", disable=not progress or ends.size < 4,
-                        leave=False):
-            a, b = sub[li[start:end]], sub[lj[start:end]]
-            out[start:end] = np.asarray(a.multiply(b).sum(axis=1)).ravel()
-            start = end
-        return np.clip(out, 0.0, 1.0)
+        entries = self._row_entries(rows)
+        dot = np.zeros(i.size, dtype=np.float64)
+        sq = np.zeros(rows.size, dtype=np.float64)
+        for p in tqdm(range(entries.count), desc="verify", unit="part",
+                      disable=not progress or entries.count < 4, leave=False):
+            e = entries.load(p)
+            cols, w = self._weights(p, e)
+            r = e["r"].astype(np.int64)
+            w64 = w.astype(np.float64)
+            sq += np.bincount(r, weights=w64 ** 2, minlength=rows.size)
+            ptr = np.zeros(rows.size + 1, dtype=np.int64)
+            np.cumsum(np.bincount(r, minlength=rows.size), out=ptr[1:])
+            sub = sp.csr_matrix((w64, cols, ptr), shape=(rows.size, int(cols.max(initial=0)) + 1))
+            sub.has_sorted_indices = True
+            # Chunks of pairs bounded by stored entries, so the gathered rows stay ~100 MB.
+            nnz = np.diff(ptr)
+            cost = np.cumsum(nnz[li] + nnz[lj])
+            ends = np.unique(np.r_[np.searchsorted(cost, np.arange(4_000_000, cost[-1], 4_000_000)),
+                                   i.size].clip(1, i.size))
+            start = 0
+            for end in ends.tolist():
+                a, b = sub[li[start:end]], sub[lj[start:end]]
+                dot[start:end] += np.asarray(a.multiply(b).sum(axis=1)).ravel()
+                start = end
+        norm = np.sqrt(sq[li] * sq[lj])
+        out = np.divide(dot, norm, out=np.zeros_like(dot), where=norm > 0)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- MinHash
-def _common_features(norm: Sequence[str], nmin: int, nmax: int) -> np.ndarray:
+def _common_features(texts: Sequence[str], nmin: int, nmax: int) -> np.ndarray:
     """Sorted features in more than MAX_DF (and MIN_DF_CAP rows) of an evenly spaced sample."""
-    n = len(norm)
+    n = len(texts)
     take = np.unique(np.linspace(0, n - 1, min(n, _DF_SAMPLE)).astype(np.int64)) if n else []
-    sample = [norm[i] for i in take]
+    sample = [texts[i] for i in take]
     parts = [f for _, _, f, _ in _features(sample, nmin, nmax)]
     feats = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=_U64)
     uniq, df = _sorted_counts(feats)
