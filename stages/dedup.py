@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from reprotune import io, runtime
 from reprotune.data.dedup import dedup_stream
 from reprotune.params import load_section
+
+# processes for the filters and n-gram extraction (the outputs do not depend on the number)
+WORKERS = min(4, len(os.sched_getaffinity(0)))
 
 
 def main() -> None:
@@ -25,7 +29,8 @@ def main() -> None:
     with io.open_jsonl(args.out) as kept, io.open_jsonl(args.dropped) as dropped:
         # two passes over the input, rows streamed: memory does not hold the records
         m, pairs = dedup_stream(lambda: io.iter_jsonl(args.data), cfg, kept=kept.write,
-                                dropped=dropped.write, progress=sys.stderr.isatty())
+                                dropped=dropped.write, workers=WORKERS,
+                                progress=sys.stderr.isatty())
     io.write_json(args.metrics, m)
     io.write_json(args.pairs, {"threshold": cfg.threshold, "pairs": pairs})
     log.info("kept %d of %d rows; dropped %s; %d near-duplicate clusters", m["kept"], m["in"],

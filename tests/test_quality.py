@@ -1,4 +1,5 @@
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -203,3 +204,19 @@ def test_real_chinese_data_is_rarely_flagged(shared_dir) -> None:
     flagged = [r for r in res.records if repetitive(r, max_repetition=0.5)]
     assert len(flagged) <= 5  # was 63 of 993 with the whole-text measure
     assert any("SUBSTITUTE（SUBSTITUTE（SUBSTITUTE" in r["messages"][-1]["content"] for r in flagged)
+
+
+def test_is_art_regexes_count_exactly_like_str_methods() -> None:
+    # \s and [\W_] in Unicode mode are str.isspace and "not str.isalnum" for every code point
+    for c in map(chr, range(sys.maxunicode + 1)):
+        assert c.isspace() == bool(quality._SPACE.match(c)), hex(ord(c))
+        assert (not c.isalnum()) == bool(quality._NOT_ALNUM.match(c)), hex(ord(c))
+
+    def by_chars(line: str) -> bool:  # the definition, one character at a time
+        chars = [c for c in line if not c.isspace()]
+        return bool(chars) and sum(c.isalnum() for c in chars) * 2 < len(chars)
+
+    lines = ["", "   ", "-----", "| a | b |", "a-b-c", "ab--", "ab---", "═══ 标题 ═══", "１２３—",
+             "x_y_z", "٣٤٥ ...", "\u00a0\u2003--", "½¾ --"]
+    assert [quality._is_art(x) for x in lines] == [by_chars(x) for x in lines]
+    assert quality._is_art("-----") and not quality._is_art("ab--")

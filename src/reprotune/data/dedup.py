@@ -11,6 +11,16 @@ up either kept or in ``dropped`` with one reason, so ``in == kept + sum(dropped)
 - The kept row of a cluster is its earliest row in input order: the result depends on the
   input order only, never on hashing or pair order. (Reordering the input can change which
   member of a cluster is kept, never how many rows are kept.)
+
+Memory (:func:`dedup_stream`): the rows are read twice, never held. Held globally per input
+row: 1 byte (its reason code); per distinct text (first occurrence passing the filters):
+8 bytes (its row number), 12 bytes for its text in a temporary file, ~130 bytes of exact key
+(a 16-byte SHA-256 prefix in a dict, Python overhead included), 4 * ``num_perm`` bytes of
+MinHash signature (512 with 128 permutations) and 1 byte: ~660 bytes, ~0.65 GB at 1e6 rows.
+On top: one partition of n-gram entries while it is counted (<= ~256 MB of 8-byte entries,
+:class:`~reprotune.data.similarity.NgramIndex`), the pairs, and the chunk temporaries.
+Measured peak RSS of the stage (bench/data_scale.py rows, README "Data stages at scale"):
+0.9 GiB at 1e5 rows (was 2.6 GiB); 1e6 rows: see the README.
 """
 
 from __future__ import annotations
@@ -18,10 +28,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 import unicodedata
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,7 +41,7 @@ from tqdm.auto import tqdm
 
 from reprotune.data import quality
 from reprotune.data.similarity import SEED, find_near_duplicates, record_text
-from reprotune.data.spill import DiskTexts
+from reprotune.data.spill import DiskTexts, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +141,47 @@ class _Scan:
     exact_first: dict[int, int]  # exact-duplicate row -> first row with the same key
 
 
-def _scan(rows: Iterable[dict[str, Any]], cfg: DedupConfig, progress: bool) -> _Scan:
-    """Quality filters and exact-duplicate keys (a 16-byte SHA-256 prefix) in one pass."""
-    filters = quality.make_filters(cfg)
+def _check_batch(batch: list[dict[str, Any]], min_chars: int, max_chars: int,
+                 max_repetition: float) -> list[tuple[str | None, bytes, str]]:
+    """(first failing filter or None, exact key, role-tagged text) of each record."""
+    filters = quality.make_filters(SimpleNamespace(min_chars=min_chars, max_chars=max_chars,
+                                                   max_repetition=max_repetition))
+    out: list[tuple[str | None, bytes, str]] = []
+    for rec in batch:
+        failed = quality.first_failure(rec, filters)
+        text = "" if failed else record_text(rec)
+        out.append((failed, b"" if failed else exact_key(text), text))
+    return out
+
+
+def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for rec in rows:
+        batch.append(rec)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _scan(rows: Iterable[dict[str, Any]], cfg: DedupConfig, workers: int, progress: bool
+          ) -> _Scan:
+    """Quality filters and exact-duplicate keys (:func:`exact_key`) in one pass."""
     code = {r: k + 1 for k, r in enumerate(REASONS)}
     reason, uniq = array("b"), array("q")
     texts = DiskTexts()
     first: dict[bytes, int] = {}
     exact_first: dict[int, int] = {}
-    for i, rec in enumerate(tqdm(rows, desc="quality + exact", unit="row", disable=not progress,
-                                 leave=False, mininterval=1)):
-        failed = quality.first_failure(rec, filters)
+    jobs = ((b, cfg.min_chars, cfg.max_chars, cfg.max_repetition) for b in _batches(rows, 2048))
+    checked = (x for out in ordered_map(_check_batch, jobs, workers) for x in out)
+    for i, (failed, key, text) in enumerate(tqdm(checked, desc="quality + exact", unit="row",
+                                                 disable=not progress, leave=False,
+                                                 mininterval=1)):
         if failed is not None:
             reason.append(code[failed])
             continue
-        text = record_text(rec)
-        j = first.setdefault(exact_key(text), i)
+        j = first.setdefault(key, i)
         if j != i:
             reason.append(code["exact_duplicate"])
             exact_first[i] = j
@@ -159,7 +196,8 @@ def _scan(rows: Iterable[dict[str, Any]], cfg: DedupConfig, progress: bool) -> _
 def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig, *,
                  kept: Callable[[dict[str, Any]], None],
                  dropped: Callable[[dict[str, Any]], None],
-                 progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 workers: int = 1, progress: bool = True
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Quality filters, exact, then near-duplicate removal over two passes of ``read()``.
 
     Pass 1 (:func:`_scan`) keeps per row one byte (the reason code) and, per first
@@ -168,20 +206,29 @@ def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig,
     distinct text in a dict (~130 bytes with Python's overhead); the near-duplicate index adds
     the MinHash signatures (4 * num_perm bytes per first occurrence). Pass 2 hands every row,
     in input order, to ``kept`` or (as ``{id, source, reason, duplicate_of, similarity}``)
-    to ``dropped``. Returns the metrics and the sample pairs.
+    to ``dropped``. Returns the metrics and the sample pairs. ``workers`` processes run the
+    filters and extract the n-grams; the result does not depend on their number.
     """
-    scan = _scan(read(), cfg, progress)
+    t0 = time.perf_counter()
+    scan = _scan(read(), cfg, workers, progress)
+    t1 = time.perf_counter()
     n, uniq = scan.reason.size, scan.uniq
     found = find_near_duplicates(scan.texts, threshold=cfg.threshold,
                                  ngram_range=(cfg.ngram_min, cfg.ngram_max),
                                  num_perm=cfg.num_perm, bands=cfg.bands, seed=SEED,
-                                 progress=progress)
+                                 workers=workers, progress=progress)
     clusters = union_find_clusters(uniq.size, found.pairs)
     rep_of = np.arange(uniq.size)  # position in `uniq` of each row's kept row
     for cluster in clusters:
         rep_of[cluster] = choose_representative(cluster)
     members = np.flatnonzero(rep_of != np.arange(uniq.size))
-    sims = found.index.cosine(members, rep_of[members])
+    # Each dropped row's cosine to its kept row: most pairs were verified already (the same
+    # per-pair arithmetic, so the same float); only rows joined through a chain are computed.
+    verified = {(a, b): s for a, b, s in found.pairs}
+    sims = np.array([verified.get((r, u), np.nan) for u, r in
+                     zip(members.tolist(), rep_of[members].tolist(), strict=True)], dtype=np.float32)
+    chain = np.flatnonzero(np.isnan(sims))
+    sims[chain] = found.index.cosine(members[chain], rep_of[members[chain]])
     sim_to_rep = dict(zip(members.tolist(), sims.tolist(), strict=True))
     dup_of: dict[int, tuple[int, float]] = {}  # dropped row -> (kept row, similarity)
     for u, s in sim_to_rep.items():
@@ -190,6 +237,7 @@ def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig,
     for i, f in scan.exact_first.items():  # point at the row finally kept for the first one
         u = int(np.searchsorted(uniq, f))
         dup_of[i] = (int(uniq[rep_of[u]]), sim_to_rep.get(u, 1.0))
+    t2 = time.perf_counter()
     picks = _pick_pairs(found.pairs, cfg.sample_pairs)
     wanted = {k for k, _ in dup_of.values()} | {int(uniq[x]) for a, b, _ in picks for x in (a, b)}
     ids: dict[int, tuple[str, Any]] = {}
@@ -219,7 +267,9 @@ def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig,
         "near_dup_below_threshold_to_kept": int(np.sum(sims < cfg.threshold - 1e-6)),
     }
     assert metrics["in"] == metrics["kept"] + sum(counts.values())
-    logger.info("dedup: in %d, kept %d, dropped %s", n, metrics["kept"], counts)
+    logger.info("dedup: in %d, kept %d, dropped %s; %.1f s filters + exact keys, %.1f s "
+                "near duplicates, %.1f s writing", n, metrics["kept"], counts, t1 - t0, t2 - t1,
+                time.perf_counter() - t2)
 
     def side(u: int) -> dict[str, Any]:
         i = int(uniq[u])
@@ -229,11 +279,11 @@ def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig,
     return metrics, samples
 
 
-def run_dedup(records: Sequence[dict[str, Any]], cfg: DedupConfig, *,
+def run_dedup(records: Sequence[dict[str, Any]], cfg: DedupConfig, *, workers: int = 1,
               progress: bool = True) -> DedupResult:
     """:func:`dedup_stream` over rows in memory (see the module docstring)."""
     kept: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
     metrics, samples = dedup_stream(lambda: records, cfg, kept=kept.append,
-                                    dropped=dropped.append, progress=progress)
+                                    dropped=dropped.append, workers=workers, progress=progress)
     return DedupResult(kept=kept, dropped=dropped, metrics=metrics, sample_pairs=samples)

@@ -4,7 +4,9 @@ The splits are ordered train < val < test. A val row *leaks* when a train row is
 near-duplicate of it (char n-gram TF-IDF cosine >= ``split.leakage_threshold``); a test row
 leaks when a train or a val row is. All three splits are compared in one search
 (:func:`reprotune.data.similarity.earlier_group_matches`), whose LSH banding follows the
-threshold, so a check at 0.7 is not run with a banding tuned for 0.85.
+threshold, so a check at 0.7 is not run with a banding tuned for 0.85. The texts go to a
+temporary file and the index counts n-grams partition by partition, so memory stays bounded
+(see :class:`~reprotune.data.similarity.NgramIndex`).
 
 ``split.on_leak`` says what happens next: ``report`` keeps every row and counts the leaks,
 ``drop`` (default) removes the leaking rows from val/test (train is never touched), and
@@ -51,12 +53,13 @@ def find_leaks(parts: dict[str, list[dict[str, Any]]], *, threshold: float,
                ) -> list[dict[str, Any]]:
     """Every val/test row with a near-duplicate in an earlier split, with its best match."""
     from reprotune.data.similarity import earlier_group_matches
+    from reprotune.data.spill import DiskTexts
 
     rows = [r for name in ORDER for r in parts[name]]
     where = [name for name in ORDER for _ in parts[name]]
     if not parts["val"] and not parts["test"]:
         return []
-    texts = [conversation_text(r) for r in rows]
+    texts = DiskTexts(conversation_text(r) for r in rows)  # on disk: memory stays bounded
     hits = earlier_group_matches(texts, [ORDER.index(w) for w in where], threshold=threshold,
                                  ngram_range=ngram_range, progress=progress)
     leaks = []

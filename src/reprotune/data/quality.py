@@ -53,6 +53,8 @@ _TABLE_LINE = re.compile(r"^\s*\S*\|.*\|\s*$|^\s*[\w#]?\|[-=\d|\s]+$")
 _LABEL_LINE = re.compile(r"^\s*(?=[^:：\n]{1,20}[:：])(\S+\s){0,2}\S+?[:：]")
 _DIGITS = re.compile(r"\d+")
 _URL = re.compile(r"https?://\S+|www\.\S+")
+_SPACE = re.compile(r"\s")
+_NOT_ALNUM = re.compile(r"[\W_]")
 
 
 class QualityConfig(Protocol):
@@ -134,9 +136,14 @@ def split_prose(text: str) -> tuple[str, list[str]]:
 
 
 def _is_art(line: str) -> bool:
-    """Separators, ASCII art, box drawing: mostly neither letters nor digits."""
-    chars = [c for c in line if not c.isspace()]
-    return bool(chars) and sum(c.isalnum() for c in chars) * 2 < len(chars)
+    """Separators, ASCII art, box drawing: mostly neither letters nor digits.
+
+    Counted with regexes, whose Unicode ``\\s`` and ``[\\W_]`` are exactly ``str.isspace``
+    and ``not str.isalnum`` per character (a Python loop per character was a hot spot).
+    """
+    visible = len(line) - len(_SPACE.findall(line))  # characters that are not whitespace
+    alnum = len(line) - len(_NOT_ALNUM.findall(line))
+    return visible > 0 and alnum * 2 < visible
 
 
 def _shape(line: str) -> str:

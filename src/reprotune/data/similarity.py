@@ -1,8 +1,8 @@
 """Near-duplicate text detection: character n-gram TF-IDF, MinHash-LSH blocking, exact verification.
 
 Used by the dedup stage (pairs within one corpus) and by the split stage's leakage check
-(val/test rows against earlier splits). Three steps; 1e5 rows take ~20 s and ~2.5 GB here, and
-the exact document-frequency count grows with the rows (1e6 rows: over 8 GB, bench/data_scale.py):
+(val/test rows against earlier splits). Three steps, in bounded memory (1e6 rows: see
+:class:`NgramIndex` and README "Data stages at scale"):
 
 1. **Features.** The char n-grams (``ngram_range``, e.g. 2-4) of every lower-cased text whose
    whitespace runs are collapsed, exactly as scikit-learn's
@@ -11,7 +11,9 @@ the exact document-frequency count grows with the rows (1e6 rows: over 8 GB, ben
    numpy (vectorised over the whole corpus) instead of scikit-learn's per-character Python loop,
    which took 65 s for 20k rows here; tests check the cosines equal scikit-learn's. A feature is
    a 52-bit hash of the n-gram: a collision between two distinct n-grams is expected about
-   once per 1e8 distinct n-grams and only merges two features.
+   once per 1e8 distinct n-grams and only merges two features. Document frequencies are
+   exact: counted per partition of the hashes (:class:`~reprotune.data.spill.Partitions`),
+   never over all (row, n-gram) entries at once (1e6 rows have ~1e9 of them).
 2. **Blocking** (:mod:`reprotune.data.minhash`). One-permutation MinHash (one hash per
    feature, ``num_perm`` bins, the minimum per bin, empty bins filled by "optimal
    densification") over the same feature sets, then LSH banding: ``bands`` bands of ``r``
@@ -19,8 +21,10 @@ the exact document-frequency count grows with the rows (1e6 rows: over 8 GB, ben
    n-gram-set Jaccard ``s`` becomes a candidate with probability ``1 - (1 - s**r)**bands``.
    By default the banding follows the cosine threshold (:func:`~reprotune.data.minhash.lsh_banding`:
    0.85 -> 25 x 5, 0.7 -> 42 x 3 of 128 bins); the dedup stage sets it with ``dedup.bands``.
-3. **Verification.** Every candidate pair's exact TF-IDF cosine (row-wise sparse dot product);
-   pairs at or above ``threshold`` are returned. No dense n x n matrix is ever built.
+3. **Verification.** Every candidate pair's exact TF-IDF cosine, its dot product and norms
+   summed partition by partition of the features; pairs at or above ``threshold`` are
+   returned. No dense n x n matrix is ever built; only the candidate rows' n-grams are
+   extracted again.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reprotune.data.minhash import EMPTY, densify, lsh_banding, lsh_candidates, minhash_into, mix
-from reprotune.data.spill import FEAT_BITS, DiskTexts, Partitions
+from reprotune.data.spill import FEAT_BITS, DiskTexts, Partitions, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +220,11 @@ class NgramIndex:
 
     @classmethod
     def build(cls, texts: Sequence[str], ngram_range: tuple[int, int] = (2, 4), *,
-              num_perm: int = 128, seed: int = SEED, progress: bool = True) -> NgramIndex:
+              num_perm: int = 128, seed: int = SEED, workers: int = 1,
+              progress: bool = True) -> NgramIndex:
         """One pass over ``texts``: signatures per chunk, features routed to partitions.
+
+        ``workers`` > 1 extracts the chunks in that many processes (same result).
 
         Memory: the signatures (4 * num_perm bytes per row) and one partition's entries
         (8 bytes each, ``_PART_ENTRIES`` at most, ~256 MB) while it is counted.
@@ -232,11 +240,15 @@ class NgramIndex:
         has = np.zeros(n, dtype=bool)
         salt = mix(np.array([seed], dtype=_U64))[0]
         common = _common_features(texts, nmin, nmax)
-        desc = "n-grams + MinHash" if progress else None
-        for _, rows, feats, _counts in _features(texts, nmin, nmax, desc=desc):
+        chunks = _chunks(lens)
+        jobs = ((texts[a:b], nmin, nmax, common, salt, num_perm) for a, b in chunks)
+        for (a, b), (rows, feats, block) in zip(
+                tqdm(chunks, desc="n-grams + MinHash", unit="chunk", leave=False,
+                     disable=not progress or len(chunks) < 4),
+                ordered_map(_minhash_chunk, jobs, workers), strict=True):
             parts.add(feats.view(_DF_ENTRY))
-            has[rows] = True
-            minhash_into(sig, rows, feats, common, salt)
+            has[rows + a] = True
+            sig[a:b] = block
         n_features = 0
         for p in range(parts.count):
             entries = parts.load(p).view(_U64)
@@ -340,6 +352,15 @@ class NgramIndex:
 
 
 # ---------------------------------------------------------------------------- MinHash
+def _minhash_chunk(texts: list[str], nmin: int, nmax: int, common: np.ndarray, salt: np.uint64,
+                   num_perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row in chunk, feature) of every distinct n-gram, and the chunk's MinHash signatures."""
+    rows, feats, _ = _chunk_features([_normalise(t) for t in texts], nmin, nmax)
+    block = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
+    minhash_into(block, rows, feats, common, salt)
+    return rows, feats, block
+
+
 def _common_features(texts: Sequence[str], nmin: int, nmax: int) -> np.ndarray:
     """Sorted features in more than MAX_DF (and MIN_DF_CAP rows) of an evenly spaced sample."""
     n = len(texts)
@@ -363,26 +384,33 @@ class NearDuplicates:
 def find_near_duplicates(texts: Sequence[str], *, threshold: float,
                          ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
                          bands: int | None = None, seed: int = SEED,
-                         groups: np.ndarray | None = None, progress: bool = True) -> NearDuplicates:
+                         groups: np.ndarray | None = None, workers: int = 1,
+                         progress: bool = True) -> NearDuplicates:
     """Blocking + verification over ``texts``; see :func:`near_duplicate_pairs`.
 
     ``bands=None`` derives the LSH banding from ``threshold`` (:func:`lsh_banding`); a number
     uses ``num_perm / bands`` bins per band. With ``groups``, only pairs across groups count.
+    ``workers`` processes extract the n-grams (:meth:`NgramIndex.build`; same result).
     """
     if bands is None:
         bands, rows_per_band = lsh_banding(threshold, num_perm)
     else:
         rows_per_band = None
-    index = NgramIndex.build(texts, ngram_range, num_perm=num_perm, seed=seed, progress=progress)
+    t0 = time.perf_counter()
+    index = NgramIndex.build(texts, ngram_range, num_perm=num_perm, seed=seed, workers=workers,
+                             progress=progress)
+    t1 = time.perf_counter()
     cand = lsh_candidates(index.sig, index.has_features, bands, rows_per_band=rows_per_band,
                           groups=groups, progress=progress)
+    t2 = time.perf_counter()
     sims = index.cosine(cand[:, 0], cand[:, 1], progress=progress)
     # float32 dot products: an exact copy scores 0.99999994, so allow a rounding margin.
     hit = sims >= threshold - 1e-6
     pairs = [(int(a), int(b), float(s)) for (a, b), s in zip(cand[hit], sims[hit], strict=True)]
-    logger.info("%d rows: %d candidate pairs (%d bands x %d bins), %d at cosine >= %.3f",
-                len(texts), len(cand), bands, rows_per_band or num_perm // bands, len(pairs),
-                threshold)
+    logger.info("%d rows: %d candidate pairs (%d bands x %d bins), %d at cosine >= %.3f; "
+                "%.1f s index (%d partitions), %.1f s LSH, %.1f s verification", len(texts),
+                len(cand), bands, rows_per_band or num_perm // bands, len(pairs), threshold,
+                t1 - t0, index.parts.count, t2 - t1, time.perf_counter() - t2)
     return NearDuplicates(pairs, index, len(cand))
 
 

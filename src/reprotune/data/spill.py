@@ -5,6 +5,7 @@
 - :class:`Partitions`: (feature hash, ...) entries routed by the top bits of the hash into
   ``count`` partitions, so each partition can be sorted and counted on its own. One partition
   stays in memory; more are appended to files in a temporary folder, one per partition.
+- :func:`ordered_map`: a process pool whose jobs and results in flight stay bounded.
 
 Both live in a :class:`tempfile.TemporaryDirectory` (``$TMPDIR``) removed with the object.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -27,11 +30,11 @@ FEAT_BITS = 52  # the feature hashes of reprotune.data.similarity
 class DiskTexts(Sequence[str]):
     """Texts appended one by one and read back by index or slice (one file read per slice)."""
 
-    def __init__(self, texts: Sequence[str] = ()) -> None:
+    def __init__(self, texts: Iterable[str] = ()) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="reprotune-texts-")
         self._fh = (Path(self._dir.name) / "texts.utf8").open("w+b")
-        self._ends: list[int] = []  # grown while appending, then frozen into numpy arrays
-        self._chars: list[int] = []
+        self._ends = array("q")  # grown while appending, then frozen into numpy arrays
+        self._chars = array("i")
         self._pos = 0
         self._frozen: tuple[np.ndarray, np.ndarray] | None = None
         for t in texts:
@@ -51,9 +54,9 @@ class DiskTexts(Sequence[str]):
         if self._frozen is None:
             self._fh.flush()
             ends = np.zeros(len(self._ends) + 1, dtype=np.int64)
-            ends[1:] = self._ends
-            self._frozen = (ends, np.asarray(self._chars, dtype=np.int32))
-            self._ends, self._chars = [], []
+            ends[1:] = np.frombuffer(self._ends, dtype=np.int64)
+            self._frozen = (ends, np.frombuffer(self._chars, dtype=np.int32).copy())
+            self._ends, self._chars = array("q"), array("i")
         return self._frozen
 
     @property
@@ -159,3 +162,25 @@ class Partitions:
                 fh.close()
         if self._dir is not None:
             self._dir.cleanup()
+
+
+def ordered_map(fn: Callable[..., Any], jobs: Iterable[tuple[Any, ...]], workers: int
+                ) -> Iterator[Any]:
+    """``fn(*job)`` for each job, results in job order; ``workers`` > 1 runs them in that many
+    spawned processes with at most ``2 * workers`` jobs in flight, so neither the jobs nor
+    the results pile up in memory (``Pool.imap`` would read ahead without bound). The
+    results do not depend on ``workers``."""
+    if workers <= 1:
+        for job in jobs:
+            yield fn(*job)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pending: deque[Any] = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(fn, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
