@@ -2,10 +2,12 @@ import itertools
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from reprotune.data.dedup import (
     REASONS,
     choose_representative,
+    dedup_stream,
     exact_duplicates,
     normalize_text,
     run_dedup,
@@ -154,3 +156,15 @@ def test_run_dedup_on_shared_data(shared_dir) -> None:
     assert len(set(kept_ids)) == len(kept_ids)
     assert all(d["duplicate_of"] in set(kept_ids) for d in res.dropped
                if d["reason"] in ("exact_duplicate", "near_duplicate"))
+
+
+def test_run_dedup_same_with_worker_processes() -> None:
+    assert run_dedup(RECORDS, _cfg(), workers=2, progress=False) == run_dedup(RECORDS, _cfg(),
+                                                                             progress=False)
+
+
+def test_dedup_stream_refuses_input_that_changes_between_passes() -> None:
+    reads = iter([RECORDS, RECORDS[:-1]])
+    with pytest.raises(ValueError, match="changed between passes"):
+        dedup_stream(lambda: next(reads), _cfg(), kept=lambda r: None, dropped=lambda r: None,
+                     progress=False)

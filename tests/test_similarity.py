@@ -1,8 +1,10 @@
 import json
 
 import numpy as np
+import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from reprotune.data import similarity
 from reprotune.data.similarity import (
     NgramIndex,
     cross_near_duplicates,
@@ -10,6 +12,7 @@ from reprotune.data.similarity import (
     near_duplicate_pairs,
     record_text,
 )
+from reprotune.data.spill import DiskTexts
 
 EN = "The quick brown fox jumps over the lazy dog near the river bank this morning."
 ZH = "今天天气很好，我们一起去公园散步吧，顺便买一些新鲜的水果回家。"
@@ -130,3 +133,70 @@ def test_record_text_with_tool_calls() -> None:
     other = json.loads(json.dumps(messages))
     other[1]["tool_calls"][0]["function"]["arguments"]["city"] = "Rome"
     assert record_text({"messages": other}) != text
+
+
+def _bench_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` pseudo-texts (English-like words and Chinese characters), every 5th a light edit
+    of the one before: near duplicates, unrelated rows and a large n-gram vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("bcdfghklmnprstvz")) + rng.choice(list("aeiou"))
+                     for _ in range(int(rng.integers(1, 4)))) for _ in range(400)]
+    out = []
+    for i in range(n):
+        if i % 5 == 4:
+            t = list(out[-1])
+            for k in rng.integers(0, len(t), 3):
+                t[k] = "x"
+            out.append("".join(t))
+        elif i % 2:
+            out.append("".join(chr(0x4E00 + int(c)) for c in rng.integers(0, 3000, 120)))
+        else:
+            out.append(" ".join(rng.choice(words, 60)))
+    return out
+
+
+def test_partitioned_index_equals_one_partition(monkeypatch) -> None:
+    texts = _bench_texts(300) + MIXED
+    one = find_near_duplicates(texts, threshold=0.85, progress=False)
+    assert one.index.parts.count == 1
+    monkeypatch.setattr(similarity, "_PART_ENTRIES", 2_000)
+    many = find_near_duplicates(DiskTexts(texts), threshold=0.85, progress=False)
+    assert many.index.parts.count >= 64  # spilled to files, counted one partition at a time
+    assert many.index.n_features == one.index.n_features == one.index.vocab.size
+    assert many.pairs == one.pairs and len(one.pairs) >= 50  # identical floats too
+    i, j = np.triu_indices(len(texts), 1)
+    np.testing.assert_array_equal(many.index.cosine(i, j), one.index.cosine(i, j))
+    with pytest.raises(ValueError, match="partitions"):
+        _ = many.index.vocab  # the whole vocabulary is never in memory
+
+
+def test_df_partitions_stay_bounded_as_rows_grow(monkeypatch) -> None:
+    """What one partition holds while counted does not grow with the corpus: more rows give
+    more partitions, each about ``_PART_ENTRIES`` (row, n-gram) entries at most."""
+    monkeypatch.setattr(similarity, "_PART_ENTRIES", 20_000)
+    largest, counts = [], []
+    for n in (100, 400):
+        index = NgramIndex.build(_bench_texts(n), progress=False)
+        entries = [int(index.parts.derived(p)["df"].sum()) for p in range(index.parts.count)]
+        largest.append(max(entries))
+        counts.append(index.parts.count)
+    assert counts[1] >= 4 * counts[0] >= 4
+    assert max(largest) <= 20_000 and min(largest) > 20_000 / 4
+
+
+def test_disk_texts_read_back_exactly() -> None:
+    texts = ["", "héllo wörld", "今天天气很好", "a\nb\tc", "🙂 emoji", "x" * 5000]
+    store = DiskTexts(texts)
+    assert len(store) == len(texts) and list(store) == texts
+    assert store[1] == texts[1] and store[-1] == texts[-1] and store[2:5] == texts[2:5]
+    assert store[4:2] == [] and store[::2] == texts[::2]
+    assert store.lengths.tolist() == [len(t) for t in texts]
+    with pytest.raises(IndexError):
+        _ = store[len(texts)]
+
+
+def test_worker_processes_give_the_same_index() -> None:
+    texts = _bench_texts(200)
+    a = find_near_duplicates(texts, threshold=0.85, progress=False)
+    b = find_near_duplicates(texts, threshold=0.85, workers=2, progress=False)
+    assert a.pairs == b.pairs and np.array_equal(a.index.sig, b.index.sig)
