@@ -21,9 +21,11 @@ Used by the dedup stage (pairs within one corpus) and by the split stage's leaka
    n-gram-set Jaccard ``s`` becomes a candidate with probability ``1 - (1 - s**r)**bands``.
    By default the banding follows the cosine threshold (:func:`~reprotune.data.minhash.lsh_banding`:
    0.85 -> 25 x 5, 0.7 -> 42 x 3 of 128 bins); the dedup stage sets it with ``dedup.bands``.
-3. **Verification.** Every candidate pair's exact TF-IDF cosine, its dot product and norms
-   summed partition by partition of the features; pairs at or above ``threshold`` are
-   returned. No dense n x n matrix is ever built; only the candidate rows' n-grams are
+3. **Verification.** Every candidate pair whose signatures agree on at least a third of the
+   Jaccard floor's share of bins (:func:`~reprotune.data.minhash.signature_prefilter`: drops
+   the unrelated rows that met in one band) gets its exact TF-IDF cosine, its dot product
+   and norms summed partition by partition of the features; pairs at or above
+   ``threshold`` are returned. No dense n x n matrix is ever built; only the candidate rows' n-grams are
    extracted again.
 """
 
@@ -40,7 +42,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from reprotune.data.minhash import EMPTY, densify, lsh_banding, lsh_candidates, minhash_into, mix
+from reprotune.data.minhash import (
+    EMPTY,
+    densify,
+    lsh_banding,
+    lsh_candidates,
+    minhash_into,
+    mix,
+    signature_prefilter,
+)
 from reprotune.data.spill import FEAT_BITS, DiskTexts, Partitions, ordered_map
 
 logger = logging.getLogger(__name__)
@@ -403,14 +413,16 @@ def find_near_duplicates(texts: Sequence[str], *, threshold: float,
     cand = lsh_candidates(index.sig, index.has_features, bands, rows_per_band=rows_per_band,
                           groups=groups, progress=progress)
     t2 = time.perf_counter()
-    sims = index.cosine(cand[:, 0], cand[:, 1], progress=progress)
-    # float32 dot products: an exact copy scores 0.99999994, so allow a rounding margin.
+    check = cand[signature_prefilter(index.sig, cand, threshold)]
+    sims = index.cosine(check[:, 0], check[:, 1], progress=progress)
+    # float32 rounding: an exact copy may score 0.99999994, so allow a rounding margin.
     hit = sims >= threshold - 1e-6
-    pairs = [(int(a), int(b), float(s)) for (a, b), s in zip(cand[hit], sims[hit], strict=True)]
-    logger.info("%d rows: %d candidate pairs (%d bands x %d bins), %d at cosine >= %.3f; "
-                "%.1f s index (%d partitions), %.1f s LSH, %.1f s verification", len(texts),
-                len(cand), bands, rows_per_band or num_perm // bands, len(pairs), threshold,
-                t1 - t0, index.parts.count, t2 - t1, time.perf_counter() - t2)
+    pairs = [(int(a), int(b), float(s)) for (a, b), s in zip(check[hit], sims[hit], strict=True)]
+    logger.info("%d rows: %d candidate pairs (%d bands x %d bins), %d verified, %d at cosine "
+                ">= %.3f; %.1f s index (%d partitions), %.1f s LSH, %.1f s verification",
+                len(texts), len(cand), bands, rows_per_band or num_perm // bands, len(check),
+                len(pairs), threshold, t1 - t0, index.parts.count, t2 - t1,
+                time.perf_counter() - t2)
     return NearDuplicates(pairs, index, len(cand))
 
 
