@@ -89,6 +89,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _runs(pid: int, cmd: list[str]) -> bool:
+    """Whether ``pid`` has exec'ed ``cmd`` (its /proc/<pid>/cmdline names the script)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return len(argv) > 1 and argv[1] == cmd[1].encode()
+
+
 def run_measured(cmd: list[str], cwd: Path, cap_mib: float, timeout: float) -> dict:
     """Run ``cmd``; wall time, peak RSS (MiB), exit code, and why it was stopped.
 
@@ -106,7 +115,13 @@ def run_measured(cmd: list[str], cwd: Path, cap_mib: float, timeout: float) -> d
     seen = {"peak": 0.0, "tree": 0.0, "stopped": ""}
 
     def watch() -> None:  # the RSS cap: stop the stage before it exhausts shared memory
+        started = False
         while proc.poll() is None:
+            if not started:  # before exec, /proc shows the forked bench's own small figures
+                started = _runs(proc.pid, cmd)
+                if not started:
+                    time.sleep(0.005)
+                    continue
             st = _status(proc.pid)
             seen["peak"] = max(seen["peak"], st.get("VmHWM", 0.0))
             tree = st.get("VmRSS", 0.0) + sum(_status(k).get("VmRSS", 0.0)
@@ -127,8 +142,12 @@ def run_measured(cmd: list[str], cwd: Path, cap_mib: float, timeout: float) -> d
     watcher.start()
     rc = proc.wait()
     watcher.join()
-    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(seen["peak"]),
-            "peak_tree_rss_mib": round(max(seen["tree"], seen["peak"])),
+    # a stage that ends before its first sample (read/ingest of a few rows) has no figure:
+    # None, not 0, and never wait4's ru_maxrss (see above)
+    # (a sample taken while it exits can read < 1 MiB: also no figure)
+    peak = round(seen["peak"]) if seen["peak"] >= 1 else None
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak,
+            "peak_tree_rss_mib": round(max(seen["tree"], seen["peak"])) if peak else None,
             "rc": rc, **({"stopped": seen["stopped"]} if seen["stopped"] else {})}
 
 
@@ -163,8 +182,8 @@ def one_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
             break
     done = [s for s, r in out["stages"].items() if r["rc"] == 0]
     out["stages_total"] = {"wall_s": round(sum(out["stages"][s]["wall_s"] for s in done), 1),
-                           "max_peak_rss_mib": max(out["stages"][s]["peak_rss_mib"] for s in done),
-                           "max_peak_tree_rss_mib": max(out["stages"][s]["peak_tree_rss_mib"]
+                           "max_peak_rss_mib": max(out["stages"][s]["peak_rss_mib"] or 0 for s in done),
+                           "max_peak_tree_rss_mib": max(out["stages"][s]["peak_tree_rss_mib"] or 0
                                                         for s in done)}
     if "dedup" in done:
         out["dedup_quality"] = score_dedup(d, truth)

@@ -22,8 +22,13 @@ def test_data_scale_smoke(tmp_path: Path, repo_root: Path) -> None:
     assert res["rows"] == 1000
     assert set(res["stages"]) == {"read", "ingest", "dedup", "format", "split"}
     logs = {f.name: f.read_text()[-2000:] for f in (tmp_path / "work").rglob("logs/*.log")}
-    assert all(s["rc"] == 0 and s["peak_rss_mib"] > 0 for s in res["stages"].values()), (
-        res["stages"], logs)
+    assert all(s["rc"] == 0 for s in res["stages"].values()), (res["stages"], logs)
+    # read/ingest of 1,000 rows may end before the first 0.1 s RSS sample (then None, not 0);
+    # the longer stages are always sampled
+    st = res["stages"]
+    assert all((st[name]["peak_rss_mib"] or 0) > 0 for name in ("dedup", "format", "split")), str(st)
+    assert all(s["peak_rss_mib"] is None or s["peak_rss_mib"] > 0 for s in st.values()), st
+    assert st["format"]["peak_tree_rss_mib"] >= st["format"]["peak_rss_mib"], st
     q = res["dedup_quality"]
     # 100 planted near pairs, 30 exact pairs (NEAR_FRAC, EXACT_FRAC): all found, none wrong
     assert (q["planted_near"], q["planted_exact"]) == (100, 30)
