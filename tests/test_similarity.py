@@ -212,3 +212,25 @@ def test_signature_prefilter_keeps_near_duplicates_drops_unrelated() -> None:
     assert signature_prefilter(index.sig, planted, 0.85).all()
     assert not signature_prefilter(index.sig, unrelated, 0.85).any()
     assert (index.cosine(planted[:, 0], planted[:, 1]) >= 0.85).all()  # pairs the check must keep
+
+
+def test_disk_texts_remove_what_a_killed_run_left(tmp_path, monkeypatch) -> None:
+    """A SIGKILLed dedup/split cannot remove its text store; the next one does (dead pid only)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from reprotune.data.spill import DiskTexts
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale, live = tmp_path / f"reprotune-texts-{gone}-a", tmp_path / f"reprotune-texts-{os.getppid()}-b"
+    for d in (stale, live):
+        d.mkdir()
+    texts = DiskTexts(["一，二", "b"])
+    assert list(texts) == ["一，二", "b"]
+    assert not stale.exists() and live.exists()
+    assert [p.name.startswith(f"reprotune-texts-{os.getpid()}-") for p in tmp_path.iterdir()
+            if p not in (live,)] == [True]

@@ -56,6 +56,35 @@ def clean_stale_temporaries(*paths: str | Path) -> int:
     return n
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def scratch_prefix(kind: str) -> str:
+    """Prefix of a process's scratch folders in $TMPDIR, ``reprotune-<kind>-<pid>-``: the pid
+    lets a later run tell what a killed run left behind (:func:`remove_dead_scratch`)."""
+    return f"reprotune-{kind}-{os.getpid()}-"
+
+
+def remove_dead_scratch(kind: str, folder: str | Path | None = None) -> int:
+    """Remove the ``kind`` scratch folders (in ``folder``, default $TMPDIR) whose process is
+    gone: a SIGKILLed run cannot remove its own. Returns how many were removed."""
+    head, n = f"reprotune-{kind}-", 0
+    for old in Path(folder or tempfile.gettempdir()).glob(f"{head}*-*"):
+        pid = old.name[len(head):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by a run that was killed", old)
+            shutil.rmtree(old, ignore_errors=True)
+            n += 1
+    return n
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; rename it onto ``target`` on success."""

@@ -22,6 +22,8 @@ from typing import Any, overload
 
 import numpy as np
 
+from reprotune import io
+
 logger = logging.getLogger(__name__)
 
 FEAT_BITS = 52  # the feature hashes of reprotune.data.similarity
@@ -31,7 +33,8 @@ class DiskTexts(Sequence[str]):
     """Texts appended one by one and read back by index or slice (one file read per slice)."""
 
     def __init__(self, texts: Iterable[str] = ()) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="reprotune-texts-")
+        io.remove_dead_scratch("texts")  # what a killed dedup/split left behind
+        self._dir = tempfile.TemporaryDirectory(prefix=io.scratch_prefix("texts"))
         self._fh = (Path(self._dir.name) / "texts.utf8").open("w+b")
         self._ends = array("q")  # grown while appending, then frozen into numpy arrays
         self._chars = array("i")
@@ -106,7 +109,8 @@ class Partitions:
         self._dir = None
         self._files: list[Any] = []
         if self.count > 1:
-            self._dir = tempfile.TemporaryDirectory(prefix="reprotune-parts-", dir=folder)
+            io.remove_dead_scratch("parts", folder)
+            self._dir = tempfile.TemporaryDirectory(prefix=io.scratch_prefix("parts"), dir=folder)
             self._files = [(Path(self._dir.name) / f"part{p:04d}.bin").open("w+b")
                            for p in range(self.count)]
 

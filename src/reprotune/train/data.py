@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from reprotune import io
 from reprotune.train import distributed
 from reprotune.train.methods import TrainSetupError
 
@@ -35,7 +35,8 @@ IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
 BATCH_ROWS = 8192          # rows per record batch read, checked and written
 PROGRESS_MIN_ROWS = 20_000  # smaller splits load in about a second: no bar
-SCRATCH_PREFIX = "reprotune-train-"
+SCRATCH_KIND = "train"
+SCRATCH_PREFIX = f"reprotune-{SCRATCH_KIND}-"  # + pid: io.scratch_prefix
 
 
 def progress(total: int, desc: str, *, items: Iterable[Any] | None = None) -> Any:
@@ -47,26 +48,12 @@ def progress(total: int, desc: str, *, items: Iterable[Any] | None = None) -> An
                 disable=total < PROGRESS_MIN_ROWS or not distributed.is_main())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 @contextmanager
 def scratch_dir() -> Iterator[Path]:
     """A temp folder for the memory-mapped splits, removed on exit. Folders that killed runs
     left behind (named after a process id that is gone) are removed first."""
-    for old in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = old.name[len(SCRATCH_PREFIX):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            log.info("removing %s, left by a train run that was killed", old)
-            shutil.rmtree(old, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as path:
+    io.remove_dead_scratch(SCRATCH_KIND)
+    with tempfile.TemporaryDirectory(prefix=io.scratch_prefix(SCRATCH_KIND)) as path:
         yield Path(path)
 
 
