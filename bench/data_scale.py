@@ -55,12 +55,12 @@ STAGES = [
     ("dedup", ["--data", "data/interim/ingested.jsonl", "--out", "data/interim/deduped.jsonl",
                "--dropped", "data/interim/dedup_dropped.jsonl", "--metrics", "metrics/dedup.json",
                "--pairs", "metrics/dedup_pairs.json"]),
-    ("format", ["--data", "data/interim/deduped.jsonl", "--base", "base",
-                "--out", "data/processed/formatted.parquet",
+    ("split", ["--data", "data/interim/deduped.jsonl", "--out-dir", "data/interim/splits",
+               "--metrics", "metrics/split.json", "--leaks", "metrics/split_leakage.json"]),
+    ("format", ["--data-dir", "data/interim/splits", "--base", "base",
+                "--out-dir", "data/processed",
                 "--dropped", "data/interim/format_dropped.jsonl", "--metrics", "metrics/format.json",
                 "--plot", "metrics/plots/token_lengths.png"]),
-    ("split", ["--data", "data/processed/formatted.parquet", "--out-dir", "data/processed",
-               "--metrics", "metrics/split.json", "--leaks", "metrics/split_leakage.json"]),
 ]
 
 

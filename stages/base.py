@@ -1,9 +1,14 @@
-"""DVC stage `base`: write the base model dir (embedded tiny Qwen3, or a real local/cached model)."""
+"""DVC stage `base`: write the base model dir (embedded tiny Qwen3, or a real local/cached model).
+
+The embedded model's tokenizer is trained on the train split only (the split stage runs
+first), so no val/test text shapes its vocabulary.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from reprotune import io, runtime
@@ -12,7 +17,7 @@ from reprotune.modeling import prepare_base
 from reprotune.params import as_dict, load_section
 
 
-def corpus(records: list[dict]) -> list[str]:
+def corpus(records: Iterable[dict]) -> list[str]:
     """Tokenizer training text: every message's content, tool calls and tool schemas."""
     texts: list[str] = []
     for rec in records:
@@ -27,7 +32,7 @@ def corpus(records: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", default="data/interim/ingested.jsonl")
+    ap.add_argument("--data", default="data/interim/splits/train.jsonl")
     ap.add_argument("--out", default="models/base")
     ap.add_argument("--metrics", default="metrics/base.json")
     args = ap.parse_args()
@@ -36,7 +41,7 @@ def main() -> None:
     cfg = load_section("model")
     io.clean_stale_temporaries(args.out, args.metrics)
     # the corpus only matters for the embedded model; a real model brings its own tokenizer
-    texts = corpus(io.read_jsonl(args.data)) if cfg.name == "tiny" else []
+    texts = corpus(io.iter_jsonl(args.data)) if cfg.name == "tiny" else []
     info = prepare_base(cfg.name, Path(args.out), texts, cfg.tiny, cfg.seed,
                         trust_remote_code=cfg.trust_remote_code)
     # the libraries that write these bytes (the tiny base is built on the CPU everywhere)

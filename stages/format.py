@@ -1,8 +1,9 @@
-"""DVC stage `format`: render with the chat template, mask every assistant turn, truncate.
+"""DVC stage `format`: render each split with the chat template, mask every assistant turn, truncate.
 
-Rows go through Hugging Face `datasets` (Arrow on disk, a batched map over `data.num_proc`
-processes) and are written in bounded Parquet row groups: no stage-wide Python rows
-(reprotune.data.format_stream).
+It runs after split, on train/val/test separately: ``format.max_length: auto`` comes from the
+train split's lengths and applies to all three. Rows go through Hugging Face `datasets`
+(Arrow on disk, a batched map over `data.num_proc` processes) and are written in bounded
+Parquet row groups: no stage-wide Python rows (reprotune.data.format_stream).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from reprotune import io, runtime
 from reprotune.chat_template import template_fingerprint
-from reprotune.data.format_stream import format_jsonl
-from reprotune.data.formatting import FormatError
+from reprotune.data import SPLITS
+from reprotune.data.format_stream import format_splits
+from reprotune.data.formatting import FormatError, combine_stats
 from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
 from reprotune.params import load_section
 from reprotune.plots import histogram
@@ -22,9 +26,9 @@ from reprotune.plots import histogram
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", default="data/interim/deduped.jsonl")
+    ap.add_argument("--data-dir", default="data/interim/splits", help="train/val/test.jsonl")
     ap.add_argument("--base", default="models/base")
-    ap.add_argument("--out", default="data/processed/formatted.parquet")
+    ap.add_argument("--out-dir", default="data/processed", help="train/val/test.parquet")
     ap.add_argument("--dropped", default="data/interim/format_dropped.jsonl")
     ap.add_argument("--metrics", default="metrics/format.json")
     ap.add_argument("--plot", default="metrics/plots/token_lengths.png")
@@ -33,7 +37,9 @@ def main() -> None:
     log = runtime.setup("format")
     cfg = load_section("format")
     num_proc = load_section("data").processes()
-    io.clean_stale_temporaries(args.out, args.dropped, args.metrics, args.plot)
+    datas = {s: Path(args.data_dir) / f"{s}.jsonl" for s in SPLITS}
+    outs = {s: Path(args.out_dir) / f"{s}.parquet" for s in SPLITS}
+    io.clean_stale_temporaries(*outs.values(), args.dropped, args.metrics, args.plot)
     tokenizer = load_tokenizer(args.base)
     base_info = io.read_json(Path(args.base) / BASE_INFO_FILE)
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -42,17 +48,16 @@ def main() -> None:
                          f"recorded in {BASE_INFO_FILE} ({base_info['chat_template_sha256'][:12]}); "
                          f"rerun the base stage")
     try:
-        plan = format_jsonl(
-            args.data, tokenizer, out=args.out, dropped=args.dropped, max_length=cfg.max_length,
+        plans = format_splits(
+            datas, tokenizer, outs=outs, dropped=args.dropped, max_length=cfg.max_length,
             enable_thinking=cfg.enable_thinking, model_limit=context_length(args.base),
             warn_truncated=cfg.warn_truncated, num_proc=num_proc, progress=sys.stderr.isatty())
     except FormatError as exc:
         raise SystemExit(f"format: {exc}") from None
-    stats, lengths = plan.stats, plan.lengths
-    if not stats["rows_out"]:
-        raise SystemExit(f"format: {args.data}: no rows left after formatting: "
-                         f"{stats['dropped']} (see {args.dropped})")
-    histogram(lengths, args.plot, title="Tokens per conversation (before truncation)",
+    lengths = np.concatenate([p.lengths for p in plans.values()])
+    stats = combine_stats({s: p.stats for s, p in plans.items()}, lengths, limit_from="train",
+                          warn_truncated=cfg.warn_truncated)
+    histogram(lengths, args.plot, title="Tokens per conversation, all splits (before truncation)",
               xlabel="tokens", vline=stats["max_length"])
     stats["chat_template_sha256"] = sha
     io.write_json(args.metrics, stats)

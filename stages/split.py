@@ -1,16 +1,20 @@
-"""DVC stage `split`: train/val/test split of the formatted table (seeded or by time) + leakage check.
+"""DVC stage `split`: train/val/test split of the deduplicated records (seeded or by time) + leakage check.
 
-Only the columns the split and the leakage check read become Python rows (id, source,
-messages, and the split.stratify / split.group fields and meta when the params use them), read
-batch by batch; the token columns stay in Arrow and each split is written by streaming the
-formatted table's batches through a row filter, so the stage never holds the
-``input_ids``/``labels`` of every row as Python lists (100,000 rows: 5.6 GiB before).
+It runs before base and format, so the embedded tokenizer is trained on the train split only
+and ``format.max_length: auto`` is resolved from train lengths: no val/test text shapes the
+model's inputs. Each split is written as the deduplicated file's own lines, byte for byte.
+
+Memory: one pass keeps per row only the fields the split reads (id, source, the
+``split.stratify`` / ``split.group`` fields, and ``meta`` when ``split.order_by`` is set);
+the conversation texts of the leakage check go to a file on disk as they are read. A second
+pass copies each line to its split's file.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,57 +22,55 @@ from typing import Any
 import numpy as np
 
 from reprotune import io, runtime
-from reprotune.data.split import SPLITS, SplitError, check_fields, split_rows
+from reprotune.data import SPLITS
+from reprotune.data.leakage import conversation_text
+from reprotune.data.spill import DiskTexts
+from reprotune.data.split import SplitError, check_fields, split_rows
 from reprotune.params import load_section
 
-HEAVY = ("text", "input_ids", "labels")  # never needed to decide the split
-BATCH_ROWS = 16_384
 
-
-def write_parts(src: str, out_dir: str, indices: dict[str, list[int]]) -> None:
-    """Each split's rows of ``src``, in input order, as ``<out_dir>/<split>.parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(src)
-    dest = np.full(pf.metadata.num_rows, -1, dtype=np.int8)
-    for k, name in enumerate(SPLITS):
-        dest[indices[name]] = k
-    with contextlib.ExitStack() as stack:
-        writers = [pq.ParquetWriter(stack.enter_context(io.atomic_path(Path(out_dir) / f"{n}.parquet")),
-                                    pf.schema_arrow, compression="zstd") for n in SPLITS]
-        for w in writers:
-            stack.callback(w.close)  # closed before atomic_path renames (LIFO)
-        start = 0
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-            table = pa.Table.from_batches([batch])
-            d = dest[start:start + len(table)]
-            start += len(table)
-            for k, w in enumerate(writers):
-                if (d == k).any():
-                    w.write_table(table.filter(pa.array(d == k)))
-
-
-def split_columns(src: str, cfg: Any) -> list[dict[str, Any]]:
-    """The rows of ``src`` with only the columns the split reads, built batch by batch."""
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(src)
-    names = [c for c in pf.schema_arrow.names if c not in HEAVY]
-    check_fields(names, stratify=cfg.stratify, group=cfg.group)
-    wanted = {"id", "source", "messages", cfg.stratify, cfg.group}
+def read_rows(src: str, cfg: Any) -> tuple[list[dict[str, Any]], DiskTexts]:
+    """The fields the split reads of every record of ``src``, and their conversation texts."""
+    wanted = {"id", "source", cfg.stratify, cfg.group} - {None}
     if cfg.order_by:
         wanted.add("meta")
     rows: list[dict[str, Any]] = []
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[c for c in names if c in wanted]):
-        rows.extend(batch.to_pylist())
-    return rows
+    texts = DiskTexts()
+    keys: set[str] = set()
+    for rec in io.iter_jsonl(src):
+        keys.update(rec)
+        rows.append({k: rec[k] for k in wanted if k in rec})
+        texts.append(conversation_text(rec))
+    check_fields(keys, stratify=cfg.stratify, group=cfg.group)
+    return rows, texts
+
+
+def write_parts(src: str, out_dir: str, indices: dict[str, list[int]], n_rows: int) -> None:
+    """Each split's lines of ``src``, in input order and byte for byte, as
+    ``<out_dir>/<split>.jsonl`` (rows the leakage check dropped go nowhere)."""
+    dest = np.full(n_rows, -1, dtype=np.int8)
+    for k, name in enumerate(SPLITS):
+        dest[indices[name]] = k
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(io.atomic_path(Path(out_dir) / f"{n}.jsonl")).open("wb")
+                for n in SPLITS]
+        for fh in outs:
+            stack.callback(fh.close)  # closed before atomic_path renames (LIFO)
+        with open(src, "rb") as fh:
+            row = 0
+            for line in fh:
+                if not line.strip():
+                    continue  # io.iter_jsonl skips blank lines too: row numbers agree
+                k = int(dest[row])
+                if k >= 0:
+                    outs[k].write(line if line.endswith(b"\n") else line + b"\n")
+                row += 1
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", default="data/processed/formatted.parquet")
-    ap.add_argument("--out-dir", default="data/processed")
+    ap.add_argument("--data", default="data/interim/deduped.jsonl")
+    ap.add_argument("--out-dir", default="data/interim/splits")
     ap.add_argument("--metrics", default="metrics/split.json")
     ap.add_argument("--leaks", default="metrics/split_leakage.json")
     args = ap.parse_args()
@@ -76,9 +78,10 @@ def main() -> None:
     log = runtime.setup("split")
     cfg = load_section("split")
     io.clean_stale_temporaries(args.out_dir, args.metrics, args.leaks)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     try:
-        rows = split_columns(args.data, cfg)
-        result = split_rows(rows, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
+        rows, texts = read_rows(args.data, cfg)
+        result = split_rows(rows, texts=texts, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
                             stratify=cfg.stratify, group=cfg.group, seed=cfg.seed,
                             leakage_threshold=cfg.leakage_threshold, order_by=cfg.order_by,
                             on_leak=cfg.on_leak, progress=sys.stderr.isatty())
@@ -86,9 +89,12 @@ def main() -> None:
         if exc.leaks:  # on_leak: fail: the rows to review
             io.write_json(args.leaks, {"threshold": cfg.leakage_threshold, "on_leak": cfg.on_leak,
                                        "count": len(exc.leaks), "rows": exc.leaks})
+        sys.exit(f"split: {args.data}: {exc}")
+    except (ValueError, json.JSONDecodeError) as exc:
         sys.exit(f"split: {exc}")
-    del rows
-    write_parts(args.data, args.out_dir, result.indices)
+    n_rows = len(rows)
+    del rows, texts
+    write_parts(args.data, args.out_dir, result.indices, n_rows)
     io.write_json(args.metrics, result.metrics)
     # every leaking row (ids, split, best match, similarity; text excerpts for the first ones)
     io.write_json(args.leaks, {"threshold": cfg.leakage_threshold, "on_leak": cfg.on_leak,

@@ -115,9 +115,12 @@ def test_repro_then_noop(project: Path) -> None:
     assert dedup["dropped"]["exact_duplicate"] > 0 and dedup["dropped"]["near_duplicate"] > 0
     split = m("split")
     fmt = m("format")
-    # every formatted row is in a split or dropped from val/test as a near-copy of train
+    # every kept row is in a split or dropped from val/test as a near-copy of train, and
+    # format sees exactly the split rows, split by split
     assert sum(split["counts"].values()) + sum(split["leakage"]["dropped"].values()) \
-        == fmt["rows_out"]
+        == dedup["kept"] == split["rows"]
+    assert {s: v["rows_in"] for s, v in fmt["splits"].items()} == split["counts"]
+    assert fmt["rows_in"] == fmt["rows_out"] + sum(fmt["dropped"].values())
     train = m("train")
     assert train["best_val_loss"] < 0.5 * train["initial_val_loss"], train  # it learned
 
@@ -211,7 +214,7 @@ def test_teammate_pulls_and_recomputes_nothing(project: Path, tmp_path: Path) ->
         # the new input is read, and what is downstream of it reruns (up to split here, to
         # keep the test short); nothing upstream does
         assert _ran(_dvc(project, "repro", "split")) == {
-            "check", "read@data/raw/extra.jsonl", "ingest", "base", "dedup", "format", "split"}
+            "check", "read@data/raw/extra.jsonl", "ingest", "dedup", "split"}
         assert json.loads((project / "metrics" / "ingest.json").read_text())["files"][
             "data/raw/extra.jsonl"] == {"rows_in": 1, "kept": 1, "rejected": {}}
     finally:
@@ -243,12 +246,13 @@ def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:
 def test_dedup_threshold_experiment_reruns_from_dedup(project: Path) -> None:
     baseline_dedup = json.loads((project / "metrics" / "dedup.json").read_text())
     # 0.6, not 0.8: on these 500 rows 0.8 drops exactly the rows 0.85 does, and DVC then
-    # rightly skips format onward (their input did not change). lr=1e-3 undoes the last exp's.
+    # rightly skips split onward (their input did not change). lr=1e-3 undoes the last exp's.
     out = _dvc(project, "exp", "run", "-S", "dedup.threshold=0.6", "-S", "lr=1e-3",
                "-n", "strict-dedup")
     ran = _ran(out)
-    assert {"dedup", "format", "split", "train", "evaluate"} <= ran
-    assert not ran & {"demo", "read@data/raw/demo.jsonl", "ingest", "base"}
+    # base too: the embedded tokenizer is trained on the train split
+    assert {"dedup", "split", "base", "format", "train", "evaluate"} <= ran
+    assert not ran & {"demo", "read@data/raw/demo.jsonl", "ingest"}
     dedup = json.loads((project / "metrics" / "dedup.json").read_text())
     assert dedup["dropped"]["near_duplicate"] > baseline_dedup["dropped"]["near_duplicate"]
     exps = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))

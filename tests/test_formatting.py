@@ -282,26 +282,69 @@ def test_real_multi_turn_tool_data(tok, shared_dir):
                 assert run == m["content"] + "<|im_end|>"
 
 
+def _base_and_format(tmp_path, repo_root, parts: dict[str, list[dict]], max_length) -> dict:
+    """Run the base and format stages as dvc.yaml does, on the given split files."""
+    from reprotune import io
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "params.yaml").write_text(
+        "model:\n  name: tiny\n  tiny: {vocab: 400, hidden: 16, layers: 1, heads: 2, kv_heads: 1,"
+        f" head_dim: 8, intermediate: 32, max_positions: 128}}\nformat:\n  max_length: {max_length}\n",
+        encoding="utf-8")
+    for name, recs in parts.items():
+        io.write_jsonl(tmp_path / "splits" / f"{name}.jsonl", recs)
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "src")}
+    run = dict(cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, str(repo_root / "stages/base.py"), "--data",
+                    "splits/train.jsonl", "--out", "base", "--metrics", "m/base.json"], **run)
+    assert io.read_json(tmp_path / "m/base.json")["source"] == "embedded"
+    subprocess.run([sys.executable, str(repo_root / "stages/format.py"), "--data-dir", "splits",
+                    "--base", "base", "--out-dir", "p", "--metrics", "m/format.json",
+                    "--dropped", "d.jsonl", "--plot", "m/len.png"], **run)
+    return io.read_json(tmp_path / "m/format.json")
+
+
 def test_base_and_format_stages(tmp_path, repo_root):
     from reprotune import io
 
-    (tmp_path / "params.yaml").write_text(
-        "model:\n  name: tiny\n  tiny: {vocab: 400, hidden: 16, layers: 1, heads: 2, kv_heads: 1,"
-        " head_dim: 8, intermediate: 32, max_positions: 128}\n"
-        "format:\n  max_length: 100\n", encoding="utf-8")
-    io.write_jsonl(tmp_path / "in.jsonl", RECORDS)
-    env = {**os.environ, "PYTHONPATH": str(repo_root / "src")}
-    run = dict(cwd=tmp_path, env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, str(repo_root / "stages/base.py"), "--data", "in.jsonl",
-                    "--out", "base", "--metrics", "m/base.json"], **run)
-    assert io.read_json(tmp_path / "m/base.json")["source"] == "embedded"
-    subprocess.run([sys.executable, str(repo_root / "stages/format.py"), "--data", "in.jsonl",
-                    "--base", "base", "--out", "f.parquet", "--metrics", "m/format.json",
-                    "--dropped", "d.jsonl", "--plot", "m/len.png"], **run)
-    metrics = io.read_json(tmp_path / "m/format.json")
+    metrics = _base_and_format(tmp_path, repo_root,
+                               {"train": [RECORDS[0], RECORDS[2]], "val": [RECORDS[1]],
+                                "test": []}, 100)
     assert metrics["rows_in"] == 3 == metrics["rows_out"] + metrics["rows_dropped"]
+    assert {s: v["rows_in"] for s, v in metrics["splits"].items()} == {"train": 2, "val": 1,
+                                                                      "test": 0}
     assert "lengths" not in metrics and metrics["max_length"] == 100
-    rows = io.read_parquet(tmp_path / "f.parquet")
-    assert len(rows) == metrics["rows_out"] and max(r["n_tokens"] for r in rows) <= 100
+    for name in ("train", "val", "test"):
+        rows = io.read_parquet(tmp_path / "p" / f"{name}.parquet")
+        assert len(rows) == metrics["splits"][name]["rows_out"]
+        assert all(r["n_tokens"] <= 100 for r in rows)
+    assert [r["id"] for r in io.read_parquet(tmp_path / "p" / "val.parquet")] == ["r2"]
     assert len(io.read_jsonl(tmp_path / "d.jsonl")) == metrics["rows_dropped"]
     assert (tmp_path / "m/len.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tokenizer_and_max_length_come_from_the_train_split_only(tmp_path, repo_root):
+    """A word repeated only in test is not in the tiny tokenizer's vocabulary (it is when
+    train holds it), and format.max_length: auto is the p99 of the train lengths, so the long
+    test rows are cut rather than raising the limit."""
+    from reprotune.modeling import load_tokenizer
+
+    word = "qzxvjkwqzxvjkw"
+
+    def rec(i: int, answer: str) -> dict:
+        return _rec(i, [{"role": "user", "content": f"Question {i}?"},
+                        {"role": "assistant", "content": answer}])
+
+    train = [rec(i, f"Answer {i} is short.") for i in range(40)]
+    held = [rec(100 + i, " ".join([word] * 8)) for i in range(10)]
+    metrics = _base_and_format(tmp_path / "a", repo_root,
+                               {"train": train, "val": [], "test": held}, "auto")
+    n_unseen = len(load_tokenizer(tmp_path / "a" / "base").encode(word, add_special_tokens=False))
+    _base_and_format(tmp_path / "b", repo_root, {"train": train + held, "val": [], "test": []},
+                     "auto")
+    n_seen = len(load_tokenizer(tmp_path / "b" / "base").encode(word, add_special_tokens=False))
+    assert n_seen <= 2 < 8 <= n_unseen
+    train_p99 = metrics["splits"]["train"]["token_length"]["p99"]
+    assert metrics["max_length"] == -(-train_p99 // 1) < metrics["splits"]["test"]["token_length"]["min"]
+    assert metrics["max_length_from"] == "train"
+    assert metrics["splits"]["test"]["truncated"] == 10 == metrics["splits"]["test"]["rows_out"]

@@ -141,33 +141,69 @@ def test_leakage_fail_names_the_param_and_count() -> None:
     assert clean.leaks == [] and sum(clean.metrics["counts"].values()) == 200
 
 
-def test_split_stage_reads_only_the_columns_it_uses(tmp_path) -> None:
-    """The stage builds Python rows of id/source/messages and the fields its params name,
-    batch by batch; an unknown field fails naming the param and the table's columns."""
+def _split_stage():
     import importlib.util
     from pathlib import Path
-    from types import SimpleNamespace
-
-    from reprotune import io
-    from reprotune.data.formatting import formatted_schema
 
     spec = importlib.util.spec_from_file_location(
         "split_stage", Path(__file__).resolve().parents[1] / "stages" / "split.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
-    rows = [{**r, "source": f"f:{i}", "tools": None, "meta": json.dumps({"t": i}), "text": "x",
-             "input_ids": [1, 2], "labels": [-100, 2], "n_tokens": 2, "n_label_tokens": 1,
-             "truncated": False} for i, r in enumerate(_rows(50, groups=5))]
-    io.write_parquet(tmp_path / "f.parquet", rows, schema=formatted_schema())
-    cfg = SimpleNamespace(stratify="label", group=None, order_by=None)
-    stage.BATCH_ROWS = 16  # several batches
-    got = stage.split_columns(str(tmp_path / "f.parquet"), cfg)
-    assert got == [{k: r[k] for k in ("id", "source", "messages", "label")} for r in rows]
-    cfg = SimpleNamespace(stratify=None, group="group", order_by="t")
-    assert sorted(stage.split_columns(str(tmp_path / "f.parquet"), cfg)[3]) == [
-        "group", "id", "messages", "meta", "source"]
+    return stage
+
+
+def test_split_stage_keeps_small_rows_and_texts_on_disk(tmp_path) -> None:
+    """The stage keeps id/source and the fields its params name per row, the conversation
+    texts on disk; an unknown field fails naming the param and the records' keys."""
+    from types import SimpleNamespace
+
+    from reprotune import io
+    from reprotune.data.leakage import conversation_text
+
+    stage = _split_stage()
+    recs = [{"source": f"f:{i}", **r, "messages": json.loads(r["messages"]), "tools": None,
+             "meta": {"t": i}} for i, r in enumerate(_rows(50, groups=5))]
+    io.write_jsonl(tmp_path / "d.jsonl", recs)
+    rows, texts = stage.read_rows(str(tmp_path / "d.jsonl"),
+                                  SimpleNamespace(stratify="label", group=None, order_by=None))
+    assert rows == [{k: r[k] for k in ("id", "source", "label")} for r in recs]
+    assert list(texts) == [conversation_text(r) for r in recs]
+    rows, _ = stage.read_rows(str(tmp_path / "d.jsonl"),
+                              SimpleNamespace(stratify=None, group="group", order_by="t"))
+    assert sorted(rows[3]) == ["group", "id", "meta", "source"] and rows[3]["meta"] == {"t": 3}
     with pytest.raises(SplitError, match=r"^split\.group: field 'topic' is not a column of the "
                                          r"data; available: group, id, label, messages, meta, "
-                                         r"n_label_tokens, n_tokens, source, tools, truncated "):
-        stage.split_columns(str(tmp_path / "f.parquet"),
-                            SimpleNamespace(stratify=None, group="topic", order_by=None))
+                                         r"source, tools "):
+        stage.read_rows(str(tmp_path / "d.jsonl"),
+                        SimpleNamespace(stratify=None, group="topic", order_by=None))
+
+
+def test_split_stage_writes_each_split_as_the_input_lines(tmp_path) -> None:
+    """Each split file holds its rows' input lines byte for byte, in input order; blank lines
+    are skipped when counting rows, as io.iter_jsonl does; dropped rows go nowhere."""
+    stage = _split_stage()
+    lines = [json.dumps({"id": f"r{i}", "text": f"第{i}行，“引号”\u00e9 é"}, ensure_ascii=i % 2 == 0)
+             + "\n" for i in range(7)]
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(("".join(lines[:3]) + "\n  \n" + "".join(lines[3:])).rstrip("\n").encode())
+    stage.write_parts(str(src), str(tmp_path / "out"),
+                      {"train": [0, 2, 3, 6], "val": [1], "test": [5]}, 7)
+    got = {s: (tmp_path / "out" / f"{s}.jsonl").read_bytes().decode() for s in ("train", "val", "test")}
+    assert got == {"train": lines[0] + lines[2] + lines[3] + lines[6], "val": lines[1],
+                   "test": lines[5]}  # r4 was dropped; the last line gains its newline
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "test.jsonl", "train.jsonl", "val.jsonl"]  # no temporary left
+
+
+def test_texts_given_apart_from_rows_give_the_same_split() -> None:
+    """split_rows with the texts passed apart (rows without messages) = with messages."""
+    from reprotune.data.leakage import conversation_text
+
+    rows = _planted()
+    kw = dict(val_ratio=0.1, test_ratio=0.1, stratify=None, group=None, seed=0,
+              leakage_threshold=0.7)
+    full = split_rows(rows, **kw)
+    small = [{k: v for k, v in r.items() if k != "messages"} for r in rows]
+    apart = split_rows(small, texts=[conversation_text(r) for r in rows], **kw)
+    assert full.leaks and apart.leaks == full.leaks
+    assert apart.metrics == full.metrics and apart.indices == full.indices

@@ -139,7 +139,7 @@ def test_ingest_keeps_the_raw_field_verbatim_in_meta(tmp_path: Path) -> None:
     assert rec["meta"] == {"ts": "2024-03-01T12:30:00"}
 
 
-def test_field_survives_read_ingest_dedup_format_split_stages(tmp_path: Path, repo_root: Path,
+def test_field_survives_read_ingest_dedup_split_format_stages(tmp_path: Path, repo_root: Path,
                                                               tiny_base_dir: Path) -> None:
     """The real stage scripts, with order_by set: the newest rows end up in test."""
     raw = tmp_path / "data" / "raw" / "t.jsonl"
@@ -164,17 +164,19 @@ def test_field_survives_read_ingest_dedup_format_split_stages(tmp_path: Path, re
     assert io.read_json(tmp_path / "m/ingest.json")["with_meta"] == 60
     stage("dedup", "--data", "ing.jsonl", "--out", "dd.jsonl", "--dropped", "ddd.jsonl",
           "--metrics", "m/dedup.json", "--pairs", "m/pairs.json")
-    stage("format", "--data", "dd.jsonl", "--base", str(tiny_base_dir), "--out", "f.parquet",
-          "--dropped", "fd.jsonl", "--metrics", "m/format.json", "--plot", "m/len.png")
-    stage("split", "--data", "f.parquet", "--out-dir", "out", "--metrics", "m/split.json",
+    stage("split", "--data", "dd.jsonl", "--out-dir", "splits", "--metrics", "m/split.json",
           "--leaks", "m/leaks.json")
+    stage("format", "--data-dir", "splits", "--base", str(tiny_base_dir), "--out-dir", "out",
+          "--dropped", "fd.jsonl", "--metrics", "m/format.json", "--plot", "m/len.png")
     parts = {s: io.read_parquet(tmp_path / "out" / f"{s}.parquet") for s in ("train", "val", "test")}
+    assert {s: [r["id"] for r in rows] for s, rows in parts.items()} == {
+        s: [r["id"] for r in io.read_jsonl(tmp_path / "splits" / f"{s}.jsonl")] for s in parts}
     when = {s: sorted(parse_time(json.loads(r["meta"])["created_at"]) for r in rows)
             for s, rows in parts.items()}
     kept = sum(len(v) for v in when.values())
     metrics = io.read_json(tmp_path / "m/split.json")
     assert io.read_json(tmp_path / "m/dedup.json")["kept"] == 60
-    assert kept + sum(metrics["leakage"]["dropped"].values()) == metrics["rows"] == io.read_json(
-        tmp_path / "m/format.json")["rows_out"]
+    assert kept + sum(metrics["leakage"]["dropped"].values()) == metrics["rows"] == 60
+    assert io.read_json(tmp_path / "m/format.json")["rows_out"] == kept
     assert when["train"][-1] <= when["val"][0] and when["val"][-1] <= when["test"][0]
     assert metrics["order"]["by"] == "created_at"

@@ -1,13 +1,13 @@
 """The format stage's data path on Hugging Face ``datasets``: JSONL in, Parquet out, bounded memory.
 
-1. :func:`load_lines`: the lines of ``deduped.jsonl`` (and their numbers) become an Arrow
+1. :func:`load_lines`: the lines of each split's JSONL (and their numbers) become an Arrow
    dataset on disk (``Dataset.from_generator``), read back memory-mapped.
 2. :func:`render_dataset`: a batched ``map`` over ``data.num_proc`` processes parses each
    line and renders, tokenises and masks it (:class:`~reprotune.data.rendering.Renderer`),
    keeping the full token ids and labels in a second Arrow file.
 3. :func:`~reprotune.data.formatting.plan` reads only the small columns (lengths, first
-   label position, drop reason) as numpy to resolve ``format.max_length: auto`` and decide
-   each row's fate; the rows are then cut batch by batch and written to Parquet in bounded
+   label position, drop reason) as numpy to resolve ``format.max_length: auto`` (from the
+   train split's lengths) and decide each row's fate; the rows are then cut batch by batch and written to Parquet in bounded
    row groups (:func:`write_parquet`), the dropped rows to JSONL, all atomically.
 
 The Arrow files live in a temporary folder beside the output (``.<name>.cache.*.tmp``, which
@@ -22,19 +22,23 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from reprotune import io
 from reprotune.data.formatting import (
     SUMMARY_FIELDS,
+    FormatError,
     Plan,
     cut_tables,
     dropped_rows,
     formatted_schema,
     plan,
     rendered_schema,
+    resolve_max_length,
 )
 from reprotune.data.rendering import Renderer
 
@@ -141,46 +145,75 @@ def write_parquet(path: str | Path, tables: Iterator[Any], schema: Any) -> int:
     return n
 
 
-def format_jsonl(data: str | Path, tokenizer: Any, *, out: str | Path, dropped: str | Path,
-                 max_length: int | str, enable_thinking: bool, model_limit: int | None,
-                 warn_truncated: float, num_proc: int, progress: bool = True) -> Plan:
-    """Format ``data`` (canonical JSONL) into ``out`` (Parquet) and ``dropped`` (JSONL).
-
-    Returns the :class:`~reprotune.data.formatting.Plan` (its ``stats`` complete, its
-    ``lengths`` for the plot). Raises :class:`~reprotune.data.formatting.FormatError` before
-    writing anything when ``format.max_length`` leaves most rows without labels.
-    """
+def _render_file(data: str | Path, render: Renderer, cache: Path, num_proc: int) -> tuple[Any, Any]:
+    """``data`` rendered as a dataset in ``cache`` (None when it has no rows) and its
+    SUMMARY_FIELDS columns as a small in-memory table."""
     import numpy as np
     import pyarrow as pa
+
+    summary = rendered_schema().empty_table().select(SUMMARY_FIELDS)
+    if next(_lines(str(data)), None) is None:  # datasets refuses an empty file
+        return None, summary
+    lines = load_lines(data, cache)
+    log.info("%s: %d rows; rendering with num_proc=%d (Arrow cache in %s)", data,
+             lines.num_rows, num_proc, cache)
+    ds = render_dataset(lines, render, num_proc=num_proc, path=str(data))
+    del lines
+    # the small columns, copied out of their batches (a selected column alone would keep
+    # its whole batch, token ids included, alive)
+    return ds, pa.concat_tables([summary] + [t.take(np.arange(t.num_rows))
+                                             for t in _batches(ds)(SUMMARY_FIELDS)])
+
+
+def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
+                  outs: Mapping[str, str | Path], dropped: str | Path, max_length: int | str,
+                  enable_thinking: bool, model_limit: int | None, warn_truncated: float,
+                  num_proc: int, limit_from: str = "train", progress: bool = True
+                  ) -> dict[str, Plan]:
+    """Format each split's canonical JSONL (``datas``) into its Parquet file (``outs``).
+
+    ``format.max_length: auto`` is resolved from the ``limit_from`` split's lengths alone
+    (train: held-out rows never shape the inputs) and applied to every split. Every dropped
+    row goes to ``dropped`` (JSONL) with its ``split``. Returns each split's
+    :class:`~reprotune.data.formatting.Plan` (``stats`` complete, ``lengths`` for the plot).
+    Raises :class:`~reprotune.data.formatting.FormatError`, naming the split, before writing
+    anything when the limit leaves most of a split's rows without labels, or when a split
+    that had rows (and ``limit_from`` in any case) keeps none.
+    """
     from datasets.utils import logging as ds_logging
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    first = Path(next(iter(outs.values())))
+    first.parent.mkdir(parents=True, exist_ok=True)
     render = Renderer.create(tokenizer, enable_thinking=enable_thinking)
     shown = ds_logging.is_progress_bar_enabled()
     (ds_logging.enable_progress_bar if progress else ds_logging.disable_progress_bar)()
     try:
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.cache.", suffix=".tmp",
-                                         dir=out.parent) as cache:
-            summary = rendered_schema().empty_table().select(SUMMARY_FIELDS)
-            ds = None
-            if next(_lines(str(data)), None) is not None:  # datasets refuses an empty file
-                lines = load_lines(data, cache)
-                log.info("%s: %d rows; rendering with num_proc=%d (Arrow cache in %s)", data,
-                         lines.num_rows, num_proc, cache)
-                ds = render_dataset(lines, render, num_proc=num_proc, path=str(data))
-                del lines
-                # the small columns, copied out of their batches (a selected column alone
-                # would keep its whole batch, token ids included, alive)
-                summary = pa.concat_tables(
-                    [summary] + [t.take(np.arange(t.num_rows))
-                                 for t in _batches(ds)(SUMMARY_FIELDS)])
-            p = plan(summary, max_length=max_length, enable_thinking=enable_thinking,
-                     model_limit=model_limit, warn_truncated=warn_truncated)
-            io.write_jsonl(dropped, dropped_rows(p))
-            if p.stats["rows_out"]:
-                write_parquet(out, cut_tables(_batches(ds), p), formatted_schema())
-            del ds  # release the memory maps before the folder goes
+        with tempfile.TemporaryDirectory(prefix=f".{first.name}.cache.", suffix=".tmp",
+                                         dir=first.parent) as cache:
+            rendered = {name: _render_file(path, render, Path(cache) / name, num_proc)
+                        for name, path in datas.items()}
+            summary = rendered[limit_from][1]
+            rendered_rows = ~np.asarray(summary.column("reason").is_valid(), dtype=bool)
+            limit = resolve_max_length(
+                max_length, summary.column("n_full").to_numpy()[rendered_rows], model_limit)
+            plans: dict[str, Plan] = {}
+            for name, (_, part) in rendered.items():
+                try:
+                    plans[name] = plan(part, max_length=limit, enable_thinking=enable_thinking,
+                                       model_limit=model_limit, warn_truncated=warn_truncated)
+                except FormatError as exc:
+                    raise FormatError(f"{name} split: {exc}") from None
+                plans[name].stats["max_length_setting"] = max_length
+                if not plans[name].stats["rows_out"] and (rendered[name][1].num_rows
+                                                          or name == limit_from):
+                    raise FormatError(f"{datas[name]}: no {name} rows left after formatting: "
+                                      f"{plans[name].stats['dropped']}")
+            io.write_jsonl(dropped, ({**row, "split": name} for name, p in plans.items()
+                                     for row in dropped_rows(p)))
+            for name, (ds, _) in rendered.items():
+                tables = cut_tables(_batches(ds), plans[name]) if ds is not None else iter(())
+                write_parquet(outs[name], tables, formatted_schema())
+            del rendered, ds  # release the memory maps before the folder goes
     finally:
         (ds_logging.enable_progress_bar if shown else ds_logging.disable_progress_bar)()
-    return p
+    return plans

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +174,31 @@ def cut_tables(batches: Batches, p: Plan) -> Iterator[Any]:
                     n_label_tokens=pa.array(n_label, pa.int32()),
                     truncated=pc.greater(t.column("n_full"), p.limit))
         yield pa.table(cols, schema=schema)
+
+
+def combine_stats(stats: Mapping[str, dict[str, Any]], lengths: np.ndarray, *,
+                  limit_from: str, warn_truncated: float) -> dict[str, Any]:
+    """One ``metrics/format.json`` for several splits' :attr:`Plan.stats`: the totals at the
+    top level (``token_length`` over every rendered row), each split's counts under ``splits``."""
+    first = next(iter(stats.values()))
+    total = {k: sum(s[k] for s in stats.values()) for k in _SUMMED}
+    rendered = len(lengths)
+    share = total["truncated"] / rendered if rendered else 0.0
+    out = {**{k: first[k] for k in ("max_length", "max_length_setting", "model_limit",
+                                    "enable_thinking")},
+           **total, "max_length_from": limit_from,
+           "dropped": {k: sum(s["dropped"][k] for s in stats.values()) for k in DROP_REASONS},
+           "truncated_share": round(share, 4), "truncation_warning": share > warn_truncated,
+           "token_length": _length_stats(lengths),
+           "splits": {name: {k: s[k] for k in _PER_SPLIT} for name, s in stats.items()}}
+    assert out["rows_in"] == out["rows_out"] + sum(out["dropped"].values())
+    return out
+
+
+_SUMMED = ("rows_in", "rows_out", "rows_dropped", "truncated", "assistant_turns", "tokens_out",
+           "label_tokens", "decode_mismatch", "label_span_mismatch")
+_PER_SPLIT = ("rows_in", "rows_out", "rows_dropped", "truncated", "truncated_share",
+              "tokens_out", "label_tokens", "token_length")
 
 
 def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: int | str,

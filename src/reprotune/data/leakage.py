@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reprotune.data import SPLITS
+
 logger = logging.getLogger(__name__)
 
-ORDER = ("train", "val", "test")  # a row is compared with the splits before its own
 ACTIONS = ("report", "drop", "fail")
 TEXT_ROWS = 200  # leaks listed with text excerpts (all are listed with ids and similarity)
 
@@ -48,27 +50,34 @@ def conversation_text(row: dict[str, Any]) -> str:
     return "\n".join(m.get("content") or "" for m in msgs if m.get("role") in ("user", "assistant"))
 
 
-def find_leaks(parts: dict[str, list[dict[str, Any]]], *, threshold: float,
-               ngram_range: tuple[int, int] = (2, 4), progress: bool = False
-               ) -> list[dict[str, Any]]:
-    """Every val/test row with a near-duplicate in an earlier split, with its best match."""
+def find_leaks(rows: Sequence[dict[str, Any]], names: Sequence[str], *, threshold: float,
+               texts: Sequence[str] | None = None, ngram_range: tuple[int, int] = (2, 4),
+               progress: bool = False) -> list[dict[str, Any]]:
+    """Every val/test row with a near-duplicate in an earlier split, with its best match.
+
+    ``names`` is each row's split; ``texts`` each row's :func:`conversation_text` when the
+    caller already has them (the split stage keeps them on disk instead of in its rows).
+    """
     from reprotune.data.similarity import earlier_group_matches
     from reprotune.data.spill import DiskTexts
 
-    rows = [r for name in ORDER for r in parts[name]]
-    where = [name for name in ORDER for _ in parts[name]]
-    if not parts["val"] and not parts["test"]:
+    if not any(n in ("val", "test") for n in names):
         return []
-    texts = DiskTexts(conversation_text(r) for r in rows)  # on disk: memory stays bounded
-    hits = earlier_group_matches(texts, [ORDER.index(w) for w in where], threshold=threshold,
+    order = [i for name in SPLITS for i, n in enumerate(names) if n == name]
+    where = [names[i] for i in order]
+    # in split order (the search wants non-decreasing groups), on disk: memory stays bounded
+    ordered = DiskTexts(texts[i] if texts is not None else conversation_text(rows[i])
+                        for i in order)
+    hits = earlier_group_matches(ordered, [SPLITS.index(w) for w in where], threshold=threshold,
                                  ngram_range=ngram_range, progress=progress)
     leaks = []
     for k, (row, match, sim) in enumerate(hits):
-        leak = {"split": where[row], "id": rows[row]["id"], "source": rows[row].get("source"),
-                "match_split": where[match], "match_id": rows[match]["id"],
+        r, m = rows[order[row]], rows[order[match]]
+        leak = {"split": where[row], "id": r["id"], "source": r.get("source"),
+                "match_split": where[match], "match_id": m["id"],
                 "similarity": round(float(sim), 4)}
         if k < TEXT_ROWS:
-            leak.update(text=texts[row][:300], match_text=texts[match][:300])
+            leak.update(text=ordered[row][:300], match_text=ordered[match][:300])
         leaks.append(leak)
     return leaks
 

@@ -27,12 +27,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from reprotune.data import SPLITS
 from reprotune.data.leakage import Leakage, LeakageError, apply_leaks, find_leaks
 from reprotune.data.timeorder import ACCEPTED, iso, meta_value, row_times
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 
 
 class SplitError(ValueError):
@@ -165,14 +165,17 @@ def _time_ranges(parts: dict[str, list[dict[str, Any]]], order_by: str) -> dict[
 def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: float,
                stratify: str | None, group: str | None, seed: int, leakage_threshold: float,
                order_by: str | None = None, on_leak: str = "drop",
-               progress: bool = False) -> SplitResult:
+               texts: Sequence[str] | None = None, progress: bool = False) -> SplitResult:
     """Split rows, check leakage (acting on it as ``on_leak`` says), compute the metrics.
+
+    ``texts``: each row's :func:`~reprotune.data.leakage.conversation_text`, when the rows
+    carry no ``messages`` (the stage keeps the texts on disk and the rows small).
 
     Raises :class:`SplitError` naming the param when the split cannot be made, or when
     ``on_leak`` is ``fail`` and a held-out row leaks.
     """
     if not rows:
-        raise SplitError("no rows to split: the format stage produced an empty table")
+        raise SplitError("no rows to split: the dedup stage kept no rows")
     if order_by and stratify:
         logger.warning("split.order_by=%s: split.stratify=%s is not applied to a time-ordered "
                        "split (label shares are reported in metrics/split.json)", order_by, stratify)
@@ -189,7 +192,7 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
             raise SplitError(f"{param}: {ratio} of {len(rows)} rows gave an empty {name} split; "
                              f"raise {param} or add data")
     held_out = {s: len(parts[s]) for s in ("val", "test")}
-    leaks = find_leaks(parts, threshold=leakage_threshold, progress=progress)
+    leaks = find_leaks(rows, names, texts=texts, threshold=leakage_threshold, progress=progress)
     try:
         leakage: Leakage = apply_leaks(parts, leaks, on_leak=on_leak, threshold=leakage_threshold)
     except LeakageError as exc:
