@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from reprotune import io  # noqa: E402
 from reprotune.data.dedup import run_dedup  # noqa: E402
-from reprotune.data.similarity import NgramIndex, record_text  # noqa: E402
+from reprotune.data.similarity import record_text  # noqa: E402
+from reprotune.data.tfidf import NgramIndex  # noqa: E402
 from reprotune.params import DedupParams, as_dict  # noqa: E402
 
 HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from reprotune import io  # noqa: E402
 from reprotune.data import quality  # noqa: E402
 from reprotune.data.dedup import exact_duplicates, union_find_clusters  # noqa: E402
-from reprotune.data.similarity import NgramIndex, find_near_duplicates, record_text  # noqa: E402
+from reprotune.data.similarity import find_near_duplicates, record_text  # noqa: E402
+from reprotune.data.tfidf import NgramIndex  # noqa: E402
 from reprotune.params import DedupParams  # noqa: E402
 
 
@@ -52,13 +53,13 @@ def _datasketch_pairs(texts: list[str], cfg: DedupParams) -> tuple[np.ndarray, d
     """Candidate pairs from datasketch's MinHash + MinHashLSH (same n-gram sets and banding)."""
     from datasketch import MinHash, MinHashLSH
 
-    from reprotune.data.similarity import _normalise  # the char analyzer's preprocessing
+    from reprotune.data.ngrams import normalise  # the char analyzer's preprocessing
 
     t0 = time.perf_counter()
     lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.num_perm // cfg.bands))
     sigs = []
     for i, text in enumerate(texts):
-        t = _normalise(text)
+        t = normalise(text)
         grams = {t[k:k + n] for n in range(cfg.ngram_min, cfg.ngram_max + 1)
                  for k in range(len(t) - n + 1)}
         m = MinHash(num_perm=cfg.num_perm)

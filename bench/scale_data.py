@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from dedup import TextMaker  # bench/dedup.py: en/zh/mixed pseudo-text with Zipf frequencies
 
-from reprotune.data.similarity import NgramIndex, record_text
+from reprotune.data.similarity import record_text
+from reprotune.data.tfidf import NgramIndex
 
 THRESHOLD = 0.85  # dedup.threshold's default, the one the dedup stage runs with
 NEAR_FRAC, EXACT_FRAC = 0.10, 0.03

@@ -13,7 +13,8 @@ from reprotune.data.dedup import (
     run_dedup,
     union_find_clusters,
 )
-from reprotune.data.similarity import NgramIndex, record_text
+from reprotune.data.similarity import record_text
+from reprotune.data.tfidf import NgramIndex
 
 
 def _cfg(**over) -> SimpleNamespace:  # defaults of params.yaml `dedup`

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from reprotune.data.minhash import banding_recall, jaccard_floor, lsh_banding
-from reprotune.data.similarity import NgramIndex, earlier_group_matches, find_near_duplicates
+from reprotune.data.similarity import earlier_group_matches, find_near_duplicates
+from reprotune.data.tfidf import NgramIndex
 
 
 def _planted_edge_pairs(n: int = 800) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ row: 1 byte (its reason code); per distinct text (first occurrence passing the f
 (a 16-byte SHA-256 prefix in a dict, Python overhead included), 4 * ``num_perm`` bytes of
 MinHash signature (512 with 128 permutations) and 1 byte: ~660 bytes, ~0.65 GB at 1e6 rows.
 On top: one partition of n-gram entries while it is counted (<= ~256 MB of 8-byte entries,
-:class:`~reprotune.data.similarity.NgramIndex`), the pairs, and the chunk temporaries.
+:class:`~reprotune.data.tfidf.NgramIndex`), the pairs, and the chunk temporaries.
 Measured peak RSS of the stage (bench/data_scale.py rows, README "Data stages at scale"):
 0.9 GiB at 1e5 rows (was 2.6 GiB); 1e6 rows: see the README.
 """
@@ -40,7 +40,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reprotune.data import quality
-from reprotune.data.similarity import SEED, find_near_duplicates, record_text
+from reprotune.data.minhash import SEED
+from reprotune.data.similarity import find_near_duplicates, record_text
 from reprotune.data.spill import DiskTexts, ordered_map
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ leaks when a train or a val row is. All three splits are compared in one search
 (:func:`reprotune.data.similarity.earlier_group_matches`), whose LSH banding follows the
 threshold, so a check at 0.7 is not run with a banding tuned for 0.85. The texts go to a
 temporary file and the index counts n-grams partition by partition, so memory stays bounded
-(see :class:`~reprotune.data.similarity.NgramIndex`).
+(see :class:`~reprotune.data.tfidf.NgramIndex`).
 
 ``split.on_leak`` says what happens next: ``report`` keeps every row and counts the leaks,
 ``drop`` (default) removes the leaking rows from val/test (train is never touched), and

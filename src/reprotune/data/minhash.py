@@ -1,6 +1,9 @@
 """One-permutation MinHash signatures and LSH banding: the candidate-blocking half of the
-near-duplicate search (:mod:`reprotune.data.similarity` extracts the features and verifies
-candidates with the exact TF-IDF cosine).
+near-duplicate search over the char n-gram features of :mod:`reprotune.data.ngrams`
+(:mod:`reprotune.data.similarity` verifies the candidates with the exact TF-IDF cosine of
+:mod:`reprotune.data.tfidf`).
+
+The hashed set of a row leaves out its common n-grams (:func:`common_features`).
 
 A pair of rows whose n-gram sets have Jaccard similarity ``s`` agrees on each MinHash bin
 with probability ``s``. LSH banding cuts a signature into ``bands`` bands of ``rows`` bins;
@@ -13,13 +16,16 @@ threshold actually checked, through the Jaccard floor of pairs at that cosine
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from reprotune.data.ngrams import U64, chunk_features, features, mix, normalise, sorted_counts
+
 logger = logging.getLogger(__name__)
 
-U64 = np.uint64
+SEED = 20240611  # fixed: dedup must not rerun (or change) when the training `seed` changes
 EMPTY = np.uint32(0xFFFFFFFF)  # MinHash bin with no feature (a real 0xFFFFFFFF is just refilled)
 # Jaccard of the hashed n-gram sets (common n-grams left out) of pairs at TF-IDF cosine c is at
 # least ~c**2.5: measured on bench/dedup.py's en/zh/mixed generator with 0.3-8 edits per 100
@@ -33,16 +39,14 @@ TARGET_RECALL = 0.95  # candidate probability wanted at the Jaccard floor (typic
 # agreement ~0.04), while a pair that far below the floor is a candidate at all with
 # probability < 7% (32 x 4 bands at 0.85), so recall does not move.
 PREFILTER_SHARE = 1 / 3
-
-
-def mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised: a well-spread 64-bit hash of each element (new array)."""
-    x = x ^ (x >> U64(30))
-    x *= U64(0xBF58476D1CE4E5B9)
-    x ^= x >> U64(27)
-    x *= U64(0x94D049BB133111EB)
-    x ^= x >> U64(31)
-    return x
+# MinHash leaves out n-grams found in more than MAX_DF of the rows (and in more than MIN_DF_CAP
+# rows). English bigrams like "th" make any two English texts share ~14% of their 2-4-grams
+# (alpaca: LSH candidates for 2% of all pairs, infeasible at 1e5 rows); without them unrelated
+# pairs drop to ~0.7% Jaccard (candidates for 0.005-0.03% of pairs) while planted near-duplicates
+# at cosine >= 0.85 keep Jaccard >= 0.5. Common n-grams carry little TF-IDF weight anyway.
+MAX_DF = 0.05
+MIN_DF_CAP = 100
+_DF_SAMPLE = 20_000  # rows (evenly spaced) from which the common n-grams are counted
 
 
 # ---------------------------------------------------------------------------- banding
@@ -82,6 +86,27 @@ def signature_prefilter(sig: np.ndarray, cand: np.ndarray, threshold: float,
 
 
 # ---------------------------------------------------------------------------- signatures
+def common_features(texts: Sequence[str], nmin: int, nmax: int) -> np.ndarray:
+    """Sorted features in more than MAX_DF (and MIN_DF_CAP rows) of an evenly spaced sample."""
+    n = len(texts)
+    take = np.unique(np.linspace(0, n - 1, min(n, _DF_SAMPLE)).astype(np.int64)) if n else []
+    sample = [texts[i] for i in take]
+    parts = [f for _, _, f, _ in features(sample, nmin, nmax)]
+    feats = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=U64)
+    uniq, df = sorted_counts(feats)
+    return uniq[df > max(MAX_DF, MIN_DF_CAP / max(n, 1)) * len(sample)]
+
+
+def minhash_chunk(texts: list[str], nmin: int, nmax: int, common: np.ndarray, salt: np.uint64,
+                  num_perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row in chunk, feature) of every distinct n-gram, and the chunk's MinHash signatures
+    (empty bins not yet filled: :func:`densify` runs over all rows at the end)."""
+    rows, feats, _ = chunk_features([normalise(t) for t in texts], nmin, nmax)
+    block = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
+    minhash_into(block, rows, feats, common, salt)
+    return rows, feats, block
+
+
 def minhash_into(sig: np.ndarray, rows: np.ndarray, feats: np.ndarray, common: np.ndarray,
                   salt: np.uint64) -> None:
     """Fold the (row, feature) entries into one-permutation MinHash signatures ``sig``.

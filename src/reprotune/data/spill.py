@@ -26,7 +26,7 @@ from reprotune import io
 
 logger = logging.getLogger(__name__)
 
-FEAT_BITS = 52  # the feature hashes of reprotune.data.similarity
+FEAT_BITS = 52  # the feature hashes of reprotune.data.ngrams
 
 
 class DiskTexts(Sequence[str]):
