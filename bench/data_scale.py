@@ -98,15 +98,17 @@ def _runs(pid: int, cmd: list[str]) -> bool:
     return len(argv) > 1 and argv[1] == cmd[1].encode()
 
 
-def run_measured(cmd: list[str], cwd: Path, cap_mib: float, timeout: float) -> dict:
+def run_measured(cmd: list[str], cwd: Path, cap_mib: float, timeout: float,
+                 src: Path | None = None) -> dict:
     """Run ``cmd``; wall time, peak RSS (MiB), exit code, and why it was stopped.
 
     Peak RSS is the process's own high-water mark (VmHWM, sampled every 0.1 s), not
     wait4's ru_maxrss, which also counts the parent's pages the child had before exec.
     ``peak_tree_rss_mib`` adds its worker processes: the largest sampled sum of VmRSS over
     the stage and all its descendants (what the machine must hold); the cap applies to it.
+    ``src``: the package folder the stage imports (default: this checkout's ``src``).
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(src or ROOT / "src"), "TQDM_DISABLE": "1"}
     log = (cwd / "logs").joinpath(Path(cmd[1]).stem + ".log")
     log.parent.mkdir(exist_ok=True)
     t0 = time.perf_counter()

@@ -7,10 +7,10 @@ so ingest can reject it with its file and line. Problems with the file as a whol
 unsupported extension, an encoding other than UTF-8/16/32, an unclosed CSV quote,
 unreadable Parquet.
 
-Files are read as streams: JSONL, CSV and Parquet row by row (or batch by batch), so memory
-does not grow with the file; their encoding is checked in a first streaming pass
-(:mod:`reprotune.data.encoding`), so a GBK file still fails before any row. A ``.json``
-document is parsed from its text in memory, its array elements decoded one at a time.
+Files are read as streams: JSONL, CSV and Parquet row by row (or batch by batch), a JSON
+array element by element from a sliding window of its text (:mod:`reprotune.data.jsonstream`),
+so memory does not grow with the file; their encoding is checked in a first streaming pass
+(:mod:`reprotune.data.encoding`), so a GBK file still fails before any row.
 
 Rows are counted as rows, never as lines of something else: a ``.json`` file is read as one
 document (an array of objects, or one object), and only a file that holds several JSON
@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from reprotune.data import jsonstream
 from reprotune.data.encoding import (
     BOMS,
     InputFileError,
     check_decodes,
-    decode_text,
     first_error,
     sniff_utf16_32,
 )
@@ -154,86 +154,36 @@ def _iter_lines(source: str, fh: BinaryIO) -> Iterator[RawRow]:
             yield row
 
 
-def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _iter_array(source: str, text: str, pos: int) -> Iterator[RawRow]:
-    """Elements of the JSON array starting at ``text[pos] == "["``, element by element.
-
-    A file that simply ends too early (an interrupted download or export) yields its
-    complete elements as rows and ONE error row for the cut-off tail, saying where it
-    starts. A syntax error with more text after it (a missing comma in the middle) is an
-    :class:`InputFileError`: the rows after it can be neither read nor counted.
-    """
-    end = len(text.rstrip())
-    pos, index = _skip_ws(text, pos + 1), 0
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
-        start = pos
-        try:
-            obj, pos = JSON_DECODER.raw_decode(text, pos)
-            pos = _skip_ws(text, pos)
-            if pos >= len(text):  # a complete element, then the end of the file
-                yield _object_or_error(source, index + 1, obj, None)
-                yield RawRow(source, index + 2, raw="", error=(
-                    f"the file ends after array element {index + 1} without the closing ']': "
-                    f"truncated; any later elements are missing"))
-                return
-            if text[pos] not in ",]":
-                raise json.JSONDecodeError("expected ',' or ']' after an element", text, pos)
-        except json.JSONDecodeError as exc:
-            line = text.count("\n", 0, start) + 1
-            if not (exc.msg.startswith("Unterminated string") or exc.pos >= end):
-                raise InputFileError(
-                    f"{source}: line {exc.lineno} column {exc.colno}: {exc.msg} (in array "
-                    f"element {index + 1}, which starts on line {line}); the array is broken "
-                    f"before its end, so the rows after it cannot be read or counted. Fix the "
-                    f"file (`python -m json.tool {source}` points at the spot)") from exc
-            tail = text[start:]
-            yield RawRow(source, index + 1, raw=tail[:RAW_LIMIT], error=(
-                f"the file ends inside array element {index + 1} (file line {line}): truncated "
-                f"({exc.msg}); {index} complete elements before it were read, the last "
-                f"{tail.count(chr(10)) + 1} lines ({len(tail)} characters) were not"))
-            return
-        yield _object_or_error(source, index + 1, obj, None)
-        index += 1
-        if text[pos] == "]":
-            rest = _skip_ws(text, pos + 1)
-            if rest < len(text):
-                yield RawRow(source, index + 1, raw=text[rest:rest + RAW_LIMIT],
-                             error=f"unexpected text after the closing ']' at file line "
-                                   f"{text.count(chr(10), 0, rest) + 1}")
-            return
-        pos = _skip_ws(text, pos + 1)
-
-
 def _iter_json(source: str, path: Path) -> Iterator[RawRow]:
     """A JSON array of objects, one object, or (a .json file that is really) JSON Lines.
 
-    The file's text is held in memory (a JSON document is parsed from one string), but not
-    its rows: array elements are decoded and yielded one at a time.
+    Read as a stream (:mod:`reprotune.data.jsonstream`): array elements are decoded and
+    yielded one at a time from a window of the text, so memory does not grow with the file;
+    only a single top-level object is held whole. The encoding is checked in a first
+    streaming pass, so a GBK file still fails before any row.
     """
-    text = decode_text(source, path.read_bytes())
-    pos = _skip_ws(text, 0)
-    if pos >= len(text):
-        return
-    if text[pos] == "[":
-        yield from _iter_array(source, text, pos)
-        return
-    try:
-        obj, end = JSON_DECODER.raw_decode(text, pos)
-    except json.JSONDecodeError:
-        obj, end = None, -1
-    if end >= 0 and _skip_ws(text, end) >= len(text):
-        yield _object_or_error(source, 1, obj, None)
-        return
-    # Several values in a row (or a broken first one): read it as one object per line.
-    logger.info("%s: not a single JSON document, reading one object per line", source)
-    yield from _iter_lines(source, io.BytesIO(text.encode("utf-8")))
+    with path.open("rb") as fh:
+        encoding, start = check_decodes(source, fh)  # raises, naming the file and the iconv fix
+        win = jsonstream.TextWindow(fh, encoding)
+        kind, found = jsonstream.classify(win)
+        if kind == "array":
+            for item in jsonstream.iter_array(source, win, found, RAW_LIMIT):
+                yield (_object_or_error(source, item.line, item.value, None) if item.error is None
+                       else RawRow(source, item.line, error=item.error, raw=item.raw))
+            return
+        if kind == "object":
+            yield _object_or_error(source, 1, found, None)
+        if kind != "lines":
+            return
+        # Several values in a row (or a broken first one): read it as one object per line,
+        # from the text re-encoded as UTF-8 (a UTF-8 file's bytes after any BOM are that).
+        logger.info("%s: not a single JSON document, reading one object per line", source)
+        fh.seek(start)
+        if encoding == "utf-8":
+            yield from _iter_lines(source, fh)
+            return
+        with jsonstream.utf8_copy(fh, encoding) as copy:
+            yield from _iter_lines(source, copy)
 
 
 # --------------------------------------------------------------------------- CSV, Parquet
