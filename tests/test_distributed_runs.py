@@ -91,7 +91,10 @@ def assert_same_curves(two: Path, one: Path, rel: float) -> None:
 def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_dir, method):
     train, val = make_rows(64, 0), make_rows(16, 1)
     two = workdir(tmp_path / "two", tiny_base_dir, params(4, 2, method), train, val)
-    run_stage(two)
+    done = run_stage(two)
+    # one Arrow copy of the splits on the machine: rank 1 maps rank 0's files
+    assert done.stderr.count("memory-mapped from") == 2  # train and val, by rank 0
+    assert "the 2 ranks on this machine map these copies" in done.stderr
     # one process, the same global batch (8), seed and loss (stock: the fused path is
     # one-process only); in-process, as the other training tests run
     one = tmp_path / "one"
@@ -126,6 +129,20 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     model, tok, manifest = load_finetuned(two / "out", base_dir=tiny_base_dir)
     assert manifest["kind"] == ("full" if method == "full" else "adapter")
     assert val_loss(model, val, 8, tok.pad_token_id) == pytest.approx(m["best_val_loss"], abs=1e-4)
+
+
+def test_a_bad_row_stops_every_rank_at_once_with_rank_0s_message(tmp_path, tiny_base_dir):
+    """Rank 0 alone checks the rows; its error reaches rank 1 at once (not after
+    train.collective_timeout_s) and both exit naming the file and the row."""
+    train = make_rows(16, 0)
+    train[5]["input_ids"][2] = 100_000  # outside the tiny vocabulary
+    cwd = workdir(tmp_path / "bad", tiny_base_dir, params(4, 2) + "", train, make_rows(8, 1))
+    t0 = time.perf_counter()
+    done = subprocess.run(stage_cmd(), cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert time.perf_counter() - t0 < 120  # the collective timeout is 600 s
+    msg = "train.parquet: row 6: token id 100000 outside the model's vocab"
+    assert done.stderr.count(msg) >= 2, done.stderr[-3000:]  # rank 0 and rank 1 both say it
 
 
 @pytest.mark.slow

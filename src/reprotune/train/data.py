@@ -167,8 +167,9 @@ class ArrowSplit:
     """A split's rows, memory-mapped: ``split[i]`` is ``{"input_ids", "labels"}`` as
     read-only numpy views into the mapped Arrow buffers (a map-style torch dataset)."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, path: str | Path = "") -> None:
         self.table = table  # keeps the memory map alive
+        self.path = str(path)  # the mapped Arrow file
         self._chunks = [tuple(flat(c) for c in chunks) for chunks in zip(
             *(table.column(name).chunks for name in COLUMNS), strict=True)]
         sizes = [len(ids_off) - 1 for (_, ids_off), _ in self._chunks]
@@ -216,10 +217,48 @@ def load_split(path: str | Path, scratch: str | Path, *, vocab_size: int, max_po
             writer.write_batch(batch)
             first += batch.num_rows
             bar.update(batch.num_rows)
-    split = ArrowSplit(pa.ipc.open_file(pa.memory_map(str(out), "r")).read_all())
+    split = map_split(out)
     log.info("%s: %d rows, %d tokens, memory-mapped from %s", path, len(split),
              int(split.lengths.sum()), out)
     return split
+
+
+def map_split(arrow: str | Path) -> ArrowSplit:
+    """An Arrow file written by :func:`load_split`, memory-mapped."""
+    import pyarrow as pa
+
+    return ArrowSplit(pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all(), arrow)
+
+
+def load_splits(paths: Sequence[str | Path], scratch: str | Path, **checks: Any) -> list[ArrowSplit]:
+    """:func:`load_split` of each path (``checks``: its keyword arguments), once per machine.
+
+    When several ranks share one machine, rank 0 checks and writes the Arrow copies and the
+    other ranks map rank 0's files (a mapped file stays readable after rank 0's scratch
+    folder goes), so the node holds one copy on disk and in its page cache instead of one
+    per rank. A failure on rank 0 is raised on every rank with rank 0's message, at once.
+    With one process, or ranks on several machines, each rank loads its own copy.
+    """
+    if not distributed.shares_node():
+        return [load_split(p, scratch, **checks) for p in paths]
+    splits: list[ArrowSplit] = []
+    outcome: tuple[str, Any] = ("", None)
+    if distributed.is_main():
+        try:
+            splits = [load_split(p, scratch, **checks) for p in paths]
+            outcome = ("ok", [s.path for s in splits])
+            log.info("the %d ranks on this machine map these copies", distributed.world_size())
+        except Exception as exc:
+            outcome = (type(exc).__name__, str(exc))
+            distributed.broadcast(outcome)
+            raise
+    outcome = distributed.broadcast(outcome)
+    if outcome[0] != "ok":
+        err = TrainSetupError if outcome[0] == "TrainSetupError" else RuntimeError
+        raise err(outcome[1] if err is TrainSetupError else f"rank 0: {outcome[0]}: {outcome[1]}")
+    if distributed.is_main():
+        return splits
+    return [map_split(f) for f in outcome[1]]
 
 
 @dataclass

@@ -13,6 +13,8 @@ must differ or agree:
   so a rank that stops answering fails the collective instead of hanging the run;
 * :func:`broadcast`, :func:`sum_over_ranks`, :func:`max_over_ranks`, :func:`barrier`:
   rank 0 decides (resume point), every rank counts (label tokens), all agree;
+* :func:`shares_node`: whether the ranks share one machine, so rank 0 can write the
+  memory-mapped data once for all of them (:func:`reprotune.train.data.load_splits`);
 * :func:`saveable_model`: under FSDP or DeepSpeed ZeRO-3 each rank holds a shard of every
   weight; the full state dict is gathered (a collective) and rank 0 writes it as one
   safetensors file, so the folder loads exactly like a one-process one.
@@ -48,6 +50,13 @@ def local_rank() -> int:
 def is_main() -> bool:
     """Whether this process writes the outputs (rank 0)."""
     return rank() == 0
+
+
+def shares_node() -> bool:
+    """Whether several ranks run and all of them on this machine (torchrun's
+    ``LOCAL_WORLD_SIZE`` equals the world size), so they can share files in its temp folder."""
+    world = world_size()
+    return world > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == world
 
 
 def local_device() -> str:

@@ -57,7 +57,7 @@ from reprotune.train.data import (
     IGNORE_INDEX,
     PaddingCollator,
     check_sizes,
-    load_split,
+    load_splits,
     scratch_dir,
     split_size,
 )
@@ -459,11 +459,10 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         raise TrainSetupError(f"{base_dir}: the tokenizer's chat template differs from the one in "
                               f"{BASE_INFO_FILE}; rerun the base stage")
     config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-    train_rows, val_rows = (
-        load_split(path, scratch, vocab_size=config.vocab_size,
-                   max_positions=config.max_position_embeddings,
-                   extra_positions=virtual_tokens(method, cfg.prompt))
-        for path in (train_path, val_path))
+    train_rows, val_rows = load_splits(
+        (train_path, val_path), scratch, vocab_size=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+        extra_positions=virtual_tokens(method, cfg.prompt))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_data: Any = train_rows
     if packing:
