@@ -102,6 +102,18 @@ def test_int8_dynamic_roundtrip(work: Path, float_model, tmp_path: Path) -> None
     w = float_model.model.layers[0].mlp.up_proj.weight.detach()
     scale = w.abs().amax(dim=1) / 127
     assert torch.equal(q.int_repr(), torch.round(w / scale[:, None]).to(torch.int8))
+    # every quantised Linear came back as one (read from the tensor names)
+    assert sum(isinstance(m, DynamicLinear) for m in model.modules()) == 14
+
+
+def test_int8_dynamic_file_bytes_are_reproducible(work: Path, float_model, tmp_path: Path) -> None:
+    """The same weights give the same file, build after build (safetensors writes a
+    metadata map in hash order: with two keys the bytes changed from run to run)."""
+    blobs = set()
+    for i in range(6):
+        build_artifact("int8_dynamic", work / "merged", tmp_path / f"i{i}", KEEP, float_model)
+        blobs.add((tmp_path / f"i{i}" / INT8_WEIGHTS).read_bytes())
+    assert len(blobs) == 1
 
 
 def test_int8_keep_full_precision_fragments(work: Path, float_model, tmp_path: Path) -> None:

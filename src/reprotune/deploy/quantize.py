@@ -150,8 +150,9 @@ def save_int8_dynamic(float_model: Any, out: Path, keep: Sequence[str],
             continue
         seen.add(v.data_ptr())
         tensors[k] = v.detach().to(store_dtype if v.is_floating_point() else v.dtype).contiguous()
-    save_file(tensors, str(out / INT8_WEIGHTS),
-              metadata={"format": INT8_FORMAT, "quantized": ",".join(names)})
+    # one metadata key: safetensors writes the metadata map in hash order, so two keys
+    # came out in either order and the same weights gave different file bytes run to run
+    save_file(tensors, str(out / INT8_WEIGHTS), metadata={"format": INT8_FORMAT})
     return {"quantized_modules": len(names), "layer_errors": errors}
 
 
@@ -172,7 +173,7 @@ def load_int8_dynamic(path: str | Path) -> tuple[Any, Any]:
         if meta.get("format") != INT8_FORMAT:
             raise ValueError(f"{path / INT8_WEIGHTS}: not a {INT8_FORMAT} file")
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open API)
-    names = [n for n in meta.get("quantized", "").split(",") if n]
+    names = sorted(k.removesuffix(".weight_int8") for k in tensors if k.endswith(".weight_int8"))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     packed = {n: (tensors.pop(f"{n}.weight_int8"), tensors.pop(f"{n}.weight_scale").double(),
