@@ -185,6 +185,17 @@ def test_failures_name_the_line_or_param_and_leave_no_cache(tmp_path, tok):
                                             k: v for k, v in kw.items() if k != "out"})
     assert plans["val"].stats["rows_in"] == 0 and plans["train"].stats["rows_out"] == 3
     assert pq.read_table(tmp_path / "o" / "v.parquet").num_rows == 0
+    # auto comes from train: a test split of far longer prompts fails naming both
+    long = tmp_path / "long.jsonl"
+    io.write_jsonl(long, [_rec(50 + i, "long " * 200, "ok") for i in range(3)])
+    with pytest.raises(FormatError, match=r"^test split: format.max_length: \d+ leaves no "
+                                          r"assistant token in 3 of 3 rows .*\(auto is the p99 "
+                                          r"of the train split's lengths"):
+        format_stream.format_splits({"train": data, "test": long}, tok, max_length="auto",
+                                    outs={"train": tmp_path / "o2" / "t.parquet",
+                                          "test": tmp_path / "o2" / "s.parquet"}, **{
+                                        k: v for k, v in kw.items() if k != "out"})
+    assert not (tmp_path / "o2" / "t.parquet").exists()
 
 
 def test_num_proc_param():

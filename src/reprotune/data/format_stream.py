@@ -202,7 +202,11 @@ def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
                     plans[name] = plan(part, max_length=limit, enable_thinking=enable_thinking,
                                        model_limit=model_limit, warn_truncated=warn_truncated)
                 except FormatError as exc:
-                    raise FormatError(f"{name} split: {exc}") from None
+                    hint = (f" (auto is the p99 of the {limit_from} split's lengths, {limit}; "
+                            f"this split's prompts are longer: set format.max_length to a "
+                            f"number that fits them)" if max_length == "auto"
+                            and name != limit_from else "")
+                    raise FormatError(f"{name} split: {exc}{hint}") from None
                 plans[name].stats["max_length_setting"] = max_length
                 if not plans[name].stats["rows_out"] and (rendered[name][1].num_rows
                                                           or name == limit_from):
