@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from reprotune import io, runtime
@@ -11,7 +10,7 @@ from reprotune.data.dedup import dedup_stream
 from reprotune.params import load_section
 
 # processes for the filters and n-gram extraction (the outputs do not depend on the number)
-WORKERS = min(4, len(os.sched_getaffinity(0)))
+WORKERS = min(4, runtime.usable_cpus())
 
 
 def main() -> None:

@@ -40,7 +40,9 @@ def available_devices() -> tuple[int, str]:
 
     if torch.cuda.is_available():
         return torch.cuda.device_count(), "CUDA GPU(s)"
-    return len(os.sched_getaffinity(0)), "CPU core(s) (no CUDA GPU)"
+    from reprotune.runtime import usable_cpus
+
+    return usable_cpus(), "CPU core(s) (no CUDA GPU)"
 
 
 def free_port() -> int:

@@ -112,15 +112,11 @@ class DataParams:
     num_proc: int | Literal["auto"] = _f("auto", **_rng(1, 1024))
 
     def processes(self) -> int:
-        """``num_proc`` as a number: ``auto`` is the CPUs this process may use (its affinity
-        mask where the OS has one, else ``os.cpu_count()``)."""
-        import os
+        """``num_proc`` as a number: ``auto`` is the CPUs this process may use
+        (:func:`reprotune.runtime.usable_cpus`)."""
+        from reprotune.runtime import usable_cpus  # runtime imports this module
 
-        if self.num_proc != "auto":
-            return int(self.num_proc)
-        if hasattr(os, "sched_getaffinity"):
-            return max(1, len(os.sched_getaffinity(0)))
-        return os.cpu_count() or 1
+        return usable_cpus() if self.num_proc == "auto" else int(self.num_proc)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,14 @@ def _params_error_hook(
     return hook
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS has one (Linux),
+    else ``os.cpu_count()`` (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (if imported) from one explicit seed."""
     random.seed(seed)

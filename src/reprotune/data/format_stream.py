@@ -7,8 +7,9 @@
    keeping the full token ids and labels in a second Arrow file.
 3. :func:`~reprotune.data.formatting.plan` reads only the small columns (lengths, first
    label position, drop reason) as numpy to resolve ``format.max_length: auto`` (from the
-   train split's lengths) and decide each row's fate; the rows are then cut batch by batch and written to Parquet in bounded
-   row groups (:func:`write_parquet`), the dropped rows to JSONL, all atomically.
+   train split's lengths) and decide each row's fate; the rows are then cut batch by batch
+   and written to Parquet in bounded row groups (:func:`write_parquet`), the dropped rows to
+   JSONL, all atomically.
 
 The Arrow files live in a temporary folder beside the output (``.<name>.cache.*.tmp``, which
 the stage removes, and :func:`reprotune.io.clean_stale_temporaries` after a killed run), never
@@ -38,7 +39,6 @@ from reprotune.data.formatting import (
     formatted_schema,
     plan,
     rendered_schema,
-    resolve_max_length,
 )
 from reprotune.data.rendering import Renderer
 
@@ -148,7 +148,6 @@ def write_parquet(path: str | Path, tables: Iterator[Any], schema: Any) -> int:
 def _render_file(data: str | Path, render: Renderer, cache: Path, num_proc: int) -> tuple[Any, Any]:
     """``data`` rendered as a dataset in ``cache`` (None when it has no rows) and its
     SUMMARY_FIELDS columns as a small in-memory table."""
-    import numpy as np
     import pyarrow as pa
 
     summary = rendered_schema().empty_table().select(SUMMARY_FIELDS)
@@ -192,26 +191,26 @@ def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
                                          dir=first.parent) as cache:
             rendered = {name: _render_file(path, render, Path(cache) / name, num_proc)
                         for name, path in datas.items()}
-            summary = rendered[limit_from][1]
-            rendered_rows = ~np.asarray(summary.column("reason").is_valid(), dtype=bool)
-            limit = resolve_max_length(
-                max_length, summary.column("n_full").to_numpy()[rendered_rows], model_limit)
             plans: dict[str, Plan] = {}
-            for name, (_, part) in rendered.items():
+            # limit_from first: its plan resolves the limit every other split is cut to
+            for name in sorted(rendered, key=lambda n: n != limit_from):
+                setting = max_length if name == limit_from else plans[limit_from].limit
                 try:
-                    plans[name] = plan(part, max_length=limit, enable_thinking=enable_thinking,
-                                       model_limit=model_limit, warn_truncated=warn_truncated)
+                    p = plan(rendered[name][1], max_length=setting,
+                             enable_thinking=enable_thinking, model_limit=model_limit,
+                             warn_truncated=warn_truncated)
                 except FormatError as exc:
-                    hint = (f" (auto is the p99 of the {limit_from} split's lengths, {limit}; "
+                    hint = (f" (auto is the p99 of the {limit_from} split's lengths, {setting}; "
                             f"this split's prompts are longer: set format.max_length to a "
                             f"number that fits them)" if max_length == "auto"
                             and name != limit_from else "")
                     raise FormatError(f"{name} split: {exc}{hint}") from None
-                plans[name].stats["max_length_setting"] = max_length
-                if not plans[name].stats["rows_out"] and (rendered[name][1].num_rows
-                                                          or name == limit_from):
+                p.stats["max_length_setting"] = max_length
+                if not p.stats["rows_out"] and (p.stats["rows_in"] or name == limit_from):
                     raise FormatError(f"{datas[name]}: no {name} rows left after formatting: "
-                                      f"{plans[name].stats['dropped']}")
+                                      f"{p.stats['dropped']}")
+                plans[name] = p
+            plans = {name: plans[name] for name in rendered}  # back in the splits' order
             io.write_jsonl(dropped, ({**row, "split": name} for name, p in plans.items()
                                      for row in dropped_rows(p)))
             for name, (ds, _) in rendered.items():

@@ -34,7 +34,6 @@ from reprotune.data.timeorder import ACCEPTED, iso, meta_value, row_times
 logger = logging.getLogger(__name__)
 
 
-
 class SplitError(ValueError):
     """The split cannot be made as configured; the message names the param."""
 
