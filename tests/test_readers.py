@@ -23,7 +23,7 @@ def test_jsonl_lines_blank_lines_and_errors(tmp_path: Path) -> None:
     errors = {ln: e for ln, d, e in rows if e is not None}
     assert sorted(errors) == [4, 5, 6]
     assert errors[4].startswith("invalid JSON")
-    assert "expected a JSON object, got list" in errors[5]
+    assert "expected a JSON object, got array" in errors[5]
     assert "invalid UTF-8" in errors[6]
     bad = next(r for r in iter_rows(p) if r.line == 4)
     assert bad.raw == "{bad json" and bad.source == str(p) and bad.where == f"{p}:4"
@@ -34,7 +34,7 @@ def test_json_array_uses_index_plus_one(tmp_path: Path) -> None:
     p.write_text(json.dumps([{"x": 1}, "oops", {"x": 3}]), encoding="utf-8")
     rows = _rows(p)
     assert [(ln, d) for ln, d, _ in rows] == [(1, {"x": 1}), (2, None), (3, {"x": 3})]
-    assert "got str" in rows[1][2]
+    assert "got string" in rows[1][2]
 
 
 def test_json_single_object_and_jsonl_fallback(tmp_path: Path) -> None:
