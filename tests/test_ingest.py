@@ -216,6 +216,12 @@ BAD_ROWS = [  # (line content, reason, field)
      "invalid_tool_call", "messages[1].tool_calls"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "{oops"},
      "invalid_tools", "tools"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a", "loss_weight": 0.5}]},
+     "invalid_loss_weight", "messages[1].loss_weight"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a", "loss_weight": 0}]},
+     "no_trained_turn", "messages[1].loss_weight"),
 ]
 
 
