@@ -164,7 +164,7 @@ def test_exact_text_of_odd_but_valid_rows() -> None:
     res = ingest_files([str(CORPUS / "reasoning_and_name.jsonl")])
     assert res.records[0]["messages"][1]["reasoning_content"] == "1 + 1 = 2，很简单。"
     assert res.records[1]["messages"][1]["reasoning_content"] == "要查天气。"
-    assert res.counts["dropped_message_keys"] == {"name": 2, "tool_call_id": 1}
+    assert res.counts["dropped_message_keys"] == {"name": 2, "tool_call_id": 1, "tool_calls.id": 1}
     res = ingest_files([str(CORPUS / "loss_weight.jsonl")])
     assert res.records[0]["messages"][1]["loss_weight"] == 0
     assert res.counts["loss_weight_zero_turns"] == 1

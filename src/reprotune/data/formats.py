@@ -27,7 +27,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from reprotune.data.jsonvalues import decode, is_non_finite, json_type, number_text
+from reprotune.data.jsonvalues import (
+    MAX_DEPTH,
+    decode,
+    depth,
+    dumps_exact,
+    is_non_finite,
+    json_type,
+    number_text,
+    too_deep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +217,14 @@ def _extras(turn: Mapping[str, Any], msg: dict[str, Any], known: set[str], fld: 
     the template does not render (counted by ingest, never dropped silently)."""
     weight = _loss_weight(turn, fld)
     dropped = [k for k in turn if k not in known]
+    calls = turn.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():  # e.g. OpenAI's call "id"
+        if isinstance(call, dict):
+            fn = call.get("function")
+            dropped += [f"tool_calls.{k}" for k in call if k not in ("type", "function", "name",
+                                                                      "arguments")]
+            dropped += [f"tool_calls.function.{k}" for k in (fn if isinstance(fn, dict) else ())
+                        if k not in ("name", "arguments")]
     if msg["role"] == "assistant":
         reasoning = turn.get(REASONING)
         if reasoning is not None:
@@ -245,7 +262,9 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
     elif isinstance(content, list) and role != "tool":
         content = _content_parts(content, cfld)
     elif role == "tool" and isinstance(content, (dict, list)):
-        content = json.dumps(_finite(content, cfld), ensure_ascii=False)  # JSON observations
+        if depth(content) > MAX_DEPTH:
+            raise RowError("parse_error", cfld, f"{cfld} is {too_deep(depth(content))}")
+        content = dumps_exact(_finite(content, cfld))  # JSON observations, numbers as written
     calls = turn.get("tool_calls")
     if calls is not None and role != "assistant":
         raise RowError("invalid_tool_call", f"{fld}.tool_calls", f"{fld}: tool_calls on a {role} message")

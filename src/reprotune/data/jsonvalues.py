@@ -59,6 +59,20 @@ def number_text(value: int | float) -> str:
     return getattr(value, "text", None) or str(value)
 
 
+def dumps_exact(value: Any) -> str:
+    """``json.dumps(value, ensure_ascii=False)``, but numbers parsed from JSON are written
+    with their source text (``21.50`` stays ``21.50``): for a JSON value that becomes text,
+    such as a tool's observation object. ``value`` must be at most :data:`MAX_DEPTH` deep."""
+    if isinstance(value, (JsonInt, JsonFloat)):
+        return value.text
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {dumps_exact(v)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(dumps_exact(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def json_type(value: object) -> str:
     """JSON's name for the type of a parsed value (``object``, not the Python class name)."""
     if isinstance(value, bool):
