@@ -25,6 +25,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from reprotune.data.jsonvalues import (
@@ -211,10 +212,21 @@ def _loss_weight(turn: Mapping[str, Any], fld: str) -> int:
     return int(w)
 
 
-def _extras(turn: Mapping[str, Any], msg: dict[str, Any], known: set[str], fld: str
-            ) -> dict[str, Any]:
+@lru_cache(maxsize=8)
+def _known_keys(role_key: str, content_key: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The role and content keys of a format, and all the message keys it reads (the others
+    are counted as dropped)."""
+    return (frozenset((role_key, content_key)),
+            frozenset((role_key, content_key, "tool_calls", REASONING, LOSS_WEIGHT)))
+
+
+def _extras(turn: Mapping[str, Any], msg: dict[str, Any],
+            keys: tuple[frozenset[str], frozenset[str]], fld: str) -> dict[str, Any]:
     """``msg`` with the turn's reasoning trace and loss weight, and ``_dropped``: the keys
     the template does not render (counted by ingest, never dropped silently)."""
+    plain, known = keys
+    if turn.keys() <= plain:  # role and content only (most rows): nothing to keep or count
+        return msg
     weight = _loss_weight(turn, fld)
     dropped = [k for k in turn if k not in known]
     calls = turn.get("tool_calls")
@@ -252,7 +264,7 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
                        f"{fld}: unknown role {raw_role!r}; expected one of {', '.join(roles)}")
     raw_role = raw_role.strip().lower()
     role, content, cfld = roles[raw_role], turn.get(content_key), f"{fld}.{content_key}"
-    known = {role_key, content_key, "tool_calls", REASONING, LOSS_WEIGHT}
+    known = _known_keys(role_key, content_key)
     if raw_role == "function_call":  # sharegpt: the value is the call itself
         return _extras(turn, _msg("assistant", "", fld, _tool_calls(content, cfld)), known, fld)
     if content is None:

@@ -156,12 +156,12 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
     except RowError as exc:
         exc.format = detected
         raise
-    dropped = Counter(k for m in messages for k in m.get("_dropped", ()))
-    messages = [{k: v for k, v in m.items() if k not in ("_src", "_dropped")} for m in messages]
+    dropped = [k for m in messages if "_dropped" in m for k in m.pop("_dropped")]
+    messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
     rec = {"id": record_id(messages, tools), "messages": messages, "tools": tools,
            "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
     if dropped:  # popped by convert_rows into the counts; never written
-        rec[DROPPED_KEYS] = dict(dropped)
+        rec[DROPPED_KEYS] = dict(Counter(dropped))
     return detected, rec
 
 
@@ -210,7 +210,8 @@ class IngestCounts:
             dropped_keys: Mapping[str, int] | None = None) -> None:
         """Count one row of ``source`` (detected format ``fmt``): a record or a reject, and
         the message keys the record did not keep."""
-        self.dropped_keys.update(dropped_keys or {})
+        if dropped_keys:
+            self.dropped_keys.update(dropped_keys)
         for b in (self.file(source), self.formats.setdefault(fmt, _bucket())):
             b["rows_in"] += 1
             if record is not None:
@@ -233,8 +234,9 @@ class IngestCounts:
         self.sums["with_group"] += record["group"] is not None
         self.sums["with_meta"] += record.get("meta") is not None
         self.sums["empty_answers"] += not last["content"] and not last.get("tool_calls")
-        self.sums["with_reasoning"] += any("reasoning_content" in m for m in msgs)
-        self.sums["loss_weight_zero_turns"] += sum(m.get("loss_weight") == 0 for m in msgs)
+        if len(msgs) != sum(len(m) == 2 for m in msgs):  # some message has more than role/content
+            self.sums["with_reasoning"] += any("reasoning_content" in m for m in msgs)
+            self.sums["loss_weight_zero_turns"] += sum(m.get("loss_weight") == 0 for m in msgs)
 
     def add_counts(self, counts: Mapping[str, Any]) -> None:
         """Add the :meth:`as_dict` of another run (one file's part). Extra keys of a file's

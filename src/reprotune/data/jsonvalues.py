@@ -143,20 +143,23 @@ def _may_have_problem(value: Any) -> bool:
     nothing nests deeper than :data:`MAX_DEPTH`, and all strings (keys too) together encode
     as UTF-8. One loop and one encode instead of a call and a path string per value: this
     runs on every input row."""
-    stack, texts = [(value, 1)], []
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, str):
-            texts.append(v)
-        elif isinstance(v, dict):
-            if getattr(v, "duplicates", ()) or d > MAX_DEPTH:
-                return True
-            texts.extend(v)
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            if d > MAX_DEPTH:
-                return True
-            stack.extend((x, d + 1) for x in v)
+    level, texts, levels = [value], [], 0
+    while level:  # breadth first, a level of nesting at a time: no depth kept per value
+        levels += 1  # the values of `level` are nested levels - 1 deep
+        if levels > MAX_DEPTH + 1:  # maybe deeper than MAX_DEPTH: json_problem measures
+            return True
+        below: list[Any] = []
+        for v in level:
+            if isinstance(v, str):
+                texts.append(v)
+            elif isinstance(v, dict):
+                if getattr(v, "duplicates", ()):
+                    return True
+                texts.extend(v)
+                below.extend(v.values())
+            elif isinstance(v, list):
+                below.extend(v)
+        level = below
     try:
         "".join(texts).encode("utf-8")
     except (UnicodeEncodeError, TypeError):  # TypeError: a key that is not a string
