@@ -51,7 +51,8 @@ def main() -> None:
         plans = format_splits(
             datas, tokenizer, outs=outs, dropped=args.dropped, max_length=cfg.max_length,
             enable_thinking=cfg.enable_thinking, model_limit=context_length(args.base),
-            warn_truncated=cfg.warn_truncated, num_proc=num_proc, progress=sys.stderr.isatty())
+            warn_truncated=cfg.warn_truncated, num_proc=num_proc, progress=sys.stderr.isatty(),
+            train_reasoning=cfg.train_reasoning)
     except FormatError as exc:
         raise SystemExit(f"format: {exc}") from None
     lengths = np.concatenate([p.lengths for p in plans.values()])

@@ -89,13 +89,27 @@ OUTCOMES: dict[str, dict] = {
     "tools_schema_markup.jsonl": rows(4, 3, special_token=1),
     "tools_unwrapped.jsonl": rows(1, 1),
     "unsupported.txt": error("unsupported file type '.txt'"),
+    # issue 18: nesting bounded, CSV headers and long cells, exact numbers, right messages
+    "deep_nesting.jsonl": rows(4, 3, parse_error=1),  # the deep line is one reject
+    "deep_array_element.json": rows(4, 3, parse_error=1),
+    "deep_brackets.json": error("kept 0 of 1 rows", "nested 9999 levels deep"),
+    "csv_duplicate_header.csv": error("line 1", "column 'output' twice", "rename or remove"),
+    "csv_long_cell.csv": rows(2, 2),  # 140,000 characters in one cell: read, not "unclosed"
+    "numbers_as_text.jsonl": rows(4, 4),
+    "latin1.jsonl": error("not UTF-8 text", "iconv -f WINDOWS-1252 -t UTF-8"),
+    "gzip.jsonl": error("gzip-compressed", "gunzip -c"),
+    "a_directory.jsonl": error("is a directory"),
+    "object_as_text.jsonl": rows(4, 3, wrong_type=1),
+    "raw_cr_in_string.jsonl": rows(4, 3, parse_error=1),  # one reject, not two half rows
+    "reasoning_and_name.jsonl": rows(3, 3),
+    "loss_weight.jsonl": rows(7, 4, invalid_loss_weight=2, no_trained_turn=1),
 }
 
 
 def test_every_corpus_file_has_an_outcome() -> None:
     files = {p.name for p in CORPUS.iterdir() if p.suffix != ".py"}
     assert files == set(OUTCOMES)
-    assert len(files) >= 46
+    assert len(files) >= 59
 
 
 @pytest.mark.parametrize("name", sorted(OUTCOMES))
@@ -138,12 +152,32 @@ def test_exact_text_of_odd_but_valid_rows() -> None:
         "type", "required", "properties"]
     assert ingest_files([str(CORPUS / "utf16_le_no_bom.jsonl")]).records[0]["messages"][0][
         "content"] == "问题 1：一加一等于几？"
+    # issue 18
+    assert answers("numbers_as_text.jsonl") == ["1.50", "1e5", "-0", "3.14159265358979323846264338"]
+    assert answers("csv_long_cell.csv") == ["长" * 140_000, "短答案"]
+    obj = ingest_files([str(CORPUS / "object_as_text.jsonl")]).rejects[0]
+    assert obj["detail"] == "instruction must be a string, got object"
+    deep = ingest_files([str(CORPUS / "deep_nesting.jsonl")]).rejects[0]
+    assert deep["line"] == 3 and "nested 10001 levels deep (more than 100" in deep["detail"]
+    cr = ingest_files([str(CORPUS / "raw_cr_in_string.jsonl")]).rejects[0]
+    assert cr["line"] == 3 and "Invalid control character" in cr["detail"]
+    res = ingest_files([str(CORPUS / "reasoning_and_name.jsonl")])
+    assert res.records[0]["messages"][1]["reasoning_content"] == "1 + 1 = 2，很简单。"
+    assert res.records[1]["messages"][1]["reasoning_content"] == "要查天气。"
+    assert res.counts["dropped_message_keys"] == {"name": 2, "tool_call_id": 1, "tool_calls.id": 1}
+    res = ingest_files([str(CORPUS / "loss_weight.jsonl")])
+    assert res.records[0]["messages"][1]["loss_weight"] == 0
+    assert res.counts["loss_weight_zero_turns"] == 1
+    assert [(r["line"], r["reason"]) for r in res.rejects] == [
+        (3, "invalid_loss_weight"), (4, "invalid_loss_weight"), (5, "no_trained_turn")]
 
 
 @pytest.mark.parametrize("name, fragment", [
     ("gbk.json", "iconv -f GBK -t UTF-8"),
     ("csv_unclosed_quote.csv", "never closed"),
     ("scalar.json", "ingest.min_kept_ratio"),
+    ("csv_duplicate_header.csv", "column 'output' twice"),
+    ("deep_brackets.json", "nested 9999 levels deep"),
 ])
 def test_stage_stops_with_one_line(tmp_path: Path, name: str, fragment: str) -> None:
     """The read stage of the file, as DVC runs it: exit 1, one line on stderr, no traceback."""

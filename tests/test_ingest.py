@@ -216,6 +216,12 @@ BAD_ROWS = [  # (line content, reason, field)
      "invalid_tool_call", "messages[1].tool_calls"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "{oops"},
      "invalid_tools", "tools"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a", "loss_weight": 0.5}]},
+     "invalid_loss_weight", "messages[1].loss_weight"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a", "loss_weight": 0}]},
+     "no_trained_turn", "messages[1].loss_weight"),
 ]
 
 
@@ -502,3 +508,19 @@ def test_merged_parts_equal_reading_all_files_at_once(tmp_path: Path) -> None:
     _assert_counts_add_up(merged.counts)
     with pytest.raises(IngestError, match="its read part .* is missing; run `dvc repro`"):
         read_part(part_dir(tmp_path / "parts", "c.jsonl"), "c.jsonl")
+
+
+def test_numbers_keep_their_source_text() -> None:
+    """JSON numbers that become text (answers, labels, a tool's observation object) are
+    written as the file wrote them, not re-printed through float."""
+    from reprotune.data.jsonvalues import decode
+
+    row = decode('{"messages": [{"role": "user", "content": 7.0}, {"role": "assistant", '
+                 '"content": "", "tool_calls": [{"type": "function", "function": {"name": "t", '
+                 '"arguments": {}}}]}, {"role": "tool", "content": {"temp_c": 21.50, "n": -0, '
+                 '"big": 12345678901234567890.123456789}}, {"role": "assistant", "content": '
+                 '1e5}], "label": 1.50}')
+    rec = convert_row(row)[1]
+    assert [m["content"] for m in rec["messages"]] == [
+        "7.0", "", '{"temp_c": 21.50, "n": -0, "big": 12345678901234567890.123456789}', "1e5"]
+    assert rec["label"] == "1.50"

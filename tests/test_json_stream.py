@@ -136,7 +136,7 @@ def test_one_object_and_json_lines(tmp_path: Path, chunk: int) -> None:
     assert _rows(one) == [(1, _row(777), None, None)]
     number = tmp_path / "number.json"
     number.write_text("12345678901234567890 \n", encoding="utf-8")  # not cut into 1234...
-    assert _rows(number) == [(1, None, "expected a JSON object, got int", "12345678901234567890")]
+    assert _rows(number) == [(1, None, "expected a JSON object, got number", "12345678901234567890")]
     lines = "\n".join(json.dumps(_row(i), ensure_ascii=False) for i in (1, 777, 3))
     for enc, bom in (("utf-8", b""), ("utf-16-le", codecs.BOM_UTF16_LE)):
         p = tmp_path / f"lines-{enc}.json"
@@ -173,7 +173,7 @@ def test_cut_literals_and_escapes_are_not_misread(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(jsonstream, "CHUNK", 1 << 20)
     want = _rows(p)
     assert [r[0] for r in want] == [1, 2, 3, 4, 5] and want[1][1] == {"a": "😀中"}
-    assert want[2][2] == "expected a JSON object, got int"
+    assert want[2][2] == "expected a JSON object, got number"
     for size in range(1, 12):
         monkeypatch.setattr(jsonstream, "CHUNK", size)
         assert _rows(p) == want, size

@@ -80,6 +80,8 @@ def conversation_fields(messages: Sequence[dict[str, Any]], tools: Sequence[Any]
     """``(field, text)`` of every user-supplied string that a template renders."""
     for i, m in enumerate(messages):
         yield f"messages[{i}].content", m.get("content") or ""
+        if m.get("reasoning_content"):
+            yield f"messages[{i}].reasoning_content", m["reasoning_content"]
         for j, call in enumerate(m.get("tool_calls") or []):
             yield f"messages[{i}].tool_calls[{j}]", tool_call_text(call)
     for k, tool in enumerate(tools or []):

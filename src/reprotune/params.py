@@ -126,6 +126,9 @@ class FormatParams:
     enable_thinking: bool = False
     # warn (stage summary + metric) when more than this share of rows is truncated
     warn_truncated: float = _f(0.05, **_rng(0, 1))
+    # label the think blocks (reasoning_content) the chat template renders; false: the
+    # model sees the reasoning as context and learns only the answers
+    train_reasoning: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ decodes, done in one streaming pass so a file is never held in memory to be chec
 Accepted: UTF-8 (with or without BOM), UTF-16 and UTF-32 (with a BOM, or without one when
 the NUL pattern of the first four bytes shows it, RFC 4627 §3). Anything else (GBK, Latin-1,
 ...) raises :class:`InputFileError` naming the file, the first undecodable bytes with their
-offset, and the ``iconv`` command that converts the file, instead of being misread.
+offset, and the fix for that cause (:func:`_fix`): unpacking for a compressed file, the
+``iconv`` command from GBK or from Windows-1252/Latin-1 as the bytes suggest.
 """
 
 from __future__ import annotations
@@ -48,13 +49,46 @@ def detect(head: bytes) -> tuple[str, int]:
     return sniff_utf16_32(head) or "utf-8", 0
 
 
-def _not_text(source: str, encoding: str, offset: int, bad: bytes) -> InputFileError:
+# magic bytes of compressed files (a .jsonl that is really gzip, a renamed download)
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -c {src} > {out}"),
+               (b"BZh", "bzip2", "bunzip2 -c {src} > {out}"),
+               (b"\xfd7zXZ\x00", "xz", "xz -dc {src} > {out}"),
+               (b"\x28\xb5\x2f\xfd", "zstd", "zstd -dc {src} > {out}"),
+               (b"PK\x03\x04", "zip", "unzip -p {src} > {out}"))
+SAMPLE = 1 << 16  # bytes from the first undecodable one on that the encoding guess looks at
+
+
+def _single_byte_text(sample: bytes) -> bool:
+    """Whether non-ASCII bytes mostly stand alone (``café``: Latin-1 / Windows-1252) rather
+    than in runs of two or more (GBK writes every Chinese character as two such bytes)."""
+    ascii_to_nul = bytes(0 if b < 128 else b for b in range(256))
+    runs = [len(r) for r in sample.translate(ascii_to_nul).split(b"\x00") if r]
+    return bool(runs) and sum(n == 1 for n in runs) * 2 > len(runs)
+
+
+def _fix(source: str, head: bytes, sample: bytes) -> str:
+    """The fix for a file that is not text in an accepted encoding, right for its cause."""
     stem = Path(source)
+    out = stem.with_name(stem.stem + ".utf8" + stem.suffix)
+    for magic, kind, cmd in _COMPRESSED:
+        if head.startswith(magic):
+            return (f"it is a {kind}-compressed file: unpack it first, e.g. "
+                    f"{cmd.format(src=source, out=stem.with_name(stem.stem + '.unpacked' + stem.suffix))}"
+                    f", and list the unpacked file")
+    if _single_byte_text(sample):
+        return (f"its non-ASCII bytes look like Western European text (Windows-1252 / "
+                f"Latin-1); convert it first: iconv -f WINDOWS-1252 -t UTF-8 {source} > {out}")
+    return (f"convert it first, e.g. for Chinese data saved as GBK: "
+            f"iconv -f GBK -t UTF-8 {source} > {out}")
+
+
+def _not_text(source: str, encoding: str, offset: int, head: bytes,
+              sample: bytes) -> InputFileError:
+    """``head``: the file's first bytes; ``sample``: the bytes from ``offset`` on."""
+    fix = _fix(source, head, sample)
     return InputFileError(
-        f"{source}: not {encoding.upper()} text (bytes {bad.hex(' ')} at offset {offset}); "
-        f"ingest reads {_ENCODINGS_READ}. Convert the file first, e.g. for Chinese data "
-        f"saved as GBK: iconv -f GBK -t UTF-8 {source} > "
-        f"{stem.with_name(stem.stem + '.utf8' + stem.suffix)}")
+        f"{source}: not {encoding.upper()} text (bytes {sample[:2].hex(' ')} at offset "
+        f"{offset}); ingest reads {_ENCODINGS_READ}. {fix[0].upper()}{fix[1:]}")
 
 
 def decode_text(source: str, data: bytes) -> str:
@@ -64,8 +98,8 @@ def decode_text(source: str, data: bytes) -> str:
     try:
         return data[start:].decode(encoding)
     except UnicodeDecodeError as exc:
-        raise _not_text(source, encoding, start + exc.start,
-                        data[start + exc.start:start + exc.start + 2]) from exc
+        raise _not_text(source, encoding, start + exc.start, data[:8],
+                        data[start + exc.start:start + exc.start + SAMPLE]) from exc
 
 
 def first_error(fh: BinaryIO, encoding: str) -> int | None:
@@ -102,6 +136,8 @@ def check_decodes(source: str, fh: BinaryIO) -> tuple[str, int]:
     fh.seek(base + bom)
     bad = first_error(fh, encoding)
     if bad is not None:
+        fh.seek(base)
+        head = fh.read(8)
         fh.seek(base + bom + bad)
-        raise _not_text(source, encoding, bom + bad, fh.read(2))
+        raise _not_text(source, encoding, bom + bad, head, fh.read(SAMPLE))
     return encoding, base + bom

@@ -167,8 +167,8 @@ def _render_file(data: str | Path, render: Renderer, cache: Path, num_proc: int)
 def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
                   outs: Mapping[str, str | Path], dropped: str | Path, max_length: int | str,
                   enable_thinking: bool, model_limit: int | None, warn_truncated: float,
-                  num_proc: int, limit_from: str = "train", progress: bool = True
-                  ) -> dict[str, Plan]:
+                  num_proc: int, limit_from: str = "train", progress: bool = True,
+                  train_reasoning: bool = True) -> dict[str, Plan]:
     """Format each split's canonical JSONL (``datas``) into its Parquet file (``outs``).
 
     ``format.max_length: auto`` is resolved from the ``limit_from`` split's lengths alone
@@ -183,7 +183,8 @@ def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
 
     first = Path(next(iter(outs.values())))
     first.parent.mkdir(parents=True, exist_ok=True)
-    render = Renderer.create(tokenizer, enable_thinking=enable_thinking)
+    render = Renderer.create(tokenizer, enable_thinking=enable_thinking,
+                             train_reasoning=train_reasoning)
     shown = ds_logging.is_progress_bar_enabled()
     (ds_logging.enable_progress_bar if progress else ds_logging.disable_progress_bar)()
     try:
@@ -198,7 +199,7 @@ def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
                 try:
                     p = plan(rendered[name][1], max_length=setting,
                              enable_thinking=enable_thinking, model_limit=model_limit,
-                             warn_truncated=warn_truncated)
+                             warn_truncated=warn_truncated, train_reasoning=train_reasoning)
                 except FormatError as exc:
                     hint = (f" (auto is the p99 of the {limit_from} split's lengths, {setting}; "
                             f"this split's prompts are longer: set format.max_length to a "

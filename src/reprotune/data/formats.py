@@ -2,11 +2,20 @@
 cannot be converted raises :class:`RowError`. Formats (``ingest.format: auto`` detects per
 row, first match wins, :func:`detect_format`):
 
-* ``messages``  – OpenAI ``messages`` [{role, content, tool_calls?}], optional ``tools``;
+* ``messages``  – OpenAI ``messages`` [{role, content, tool_calls?, reasoning_content?,
+  loss_weight?}], optional ``tools``;
 * ``sharegpt``  – ``conversations`` [{from, value}] with human/gpt/system/function_call/
   observation, optional ``system`` and ``tools``; DPO rows use ``chosen`` as the final answer;
 * ``prompt_completion`` – ``prompt``/``completion`` as strings or lists of messages;
 * ``alpaca``    – ``instruction``/``input``/``output``, optional ``system``, ``history``.
+
+Per message, besides role and content: an assistant's ``reasoning_content`` (its thinking
+trace, rendered by the Qwen3 template inside ``<think>``) is kept as written, and
+``loss_weight`` (LLaMA-Factory v1: 0 or 1) is kept on assistant turns as ``loss_weight: 0``
+when it is 0 (the format step then leaves that turn unlabelled). Any other message key
+(``name``, ``tool_call_id``, ...) is not rendered by the template and is not kept: each
+message lists it under ``_dropped`` and ingest counts it per key
+(``dropped_message_keys``).
 """
 
 from __future__ import annotations
@@ -16,9 +25,19 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
-from reprotune.data.jsonvalues import JSON_DECODER, is_non_finite
+from reprotune.data.jsonvalues import (
+    MAX_DEPTH,
+    decode,
+    depth,
+    dumps_exact,
+    is_non_finite,
+    json_type,
+    number_text,
+    too_deep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +50,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "tool": "tool"}
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
                 "assistant": "assistant", "tool": "tool", "function": "tool"}
+REASONING = "reasoning_content"  # the key the Qwen3 template reads a thinking trace from
+LOSS_WEIGHT = "loss_weight"
 
 
 class RowError(ValueError):
@@ -58,8 +79,9 @@ def _text(value: Any, fld: str) -> str:
         raise RowError("non_finite_number", fld,
                        f"{fld} is {value}, a number that is not finite, not text")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # a numeric answer column (e.g. from Parquet) is still text
-    raise RowError("wrong_type", fld, f"{fld} must be a string, got {type(value).__name__}")
+        # a numeric answer is still text, exactly as the file wrote it (1.50, 1e5, -0)
+        return number_text(value)
+    raise RowError("wrong_type", fld, f"{fld} must be a string, got {json_type(value)}")
 
 
 def _finite(value: Any, fld: str) -> Any:
@@ -86,11 +108,11 @@ def _json_field(value: Any, want: type, fld: str, reason: str = "wrong_type") ->
     """Lists/objects may arrive JSON-encoded (CSV cells, glaive ``tools``): decode them."""
     if isinstance(value, str) and want is not str:
         try:
-            value = JSON_DECODER.decode(value)
+            value = decode(value)
         except json.JSONDecodeError as exc:
             raise RowError(reason, fld, f"{fld} is a string that is not valid JSON: {exc.msg}") from exc
     if not isinstance(value, want):
-        raise RowError(reason, fld, f"{fld} must be a {want.__name__}, got {type(value).__name__}")
+        raise RowError(reason, fld, f"{fld} must be a {json_type(want())}, got {json_type(value)}")
     return value
 
 
@@ -99,7 +121,7 @@ def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
     """{"name","arguments"} / OpenAI {"type","function":{...}} (one or a list) → canonical."""
     if isinstance(value, str):
         try:
-            value = JSON_DECODER.decode(value)
+            value = decode(value)
         except json.JSONDecodeError as exc:
             raise RowError("invalid_tool_call", fld, f"{fld}: tool call is not valid JSON: {exc.msg}") from exc
     items = value if isinstance(value, list) else [value]
@@ -115,7 +137,7 @@ def _tool_calls(value: Any, fld: str) -> list[dict[str, Any]]:
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
-                args = JSON_DECODER.decode(args) if args.strip() else {}
+                args = decode(args) if args.strip() else {}
             except json.JSONDecodeError as exc:
                 raise RowError("invalid_tool_call", fld,
                                f"{fld}: arguments of {name!r} are not valid JSON: {exc.msg}") from exc
@@ -132,7 +154,7 @@ def _tool_schema(tool: Any, fld: str) -> dict[str, Any]:
     """One tool as OpenAI's ``{"type": "function", "function": {...}}``, as the Qwen3
     template renders it; a bare function schema (glaive, LLaMA-Factory) is wrapped."""
     if not isinstance(tool, dict):
-        raise RowError("invalid_tools", fld, f"{fld} must be a JSON object, got {type(tool).__name__}")
+        raise RowError("invalid_tools", fld, f"{fld} must be a JSON object, got {json_type(tool)}")
     if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
         fn, wrapped = tool["function"], tool
     else:
@@ -165,7 +187,7 @@ def _content_parts(parts: list[Any], fld: str) -> str:
         pfld = f"{fld}[{i}]"
         if not isinstance(part, dict):
             raise RowError("wrong_type", pfld, f"{pfld} must be a content part object, "
-                           f"got {type(part).__name__}")
+                           f"got {json_type(part)}")
         if part.get("type", "text") != "text":
             raise RowError("wrong_type", f"{pfld}.type", f"{pfld}: content part type "
                            f"{part.get('type')!r} is not supported (only text)")
@@ -176,10 +198,64 @@ def _content_parts(parts: list[Any], fld: str) -> str:
     return "".join(texts)
 
 
+def _loss_weight(turn: Mapping[str, Any], fld: str) -> int:
+    """A message's ``loss_weight``: 0 or 1 (absent or null: 1); anything else refuses the row."""
+    w = turn.get(LOSS_WEIGHT)
+    if w is None:
+        return 1
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
+        shown = number_text(w) if isinstance(w, (int, float)) and not isinstance(w, bool) \
+            else json.dumps(w, ensure_ascii=False, default=str)
+        raise RowError("invalid_loss_weight", f"{fld}.{LOSS_WEIGHT}",
+                       f"{fld}.{LOSS_WEIGHT} is {shown}; it must be 0 (do not train on this "
+                       f"turn) or 1 (train on it)")
+    return int(w)
+
+
+@lru_cache(maxsize=8)
+def _known_keys(role_key: str, content_key: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The role and content keys of a format, and all the message keys it reads (the others
+    are counted as dropped)."""
+    return (frozenset((role_key, content_key)),
+            frozenset((role_key, content_key, "tool_calls", REASONING, LOSS_WEIGHT)))
+
+
+def _extras(turn: Mapping[str, Any], msg: dict[str, Any],
+            keys: tuple[frozenset[str], frozenset[str]], fld: str) -> dict[str, Any]:
+    """``msg`` with the turn's reasoning trace and loss weight, and ``_dropped``: the keys
+    the template does not render (counted by ingest, never dropped silently)."""
+    plain, known = keys
+    if turn.keys() <= plain:  # role and content only (most rows): nothing to keep or count
+        return msg
+    weight = _loss_weight(turn, fld)
+    dropped = [k for k in turn if k not in known]
+    calls = turn.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():  # e.g. OpenAI's call "id"
+        if isinstance(call, dict):
+            fn = call.get("function")
+            dropped += [f"tool_calls.{k}" for k in call if k not in ("type", "function", "name",
+                                                                      "arguments")]
+            dropped += [f"tool_calls.function.{k}" for k in (fn if isinstance(fn, dict) else ())
+                        if k not in ("name", "arguments")]
+    if msg["role"] == "assistant":
+        reasoning = turn.get(REASONING)
+        if reasoning is not None:
+            text = _text(reasoning, f"{fld}.{REASONING}")
+            if text:
+                msg[REASONING] = text
+        if weight == 0:
+            msg[LOSS_WEIGHT] = 0
+    elif turn.get(REASONING) is not None:
+        dropped.append(REASONING)  # the template renders it on assistant turns only
+    if dropped:
+        msg["_dropped"] = dropped
+    return msg
+
+
 def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: str = "content",
                  roles: Mapping[str, str] = OPENAI_ROLES) -> dict[str, Any]:
     if not isinstance(turn, dict):
-        raise RowError("wrong_type", fld, f"{fld} must be an object, got {type(turn).__name__}")
+        raise RowError("wrong_type", fld, f"{fld} must be an object, got {json_type(turn)}")
     raw_role = turn.get(role_key)
     if raw_role is None:
         raise RowError("missing_field", f"{fld}.{role_key}", f"{fld} has no {role_key!r}")
@@ -188,8 +264,9 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
                        f"{fld}: unknown role {raw_role!r}; expected one of {', '.join(roles)}")
     raw_role = raw_role.strip().lower()
     role, content, cfld = roles[raw_role], turn.get(content_key), f"{fld}.{content_key}"
+    known = _known_keys(role_key, content_key)
     if raw_role == "function_call":  # sharegpt: the value is the call itself
-        return _msg("assistant", "", fld, _tool_calls(content, cfld))
+        return _extras(turn, _msg("assistant", "", fld, _tool_calls(content, cfld)), known, fld)
     if content is None:
         if role != "assistant":  # OpenAI: an assistant turn with tool_calls has null content
             raise RowError("missing_field", cfld, f"{fld} has no {content_key!r}")
@@ -197,12 +274,15 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
     elif isinstance(content, list) and role != "tool":
         content = _content_parts(content, cfld)
     elif role == "tool" and isinstance(content, (dict, list)):
-        content = json.dumps(_finite(content, cfld), ensure_ascii=False)  # JSON observations
+        if depth(content) > MAX_DEPTH:
+            raise RowError("parse_error", cfld, f"{cfld} is {too_deep(depth(content))}")
+        content = dumps_exact(_finite(content, cfld))  # JSON observations, numbers as written
     calls = turn.get("tool_calls")
     if calls is not None and role != "assistant":
         raise RowError("invalid_tool_call", f"{fld}.tool_calls", f"{fld}: tool_calls on a {role} message")
-    return _msg(role, _text(content, cfld), fld,
-                _tool_calls(calls, f"{fld}.tool_calls") if calls else None)
+    return _extras(turn, _msg(role, _text(content, cfld), fld,
+                              _tool_calls(calls, f"{fld}.tool_calls") if calls else None),
+                   known, fld)
 
 
 def _turns(value: Any, fld: str, **kw: Any) -> list[dict[str, Any]]:
@@ -220,7 +300,7 @@ def _decoded(value: Any, role_key: str) -> Any:
     if not (isinstance(value, str) and value.lstrip().startswith(("{", "["))):
         return value
     try:
-        decoded = JSON_DECODER.decode(value)
+        decoded = decode(value)
     except json.JSONDecodeError:
         return value
     if isinstance(decoded, dict) and role_key in decoded:

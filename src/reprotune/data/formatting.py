@@ -36,7 +36,7 @@ DROP_TRUNCATED = "no_label_tokens_after_truncation"
 DROP_REASONS = (markup.REASON, DROP_TEMPLATE, DROP_TURNS, DROP_TRUNCATED)
 # the per-row columns the plan reads (small: no text, no tokens)
 SUMMARY_FIELDS = ("id", "source", "reason", "detail", "n_full", "first_label",
-                  "decode_mismatch", "span_mismatch", "turns")
+                  "decode_mismatch", "span_mismatch", "turns", "masked_turns")
 CUT_FIELDS = CANONICAL_FIELDS + ("text", "input_ids", "labels", "n_full")
 # reads the given columns of the rendered rows, in row order, as Arrow tables
 Batches = Callable[[Sequence[str]], Iterator[Any]]
@@ -80,7 +80,8 @@ class Plan:
 
 
 def plan(summary: Any, *, max_length: int | str, enable_thinking: bool,
-         model_limit: int | None = None, warn_truncated: float = 0.05) -> Plan:
+         model_limit: int | None = None, warn_truncated: float = 0.05,
+         train_reasoning: bool = True) -> Plan:
     """Resolve the length limit from the rows' full lengths and decide every row's fate.
 
     Raises :class:`FormatError` naming ``format.max_length`` when more than half of the
@@ -124,8 +125,10 @@ def plan(summary: Any, *, max_length: int | str, enable_thinking: bool,
         "rows_dropped": summary.num_rows - rows_out, "truncated": n_truncated,
         "truncated_share": round(share, 4), "truncation_warning": warning,
         "max_length": limit, "max_length_setting": max_length, "model_limit": model_limit,
-        "enable_thinking": enable_thinking,
+        "enable_thinking": enable_thinking, "train_reasoning": train_reasoning,
         "assistant_turns": int(np.asarray(summary.column("turns")).sum()),
+        # assistant turns left unlabelled by their message's loss_weight: 0
+        "loss_weight_masked_turns": int(np.asarray(summary.column("masked_turns")).sum()),
         "token_length": _length_stats(lengths),
         "tokens_out": int(np.minimum(n_full[keep], limit).sum()),
         "label_tokens": 0,  # counted by cut_tables
@@ -185,7 +188,7 @@ def combine_stats(stats: Mapping[str, dict[str, Any]], lengths: np.ndarray, *,
     rendered = len(lengths)
     share = total["truncated"] / rendered if rendered else 0.0
     out = {**{k: first[k] for k in ("max_length", "max_length_setting", "model_limit",
-                                    "enable_thinking")},
+                                    "enable_thinking", "train_reasoning")},
            **total, "max_length_from": limit_from,
            "dropped": {k: sum(s["dropped"][k] for s in stats.values()) for k in DROP_REASONS},
            "truncated_share": round(share, 4), "truncation_warning": share > warn_truncated,
@@ -196,14 +199,14 @@ def combine_stats(stats: Mapping[str, dict[str, Any]], lengths: np.ndarray, *,
 
 
 _SUMMED = ("rows_in", "rows_out", "rows_dropped", "truncated", "assistant_turns", "tokens_out",
-           "label_tokens", "decode_mismatch", "label_span_mismatch")
+           "label_tokens", "decode_mismatch", "label_span_mismatch", "loss_weight_masked_turns")
 _PER_SPLIT = ("rows_in", "rows_out", "rows_dropped", "truncated", "truncated_share",
               "tokens_out", "label_tokens", "token_length")
 
 
 def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: int | str,
                    enable_thinking: bool, model_limit: int | None = None,
-                   warn_truncated: float = 0.05,
+                   warn_truncated: float = 0.05, train_reasoning: bool = True,
                    ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     """Render, tokenise, mask and truncate canonical records, in memory.
 
@@ -218,17 +221,19 @@ def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_len
     the first ``max_length`` tokens. When more than ``warn_truncated`` of the rows are cut,
     a warning says so and ``truncation_warning`` is set; when more than half of the rows
     lose every assistant token, :class:`FormatError` names ``format.max_length``.
+    ``train_reasoning`` off leaves think blocks unlabelled (:mod:`~reprotune.data.rendering`).
     """
     import pyarrow as pa
 
-    render = Renderer.create(tokenizer, enable_thinking=enable_thinking)
+    render = Renderer.create(tokenizer, enable_thinking=enable_thinking,
+                             train_reasoning=train_reasoning)
     parts = [pa.table(render(records[i:i + 256]), schema=rendered_schema())
              for i in tqdm(range(0, len(records), 256), desc="format", unit="batch",
                            mininterval=2)]
     table = pa.concat_tables(parts) if parts else rendered_schema().empty_table()
     p = plan(table.select(SUMMARY_FIELDS), max_length=max_length,
              enable_thinking=enable_thinking, model_limit=model_limit,
-             warn_truncated=warn_truncated)
+             warn_truncated=warn_truncated, train_reasoning=train_reasoning)
     rows = [r for t in cut_tables(lambda cols: iter([table.select(cols)]), p)
             for r in t.to_pylist()]
     return rows, {**p.stats, "lengths": p.lengths.tolist()}, list(dropped_rows(p))
@@ -242,7 +247,7 @@ def rendered_schema() -> Any:
         ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())), ("n_full", pa.int32()), ("first_label", pa.int32()),
         ("reason", pa.string()), ("detail", pa.string()), ("decode_mismatch", pa.bool_()),
-        ("span_mismatch", pa.int32()), ("turns", pa.int32()),
+        ("span_mismatch", pa.int32()), ("turns", pa.int32()), ("masked_turns", pa.int32()),
     ])
 
 

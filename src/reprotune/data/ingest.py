@@ -16,6 +16,11 @@ Structure is made canonical: roles, OpenAI content parts joined, tool calls as
 same way, as the Qwen3 template and LLaMA-Factory expect. Key order inside tool schemas and
 arguments is kept.
 
+Message keys the template does not render (``name``, ``tool_call_id``, ...) are not kept;
+``dropped_message_keys`` counts them per key, so none vanishes unseen. ``reasoning_content``
+and ``loss_weight`` are kept (:mod:`reprotune.data.formats`); a row whose every assistant
+turn has ``loss_weight: 0`` trains nothing and is rejected (``no_trained_turn``).
+
 Rows are rejected, never repaired, when their text contains the tokenizer's control or
 markup strings (:mod:`reprotune.markup`), when a tool name is not a plain identifier, or when
 a field holds JSON's ``NaN``/``Infinity``.
@@ -41,7 +46,7 @@ from reprotune.data.formats import (
     record_id,
     tools_of,
 )
-from reprotune.data.jsonvalues import is_non_finite, json_problem
+from reprotune.data.jsonvalues import is_non_finite, json_problem, number_text
 from reprotune.data.readers import RAW_LIMIT, RawRow
 
 logger = logging.getLogger(__name__)
@@ -50,7 +55,8 @@ CANONICAL_COLUMNS = ("instruction", "input", "output", "system", "history", "con
                      "messages", "prompt", "completion", "chosen", "tools")
 REASONS = ("parse_error", "unknown_format", "missing_field", "wrong_type", "non_finite_number",
            "unknown_role", "no_assistant_turn", "ends_on_non_assistant", "role_order",
-           markup.REASON, "invalid_tool_call", "invalid_tools")
+           markup.REASON, "invalid_tool_call", "invalid_tools", "invalid_loss_weight",
+           "no_trained_turn")
 @dataclass
 class IngestResult:
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -81,6 +87,10 @@ def _check(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -
     if messages[-1]["role"] != "assistant":
         raise RowError("ends_on_non_assistant", messages[-1]["_src"],
                        f"conversation ends on a {messages[-1]['role']} turn")
+    if all(m.get("loss_weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise RowError("no_trained_turn", messages[-1]["_src"] + ".loss_weight",
+                       "every assistant turn has loss_weight 0, so the row trains nothing; "
+                       "set loss_weight 1 on the turns to learn")
     hit = markup.find_forbidden(messages, tools, markup.default_forbidden())
     if hit is not None:
         where, tok = hit
@@ -105,6 +115,8 @@ def _meta(row: Mapping[str, Any], key: str | None) -> str | None:
     if not key or row.get(key) is None or is_non_finite(row[key]):
         return None
     v = row[key]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = number_text(v)  # as written: label 1.50 stays "1.50"
     v = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
     return v if v.strip() else None
 
@@ -144,10 +156,16 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
     except RowError as exc:
         exc.format = detected
         raise
+    dropped = [k for m in messages if "_dropped" in m for k in m.pop("_dropped")]
     messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
-    return detected, {"id": record_id(messages, tools), "messages": messages, "tools": tools,
-                      "label": _meta(row, label_field), "group": _meta(row, group_field),
-                      "meta": meta}
+    rec = {"id": record_id(messages, tools), "messages": messages, "tools": tools,
+           "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
+    if dropped:  # popped by convert_rows into the counts; never written
+        rec[DROPPED_KEYS] = dict(Counter(dropped))
+    return detected, rec
+
+
+DROPPED_KEYS = "_dropped_message_keys"  # message key -> how many messages of the row had it
 
 
 def _raw_text(raw: RawRow) -> str:
@@ -169,7 +187,8 @@ class IngestCounts:
     as an example for error messages, and the first :attr:`FIRST` rejects for the log."""
 
     FIRST = 5
-    _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers")
+    _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers",
+             "with_reasoning", "loss_weight_zero_turns")
 
     def __init__(self) -> None:
         self.files: dict[str, dict[str, Any]] = {}
@@ -180,14 +199,19 @@ class IngestCounts:
         self.kept = self.rejected_total = 0
         self.examples: dict[tuple[str, str], dict[str, Any]] = {}
         self.first: list[dict[str, Any]] = []
+        self.dropped_keys: Counter[str] = Counter()  # message keys not kept, per key
 
     def file(self, source: str) -> dict[str, Any]:
         """The bucket of file ``source`` (created empty: a file without rows still counts)."""
         return self.files.setdefault(source, _bucket())
 
     def add(self, source: str, fmt: str, record: dict[str, Any] | None = None,
-            reject: dict[str, Any] | None = None) -> None:
-        """Count one row of ``source`` (detected format ``fmt``): a record or a reject."""
+            reject: dict[str, Any] | None = None,
+            dropped_keys: Mapping[str, int] | None = None) -> None:
+        """Count one row of ``source`` (detected format ``fmt``): a record or a reject, and
+        the message keys the record did not keep."""
+        if dropped_keys:
+            self.dropped_keys.update(dropped_keys)
         for b in (self.file(source), self.formats.setdefault(fmt, _bucket())):
             b["rows_in"] += 1
             if record is not None:
@@ -210,6 +234,9 @@ class IngestCounts:
         self.sums["with_group"] += record["group"] is not None
         self.sums["with_meta"] += record.get("meta") is not None
         self.sums["empty_answers"] += not last["content"] and not last.get("tool_calls")
+        if len(msgs) != sum(len(m) == 2 for m in msgs):  # some message has more than role/content
+            self.sums["with_reasoning"] += any("reasoning_content" in m for m in msgs)
+            self.sums["loss_weight_zero_turns"] += sum(m.get("loss_weight") == 0 for m in msgs)
 
     def add_counts(self, counts: Mapping[str, Any]) -> None:
         """Add the :meth:`as_dict` of another run (one file's part). Extra keys of a file's
@@ -223,8 +250,9 @@ class IngestCounts:
                 acc.update({k: v for k, v in b.items() if k not in ("rows_in", "kept", "rejected")})
         self.reasons.update({k: v for k, v in counts["rejected"].items() if v})
         self.roles.update(counts["messages_by_role"])
+        self.dropped_keys.update(counts.get("dropped_message_keys", {}))
         for key in self._SUMS:
-            self.sums[key] += counts[key]
+            self.sums[key] += counts.get(key, 0)
         self.kept += counts["kept"]
         self.rejected_total += counts["rejected_total"]
 
@@ -244,6 +272,7 @@ class IngestCounts:
             "files": {k: plain(v) for k, v in self.files.items()},
             "formats": {k: plain(v) for k, v in sorted(self.formats.items())},
             "messages_by_role": dict(sorted(self.roles.items())),
+            "dropped_message_keys": dict(sorted(self.dropped_keys.items())),
             **self.sums,
         }
 
@@ -265,7 +294,7 @@ def convert_rows(rows: Iterable[RawRow], counts: IngestCounts, *, fmt: str = "au
     in input order, and counts each in ``counts`` (see module docstring)."""
     _check_options(fmt, columns)
     for raw in rows:
-        record = reject = None
+        record = reject = dropped = None
         try:
             if raw.data is None:
                 raise RowError("parse_error", None, raw.error or "unparseable row")
@@ -278,8 +307,9 @@ def convert_rows(rows: Iterable[RawRow], counts: IngestCounts, *, fmt: str = "au
             reject = {"source": raw.source, "line": raw.line, "field": exc.field,
                       "reason": exc.reason, "detail": exc.detail, "raw": _raw_text(raw)}
         else:
+            dropped = rec.pop(DROPPED_KEYS, None)
             record = {"source": raw.where, **rec}
-        counts.add(raw.source, detected, record, reject)
+        counts.add(raw.source, detected, record, reject, dropped)
         yield record, reject
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 from reprotune.data.encoding import InputFileError
-from reprotune.data.jsonvalues import JSON_DECODER
+from reprotune.data.jsonvalues import JSON_DECODER, text_depth, too_deep
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,19 @@ class TextWindow:
                                  or self.buf[exc.pos:].isspace())
 
 
+def _deep_end(win: TextWindow, start: int) -> tuple[int, int | None] | None:
+    """``(depth, end)`` of a value at ``buf[start]`` too deep for the decoder
+    (:func:`~reprotune.data.jsonvalues.text_depth`); None when the window ends inside it
+    and more text follows (grow and look again)."""
+    found, end = text_depth(win.buf, start)
+    return None if end is None and not win.eof else (found, end)
+
+
 def classify(win: TextWindow) -> tuple[str, Any]:
     """What the text is: ``("empty", None)``, ``("array", position of its "[")``,
-    ``("object", the one value)``, or ``("lines", None)``: several values in a row (or a
-    broken first one), to be read one object per line."""
+    ``("object", the one value)``, ``("deep", why)`` for one value nested too deep to
+    decode, or ``("lines", None)``: several values in a row (or a broken first one), to be
+    read one object per line."""
     pos = win.skip_ws(0)
     if pos >= len(win.buf):
         return "empty", None
@@ -117,6 +126,15 @@ def classify(win: TextWindow) -> tuple[str, Any]:
     while True:
         try:
             obj, end = JSON_DECODER.raw_decode(win.buf, pos)
+        except RecursionError:
+            deep = _deep_end(win, pos)
+            if deep is None:
+                win.refill(pos)
+                pos = 0
+                continue
+            if deep[1] is not None and _WS.match(win.buf, deep[1]).end() < len(win.buf):
+                return "lines", None
+            return "deep", too_deep(deep[0])
         except json.JSONDecodeError as exc:
             if win.maybe_cut(exc):
                 win.refill(pos)
@@ -143,16 +161,31 @@ def iter_array(source: str, win: TextWindow, pos: int, raw_limit: int) -> Iterat
     if pos < len(win.buf) and win.buf[pos] == "]":
         return
     while True:
-        start, buf = pos, win.buf
+        start, buf, item = pos, win.buf, None
         try:
-            obj, pos = JSON_DECODER.raw_decode(buf, start)
+            try:
+                obj, pos = JSON_DECODER.raw_decode(buf, start)
+            except RecursionError:  # too deep to decode: one reject, then the next element
+                deep = _deep_end(win, start)
+                if deep is None:
+                    win.refill(start)
+                    pos = 0
+                    continue
+                if deep[1] is None:  # the file ends inside it
+                    yield Item(index + 1, raw=buf[start:start + raw_limit],
+                               error=f"the file ends inside array element {index + 1}, which "
+                                     f"is {too_deep(deep[0])}: truncated")
+                    return
+                obj, pos = None, deep[1]
+                item = Item(index + 1, raw=buf[start:min(pos, start + raw_limit)],
+                            error=f"invalid JSON: array element {index + 1} is {too_deep(deep[0])}")
             pos = _WS.match(buf, pos).end()
             if pos >= len(buf) and not win.eof:  # the element or the text after it may go on
                 win.refill(start)
                 pos = 0
                 continue
             if pos >= len(buf):  # a complete element, then the end of the file
-                yield Item(index + 1, obj)
+                yield item or Item(index + 1, obj)
                 yield Item(index + 2, raw="", error=(
                     f"the file ends after array element {index + 1} without the closing ']': "
                     f"truncated; any later elements are missing"))
@@ -166,7 +199,7 @@ def iter_array(source: str, win: TextWindow, pos: int, raw_limit: int) -> Iterat
                 continue
             yield _tail_or_raise(source, win, exc, start, index, raw_limit)
             return
-        yield Item(index + 1, obj)
+        yield item or Item(index + 1, obj)
         index += 1
         if buf[pos] == "]":
             yield from _after_close(win, pos + 1, index, raw_limit)

@@ -45,12 +45,16 @@ from reprotune.data.encoding import (
     first_error,
     sniff_utf16_32,
 )
-from reprotune.data.jsonvalues import JSON_DECODER, json_problem
+from reprotune.data.jsonvalues import decode, depth, json_problem, json_type
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = (".json", ".jsonl", ".csv", ".parquet")
 RAW_LIMIT = 500  # characters of an unparseable line kept for the rejected-rows file
+# Longest CSV cell read (the csv module's own default, 131,072, is shorter than real long
+# answers); a longer one stops the file with a message saying so.
+CSV_FIELD_LIMIT = 16 << 20
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
 @dataclass(frozen=True)
@@ -69,15 +73,24 @@ class RawRow:
 
 
 # --------------------------------------------------------------------------- JSON / JSONL
+def _shown(obj: Any, ensure_ascii: bool) -> str:
+    """A parsed value as JSON text for the rejected-rows file (a value too deep to write
+    is described instead)."""
+    try:
+        return json.dumps(obj, ensure_ascii=ensure_ascii, default=str)
+    except RecursionError:
+        return f"<{json_type(obj)} nested {depth(obj)} levels deep>"
+
+
 def _object_or_error(source: str, line: int, obj: Any, raw: str | None) -> RawRow:
     if isinstance(obj, dict):
         problem = json_problem(obj)
         if problem is None:
             return RawRow(source, line, data=obj)
-        shown = raw if raw is not None else json.dumps(obj, ensure_ascii=True, default=str)
+        shown = raw if raw is not None else _shown(obj, True)
         return RawRow(source, line, error=f"invalid JSON object: {problem}", raw=shown[:RAW_LIMIT])
-    shown = raw if raw is not None else json.dumps(obj, ensure_ascii=False, default=str)
-    return RawRow(source, line, error=f"expected a JSON object, got {type(obj).__name__}",
+    shown = raw if raw is not None else _shown(obj, False)
+    return RawRow(source, line, error=f"expected a JSON object, got {json_type(obj)}",
                   raw=shown[:RAW_LIMIT])
 
 
@@ -85,21 +98,46 @@ def _line_row(source: str, lineno: int, text: str) -> RawRow | None:
     if not text.strip():
         return None
     try:
-        obj = JSON_DECODER.decode(text)
+        obj = decode(text)
     except json.JSONDecodeError as exc:
         return RawRow(source, lineno, error=f"invalid JSON: {exc.msg} (column {exc.colno})",
                       raw=text[:RAW_LIMIT])
     return _object_or_error(source, lineno, obj, text)
 
 
+def _decodes(text: str) -> bool:
+    try:
+        decode(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _line_rows(source: str, lineno: int, text: str) -> Iterator[RawRow]:
+    """The row of one line (cut at \\n). A lone \\r inside it is JSON whitespace or a raw
+    control character inside a string (one reject for the line, never two half rows);
+    only when the line is not JSON but every piece between its \\r is, is it an old
+    CR-only file, one row per piece."""
+    if "\r" in text and not _decodes(text):
+        pieces = text.split("\r")
+        if sum(bool(p.strip()) for p in pieces) > 1 and all(
+                _decodes(p) for p in pieces if p.strip()):
+            for i, piece in enumerate(pieces):
+                row = _line_row(source, lineno + i, piece)
+                if row is not None:
+                    yield row
+            return
+    row = _line_row(source, lineno, text)
+    if row is not None:
+        yield row
+
+
 def _byte_lines(fh: BinaryIO) -> Iterator[bytes]:
-    """The lines of a binary stream as ``bytes.splitlines`` cuts them (at \\n, \\r\\n and a
-    lone \\r), one at a time."""
+    """The lines of a binary stream cut at \\n (a \\r right before it dropped), one at a
+    time; a lone \\r stays in its line (see :func:`_line_rows`)."""
     for segment in fh:  # buffered reads, cut at b"\n": \r\n never straddles two segments
-        if b"\r" in segment:
-            yield from segment.splitlines()
-        else:
-            yield segment[:-1] if segment.endswith(b"\n") else segment
+        segment = segment[:-1] if segment.endswith(b"\n") else segment
+        yield segment[:-1] if segment.endswith(b"\r") else segment
 
 
 def _iter_lines(source: str, fh: BinaryIO) -> Iterator[RawRow]:
@@ -121,9 +159,7 @@ def _iter_lines(source: str, fh: BinaryIO) -> Iterator[RawRow]:
         text = io.TextIOWrapper(fh, encoding=encoding, newline="\n")
         try:
             for lineno, line in enumerate(text, 1):
-                row = _line_row(source, lineno, line.removesuffix("\n").removesuffix("\r"))
-                if row is not None:
-                    yield row
+                yield from _line_rows(source, lineno, line.removesuffix("\n").removesuffix("\r"))
         finally:
             text.detach()  # the caller owns (and closes) fh
         return
@@ -149,9 +185,7 @@ def _iter_lines(source: str, fh: BinaryIO) -> Iterator[RawRow]:
             yield RawRow(source, lineno, error=f"invalid UTF-8: {exc.reason} at byte {exc.start}",
                          raw=raw_line.decode("utf-8", "replace")[:RAW_LIMIT])
             continue
-        row = _line_row(source, lineno, text)
-        if row is not None:
-            yield row
+        yield from _line_rows(source, lineno, text)
 
 
 def _iter_json(source: str, path: Path) -> Iterator[RawRow]:
@@ -173,6 +207,8 @@ def _iter_json(source: str, path: Path) -> Iterator[RawRow]:
             return
         if kind == "object":
             yield _object_or_error(source, 1, found, None)
+        if kind == "deep":
+            yield RawRow(source, 1, error=f"invalid JSON: {found}", raw=win.buf[:RAW_LIMIT])
         if kind != "lines":
             return
         # Several values in a row (or a broken first one): read it as one object per line,
@@ -194,6 +230,8 @@ def _iter_csv(source: str, fh: BinaryIO) -> Iterator[RawRow]:
     stream: memory does not grow with the file.
     """
     encoding, _ = check_decodes(source, fh)
+    # process-wide, and only ever raised: one long answer is not a broken file
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     text = io.TextIOWrapper(fh, encoding=encoding, newline="")
     try:
         yield from _csv_rows(source, csv.reader(text, strict=True))
@@ -210,6 +248,12 @@ def _csv_rows(source: str, reader: Any) -> Iterator[RawRow]:
     except csv.Error as exc:
         raise InputFileError(f"{source}: line 1: malformed CSV header: {exc}") from exc
     header = [h.strip() for h in header]
+    for i, name in enumerate(header):
+        if name in header[:i]:  # dict(zip()) would keep the last column's text silently
+            raise InputFileError(
+                f"{source}: line 1: the CSV header names column {name!r} twice (columns "
+                f"{header.index(name) + 1} and {i + 1}), so one of them would be lost; "
+                f"rename or remove one of them")
     end = reader.line_num
     while True:
         start = end + 1
@@ -218,6 +262,12 @@ def _csv_rows(source: str, reader: Any) -> Iterator[RawRow]:
         except StopIteration:
             return
         except csv.Error as exc:
+            if "field limit" in str(exc):
+                raise InputFileError(
+                    f"{source}: line {start}: a cell starting on or after this line is longer "
+                    f"than {CSV_FIELD_LIMIT:,} characters, the most the CSV reader takes "
+                    f"(or a quote is never closed and the cell runs on); store rows this long "
+                    f"as JSONL, or check the quoting there") from exc
             # csv cannot resync after a bad quote: every later row is in doubt, so stop here
             # rather than count a swallowed file as one reject.
             raise InputFileError(
@@ -266,13 +316,18 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
         yield from hub.iter_rows(path)
         return
     p = Path(path)
+    if p.is_dir():
+        raise InputFileError(f"{source}: is a directory, not a file; list the files in it "
+                             f"one by one in ingest.inputs")
     if not p.is_file():
         raise FileNotFoundError(f"{source}: input file not found (listed in params.yaml "
                                 f"ingest.inputs; paths are relative to the repository root)")
     ext = p.suffix.lower()
     if ext not in SUPPORTED:
+        unpack = (f"; it is compressed: unpack it first (e.g. `gunzip -k {source}` for .gz) "
+                  f"and list the unpacked file" if ext in COMPRESSED else "")
         raise InputFileError(f"{source}: unsupported file type {ext or '(none)'!r} in "
-                             f"ingest.inputs; supported: {', '.join(SUPPORTED)}")
+                             f"ingest.inputs; supported: {', '.join(SUPPORTED)}{unpack}")
     if ext == ".parquet":
         yield from _iter_parquet(source, p)
         return

@@ -9,6 +9,7 @@ each, as the ingest stage decides it, is asserted in tests/test_bad_inputs.py.
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -126,10 +127,52 @@ TEXT: dict[str, str | bytes] = {
         "tools": json.dumps([{"name": "get_weather", "parameters": {
             "type": "object", "required": ["city", "unit"], "properties": {"city": {}, "unit": {}}}}])}]),
     "unsupported.txt": "instruction,output\n",
+    # ---- issue 18: nesting, CSV headers and cells, numbers, misleading messages
+    "deep_nesting.jsonl": jl([row(1), row(2), '{"instruction": "q", "output": ' + "[" * 10_000
+                              + "]" * 10_000 + "}", row(3)]),
+    "deep_brackets.json": "[" * 10_000 + "]" * 10_000 + "\n",
+    "deep_array_element.json": "[" + ", ".join([json.dumps(row(1), ensure_ascii=False),
+                                                "[" * 10_000 + "]" * 10_000]
+                                               + [json.dumps(row(i), ensure_ascii=False)
+                                                  for i in (2, 3)]) + "]\n",
+    "csv_duplicate_header.csv": "instruction,output,output\n问题,答案一,答案二\n",
+    "csv_long_cell.csv": "instruction,output\n长答案,\"" + "长" * 140_000 + "\"\n短问题,短答案\n",
+    "numbers_as_text.jsonl": jl(['{"instruction": "价格？", "output": 1.50}',
+                                 '{"instruction": "十万？", "output": 1e5}',
+                                 '{"instruction": "负零？", "output": -0}',
+                                 '{"instruction": "圆周率？", "output": 3.14159265358979323846264338}']),
+    "latin1.jsonl": jl([{"instruction": f"Qu'est-ce qu'un café n° {i} ?", "output": "Très bien, merci."}
+                        for i in range(4)]),
+    "gzip.jsonl": b"",  # written in main: gzip of three good rows
+    "object_as_text.jsonl": jl([row(1), row(2), {"instruction": {"text": "问题"}, "output": "答"},
+                                row(3)]),
+    "raw_cr_in_string.jsonl": jl([row(1), row(2)]) + '{"instruction": "回车", "output": "第一行\r第二行"}\n'
+    + jl([row(3)]),
+    "reasoning_and_name.jsonl": jl([
+        {"messages": [{"role": "user", "content": "一加一？", "name": "小明"},
+                      {"role": "assistant", "content": "2。", "reasoning_content": "1 + 1 = 2，很简单。"}]},
+        {"messages": [{"role": "user", "content": "天气？"},
+                      {"role": "assistant", "content": "", "reasoning_content": "要查天气。",
+                       "tool_calls": [{"id": "c1", "type": "function",
+                                       "function": {"name": "weather", "arguments": {}}}]},
+                      {"role": "tool", "content": "晴", "tool_call_id": "c1", "name": "weather"},
+                      {"role": "assistant", "content": "晴天。"}]},
+        row(3)]),
+    "loss_weight.jsonl": jl([
+        {"messages": [{"role": "user", "content": "你好", "loss_weight": 0.0},
+                      {"role": "assistant", "content": "你好！", "loss_weight": 0.0},
+                      {"role": "user", "content": "一加一？", "loss_weight": 0.0},
+                      {"role": "assistant", "content": "2。", "loss_weight": 1.0}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_weight": 1}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b", "loss_weight": 0.5}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c", "loss_weight": "0"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "d", "loss_weight": 0}]},
+        row(1), row(2)]),
 }
 ENCODINGS = {"utf16_le_bom.json": "utf-16-le", "utf16_be_bom.jsonl": "utf-16-be",
              "utf16_le_no_bom.jsonl": "utf-16-le", "utf32_le_bom.json": "utf-32-le",
-             "gbk.json": "gbk", "gbk.jsonl": "gbk", "gb18030.csv": "gb18030"}
+             "gbk.json": "gbk", "gbk.jsonl": "gbk", "gb18030.csv": "gb18030",
+             "latin1.jsonl": "latin-1"}
 
 
 def main() -> None:
@@ -146,6 +189,9 @@ def main() -> None:
     pq.write_table(pa.table({"instruction": ["q1", "q2", "q3"], "output": [1.5, float("nan"), 2.5]}),
                    HERE / "parquet_nan_answer.parquet")
     (HERE / "not_parquet.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    (HERE / "gzip.jsonl").write_bytes(gzip.compress(jl(GOOD3).encode(), mtime=0))
+    (HERE / "a_directory.jsonl").mkdir(exist_ok=True)  # listed by mistake instead of its files
+    (HERE / "a_directory.jsonl" / "rows.jsonl").write_text(jl(GOOD3), encoding="utf-8")
 
 
 if __name__ == "__main__":
