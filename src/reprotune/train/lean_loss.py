@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Any
 
-from reprotune.train.training import IGNORE_INDEX
+from reprotune.constants import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

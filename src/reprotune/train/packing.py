@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from reprotune.train.data import IGNORE_INDEX, progress
+from reprotune.constants import IGNORE_INDEX
+from reprotune.train.data import progress
 from reprotune.train.methods import TrainSetupError
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,7 @@ from typing import Any
 
 from reprotune import io
 from reprotune.chat_template import template_fingerprint
+from reprotune.constants import IGNORE_INDEX
 from reprotune.params import (
     FreezeParams,
     LoraParams,
@@ -54,7 +55,6 @@ from reprotune.params import (
 )
 from reprotune.train import curves, distributed
 from reprotune.train.data import (
-    IGNORE_INDEX,
     PaddingCollator,
     check_sizes,
     load_splits,
