@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reprotune.constants import IGNORE_INDEX
 from reprotune.params import LoraParams, PromptParams
 from reprotune.train.lean_loss import (
     causal_lm_loss,
@@ -13,7 +14,7 @@ from reprotune.train.lean_loss import (
     resolve_loss_impl,
 )
 from reprotune.train.methods import TrainSetupError, load_base, prepare_model
-from reprotune.train.training import IGNORE_INDEX, PaddingCollator
+from reprotune.train.training import PaddingCollator
 
 
 def _problem(n: int = 300, h: int = 32, v: int = 1000, seed: int = 0):
@@ -132,3 +133,34 @@ def test_the_trainer_runs_the_lean_loss_under_mixed_precision(tiny_base_dir, tmp
     loss = trainer.compute_loss(model, _batch(tok, model.config.vocab_size))
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32  # fp32 master weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_lean_losses_match_stock():
+    """On the GPU: the chunked loss (and liger's where installed) against the stock loss.
+
+    fp32 inputs, so the only difference is the summation order of cuBLAS and the chunks:
+    rel 1e-4 on the loss, 1e-3 of the largest gradient entry. Then under bf16 autocast (the
+    training path), where the logits themselves are bf16-rounded (2**-9 relative): 1e-2.
+    """
+    from reprotune.train.lean_loss import liger_available
+    from reprotune.train.lean_loss import liger_linear_cross_entropy as liger
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(600, 64, device="cuda", generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(2000, 64, device="cuda", generator=g)).requires_grad_()
+    labels = torch.randint(0, 2000, (600,), device="cuda", generator=g)
+    labels[::4] = IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    ref_g = torch.autograd.grad(ref, (hidden, weight))
+    fns = [chunked_linear_cross_entropy] + ([liger] if liger_available() else [])
+    for fn in fns:
+        got = fn(hidden, weight, labels)
+        got_g = torch.autograd.grad(got, (hidden, weight))
+        assert got.item() == pytest.approx(ref.item(), rel=1e-4), fn.__name__
+        for a, b in zip(got_g, ref_g, strict=True):
+            assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item(), fn.__name__
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = fn(hidden, weight, labels)
+        assert low.dtype == torch.float32
+        assert low.item() == pytest.approx(ref.item(), rel=1e-2), fn.__name__

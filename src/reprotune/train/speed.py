@@ -3,7 +3,7 @@
 :func:`speed_setup` applies ``train.packing`` (already resolved for device and method),
 ``train.loss_impl`` and ``train.torch_compile`` to a prepared model and returns what ran, for
 ``metrics/train.json``: ``packing``, ``attention`` (the kernel that packed rows or padded
-batches run), ``loss_impl`` with a note saying why, ``optim`` and ``torch_compile``.
+batches run) with ``attention_note`` saying why, ``loss_impl`` with a note saying why, ``optim`` and ``torch_compile``.
 
 ``train.torch_compile`` compiles each decoder layer (regional compilation: one small graph
 reused by every layer, so compile time does not grow with depth). It is off by default: no
@@ -46,9 +46,11 @@ def speed_setup(model: Any, train: TrainParams, method: str, device: str,
     out: dict[str, Any] = {"packing": packing, "restore_attention": None}
     if packing:
         out["restore_attention"] = packed_attention.enable(model)
-        out["attention"] = packed_attention.kernel_name(device)
+        # what packed rows will run; train_model replaces both with what they ran
+        out.update(packed_attention.report(device))
     else:
         out["attention"] = str(base.config._attn_implementation)
+        out["attention_note"] = "unpacked: padded batches run the model's own attention"
     impl, note = resolve_loss_impl(train.loss_impl, device, model, method)
     out.update(loss_impl=impl, loss_note=note, optim=OPTIMIZER,
                torch_compile=train.torch_compile)

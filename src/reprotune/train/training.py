@@ -581,6 +581,8 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
         **{k: v for k, v in speed.items() if k != "restore_attention"}, **memory,
     }
+    if packing:  # what packed rows ran (a kernel may have refused them midway), and why
+        metrics.update(packed_attention.report(device))
     if cfg.train.launcher != "python" or world > 1:
         metrics["distributed"] = distributed.summary(trainer, cfg.top.batch_size,
                                                      cfg.train.grad_accum, packing)
