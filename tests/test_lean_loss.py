@@ -11,7 +11,9 @@ from reprotune.train.lean_loss import (
     causal_lm_loss,
     chunk_rows,
     chunked_linear_cross_entropy,
+    install,
     resolve_loss_impl,
+    uninstall,
 )
 from reprotune.train.methods import TrainSetupError, load_base, prepare_model
 from reprotune.train.training import PaddingCollator
@@ -81,7 +83,30 @@ def test_model_loss_and_gradients_equal_the_stock_forward(tiny_base_dir, method)
         assert worst <= 1e-5, worst
 
 
-def test_resolve_loss_impl(tiny_base_dir):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_installed_forward_returns_the_lean_loss_only_when_given_labels(tiny_base_dir,
+                                                                              method):
+    """install(): the model's own forward (what DDP/FSDP call) computes the lean loss."""
+    from reprotune.modeling import load_tokenizer
+
+    torch.manual_seed(0)
+    model = prepare_model(load_base(tiny_base_dir, method), method, lora=LoraParams(r=4))
+    batch = _batch(load_tokenizer(tiny_base_dir), model.config.vocab_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stock = model(**batch, num_items_in_batch=70)
+    ref = torch.autograd.grad(stock.loss, params)
+    install(model, "chunked")
+    lean = model(**batch, num_items_in_batch=70)
+    assert lean.logits is None and lean.loss.item() == pytest.approx(stock.loss.item(), rel=1e-6)
+    got = torch.autograd.grad(lean.loss, params)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref, strict=True)) <= 1e-5
+    plain = {k: v for k, v in batch.items() if k != "labels"}
+    assert torch.equal(model(**plain).logits, stock.logits)  # no labels: the model's own forward
+    uninstall(model)
+    assert model(**batch).logits is not None
+
+
+def test_resolve_loss_impl(tiny_base_dir, monkeypatch):
     full = prepare_model(load_base(tiny_base_dir, "full"), "full")
     assert resolve_loss_impl("auto", "cpu", full, "full") == ("chunked", "train.loss_impl: auto")
     assert resolve_loss_impl("stock", "cpu", full, "full")[0] == "stock"
@@ -95,6 +120,12 @@ def test_resolve_loss_impl(tiny_base_dir):
                               lora=LoraParams(r=2, target_modules=["q_proj", "lm_head"]))
     impl, note = resolve_loss_impl("auto", "cpu", head_lora, "lora")
     assert impl == "stock" and "not a plain Linear" in note
+    # several processes keep it (it runs inside the wrapped forward); DeepSpeed does not
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_loss_impl("auto", "cpu", full, "full")[0] == "chunked"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    impl, note = resolve_loss_impl("chunked", "cpu", full, "full")
+    assert impl == "stock" and "DeepSpeed" in note
 
 
 def test_chunked_loss_under_bf16_autocast_stays_close():
@@ -127,6 +158,7 @@ def test_the_trainer_runs_the_lean_loss_under_mixed_precision(tiny_base_dir, tmp
     trainer = _trainer_class()(model=model, args=args, processing_class=tok, train_dataset=rows,
                                eval_dataset=rows)
     trainer.loss_impl = "chunked"
+    install(model, "chunked")
     seen = []
     model.model.layers[0].self_attn.q_proj.register_forward_hook(
         lambda mod, inp, out: seen.append(out.dtype))

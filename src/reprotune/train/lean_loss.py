@@ -12,6 +12,10 @@ cross-entropy run together (``train.loss_impl``):
 * ``liger``: liger-kernel's fused linear cross-entropy (Triton, CUDA only; the ``gpu`` extra);
 * ``stock``: the model's own forward and loss.
 
+:func:`install` makes the model's own ``forward`` compute the lean loss whenever it is given
+``labels``, so the loss runs inside whatever wraps the model (accelerate's autocast,
+DistributedDataParallel, FSDP) and the Trainer's own loss bookkeeping stays as it is.
+
 All three return the sum over label tokens divided by ``num_items_in_batch`` (the label
 tokens of the whole optimizer step, counted by the Trainer over the shifted labels) when it
 is given, else the mean over the batch's label tokens: the stock normalisation, also under
@@ -23,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import types
 from typing import Any
 
 from reprotune.constants import IGNORE_INDEX
@@ -56,9 +61,10 @@ def resolve_loss_impl(setting: str, device: str, model: Any, method: str) -> tup
     head = base.get_output_embeddings()
     model_type = getattr(base.config, "model_type", "?")
     blocker = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the lean path calls the decoder directly, past a DistributedDataParallel wrapper
-        blocker = "it runs one process only (WORLD_SIZE > 1)"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # ZeRO-3 gathers a weight only around its own module's forward; the fused loss reads
+        # the head's weight without calling the head
+        blocker = "DeepSpeed may partition the head's weight (ZeRO-3), which it reads directly"
     elif method in ("prompt_tuning", "prefix_tuning"):
         blocker = f"method={method} builds its inputs inside peft's forward"
     elif model_type not in PLAIN_HEAD_MODEL_TYPES:
@@ -217,3 +223,42 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], impl: str,
     if num_items_in_batch is not None:
         return total / torch.as_tensor(num_items_in_batch, device=total.device)
     return total / (y != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# forward() arguments that only shape the stock output; the lean path returns a loss alone
+_OUTPUT_ONLY = ("return_dict", "output_attentions", "output_hidden_states", "logits_to_keep",
+                "use_cache")
+
+
+def install(model: Any, impl: str) -> None:
+    """Make the (base) model's ``forward`` return the ``impl`` loss when given labels.
+
+    Inside forward, a wrapper around the model (DDP's gradient hooks, FSDP's unsharding,
+    accelerate's autocast) covers the lean loss as it covers the stock one. Without labels
+    (generation, logits wanted) the model's own forward runs. :func:`uninstall` undoes it.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stock = type(base).forward
+
+    def forward(self: Any, input_ids: Any = None, labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if labels is None or kwargs.get("inputs_embeds") is not None:
+            return stock(self, input_ids=input_ids, labels=labels,
+                         num_items_in_batch=num_items_in_batch, **kwargs)
+        batch = {k: v for k, v in kwargs.items() if k not in _OUTPUT_ONLY and v is not None}
+        loss = causal_lm_loss(self, {"input_ids": input_ids, "labels": labels, **batch}, impl,
+                              num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
+
+    base.forward = types.MethodType(forward, base)
+    base._reprotune_loss_impl = impl
+
+
+def uninstall(model: Any) -> None:
+    """Give the model back its own forward (before saving or reusing it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "forward" in vars(base) and getattr(base, "_reprotune_loss_impl", None):
+        del base.forward
+        del base._reprotune_loss_impl

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from reprotune.params import TrainParams
-from reprotune.train import packed_attention
+from reprotune.train import lean_loss, packed_attention
 from reprotune.train.lean_loss import resolve_loss_impl
 from reprotune.train.methods import decoder_layers
 
@@ -52,6 +52,8 @@ def speed_setup(model: Any, train: TrainParams, method: str, device: str,
         out["attention"] = str(base.config._attn_implementation)
         out["attention_note"] = "unpacked: padded batches run the model's own attention"
     impl, note = resolve_loss_impl(train.loss_impl, device, model, method)
+    if impl != "stock":
+        lean_loss.install(model, impl)  # inside forward: DDP/FSDP wrappers keep it
     out.update(loss_impl=impl, loss_note=note, optim=OPTIMIZER,
                torch_compile=train.torch_compile)
     if train.torch_compile:

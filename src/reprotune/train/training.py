@@ -316,7 +316,6 @@ def _callback_classes() -> tuple[type, type, type]:
 def _trainer_class() -> type:
     from transformers import Trainer
 
-    from reprotune.train.lean_loss import causal_lm_loss
     from reprotune.train.packing import model_inputs
 
     class CountingTrainer(Trainer):
@@ -334,14 +333,12 @@ def _trainer_class() -> type:
             inputs = model_inputs(inputs)
             if self.loss_impl == "stock":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # the same normalisation as the stock path: the Trainer passes the label tokens of
-            # the whole optimizer step only to models that accept loss kwargs
-            n = num_items_in_batch if self.model_accepts_loss_kwargs else None
-            # accelerate puts mixed-precision autocast around model.forward only; the lean
-            # path calls the decoder directly, so it enters the same autocast itself
+            # the lean loss runs inside the model's forward (lean_loss.install), so the
+            # Trainer's normalisation and any DDP/FSDP wrapper apply to it unchanged.
+            # accelerate puts autocast around the top model's forward once it is prepared;
+            # entering it here too covers a model called before that (a nested no-op after)
             with self.accelerator.autocast():
-                loss = causal_lm_loss(model, inputs, self.loss_impl, n)
-            return (loss, {"loss": loss}) if return_outputs else loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return CountingTrainer
 
@@ -436,7 +433,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     from transformers import AutoConfig, EarlyStoppingCallback, set_seed
 
     from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
-    from reprotune.train import packed_attention
+    from reprotune.train import lean_loss, packed_attention
     from reprotune.train.packing import PackingCollator, pack_stats, packed_dataset, resolve_packing
     from reprotune.train.speed import speed_setup
 
@@ -588,6 +585,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
                                                      cfg.train.grad_accum, packing)
     if speed["restore_attention"]:  # the saved model must load without this process's kernels
         packed_attention.disable(trainer.model, speed["restore_attention"])
+    lean_loss.uninstall(model)
     model_out = distributed.saveable_model(trainer)  # FSDP/ZeRO-3: gathered on every rank
     if distributed.is_main():  # only rank 0 writes the model, the curves, the run state
         save_finetuned(model_out, tokenizer, out_dir, method=method, base_dir=base_dir,
