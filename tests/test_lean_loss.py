@@ -53,7 +53,10 @@ def test_frozen_head_and_no_grad():
     with torch.no_grad():
         assert chunked_linear_cross_entropy(hidden, weight, labels).item() == pytest.approx(
             ref.item(), rel=1e-6)
-    assert chunk_rows(151_936) == 441 and chunk_rows(512) == 8192  # 2**26 logits per chunk
+    # 2**27 logits per chunk at most, in whole 128-row tiles
+    assert chunk_rows(151_936) == 768 and chunk_rows(512) == 8192 and chunk_rows(10**7) == 128
+    assert all(chunk_rows(v) % 128 == 0 and chunk_rows(v) * v <= 2**27
+               for v in (32_000, 128_256, 151_936, 262_144))
 
 
 def _batch(tokenizer, vocab: int, seed: int = 0) -> dict:
@@ -141,6 +144,25 @@ def test_chunked_loss_under_bf16_autocast_stays_close():
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
     for a, b in zip(got_g, ref_g, strict=True):
         assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
+    # the weight gradient summed over 6 chunks in fp32 equals one chunk's: no per-chunk rounding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = chunked_linear_cross_entropy(hidden, weight, labels, chunk=4096)
+    (one_w,) = torch.autograd.grad(one, weight)
+    assert (one_w - got_g[1]).abs().max().item() <= 1e-5 * one_w.abs().max().item()
+
+
+def test_accumulate_fp32_sums_low_precision_products_in_fp32():
+    from reprotune.train.lean_loss import accumulate_fp32
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 32, generator=g), torch.randn(32, 48, generator=g))
+    acc = torch.full((64, 48), 1000.0)
+    accumulate_fp32(acc, a.bfloat16(), b.bfloat16())
+    exact = 1000.0 + a.bfloat16().float() @ b.bfloat16().float()
+    assert acc.dtype == torch.float32 and (acc - exact).abs().max().item() <= 1e-3
+    acc32 = torch.zeros(64, 48)
+    accumulate_fp32(acc32, a, b)
+    assert torch.allclose(acc32, a @ b, atol=1e-5)
 
 
 def test_the_trainer_runs_the_lean_loss_under_mixed_precision(tiny_base_dir, tmp_path):

@@ -24,13 +24,13 @@ gradient accumulation.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import types
 from typing import Any
 
 from reprotune.constants import IGNORE_INDEX
+from reprotune.train.fused import liger_available
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,8 @@ LOSS_IMPLS = ("stock", "chunked", "liger")
 # Architectures whose causal-LM forward is exactly decoder -> lm_head -> cross-entropy (no
 # logit soft-capping or scaling, no auxiliary losses): the head can be fused with the loss.
 PLAIN_HEAD_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
-CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in fp32, whatever the vocabulary
-
-
-def liger_available() -> bool:
-    """liger-kernel is installed (it only runs on CUDA)."""
-    return importlib.util.find_spec("liger_kernel") is not None
+CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 512 MiB in fp32, whatever the vocabulary
+CHUNK_ALIGN = 128  # rows per chunk a multiple of this: whole tensor-core tiles in each GEMM
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any]:
@@ -95,8 +91,41 @@ def _compute_dtype(x: Any) -> Any:
 
 
 def chunk_rows(vocab: int) -> int:
-    """Rows per chunk so that one chunk's logits stay at about CHUNK_ELEMENTS."""
-    return max(16, min(8192, CHUNK_ELEMENTS // max(1, vocab)))
+    """Rows per chunk: one chunk's logits stay under CHUNK_ELEMENTS, in whole CHUNK_ALIGN tiles.
+
+    Fewer, larger chunks mean fewer passes over the head weight's fp32 gradient (each
+    chunk reads and writes all of it): at Qwen3's vocabulary 768 rows, not 441.
+    """
+    rows = CHUNK_ELEMENTS // max(1, vocab) // CHUNK_ALIGN * CHUNK_ALIGN
+    return max(CHUNK_ALIGN, min(8192, rows))
+
+
+class _OutDtype:
+    ok: bool = True  # cleared once if this torch/GPU refuses mm with out_dtype
+
+
+def accumulate_fp32(acc: Any, a: Any, b: Any) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32.
+
+    fp32 operands: one ``addmm_``. bf16/fp16 operands on CUDA: the GEMM writes its fp32
+    accumulator straight into ``acc`` (``out_dtype``), so no chunk's product is rounded to
+    bf16 before it is summed; elsewhere (CPU has no ``out_dtype`` GEMM) the operands are
+    upcast, exact and only slower.
+    """
+    import torch
+
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _OutDtype.ok:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as exc:  # older torch or GPU: say so once
+            _OutDtype.ok = False
+            log.warning("chunked loss: addmm with out_dtype is not available here (%s); "
+                        "upcasting the operands instead", str(exc).splitlines()[0][:200])
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def chunked_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: Any = None, *,
@@ -109,6 +138,8 @@ def chunked_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: An
     import torch
 
     dtype = _compute_dtype(hidden)
+    # the one host sync of the loss, kept on purpose: it sizes the label rows, so prompt
+    # and padding positions cost no logits at all
     keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (
         bias is not None and bias.requires_grad))
@@ -146,11 +177,8 @@ def _make_function() -> type:
                     grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
                     if need_h:
                         g_h[s:s + chunk] = (grad.to(dtype) @ w).to(g_h.dtype)
-                    if need_w:  # accumulated in fp32 across chunks
-                        if dtype == torch.float32:
-                            g_w.addmm_(grad.T, h)
-                        else:
-                            g_w.add_(grad.T.to(dtype) @ h)
+                    if need_w:  # accumulated in fp32 across chunks, products included
+                        accumulate_fp32(g_w, grad.T.to(dtype), h)
                     if need_b:
                         g_b += grad.sum(0)
             ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,

@@ -3,7 +3,10 @@
 :func:`speed_setup` applies ``train.packing`` (already resolved for device and method),
 ``train.loss_impl`` and ``train.torch_compile`` to a prepared model and returns what ran, for
 ``metrics/train.json``: ``packing``, ``attention`` (the kernel that packed rows or padded
-batches run) with ``attention_note`` saying why, ``loss_impl`` with a note saying why, ``optim`` and ``torch_compile``.
+batches run) with ``attention_note`` saying why, ``loss_impl`` with a note saying why,
+``fused_kernels`` (liger-kernel's, where installed, on CUDA) with ``fused_note``,
+``base_dtype_note`` (a bf16 frozen base, :mod:`reprotune.train.fused`), ``optim`` and
+``torch_compile``.
 
 ``train.torch_compile`` compiles each decoder layer (regional compilation: one small graph
 reused by every layer, so compile time does not grow with depth). It is off by default: no
@@ -16,7 +19,7 @@ import logging
 from typing import Any
 
 from reprotune.params import TrainParams
-from reprotune.train import lean_loss, packed_attention
+from reprotune.train import fused, lean_loss, packed_attention
 from reprotune.train.lean_loss import resolve_loss_impl
 from reprotune.train.methods import decoder_layers
 
@@ -36,14 +39,19 @@ def compile_layers(model: Any) -> int:
 
 
 def speed_setup(model: Any, train: TrainParams, method: str, device: str,
-                packing: bool) -> dict[str, Any]:
+                packing: bool, precision: str = "fp32") -> dict[str, Any]:
     """Switch ``model`` to the fast paths this run takes and describe them.
 
-    ``restore_attention`` (not a metric) is the attention implementation to put back
-    before the model is saved, or None when it was not changed.
+    Not metrics: ``restore_attention``, the attention implementation to put back before
+    the model is saved (None when unchanged), and ``bf16_frozen``, the parameters stored in
+    bf16 (:func:`reprotune.train.fused.cast_frozen_base`).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out: dict[str, Any] = {"packing": packing, "restore_attention": None}
+    kernels, out["fused_note"] = fused.apply_liger(model, device)
+    out["fused_kernels"] = ", ".join(kernels) if kernels else "none"
+    out["bf16_frozen"], out["base_dtype_note"] = fused.cast_frozen_base(model, method, device,
+                                                                        precision)
     if packing:
         out["restore_attention"] = packed_attention.enable(model)
         # what packed rows will run; train_model replaces both with what they ran
