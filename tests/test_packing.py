@@ -216,3 +216,31 @@ def test_prompt_tuning_asked_to_pack_trains_unpacked_and_says_so(tmp_path, tiny_
                max_steps=2, eval_steps=2, packing=True)
     assert m["packing"] is False and "prompt_tuning" in m["packing_note"]
     assert m["loss_impl"] == "stock" and m["train_steps"] == 2
+
+
+def test_static_pack_shapes_change_no_result(tiny_base_dir):
+    """train.torch_compile pads every pack to the budget: same logits for the real tokens,
+    same label and token counts, a power-of-two number of boundaries."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.float32)
+    samples = _samples(model.config.vocab_size, lengths=(7, 19, 3, 4, 12))
+    plain = PackingCollator()([{"samples": samples}])
+    static = PackingCollator(pad_to=64, pad_id=0)([{"samples": samples}])
+    n = plain["input_ids"].shape[1]
+    assert n == 45 and static["input_ids"].shape == (1, 64)
+    assert static["cu_seq_lens_q"].tolist() == [0, 7, 26, 29, 33, 45, 64, 64]  # 8 = 2**3
+    assert static["max_length_q"] == 64 and static["attention_mask"].sum().item() == n
+    assert torch.equal(static["labels"][0, :n], plain["labels"][0])
+    assert (static["labels"][0, n:] == IGNORE_INDEX).all()
+    assert static["position_ids"][0, n:].tolist() == list(range(19))
+    with pytest.raises(ValueError, match="exceeds train.tokens_per_batch 40"):
+        PackingCollator(pad_to=40)([{"samples": samples}])
+    previous = packed_attention.enable(model)
+    try:
+        with torch.no_grad():
+            a = model(**{k: v for k, v in model_inputs(plain).items() if k != "labels"}).logits
+            b = model(**{k: v for k, v in model_inputs(static).items() if k != "labels"}).logits
+    finally:
+        packed_attention.disable(model, previous)
+    assert (a[0] - b[0, :n]).abs().max().item() <= 1e-5

@@ -515,7 +515,11 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         model=model, args=args,
         train_dataset=train_data, eval_dataset=val_rows, processing_class=tokenizer,
         # packs for training; evaluation stays padded, so val loss means the same either way
-        data_collator=PackingCollator(unpacked=padded) if packing else padded,
+        data_collator=PackingCollator(
+            unpacked=padded, pad_id=pad_id,
+            # compiled: one pack shape for the whole run, so no recompilation per pack
+            pad_to=cfg.train.tokens_per_batch if cfg.train.torch_compile else None)
+        if packing else padded,
         callbacks=callbacks)
     trainer.loss_impl = speed["loss_impl"]
     trainer.add_callback(Counters(trainer))
