@@ -222,12 +222,18 @@ class ChunkedLinearCrossEntropy:
 
 def liger_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: Any = None) -> Any:
     """Sum of the cross-entropy by liger-kernel's fused Triton kernel (CUDA)."""
+    import inspect
+
+    import torch
     from liger_kernel.transformers.fused_linear_cross_entropy import (
         LigerFusedLinearCrossEntropyLoss,
     )
 
     dtype = _compute_dtype(hidden)
-    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    extra = {}
+    if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss).parameters:
+        extra["accum_dtype"] = torch.float32  # the head's gradient summed in fp32 (0.6.2+)
+    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **extra)
     return fn(weight.to(dtype), hidden.to(dtype), labels,
               None if bias is None else bias.to(dtype)).float()
 
