@@ -9,8 +9,10 @@ batches run) with ``attention_note`` saying why, ``loss_impl`` with a note sayin
 ``torch_compile``.
 
 ``train.torch_compile`` compiles each decoder layer (regional compilation: one small graph
-reused by every layer, so compile time does not grow with depth). It is off by default: no
-measurement in this repository shows that it pays off yet (see the README's GPU section).
+reused by every layer, so compile time does not grow with depth); packs are then padded to
+static shapes (:class:`reprotune.train.packing.PackingCollator`) so it does not recompile
+per pack. It is off by default: no measurement in this repository shows that it pays off
+yet (docs/gpu.md).
 """
 
 from __future__ import annotations
