@@ -279,8 +279,9 @@ def install(model: Any, impl: str) -> None:
     def forward(self: Any, input_ids: Any = None, labels: Any = None,
                 num_items_in_batch: Any = None, **kwargs: Any) -> Any:
         if labels is None or kwargs.get("inputs_embeds") is not None:
-            return stock(self, input_ids=input_ids, labels=labels,
-                         num_items_in_batch=num_items_in_batch, **kwargs)
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return stock(self, input_ids=input_ids, labels=labels, **kwargs)
         batch = {k: v for k, v in kwargs.items() if k not in _OUTPUT_ONLY and v is not None}
         loss = causal_lm_loss(self, {"input_ids": input_ids, "labels": labels, **batch}, impl,
                               num_items_in_batch)
