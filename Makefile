@@ -79,13 +79,16 @@ dag: install
 # Wheels for a lent GPU machine (Python 3.12, its own torch 2.11; nothing can be fetched
 # there): the pinned versions of what its image lacks or has too old (its tokenizers,
 # huggingface-hub and safetensors already fit), into the git-ignored
-# .whl/ (about 58 MB: with the ~4 MB tree under the 64 MiB a device call may carry). bench/gpu_check.sh installs
+# .whl/ (about 59 MB with liger-kernel: with the ~4 MB tree under the 64 MiB a device call may carry). bench/gpu_check.sh installs
 # them there and runs the CUDA checks; README "Fast and lean on a GPU".
 GPU_WHEELS := transformers regex ruamel-yaml bitsandbytes peft
+# the gpu extra (pyproject.toml), not in the CPU lock: pinned here (pure Python, 0.9 MB;
+# Triton comes with the image's CUDA torch)
+GPU_EXTRA_PINS := liger-kernel==0.8.5
 gpu-wheels:
 	@mkdir -p .whl
-	@for pkg in $(GPU_WHEELS); do \
-	    pin=$$(grep -iE "^$$pkg==" $(LOCK) | cut -d' ' -f1); \
+	@for pkg in $(GPU_WHEELS) $(GPU_EXTRA_PINS); do \
+	    pin=$$(case $$pkg in *==*) echo $$pkg;; *) grep -iE "^$$pkg==" $(LOCK) | cut -d' ' -f1;; esac); \
 	    $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 	        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

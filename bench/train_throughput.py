@@ -185,8 +185,8 @@ def run_baseline(base: Path, rows: list, root: Path, args: argparse.Namespace) -
 
 
 def run_stage(method: str, base: Path, splits: tuple[Path, Path], root: Path,
-              args: argparse.Namespace) -> dict[str, Any]:
-    """The train stage's own code for ``method``."""
+              args: argparse.Namespace, callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """The train stage's own code for ``method`` (``callbacks``: extra TrainerCallbacks)."""
     timer = _timer_class()()
     cfg = RunConfig(
         top=TopParams(method=method, lr=args.lr, epochs=1, batch_size=args.baseline_batch_size,
@@ -200,10 +200,12 @@ def run_stage(method: str, base: Path, splits: tuple[Path, Path], root: Path,
         lora=LoraParams())
     d = root / method
     m = train_model(train_path=splits[0], val_path=splits[1], base_dir=base, out_dir=d / "out",
-                    checkpoints_dir=d / "ckpt", live_dir=d / "live", cfg=cfg, callbacks=[timer])
+                    checkpoints_dir=d / "ckpt", live_dir=d / "live", cfg=cfg,
+                    callbacks=[timer, *callbacks])
     mem, kind = _memory()
-    keys = ("packing", "attention", "loss_impl", "optim", "torch_compile", "trainable_share",
-            "train_steps", "initial_val_loss", "best_val_loss", "budget_fill")
+    keys = ("packing", "attention", "attention_note", "loss_impl", "fused_kernels",
+            "base_dtype_note", "optim", "torch_compile", "trainable_share", "train_steps",
+            "initial_val_loss", "best_val_loss", "budget_fill")
     return {"status": "ok", **timer.steady(args.warmup_steps), "peak_memory_gib": mem,
             "peak_memory_kind": kind, **{k: m.get(k) for k in keys},
             "batch": (f"packs of <= {args.tokens_per_batch} tokens" if m["packing"] else
@@ -257,6 +259,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         io.write_parquet(splits[0], rows)
         io.write_parquet(splits[1], rows[:2 * args.baseline_batch_size])
         fpt, peak = flops_per_token(shape, rows), peak_flops(device, args.peak_tflops)
+        lengths = sorted(len(r["input_ids"]) for r in rows)
+        report = {"device": device, "versions": versions, "command": command,
+                  "model_shape": shape,
+                  "workload": {"rows": len(rows), "median": args.median, "sigma": args.sigma,
+                               "min_len": args.min_len, "max_len": args.max_len,
+                               "seed": args.seed, "length_median": lengths[len(lengths) // 2],
+                               "length_max": lengths[-1], "flops_per_token": fpt},
+                  "settings": {k: getattr(args, k) for k in (
+                      "steps", "warmup_steps", "baseline_batch_size", "tokens_per_batch",
+                      "grad_accum", "packing", "loss_impl", "gradient_checkpointing",
+                      "torch_compile", "lr")},
+                  "peak_bf16_flops": peak, "runs": results}
         for name in names:
             _reset()
             try:
@@ -267,8 +281,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = results[name]
             if r.get("tokens_per_s"):
                 r["mfu"] = round(r["tokens_per_s"] * fpt / peak, 4) if peak else None
+            if args.out:  # after every run: a run that kills the process keeps the others
+                io.write_json(args.out, report)
     base_rate = (results.get("baseline") or {}).get("tokens_per_s")
-    lengths = sorted(len(r["input_ids"]) for r in rows)
     print(f"device: {device}; model {shape['n_params']:,} params; {len(rows)} rows, length "
           f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}; {fpt / 1e9:.2f} GFLOP/token")
     print(f"{'run':9s} {'tokens/s':>10s} {'x base':>7s} {'MFU':>6s} {'peak GiB':>9s}  batch")
@@ -282,16 +297,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name:9s} {rate or 0:>10,.0f} {r['speedup_vs_baseline'] or '-':>7} {mfu:>6s} "
               f"{r['peak_memory_gib']:>9} {r['batch']}")
     print(f"command: {command}")
-    report = {"device": device, "versions": versions, "command": command, "model_shape": shape,
-              "workload": {"rows": len(rows), "median": args.median, "sigma": args.sigma,
-                           "min_len": args.min_len, "max_len": args.max_len, "seed": args.seed,
-                           "length_median": lengths[len(lengths) // 2],
-                           "length_max": lengths[-1], "flops_per_token": fpt},
-              "settings": {k: getattr(args, k) for k in (
-                  "steps", "warmup_steps", "baseline_batch_size", "tokens_per_batch",
-                  "grad_accum", "packing", "loss_impl", "gradient_checkpointing",
-                  "torch_compile", "lr")},
-              "peak_bf16_flops": peak, "runs": results}
     if args.out:
         io.write_json(args.out, report)
     return report

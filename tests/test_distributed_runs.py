@@ -95,8 +95,8 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     # one Arrow copy of the splits on the machine: rank 1 maps rank 0's files
     assert done.stderr.count("memory-mapped from") == 2  # train and val, by rank 0
     assert "the 2 ranks on this machine map these copies" in done.stderr
-    # one process, the same global batch (8), seed and loss (stock: the fused path is
-    # one-process only); in-process, as the other training tests run
+    # one process, the same global batch (8) and seed, the stock loss (the two processes
+    # run the chunked one: equal within fp32 rounding); in-process, as the other tests run
     one = tmp_path / "one"
     one.mkdir()
     paths = write_splits(one, train, val)
@@ -109,6 +109,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     # 5e-7, grad norms within 4e-5 (relative)
     assert_same_curves(two / "live", one / "live", 5e-4)
     assert m["best_val_loss"] == pytest.approx(single["best_val_loss"], abs=1e-4)
+    assert m["loss_impl"] == "chunked"  # the lean loss under DDP (inside the wrapped forward)
     assert m["distributed"] == {"num_processes": 2, "strategy": "ddp", "backend": "gloo",
                                 "global_batch": 8, "global_batch_unit": "sequences"}
     assert (m["tokens_seen"], m["label_tokens_seen"]) == (8 * 8 * 16, 8 * 8 * 12)
@@ -129,6 +130,24 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     model, tok, manifest = load_finetuned(two / "out", base_dir=tiny_base_dir)
     assert manifest["kind"] == ("full" if method == "full" else "adapter")
     assert val_loss(model, val, 8, tok.pad_token_id) == pytest.approx(m["best_val_loss"], abs=1e-4)
+
+
+def test_the_lean_loss_under_ddp_equals_the_stock_loss(tmp_path, tiny_base_dir):
+    """Two gloo processes with the chunked loss (computed inside the DDP-wrapped forward) and
+    with the model's own loss: the same curves, so gradients were synchronised either way."""
+    train, val = make_rows(64, 0), make_rows(16, 1)
+    runs = {}
+    for impl in ("chunked", "stock"):
+        cwd = workdir(tmp_path / impl, tiny_base_dir, params(4, 2, loss_impl=impl), train, val)
+        run_stage(cwd)
+        runs[impl] = cwd
+    lean, stock = (io.read_json(runs[k] / "train.json") for k in ("chunked", "stock"))
+    assert (lean["loss_impl"], stock["loss_impl"]) == ("chunked", "stock")
+    assert lean["distributed"]["num_processes"] == 2 and lean["train_steps"] == 8
+    # measured: train losses within 1e-6, grad norms within 1e-5 (relative)
+    assert_same_curves(runs["chunked"] / "live", runs["stock"] / "live", 1e-4)
+    assert lean["best_val_loss"] == pytest.approx(stock["best_val_loss"], abs=1e-5)
+    assert lean["best_val_loss"] < lean["initial_val_loss"] - 0.05  # it learned
 
 
 def test_a_bad_row_stops_every_rank_at_once_with_rank_0s_message(tmp_path, tiny_base_dir):

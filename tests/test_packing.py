@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from reprotune import io
+from reprotune.constants import IGNORE_INDEX
 from reprotune.params import PromptParams, TopParams, TrainParams
 from reprotune.train import packed_attention
+from reprotune.train.lean_loss import liger_available
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.packing import (
     PackingCollator,
@@ -19,7 +21,7 @@ from reprotune.train.packing import (
     packed_dataset,
     resolve_packing,
 )
-from reprotune.train.training import IGNORE_INDEX, PaddingCollator, RunConfig, train_model
+from reprotune.train.training import PaddingCollator, RunConfig, train_model
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
@@ -117,34 +119,24 @@ def test_samples_in_a_pack_match_each_sample_alone(tiny_base_dir):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_pack_matches_alone_and_lean_loss_matches_stock(tiny_base_dir):
-    """The same checks on the GPU kernels: varlen_attn in bf16, the lean losses."""
+def test_cuda_pack_matches_alone(tiny_base_dir):
+    """The same check on the GPU kernel: varlen_attn in bf16 against each sample alone (sdpa).
+
+    Tolerance: bf16 keeps 8 significant bits (relative rounding 2**-9 per value); the two
+    kernels accumulate in different orders and round the attention output to bf16 at
+    different points, so logits of this model (|logit| up to ~10) may differ by a few bf16
+    ulps, measured on other bf16 kernels at ~1e-2. 5e-2 (logits) and 2e-2 (per-sample loss)
+    leave room for that and stay far below a leak across samples (``naive_diff`` ~0.5).
+    """
     from transformers import AutoModelForCausalLM
 
-    from reprotune.train.lean_loss import chunked_linear_cross_entropy, liger_available
-    from reprotune.train.lean_loss import liger_linear_cross_entropy as liger
-
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.bfloat16).cuda()
-    assert packed_attention.kernel_name("cuda").startswith("varlen_attn")
+    assert packed_attention.kernel_name("cuda") == packed_attention.VARLEN
     logit_diff, loss_diff, naive_diff = per_sample_equality(
         model, _samples(model.config.vocab_size), device="cuda")
-    # bf16: the packed kernel and sdpa round differently; leaking would be ~0.5
+    assert packed_attention.report("cuda")["attention"] == packed_attention.VARLEN  # no fallback
     assert logit_diff <= 5e-2 and loss_diff <= 2e-2 and naive_diff > 0.1, (
         logit_diff, loss_diff, naive_diff)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(600, 64, device="cuda", generator=g, requires_grad=True)
-    weight = (0.3 * torch.randn(2000, 64, device="cuda", generator=g)).requires_grad_()
-    labels = torch.randint(0, 2000, (600,), device="cuda", generator=g)
-    labels[::4] = IGNORE_INDEX
-    ref = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum")
-    ref_g = torch.autograd.grad(ref, (hidden, weight))
-    fns = [chunked_linear_cross_entropy] + ([liger] if liger_available() else [])
-    for fn in fns:
-        got = fn(hidden, weight, labels)
-        got_g = torch.autograd.grad(got, (hidden, weight))
-        assert got.item() == pytest.approx(ref.item(), rel=1e-4), fn.__name__
-        for a, b in zip(got_g, ref_g, strict=True):
-            assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item(), fn.__name__
 
 
 # --------------------------------------------------------------------------- training
@@ -193,15 +185,27 @@ def test_packed_and_unpacked_training_give_the_same_loss_curve(tmp_path, tiny_ba
     stock = _train(tmp_path, tiny_base_dir, "stock", rows, lr=3e-3, max_steps=20, grad_accum=3,
                    packing=False, loss_impl="stock")
     assert packed["packing"] is True and plain["packing"] is False
-    assert packed["attention"] == "sdpa per sample" and plain["attention"] == "sdpa"
-    assert packed["loss_impl"] == plain["loss_impl"] == "chunked"
+    assert plain["attention"] == "sdpa"
+    if torch.cuda.is_available():  # train_model takes the GPU where there is one
+        # varlen_attn under bf16 autocast against padded sdpa: the kernels round differently
+        # (see test_cuda_pack_matches_alone); a leak or a normalisation error moves the
+        # curve by > 0.1
+        assert packed["attention"] == packed_attention.VARLEN, packed["attention_note"]
+        assert packed["precision"] == "bf16"
+        tol = 5e-2
+    else:
+        assert packed["attention"] == packed_attention.PER_SAMPLE
+        assert packed["attention_note"] == "cpu: varlen_attn runs on CUDA only"
+        tol = 1e-4  # fp32, the same sdpa kernel per sample: measured <= 5e-7
+    lean = "liger" if torch.cuda.is_available() and liger_available() else "chunked"  # auto
+    assert packed["loss_impl"] == plain["loss_impl"] == lean
     assert packed["packs"] == n_packs and packed["tokens_per_batch"] == 64
     assert len(plain["curve"]) == len(packed["curve"]) == 20
     assert plain["curve"][-1] < plain["curve"][0] - 2.0  # it learned
     for other in (packed, stock):
         worst = max(abs(a - b) for a, b in zip(plain["curve"], other["curve"], strict=True))
-        assert worst <= 1e-4, (worst, plain["curve"], other["curve"])
-        assert other["best_val_loss"] == pytest.approx(plain["best_val_loss"], abs=1e-4)
+        assert worst <= tol, (worst, plain["curve"], other["curve"])
+        assert other["best_val_loss"] == pytest.approx(plain["best_val_loss"], abs=tol)
     assert stock["loss_impl"] == "stock"
     assert packed["tokens_seen"] == plain["tokens_seen"]  # real tokens only, no padding
     assert packed["label_tokens_seen"] == plain["label_tokens_seen"]
@@ -214,18 +218,29 @@ def test_prompt_tuning_asked_to_pack_trains_unpacked_and_says_so(tmp_path, tiny_
     assert m["loss_impl"] == "stock" and m["train_steps"] == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_packed_and_unpacked_training_agree(tmp_path, tiny_base_dir):
-    """The curve check on the GPU path: bf16 autocast, varlen_attn against padded sdpa."""
-    rows = _rows(24, 0)
-    n_packs = len(pack_rows([len(r["input_ids"]) for r in rows], 64, seed=0))
-    plain = _train(tmp_path, tiny_base_dir, "plain", rows, lr=3e-3, max_steps=20, grad_accum=3,
-                   packing=False)
-    packed = _train(tmp_path, tiny_base_dir, "packed", rows, lr=3e-3, max_steps=20,
-                    grad_accum=n_packs, packing=True, tokens_per_batch=64)
-    assert packed["attention"].startswith("varlen_attn") and packed["precision"] == "bf16"
-    assert plain["curve"][-1] < plain["curve"][0] - 2.0
-    # bf16 kernels round differently (FlashAttention varlen vs sdpa): a looser bound than
-    # fp32's 1e-4, still far below what a leak or a normalisation error does (> 0.1)
-    worst = max(abs(a - b) for a, b in zip(plain["curve"], packed["curve"], strict=True))
-    assert worst <= 5e-2, (worst, plain["curve"], packed["curve"])
+def test_static_pack_shapes_change_no_result(tiny_base_dir):
+    """train.torch_compile pads every pack to the budget: same logits for the real tokens,
+    same label and token counts, a power-of-two number of boundaries."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.float32)
+    samples = _samples(model.config.vocab_size, lengths=(7, 19, 3, 4, 12))
+    plain = PackingCollator()([{"samples": samples}])
+    static = PackingCollator(pad_to=64, pad_id=0)([{"samples": samples}])
+    n = plain["input_ids"].shape[1]
+    assert n == 45 and static["input_ids"].shape == (1, 64)
+    assert static["cu_seq_lens_q"].tolist() == [0, 7, 26, 29, 33, 45, 64, 64]  # 8 = 2**3
+    assert static["max_length_q"] == 64 and static["attention_mask"].sum().item() == n
+    assert torch.equal(static["labels"][0, :n], plain["labels"][0])
+    assert (static["labels"][0, n:] == IGNORE_INDEX).all()
+    assert static["position_ids"][0, n:].tolist() == list(range(19))
+    with pytest.raises(ValueError, match="exceeds train.tokens_per_batch 40"):
+        PackingCollator(pad_to=40)([{"samples": samples}])
+    previous = packed_attention.enable(model)
+    try:
+        with torch.no_grad():
+            a = model(**{k: v for k, v in model_inputs(plain).items() if k != "labels"}).logits
+            b = model(**{k: v for k, v in model_inputs(static).items() if k != "labels"}).logits
+    finally:
+        packed_attention.disable(model, previous)
+    assert (a[0] - b[0, :n]).abs().max().item() <= 1e-5

@@ -46,10 +46,10 @@ import numpy as np
 from jinja2.exceptions import TemplateError
 
 from reprotune import markup
+from reprotune.constants import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 DROP_TEMPLATE = "template_error"
 DROP_TURNS = "assistant_turn_mismatch"
 CANONICAL_FIELDS = ("id", "source", "messages", "tools", "label", "group", "meta")

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from reprotune import io
+from reprotune.constants import IGNORE_INDEX
 from reprotune.train import distributed
 from reprotune.train.methods import TrainSetupError
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
 BATCH_ROWS = 8192          # rows per record batch read, checked and written
 PROGRESS_MIN_ROWS = 20_000  # smaller splits load in about a second: no bar

@@ -12,6 +12,10 @@ cross-entropy run together (``train.loss_impl``):
 * ``liger``: liger-kernel's fused linear cross-entropy (Triton, CUDA only; the ``gpu`` extra);
 * ``stock``: the model's own forward and loss.
 
+:func:`install` makes the model's own ``forward`` compute the lean loss whenever it is given
+``labels``, so the loss runs inside whatever wraps the model (accelerate's autocast,
+DistributedDataParallel, FSDP) and the Trainer's own loss bookkeeping stays as it is.
+
 All three return the sum over label tokens divided by ``num_items_in_batch`` (the label
 tokens of the whole optimizer step, counted by the Trainer over the shifted labels) when it
 is given, else the mean over the batch's label tokens: the stock normalisation, also under
@@ -20,12 +24,13 @@ gradient accumulation.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
+import types
 from typing import Any
 
-from reprotune.train.training import IGNORE_INDEX
+from reprotune.constants import IGNORE_INDEX
+from reprotune.train.fused import liger_available
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +38,8 @@ LOSS_IMPLS = ("stock", "chunked", "liger")
 # Architectures whose causal-LM forward is exactly decoder -> lm_head -> cross-entropy (no
 # logit soft-capping or scaling, no auxiliary losses): the head can be fused with the loss.
 PLAIN_HEAD_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
-CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in fp32, whatever the vocabulary
-
-
-def liger_available() -> bool:
-    """liger-kernel is installed (it only runs on CUDA)."""
-    return importlib.util.find_spec("liger_kernel") is not None
+CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 512 MiB in fp32, whatever the vocabulary
+CHUNK_ALIGN = 128  # rows per chunk a multiple of this: whole tensor-core tiles in each GEMM
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any]:
@@ -56,9 +57,10 @@ def resolve_loss_impl(setting: str, device: str, model: Any, method: str) -> tup
     head = base.get_output_embeddings()
     model_type = getattr(base.config, "model_type", "?")
     blocker = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the lean path calls the decoder directly, past a DistributedDataParallel wrapper
-        blocker = "it runs one process only (WORLD_SIZE > 1)"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # ZeRO-3 gathers a weight only around its own module's forward; the fused loss reads
+        # the head's weight without calling the head
+        blocker = "DeepSpeed may partition the head's weight (ZeRO-3), which it reads directly"
     elif method in ("prompt_tuning", "prefix_tuning"):
         blocker = f"method={method} builds its inputs inside peft's forward"
     elif model_type not in PLAIN_HEAD_MODEL_TYPES:
@@ -89,8 +91,41 @@ def _compute_dtype(x: Any) -> Any:
 
 
 def chunk_rows(vocab: int) -> int:
-    """Rows per chunk so that one chunk's logits stay at about CHUNK_ELEMENTS."""
-    return max(16, min(8192, CHUNK_ELEMENTS // max(1, vocab)))
+    """Rows per chunk: one chunk's logits stay under CHUNK_ELEMENTS, in whole CHUNK_ALIGN tiles.
+
+    Fewer, larger chunks mean fewer passes over the head weight's fp32 gradient (each
+    chunk reads and writes all of it): at Qwen3's vocabulary 768 rows, not 441.
+    """
+    rows = CHUNK_ELEMENTS // max(1, vocab) // CHUNK_ALIGN * CHUNK_ALIGN
+    return max(CHUNK_ALIGN, min(8192, rows))
+
+
+class _OutDtype:
+    ok: bool = True  # cleared once if this torch/GPU refuses mm with out_dtype
+
+
+def accumulate_fp32(acc: Any, a: Any, b: Any) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32.
+
+    fp32 operands: one ``addmm_``. bf16/fp16 operands on CUDA: the GEMM writes its fp32
+    accumulator straight into ``acc`` (``out_dtype``), so no chunk's product is rounded to
+    bf16 before it is summed; elsewhere (CPU has no ``out_dtype`` GEMM) the operands are
+    upcast, exact and only slower.
+    """
+    import torch
+
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _OutDtype.ok:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as exc:  # older torch or GPU: say so once
+            _OutDtype.ok = False
+            log.warning("chunked loss: addmm with out_dtype is not available here (%s); "
+                        "upcasting the operands instead", str(exc).splitlines()[0][:200])
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def chunked_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: Any = None, *,
@@ -103,6 +138,8 @@ def chunked_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: An
     import torch
 
     dtype = _compute_dtype(hidden)
+    # the one host sync of the loss, kept on purpose: it sizes the label rows, so prompt
+    # and padding positions cost no logits at all
     keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (
         bias is not None and bias.requires_grad))
@@ -140,11 +177,8 @@ def _make_function() -> type:
                     grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
                     if need_h:
                         g_h[s:s + chunk] = (grad.to(dtype) @ w).to(g_h.dtype)
-                    if need_w:  # accumulated in fp32 across chunks
-                        if dtype == torch.float32:
-                            g_w.addmm_(grad.T, h)
-                        else:
-                            g_w.add_(grad.T.to(dtype) @ h)
+                    if need_w:  # accumulated in fp32 across chunks, products included
+                        accumulate_fp32(g_w, grad.T.to(dtype), h)
                     if need_b:
                         g_b += grad.sum(0)
             ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
@@ -188,12 +222,18 @@ class ChunkedLinearCrossEntropy:
 
 def liger_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: Any = None) -> Any:
     """Sum of the cross-entropy by liger-kernel's fused Triton kernel (CUDA)."""
+    import inspect
+
+    import torch
     from liger_kernel.transformers.fused_linear_cross_entropy import (
         LigerFusedLinearCrossEntropyLoss,
     )
 
     dtype = _compute_dtype(hidden)
-    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    extra = {}
+    if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss).parameters:
+        extra["accum_dtype"] = torch.float32  # the head's gradient summed in fp32 (0.6.2+)
+    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", **extra)
     return fn(weight.to(dtype), hidden.to(dtype), labels,
               None if bias is None else bias.to(dtype)).float()
 
@@ -217,3 +257,43 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], impl: str,
     if num_items_in_batch is not None:
         return total / torch.as_tensor(num_items_in_batch, device=total.device)
     return total / (y != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# forward() arguments that only shape the stock output; the lean path returns a loss alone
+_OUTPUT_ONLY = ("return_dict", "output_attentions", "output_hidden_states", "logits_to_keep",
+                "use_cache")
+
+
+def install(model: Any, impl: str) -> None:
+    """Make the (base) model's ``forward`` return the ``impl`` loss when given labels.
+
+    Inside forward, a wrapper around the model (DDP's gradient hooks, FSDP's unsharding,
+    accelerate's autocast) covers the lean loss as it covers the stock one. Without labels
+    (generation, logits wanted) the model's own forward runs. :func:`uninstall` undoes it.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stock = type(base).forward
+
+    def forward(self: Any, input_ids: Any = None, labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if labels is None or kwargs.get("inputs_embeds") is not None:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return stock(self, input_ids=input_ids, labels=labels, **kwargs)
+        batch = {k: v for k, v in kwargs.items() if k not in _OUTPUT_ONLY and v is not None}
+        loss = causal_lm_loss(self, {"input_ids": input_ids, "labels": labels, **batch}, impl,
+                              num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
+
+    base.forward = types.MethodType(forward, base)
+    base._reprotune_loss_impl = impl
+
+
+def uninstall(model: Any) -> None:
+    """Give the model back its own forward (before saving or reusing it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "forward" in vars(base) and getattr(base, "_reprotune_loss_impl", None):
+        del base.forward
+        del base._reprotune_loss_impl

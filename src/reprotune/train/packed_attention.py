@@ -5,45 +5,155 @@
 
 * a packed batch (``cu_seq_lens_q`` in the kwargs, from :class:`reprotune.train.packing.PackingCollator`):
   - CUDA with fp16/bf16 activations: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's
-    FlashAttention-2 varlen kernel, causal through ``window_size=(-1, 0)``, GQA native): one
-    kernel for the whole row, no T x T mask;
-  - otherwise (CPU, fp32, dropout, an older torch): transformers' own ``sdpa`` attention run
-    sample by sample, i.e. exactly the computation of each sample alone. Cost is the sum of
-    the squared sample lengths, not the squared row length;
+    FlashAttention-2 varlen kernel): one kernel for the whole row, no T x T mask. Its
+    signature changed between releases, so it is read once from the installed function's
+    parameters (:func:`varlen_signature`), never from a version string: torch 2.10 takes
+    ``is_causal`` and no ``scale``; 2.11 ``window_size`` and ``scale`` but no ``enable_gqa``;
+    2.12 and later all three. Where GQA is not native, the k/v heads are repeated; where
+    ``scale`` is missing, the queries are pre-scaled (exact for any scale);
+  - otherwise (CPU, fp32, dropout, no kernel, or the kernel refusing the dtype or shape):
+    transformers' own ``sdpa`` attention run sample by sample, i.e. exactly the computation
+    of each sample alone. Cost is the sum of the squared sample lengths, not the squared row
+    length;
 * any other batch (the padded evaluation batches): transformers' ``sdpa``, unchanged.
 
-:func:`disable` restores the previous implementation (before saving: a saved model must not
-name an attention function that only exists in this process).
+What packed rows actually ran, and why, is kept for the train metrics (:func:`report`:
+``attention``, ``attention_note``). :func:`disable` restores the previous implementation
+(before saving: a saved model must not name an attention function that only exists in this
+process).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 NAME = "reprotune_packed"
+VARLEN = "varlen_attn (torch FlashAttention-2 varlen)"
+PER_SAMPLE = "sdpa per sample"
+MAX_HEAD_DIM = 256  # FlashAttention-2's limit; head_dim must also be a multiple of 8
 
 
-def varlen_available() -> bool:
-    """PyTorch's varlen FlashAttention is importable and a CUDA device is present."""
+@dataclass(frozen=True)
+class VarlenSignature:
+    """How the installed ``varlen_attn`` is called: the parameters it has."""
+
+    causal: str         # "window_size" (2.11+), "is_causal" (2.10) or "" (cannot say causal)
+    scale: bool         # takes ``scale`` (2.11+)
+    enable_gqa: bool    # takes ``enable_gqa`` (2.12+); else k/v heads are repeated
+
+
+def varlen_signature(fn: Callable[..., Any]) -> VarlenSignature:
+    """Read ``fn``'s parameters (not the torch version) to know how to call it."""
+    params = inspect.signature(fn).parameters
+    causal = ("window_size" if "window_size" in params else
+              "is_causal" if "is_causal" in params else "")
+    return VarlenSignature(causal=causal, scale="scale" in params,
+                           enable_gqa="enable_gqa" in params)
+
+
+@functools.lru_cache(maxsize=1)
+def installed_varlen() -> tuple[Callable[..., Any] | None, VarlenSignature | None, str]:
+    """The installed kernel, its signature and a note; detected once per process."""
     import torch
 
-    if not torch.cuda.is_available():
-        return False
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None, None, (f"torch {torch.__version__} has no torch.nn.attention.varlen "
+                            f"(torch >= 2.10 has it)")
+    sig = varlen_signature(varlen_attn)
+    if not sig.causal:
+        return None, sig, (f"torch {torch.__version__}: varlen_attn takes neither window_size "
+                           f"nor is_causal, so it cannot be asked for causal attention")
+    return varlen_attn, sig, f"torch {torch.__version__}: varlen_attn({sig.causal}" + (
+        ", scale" if sig.scale else "") + (", enable_gqa" if sig.enable_gqa else
+                                          "; k/v heads repeated for GQA") + ")"
+
+
+def call_varlen(fn: Callable[..., Any], sig: VarlenSignature, q: Any, k: Any, v: Any, cu: Any,
+                max_len: int, scaling: float | None) -> Any:
+    """Causal varlen attention of ``[T, heads, head_dim]`` tensors through ``fn`` as ``sig``
+    says it must be called; returns ``[T, heads_q, head_dim]``."""
+    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    kwargs: dict[str, Any] = {}
+    if sig.causal == "window_size":
+        kwargs["window_size"] = (-1, 0)  # (-1, 0) is causal in varlen_attn's convention
+    else:
+        kwargs["is_causal"] = True
+    if heads_q != heads_kv:
+        if sig.enable_gqa:
+            kwargs["enable_gqa"] = True
+        else:  # query head i reads kv head i // group, as transformers' repeat_kv
+            k = k.repeat_interleave(heads_q // heads_kv, dim=1)
+            v = v.repeat_interleave(heads_q // heads_kv, dim=1)
+    default = 1.0 / math.sqrt(head_dim)
+    if sig.scale:
+        kwargs["scale"] = scaling
+    elif scaling is not None and not math.isclose(scaling, default, rel_tol=1e-12):
+        q = q * (scaling / default)  # softmax(s q k^T) == softmax(default (s/default) q k^T)
+    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+class _Ran:
+    """What packed rows ran since :func:`enable` (first reason per path), for the metrics."""
+
+    varlen: bool = False
+    fallback: str | None = None
+    refused: str | None = None  # the kernel raised once: not tried again in this process
+
+
+def refusal(query: Any, dtype: Any, dropout: float) -> str | None:
+    """Why the varlen kernel cannot run this call (None: it can)."""
+    import torch
+
+    if not query.is_cuda:
+        return f"{query.device.type}: varlen_attn runs on CUDA only"
+    fn, _, note = installed_varlen()
+    if fn is None:
+        return note
+    if _Ran.refused:
+        return _Ran.refused
+    if dropout:
+        return f"attention dropout {dropout} (the varlen path has none)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return (f"activations are {str(dtype).removeprefix('torch.')}: the FlashAttention "
+                f"kernel takes fp16/bf16 (train.precision: auto or bf16 on a GPU)")
+    head_dim = query.shape[-1]
+    if head_dim > MAX_HEAD_DIM or head_dim % 8:
+        return f"head_dim {head_dim}: FlashAttention needs a multiple of 8 up to {MAX_HEAD_DIM}"
+    return None
 
 
 def kernel_name(device: str) -> str:
-    """What packed batches will run on ``device`` (recorded in the train metrics)."""
-    if device.startswith("cuda") and varlen_available():
-        return "varlen_attn (torch FlashAttention-2 varlen)"
-    return "sdpa per sample"
+    """What packed rows are expected to run on ``device`` (before any call)."""
+    return VARLEN if device.startswith("cuda") and installed_varlen()[0] is not None else PER_SAMPLE
+
+
+def report(device: str) -> dict[str, str]:
+    """``attention`` and ``attention_note`` for the metrics: what packed rows ran and why."""
+    fn, _, note = installed_varlen()
+    if _Ran.varlen and not _Ran.fallback:
+        return {"attention": VARLEN, "attention_note": note}
+    if _Ran.varlen:
+        return {"attention": f"{VARLEN}, some calls {PER_SAMPLE}",
+                "attention_note": f"{note}; fallback: {_Ran.fallback}"}
+    why = _Ran.fallback
+    if why is None:  # no packed row ran yet: what is expected
+        if not device.startswith("cuda"):
+            why = f"{device}: varlen_attn runs on CUDA only"
+        elif fn is not None:
+            return {"attention": VARLEN, "attention_note": f"{note} (expected; no packed row ran yet)"}
+        else:
+            why = note
+    return {"attention": PER_SAMPLE, "attention_note": why}
 
 
 def _compute_dtype(query: Any) -> Any:
@@ -55,20 +165,29 @@ def _compute_dtype(query: Any) -> Any:
 
 def _varlen(query: Any, key: Any, value: Any, cu: Any, max_len: int, scaling: float | None,
             dtype: Any) -> Any:
-    from torch.nn.attention.varlen import varlen_attn
-
+    fn, sig, _ = installed_varlen()
     # transformers hands over [1, heads, T, head_dim]; varlen wants [T, heads, head_dim]
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=q.shape[1] != k.shape[1])
+    out = call_varlen(fn, sig, q, k, v, cu, max_len, scaling)
     return out.unsqueeze(0)  # [1, T, heads, head_dim], the layout attention functions return
+
+
+def _per_sample(module: Any, query: Any, key: Any, value: Any, cu: Any, dropout: float,
+                scaling: float | None, **kwargs: Any) -> Any:
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = cu.tolist()  # the CPU path: one sdpa call per sample needs the bounds on the host
+    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                   None, dropout=dropout, scaling=scaling, **kwargs)[0]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return torch.cat(outs, dim=1)
 
 
 def packed_attention_forward(module: Any, query: Any, key: Any, value: Any,
                              attention_mask: Any, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
     """An ``AttentionInterface`` function: per-sample attention for packed rows, sdpa otherwise."""
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.pop("cu_seq_lens_q", None)
@@ -81,14 +200,21 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any,
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got a batch of {query.shape[0]}")
     dtype = _compute_dtype(query)
-    if (query.is_cuda and dropout == 0.0 and dtype in (torch.float16, torch.bfloat16)
-            and varlen_available()):
-        return _varlen(query, key, value, cu, int(max_len), scaling, dtype), None
-    bounds = cu.tolist()
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                   None, dropout=dropout, scaling=scaling, **kwargs)[0]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return torch.cat(outs, dim=1), None
+    why = refusal(query, dtype, dropout)
+    if why is None:
+        try:
+            out = _varlen(query, key, value, cu, int(max_len), scaling, dtype)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+            # a kernel that refuses this GPU, dtype or shape: say so once, then per sample
+            why = _Ran.refused = f"varlen_attn refused the call ({type(exc).__name__}: " \
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            log.warning("packed attention: %s; packed rows run %s from now on", why, PER_SAMPLE)
+        else:
+            _Ran.varlen = True
+            return out, None
+    if _Ran.fallback is None:
+        _Ran.fallback = why
+    return _per_sample(module, query, key, value, cu, dropout, scaling, **kwargs), None
 
 
 def _mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
@@ -117,6 +243,7 @@ def _base(model: Any) -> Any:
 def enable(model: Any) -> str:
     """Switch ``model`` to packed attention; returns the implementation to restore later."""
     register()
+    _Ran.varlen, _Ran.fallback = False, None
     base = _base(model)
     previous = base.config._attn_implementation
     if previous not in ("sdpa", "eager", NAME):

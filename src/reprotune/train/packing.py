@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from reprotune.train.data import IGNORE_INDEX, progress
+from reprotune.constants import IGNORE_INDEX
+from reprotune.train.data import progress
 from reprotune.train.methods import TrainSetupError
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,18 @@ class PackingCollator:
     """One pack (a batch of one dataset item) -> a single padding-free row with boundaries.
 
     Batches of plain rows (the evaluation set) go to ``unpacked`` (the padding collator).
+
+    ``pad_to`` (``train.tokens_per_batch`` under ``train.torch_compile``): static shapes, so a
+    compiled model does not recompile per pack. Every row is padded to ``pad_to`` tokens by
+    one extra segment of ``pad_id`` (its own sample: no real token attends to it; labels
+    ``IGNORE_INDEX``, attention mask 0, so no count changes), ``max_length`` is ``pad_to``,
+    and the boundaries are padded with empty segments to a power-of-two length (a handful
+    of shapes in a whole run).
     """
 
     unpacked: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+    pad_to: int | None = None
+    pad_id: int = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -208,16 +218,39 @@ class PackingCollator:
         # the first token's label would be predicted across the boundary: never a target
         labels[bounds[:-1]] = IGNORE_INDEX
         positions = np.arange(len(ids), dtype=np.int64) - np.repeat(bounds[:-1], sizes)
-        cu = torch.from_numpy(bounds.astype(np.int32))
+        mask = np.ones(len(ids), dtype=np.int64)
         longest = int(sizes.max())
+        if self.pad_to is not None:
+            ids, labels, positions, mask, bounds = _pad_static(
+                ids, labels, positions, mask, bounds, self.pad_to, self.pad_id)
+            longest = self.pad_to
+        cu = torch.from_numpy(bounds.astype(np.int32))
         return {"input_ids": torch.from_numpy(ids)[None],
                 "labels": torch.from_numpy(labels)[None],
                 "position_ids": torch.from_numpy(positions)[None],
-                # all ones: only read by the Trainer's non-padding token count, dropped before
-                # the forward (a 2D mask would make transformers build a dense T x T mask)
-                "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+                # only read by the Trainer's non-padding token count, dropped before the
+                # forward (a 2D mask would make transformers build a dense T x T mask)
+                "attention_mask": torch.from_numpy(mask)[None],
                 "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
                 "max_length_q": longest, "max_length_k": longest}
+
+
+def _pad_static(ids: np.ndarray, labels: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+                bounds: np.ndarray, pad_to: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """One pack padded to ``pad_to`` tokens (a segment of its own) and a power-of-two
+    number of boundaries (empty segments at the end); see :class:`PackingCollator`."""
+    extra = pad_to - len(ids)
+    if extra < 0:
+        raise ValueError(f"a pack of {len(ids)} tokens exceeds train.tokens_per_batch {pad_to}")
+    if extra:
+        ids = np.concatenate([ids, np.full(extra, pad_id, dtype=ids.dtype)])
+        labels = np.concatenate([labels, np.full(extra, IGNORE_INDEX, dtype=labels.dtype)])
+        positions = np.concatenate([positions, np.arange(extra, dtype=positions.dtype)])
+        mask = np.concatenate([mask, np.zeros(extra, dtype=mask.dtype)])
+        bounds = np.append(bounds, pad_to)
+    width = 1 << (len(bounds) - 1).bit_length()  # next power of two >= len(bounds)
+    bounds = np.concatenate([bounds, np.full(width - len(bounds), pad_to, dtype=bounds.dtype)])
+    return ids, labels, positions, mask, bounds
 
 
 def is_packed(inputs: dict[str, Any]) -> bool:

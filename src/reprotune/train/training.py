@@ -44,6 +44,7 @@ from typing import Any
 
 from reprotune import io
 from reprotune.chat_template import template_fingerprint
+from reprotune.constants import IGNORE_INDEX
 from reprotune.params import (
     FreezeParams,
     LoraParams,
@@ -54,7 +55,6 @@ from reprotune.params import (
 )
 from reprotune.train import curves, distributed
 from reprotune.train.data import (
-    IGNORE_INDEX,
     PaddingCollator,
     check_sizes,
     load_splits,
@@ -316,32 +316,41 @@ def _callback_classes() -> tuple[type, type, type]:
 def _trainer_class() -> type:
     from transformers import Trainer
 
-    from reprotune.train.lean_loss import causal_lm_loss
     from reprotune.train.packing import model_inputs
 
     class CountingTrainer(Trainer):
         """Trainer that counts the label (assistant) tokens it trains on and computes the
         loss with ``loss_impl`` (see :mod:`reprotune.train.lean_loss`)."""
 
-        label_tokens_seen = 0
         loss_impl = "stock"
+        _labels_before = 0    # counted before this session (resume) or already synced
+        _labels_device = None  # this session's count, a device tensor: no sync per step
+
+        @property
+        def label_tokens_seen(self) -> int:
+            """Label tokens trained on (this rank); reading it syncs with the device."""
+            pending = 0 if self._labels_device is None else int(self._labels_device)
+            return self._labels_before + pending
+
+        @label_tokens_seen.setter
+        def label_tokens_seen(self, value: int) -> None:
+            self._labels_before, self._labels_device = int(value), None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            self.label_tokens_seen += int((inputs["labels"] != IGNORE_INDEX).sum())
+            n = (inputs["labels"] != IGNORE_INDEX).sum()
+            self._labels_device = n if self._labels_device is None else self._labels_device + n
             return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = model_inputs(inputs)
             if self.loss_impl == "stock":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # the same normalisation as the stock path: the Trainer passes the label tokens of
-            # the whole optimizer step only to models that accept loss kwargs
-            n = num_items_in_batch if self.model_accepts_loss_kwargs else None
-            # accelerate puts mixed-precision autocast around model.forward only; the lean
-            # path calls the decoder directly, so it enters the same autocast itself
+            # the lean loss runs inside the model's forward (lean_loss.install), so the
+            # Trainer's normalisation and any DDP/FSDP wrapper apply to it unchanged.
+            # accelerate puts autocast around the top model's forward once it is prepared;
+            # entering it here too covers a model called before that (a nested no-op after)
             with self.accelerator.autocast():
-                loss = causal_lm_loss(model, inputs, self.loss_impl, n)
-            return (loss, {"loss": loss}) if return_outputs else loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return CountingTrainer
 
@@ -436,7 +445,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     from transformers import AutoConfig, EarlyStoppingCallback, set_seed
 
     from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
-    from reprotune.train import packed_attention
+    from reprotune.train import fused, lean_loss, packed_attention
     from reprotune.train.packing import PackingCollator, pack_stats, packed_dataset, resolve_packing
     from reprotune.train.speed import speed_setup
 
@@ -474,7 +483,8 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     model = prepare_model(load_base(base_dir, method, qlora=cfg.qlora, device=device), method,
                           lora=cfg.lora, freeze=cfg.freeze, prompt=cfg.prompt,
                           gradient_checkpointing=cfg.train.gradient_checkpointing)
-    speed = speed_setup(model, cfg.train, method, device, packing)  # may refuse loss_impl
+    speed = speed_setup(model, cfg.train, method, device, packing,  # may refuse loss_impl
+                        precision=precision)
     speed["packing_note"] = packing_note
     if packing:
         speed.update(pack_stats(train_data, cfg.train.tokens_per_batch))
@@ -505,7 +515,11 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         model=model, args=args,
         train_dataset=train_data, eval_dataset=val_rows, processing_class=tokenizer,
         # packs for training; evaluation stays padded, so val loss means the same either way
-        data_collator=PackingCollator(unpacked=padded) if packing else padded,
+        data_collator=PackingCollator(
+            unpacked=padded, pad_id=pad_id,
+            # compiled: one pack shape for the whole run, so no recompilation per pack
+            pad_to=cfg.train.tokens_per_batch if cfg.train.torch_compile else None)
+        if packing else padded,
         callbacks=callbacks)
     trainer.loss_impl = speed["loss_impl"]
     trainer.add_callback(Counters(trainer))
@@ -579,14 +593,20 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
         "tokens_per_s_steady": _steady(live_cb.rates),
         "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
-        **{k: v for k, v in speed.items() if k != "restore_attention"}, **memory,
+        **{k: v for k, v in speed.items() if k not in ("restore_attention", "bf16_frozen")},
+        **memory,
     }
+    if packing:  # what packed rows ran (a kernel may have refused them midway), and why
+        metrics.update(packed_attention.report(device))
     if cfg.train.launcher != "python" or world > 1:
         metrics["distributed"] = distributed.summary(trainer, cfg.top.batch_size,
                                                      cfg.train.grad_accum, packing)
     if speed["restore_attention"]:  # the saved model must load without this process's kernels
         packed_attention.disable(trainer.model, speed["restore_attention"])
+    lean_loss.uninstall(model)
     model_out = distributed.saveable_model(trainer)  # FSDP/ZeRO-3: gathered on every rank
+    if method == "freeze" and speed["bf16_frozen"]:  # the saved model is the whole model
+        fused.restore_frozen(model_out, base_dir, speed["bf16_frozen"])
     if distributed.is_main():  # only rank 0 writes the model, the curves, the run state
         save_finetuned(model_out, tokenizer, out_dir, method=method, base_dir=base_dir,
                        enable_thinking=cfg.enable_thinking, qlora=cfg.qlora)
