@@ -1,8 +1,8 @@
 # reprotune: two commands do all set-up on a fresh machine.
 #   make repro   create .venv if missing, install, run the whole DVC pipeline
 #   make test    same install, then the test suite
-# Team and review helpers (README, "Working as a team" and "Experiments and review"):
-#   make remote URL=...   make push   make pull   make exps   make exps-plot   make report   make plots
+# Team and review helpers (docs/team.md, docs/experiments.md):
+#   make remote URL=...   make push   make pull   make adopt EXP=...   make exps   make exps-plot   make report   make plots
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -23,7 +23,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull exps exps-plot \
+.PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
         report plots
 
 install: $(STAMP)
@@ -112,6 +112,11 @@ push: install
 
 pull: install
 	@$(BIN)/python -m reprotune.team.remote pull
+
+# A teammate's experiment (pushed with `dvc exp push origin NAME`) into the workspace with its
+# outputs, keeping this workspace's remote in .dvc/config (docs/team.md).
+adopt: install
+	@$(BIN)/python -m reprotune.team.adopt '$(EXP)'
 
 # Experiments table: changed params + headline metrics, sorted (README, "Experiments").
 SORT  ?= metrics/train.json:best_val_loss

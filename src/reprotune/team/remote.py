@@ -68,7 +68,8 @@ def _run(args: list[str], *, check: bool = True) -> subprocess.CompletedProcess[
     return proc
 
 
-def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The venv's DVC with ``args``, output captured; with ``check`` a failure is one line."""
     return _run([sys.executable, "-m", "dvc", *args], check=check)
 
 
@@ -93,15 +94,15 @@ def add(url: str, *, name: str = "storage", endpoint: str | None = None,
         raise RemoteError(f"ENDPOINT is for s3:// remotes (MinIO and other S3 servers), not {url}")
     if install:
         install_extra(backend, root)
-    _dvc("remote", "add", "--default", "--force", name, url)
+    run_dvc("remote", "add", "--default", "--force", name, url)
     if endpoint:
-        _dvc("remote", "modify", name, "endpointurl", endpoint)
+        run_dvc("remote", "modify", name, "endpointurl", endpoint)
     return backend
 
 
 def default_remote() -> str | None:
     """The default remote's name, or None when none is configured."""
-    proc = _dvc("remote", "default", check=False)
+    proc = run_dvc("remote", "default", check=False)
     # without one, DVC prints "No default remote set" on stdout and exits 1
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
