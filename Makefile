@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.reprotune-installed
 # Every Python package except torch, pinned with hashes (`make lock` rewrites it).
 LOCK   := lock/requirements.txt
 # torch is the one package outside the lock: the CPU wheel here, a CUDA build of the same
-# version on a GPU machine (installed before `make install`, README), share every other pin.
+# version on a GPU machine (installed before `make install`, docs/gpu.md), share every other pin.
 TORCH  := torch==2.13.0
 # Where torch comes from: pip's defaults (here: the local CPU wheel); elsewhere e.g.
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu, so PyPI's CUDA build is never fetched.
@@ -80,7 +80,7 @@ dag: install
 # there): the pinned versions of what its image lacks or has too old (its tokenizers,
 # huggingface-hub and safetensors already fit), into the git-ignored
 # .whl/ (about 58 MB: with the ~4 MB tree under the 64 MiB a device call may carry). bench/gpu_check.sh installs
-# them there and runs the CUDA checks; README "Fast and lean on a GPU".
+# them there and runs the CUDA checks; docs/gpu.md "Fast and lean on a GPU".
 GPU_WHEELS := transformers regex ruamel-yaml bitsandbytes peft
 gpu-wheels:
 	@mkdir -p .whl
@@ -118,7 +118,7 @@ pull: install
 adopt: install
 	@$(BIN)/python -m reprotune.team.adopt '$(EXP)'
 
-# Experiments table: changed params + headline metrics, sorted (README, "Experiments").
+# Experiments table: changed params + headline metrics, sorted (docs/experiments.md).
 SORT  ?= metrics/train.json:best_val_loss
 ORDER ?= asc
 exps: install

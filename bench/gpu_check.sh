@@ -9,7 +9,7 @@
 # Trainer vs the train stage's full / lora / qlora on one seeded workload) and writes
 # everything to $OUT (bench/results/gpu_check/ when run by hand). Commit the JSON under
 # bench/results/ with the GPU name, versions and this command, and put its table in the
-# README ("Fast and lean on a GPU").
+# docs/gpu.md ("Fast and lean on a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 USAGE_HINT = ("use a local folder (/mnt/team/dvc-store), s3://bucket/path (ENDPOINT=http://host:9000 "
               "for MinIO), gs://bucket/path or ssh://user@host/path")
-NO_REMOTE = ("no DVC remote is configured: run `make remote URL=...` once (README, "
-             "'Working as a team'), commit .dvc/config, then retry")
+NO_REMOTE = ("no DVC remote is configured: run `make remote URL=...` once (docs/team.md), "
+             "commit .dvc/config, then retry")
 
 
 class RemoteError(RuntimeError):
