@@ -297,6 +297,15 @@ def test_readme_dag_shows_exactly_the_stages() -> None:
                                f"(missing {sorted(expected - boxes)}, extra {sorted(boxes - expected)})")
 
 
+def test_pipeline_guide_has_a_row_per_stage() -> None:
+    text = (ROOT / "docs" / "pipeline.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `([\w@<>]+)` \|", text, re.M))
+    stages = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
+    expected = {f"{n}@<file>" if "foreach" in st else n for n, st in stages.items()}
+    assert rows == expected, (f"docs/pipeline.md's stage table: missing {sorted(expected - rows)}, "
+                              f"extra {sorted(rows - expected)}")
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_numbers_name_their_source_and_docs_speak_to_users(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
