@@ -86,6 +86,14 @@ def test_adopt_errors_are_one_line_and_touch_nothing(team: Path, tmp_path: Path)
                                   "remote 'origin' (")
     assert proc.stderr.rstrip().endswith("list the pushed ones with `dvc exp list origin`")
     assert run(["git", "status", "--porcelain"], d).stdout == ""
+    # uncommitted edits are never overwritten
+    (d / "params.yaml").write_text((d / "params.yaml").read_text() + "# my edit\n")
+    proc = _adopt(d, EXP, ok=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"make adopt: uncommitted changes in params.yaml: commit or stash them first "
+        f"(applying {EXP} would overwrite them)")
+    assert (d / "params.yaml").read_text().endswith("# my edit\n")
+    run(["git", "checkout", "--", "params.yaml"], d)
     proc = _adopt(d, "", ok=False)
     assert proc.returncode == 2 and proc.stderr.startswith("make adopt: EXP is missing")
 

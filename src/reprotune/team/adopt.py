@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,11 +40,19 @@ def adopt(name: str, *, git_remote: str = "origin", root: Path = Path(".")) -> b
     """Apply experiment ``name`` from ``git_remote`` to the workspace and pull its outputs.
 
     Returns whether the workspace's ``.dvc/config`` had to be restored after the apply.
-    Raises :class:`RemoteError` (one line) when no remote is configured, the experiment is
-    not on ``git_remote``, or applying or pulling fails.
+    Raises :class:`RemoteError` (one line) when no remote is configured, tracked files have
+    uncommitted changes, the experiment is not on ``git_remote``, or applying or pulling fails.
     """
     if default_remote() is None:
         raise RemoteError(NO_REMOTE)
+    # `dvc exp apply` overwrites tracked files: never lose the user's uncommitted edits
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, check=False).stdout.split("\n")
+    dirty = [line[3:] for line in dirty if line.strip()]
+    if dirty:
+        raise RemoteError(f"uncommitted changes in {', '.join(dirty[:3])}"
+                          f"{' ...' if len(dirty) > 3 else ''}: commit or stash them first "
+                          f"(applying {name} would overwrite them)")
     config = root / CONFIG
     saved = config.read_bytes()
     # the git ref only: its outputs come from the default remote below, whatever the
