@@ -1,8 +1,8 @@
 # reprotune: two commands do all set-up on a fresh machine.
 #   make repro   create .venv if missing, install, run the whole DVC pipeline
 #   make test    same install, then the test suite
-# Team and review helpers (README, "Working as a team" and "Experiments and review"):
-#   make remote URL=...   make push   make pull   make exps   make exps-plot   make report   make plots
+# Team and review helpers (docs/team.md, docs/experiments.md):
+#   make remote URL=...   make push   make pull   make adopt EXP=...   make exps   make exps-plot   make report   make plots
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.reprotune-installed
 # Every Python package except torch, pinned with hashes (`make lock` rewrites it).
 LOCK   := lock/requirements.txt
 # torch is the one package outside the lock: the CPU wheel here, a CUDA build of the same
-# version on a GPU machine (installed before `make install`, README), share every other pin.
+# version on a GPU machine (installed before `make install`, docs/gpu.md), share every other pin.
 TORCH  := torch==2.13.0
 # Where torch comes from: pip's defaults (here: the local CPU wheel); elsewhere e.g.
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu, so PyPI's CUDA build is never fetched.
@@ -23,7 +23,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull exps exps-plot \
+.PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
         report plots
 
 install: $(STAMP)
@@ -80,7 +80,7 @@ dag: install
 # there): the pinned versions of what its image lacks or has too old (its tokenizers,
 # huggingface-hub and safetensors already fit), into the git-ignored
 # .whl/ (about 59 MB with liger-kernel: with the ~4 MB tree under the 64 MiB a device call may carry). bench/gpu_check.sh installs
-# them there and runs the CUDA checks; README "Fast and lean on a GPU".
+# them there and runs the CUDA checks; docs/gpu.md "Fast and lean on a GPU".
 GPU_WHEELS := transformers regex ruamel-yaml bitsandbytes peft
 # the gpu extra (pyproject.toml), not in the CPU lock: pinned here (pure Python, 0.9 MB;
 # Triton comes with the image's CUDA torch)
@@ -116,7 +116,12 @@ push: install
 pull: install
 	@$(BIN)/python -m reprotune.team.remote pull
 
-# Experiments table: changed params + headline metrics, sorted (README, "Experiments").
+# A teammate's experiment (pushed with `dvc exp push origin NAME`) into the workspace with its
+# outputs, keeping this workspace's remote in .dvc/config (docs/team.md).
+adopt: install
+	@$(BIN)/python -m reprotune.team.adopt '$(EXP)'
+
+# Experiments table: changed params + headline metrics, sorted (docs/experiments.md).
 SORT  ?= metrics/train.json:best_val_loss
 ORDER ?= asc
 exps: install

@@ -19,7 +19,7 @@ frozen weights, about 4N, so for them this convention compares throughput rather
 measuring hardware utilisation), and peak memory (``torch.cuda.max_memory_allocated``, reset per run). Printed as a
 table and written as JSON (``--out``) with the GPU name and versions.
 
-On a GPU machine (figures: README, GPU section):
+On a GPU machine (figures: docs/gpu.md):
 
     python bench/train_throughput.py --out bench/results/train_throughput_h100.json
 

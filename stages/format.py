@@ -36,7 +36,7 @@ def main() -> None:
 
     log = runtime.setup("format")
     cfg = load_section("format")
-    num_proc = load_section("data").processes()
+    num_proc = runtime.data_processes(load_section("data"))
     datas = {s: Path(args.data_dir) / f"{s}.jsonl" for s in SPLITS}
     outs = {s: Path(args.out_dir) / f"{s}.parquet" for s in SPLITS}
     io.clean_stale_temporaries(*outs.values(), args.dropped, args.metrics, args.plot)

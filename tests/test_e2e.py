@@ -142,7 +142,12 @@ def test_repro_then_noop(project: Path) -> None:
     lineage = _run([sys.executable, "-m", "reprotune.lineage", "models/finetuned"], project)
     assert "written by stage `train`" in lineage and "baseline" in lineage  # the commit
     assert "data/raw/demo.jsonl" in lineage and "(from stage `demo`)" in lineage
-    assert "input data/processed/train.parquet:" in lineage and "transformers 5." in lineage
+    assert "<- data/processed/train.parquet " in lineage and "transformers 5." in lineage
+    # every stage upstream of the model, each with the params dvc.lock recorded for it
+    for upstream in ("format:", "base: [model] name=tiny", "split: [split]", "dedup: [dedup]",
+                     "ingest: ingest.inputs=", "read@data/raw/demo.jsonl:", "demo: [demo]"):
+        assert f"\n  {upstream}" in lineage, upstream
+    assert "group_by_length" not in lineage and len(lineage.splitlines()) <= 50
 
     # Retraining with the same code, params and data changes no tracked file: the model,
     # metrics and curves are identical on CPU, and timings live in the untracked

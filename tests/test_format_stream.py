@@ -203,8 +203,10 @@ def test_num_proc_param():
 
     assert build(DataParams, {}, "data").num_proc == "auto"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert build(DataParams, {"num_proc": "auto"}, "data").processes() == cores >= 1
-    assert build(DataParams, {"num_proc": 3}, "data").processes() == 3
+    from reprotune.runtime import data_processes
+
+    assert data_processes(build(DataParams, {"num_proc": "auto"}, "data")) == cores >= 1
+    assert data_processes(build(DataParams, {"num_proc": 3}, "data")) == 3
     for bad, msg in ((0, r"data.num_proc: 0 must be >= 1"), ("many", r"data.num_proc: 'many'"),
                      (1.5, r"data.num_proc: 1.5"), (True, r"data.num_proc")):
         with pytest.raises(ParamsError, match=msg):

@@ -85,8 +85,8 @@ def test_push_and_pull_without_remote_are_one_line(repo: Path) -> None:
         proc = _remote(repo, cmd, ok=False)
         assert proc.returncode == 2
         assert proc.stderr.strip() == (
-            f"make {cmd}: no DVC remote is configured: run `make remote URL=...` once (README, "
-            "'Working as a team'), commit .dvc/config, then retry")
+            f"make {cmd}: no DVC remote is configured: run `make remote URL=...` once (docs/team.md), "
+            "commit .dvc/config, then retry")
 
 
 def test_local_remote_push_then_teammate_pulls(repo: Path, tmp_path: Path) -> None:

@@ -109,14 +109,8 @@ class DedupParams:
 class DataParams:
     # processes of the data stages' batched `datasets` map; "auto": every core this process
     # may run on. Outputs never depend on it (rows are processed alone, results kept in order)
+    # (resolved to a number by reprotune.runtime.data_processes: params knows no machine)
     num_proc: int | Literal["auto"] = _f("auto", **_rng(1, 1024))
-
-    def processes(self) -> int:
-        """``num_proc`` as a number: ``auto`` is the CPUs this process may use
-        (:func:`reprotune.runtime.usable_cpus`)."""
-        from reprotune.runtime import usable_cpus  # runtime imports this module
-
-        return usable_cpus() if self.num_proc == "auto" else int(self.num_proc)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from types import TracebackType
 
-from reprotune.params import DEFAULT_PARAMS, ParamsError, read_params
+from reprotune.params import DEFAULT_PARAMS, DataParams, ParamsError, read_params
 
 
 def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
@@ -51,6 +51,13 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+def data_processes(data: DataParams) -> int:
+    """``data.num_proc`` as a number: ``auto`` is :func:`usable_cpus`. It lives here, not on
+    the params class, because params.py validates values and knows nothing of the machine
+    (and this module imports it)."""
+    return usable_cpus() if data.num_proc == "auto" else int(data.num_proc)
 
 
 def seed_everything(seed: int) -> None:

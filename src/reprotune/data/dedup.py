@@ -19,8 +19,8 @@ row: 1 byte (its reason code); per distinct text (first occurrence passing the f
 MinHash signature (512 with 128 permutations) and 1 byte: ~660 bytes, ~0.65 GB at 1e6 rows.
 On top: one partition of n-gram entries while it is counted (<= ~256 MB of 8-byte entries,
 :class:`~reprotune.data.tfidf.NgramIndex`), the pairs, and the chunk temporaries.
-Measured peak RSS of the stage (bench/data_scale.py rows, README "Data stages at scale"):
-0.9 GiB at 1e5 rows (was 2.6 GiB); 1e6 rows: see the README.
+Measured peak RSS of the stage (bench/data_scale.py rows, docs/data.md "Data stages at scale"):
+0.9 GiB at 1e5 rows (2.6 GiB with one unpartitioned index); 1e6 rows: see docs/data.md.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from reprotune import io
+from reprotune.data import hub
 from reprotune.data.ingest import IngestCounts, IngestResult, convert_rows, ingest_rows
 from reprotune.data.readers import RawRow, iter_rows
 
@@ -85,10 +86,18 @@ def check_files(res: IngestResult | IngestCounts, paths: Sequence[str], min_kept
                 f"ingest.columns, or lower ingest.min_kept_ratio to accept the losses")
 
 
+def iter_input_rows(path: str | Path) -> Iterator[RawRow]:
+    """The raw rows of one ``ingest.inputs`` entry: a hub dataset's split for a ``*.hub.yaml``
+    manifest (:func:`reprotune.data.hub.iter_rows`), else the local file
+    (:func:`reprotune.data.readers.iter_rows`). The choice lives here, above both readers,
+    because the hub reader reads its snapshot's files through the file readers."""
+    return hub.iter_rows(path) if hub.is_manifest(path) else iter_rows(path)
+
+
 def _rows(paths: Sequence[str]) -> Iterator[RawRow]:
     """The raw rows of every file of ``paths`` in order, with a progress bar per file."""
     for path in paths:
-        yield from tqdm(iter_rows(path), desc=f"ingest {path}", unit="row", mininterval=2,
+        yield from tqdm(iter_input_rows(path), desc=f"ingest {path}", unit="row", mininterval=2,
                         disable=None)
 
 

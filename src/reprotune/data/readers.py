@@ -302,19 +302,15 @@ def _iter_parquet(source: str, path: Path) -> Iterator[RawRow]:
 
 
 def iter_rows(path: str | Path) -> Iterator[RawRow]:
-    """Yield the rows of one input file (format chosen by extension; a ``*.hub.yaml``
-    manifest names a hub dataset, read by :func:`reprotune.data.hub.iter_rows`).
+    """Yield the rows of one local input file (format chosen by extension). A ``*.hub.yaml``
+    manifest is not a file of rows: :func:`reprotune.data.inputs.iter_input_rows` sends it to
+    :func:`reprotune.data.hub.iter_rows`, which reads the snapshot's files through this one.
 
     Raises FileNotFoundError when the file does not exist and :class:`InputFileError` when
     the file as a whole cannot be read; everything wrong with a single row is reported on
     that row instead.
     """
     source = str(path)
-    if source.endswith(".hub.yaml"):  # a Hugging Face hub dataset, pinned by a manifest
-        from reprotune.data import hub
-
-        yield from hub.iter_rows(path)
-        return
     p = Path(path)
     if p.is_dir():
         raise InputFileError(f"{source}: is a directory, not a file; list the files in it "
@@ -327,7 +323,8 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
         unpack = (f"; it is compressed: unpack it first (e.g. `gunzip -k {source}` for .gz) "
                   f"and list the unpacked file" if ext in COMPRESSED else "")
         raise InputFileError(f"{source}: unsupported file type {ext or '(none)'!r} in "
-                             f"ingest.inputs; supported: {', '.join(SUPPORTED)}{unpack}")
+                             f"ingest.inputs; supported: {', '.join(SUPPORTED)} "
+                             f"and *.hub.yaml manifests of hub datasets{unpack}")
     if ext == ".parquet":
         yield from _iter_parquet(source, p)
         return

@@ -2,7 +2,7 @@
 
 Used by the dedup stage (pairs within one corpus) and by the split stage's leakage check
 (val/test rows against earlier splits). Three steps, in bounded memory (1e6 rows: see
-:class:`~reprotune.data.tfidf.NgramIndex` and README "Data stages at scale"):
+:class:`~reprotune.data.tfidf.NgramIndex` and docs/data.md "Data stages at scale"):
 
 1. **Features** (:mod:`reprotune.data.ngrams`, :mod:`reprotune.data.tfidf`). The char
    n-grams (``ngram_range``, e.g. 2-4) of every lower-cased text whose whitespace runs are

@@ -1,5 +1,5 @@
 """The partitioned char n-gram TF-IDF index of a corpus: exact document frequencies, TF-IDF
-rows and exact cosines, in bounded memory (1e6 rows: README "Data stages at scale").
+rows and exact cosines, in bounded memory (1e6 rows: docs/data.md "Data stages at scale").
 
 TF-IDF as scikit-learn's ``TfidfVectorizer(analyzer="char", sublinear_tf=True, norm="l2")``
 defines it (smooth idf) over the hashed n-grams of :mod:`reprotune.data.ngrams`. Document

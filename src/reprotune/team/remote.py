@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 USAGE_HINT = ("use a local folder (/mnt/team/dvc-store), s3://bucket/path (ENDPOINT=http://host:9000 "
               "for MinIO), gs://bucket/path or ssh://user@host/path")
-NO_REMOTE = ("no DVC remote is configured: run `make remote URL=...` once (README, "
-             "'Working as a team'), commit .dvc/config, then retry")
+NO_REMOTE = ("no DVC remote is configured: run `make remote URL=...` once (docs/team.md), "
+             "commit .dvc/config, then retry")
 
 
 class RemoteError(RuntimeError):
@@ -68,7 +68,8 @@ def _run(args: list[str], *, check: bool = True) -> subprocess.CompletedProcess[
     return proc
 
 
-def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The venv's DVC with ``args``, output captured; with ``check`` a failure is one line."""
     return _run([sys.executable, "-m", "dvc", *args], check=check)
 
 
@@ -93,15 +94,15 @@ def add(url: str, *, name: str = "storage", endpoint: str | None = None,
         raise RemoteError(f"ENDPOINT is for s3:// remotes (MinIO and other S3 servers), not {url}")
     if install:
         install_extra(backend, root)
-    _dvc("remote", "add", "--default", "--force", name, url)
+    run_dvc("remote", "add", "--default", "--force", name, url)
     if endpoint:
-        _dvc("remote", "modify", name, "endpointurl", endpoint)
+        run_dvc("remote", "modify", name, "endpointurl", endpoint)
     return backend
 
 
 def default_remote() -> str | None:
     """The default remote's name, or None when none is configured."""
-    proc = _dvc("remote", "default", check=False)
+    proc = run_dvc("remote", "default", check=False)
     # without one, DVC prints "No default remote set" on stdout and exits 1
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
