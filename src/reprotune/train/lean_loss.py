@@ -56,9 +56,11 @@ def resolve_loss_impl(setting: str, device: str, model: Any, method: str) -> tup
     head = base.get_output_embeddings()
     model_type = getattr(base.config, "model_type", "?")
     blocker = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
         # the lean path calls the decoder directly, past a DistributedDataParallel wrapper
-        blocker = "it runs one process only (WORLD_SIZE > 1)"
+        blocker = (f"the lean loss supports single-process training only and this run has "
+                   f"{world} processes (train.num_processes)")
     elif method in ("prompt_tuning", "prefix_tuning"):
         blocker = f"method={method} builds its inputs inside peft's forward"
     elif model_type not in PLAIN_HEAD_MODEL_TYPES:
