@@ -98,6 +98,8 @@ class ModelParams:
 @dataclass(frozen=True)
 class DedupParams:
     threshold: float = _f(0.85, **_rng(0, 1, lo_open=True))
+    # rows with fewer content characters are compared on exact keys only (dedup.py says why)
+    near_min_chars: int = _f(20, **_rng(0, None))
     ngram_min: int = _f(2, **_rng(1, 10))
     ngram_max: int = _f(4, **_rng(1, 10))
     num_perm: int = _f(128, **_rng(8, 1024))
