@@ -86,6 +86,12 @@ def test_dvc_hashes_match_and_a_flipped_bit_is_caught(project: Path) -> None:
     with pytest.raises(verify.IntegrityError, match=r"^models/m: \+extra\.bin, -sub/t\.txt differ "):
         verify.verify_paths(["models/m"], root=project)
 
+    (project / "one.txt").rename(project / "two.txt")
+    with pytest.raises(verify.IntegrityError, match=r"^one\.txt: missing \(stage `one` writes it\); "
+                       r"restore it: dvc checkout one\.txt \(or dvc pull one\.txt, or rebuild: "
+                       r"dvc repro one\)$"):
+        verify.verify_paths(["one.txt"], root=project)
+    (project / "two.txt").rename(project / "one.txt")
     _flip_bit_keep_mtime(project / "one.txt", 0)
     with pytest.raises(verify.IntegrityError, match=r"^one\.txt: file differs from what stage `one`"):
         verify.verify_paths(["one.txt"], root=project)

@@ -172,8 +172,11 @@ def verify_paths(paths: Iterable[str], *, lock: str | Path = LOCK_FILE,
             logger.info("%s: not in %s yet, not verified", key, lock)
             continue
         why = verify_path(key, outs[key], root)
+        stage = outs[key].stage
+        if why == "missing":
+            raise IntegrityError(f"{key}: missing (stage `{stage}` writes it); restore it: dvc "
+                                 f"checkout {key} (or dvc pull {key}, or rebuild: dvc repro {stage})")
         if why is not None:
-            stage = outs[key].stage
             raise IntegrityError(
                 f"{key}: {why} from what stage `{stage}` wrote ({lock}); its files were changed "
                 f"or corrupted since (`dvc status` trusts sizes and times, so it misses this). "
