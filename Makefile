@@ -101,6 +101,12 @@ DIR ?= models/finetuned
 lineage: install
 	@$(BIN)/python -m reprotune.lineage '$(DIR)'
 
+# rehash the model folders (or PATHS=...) against dvc.lock: a changed byte that `dvc status`
+# misses (it trusts sizes and times) stops here naming the folder (docs/deploy.md)
+.PHONY: verify
+verify: install
+	@$(BIN)/python -m reprotune.verify $(PATHS)
+
 # validate all of params.yaml: one line naming the bad key (the `check` stage runs the same)
 check: install
 	@$(BIN)/python -m reprotune.params

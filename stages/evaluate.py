@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reprotune import io, launcher, runtime
+from reprotune import io, launcher, runtime, verify
 from reprotune.chat_template import template_fingerprint
 from reprotune.evaluate.evaluation import (
     EvalDataError,
@@ -90,6 +90,8 @@ def main() -> None:
             setattr(args, key, value)
 
     log = runtime.setup("evaluate")
+    if not launcher.inside_launch():  # once, not in every rank
+        verify.check_stage_input(args.model, log)  # a changed byte would be scored silently
     cfg = load_section("eval")
     thinking_param = load_section("format").enable_thinking
     if cfg.num_processes > 1 and not launcher.inside_launch():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from reprotune import io, runtime
+from reprotune import io, runtime, verify
 from reprotune.deploy.merge import directory_size, merge_finetuned
 
 
@@ -21,6 +21,7 @@ def main() -> None:
     args = ap.parse_args()
 
     log = runtime.setup("merge")
+    verify.check_stage_input(args.finetuned, log)  # dvc status misses a changed byte
     io.clean_stale_temporaries(args.out, args.metrics)
     info = merge_finetuned(args.finetuned, args.out)
     metrics = {k: info[k] for k in ("method", "kind", "merged", "reason", "enable_thinking",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprotune import io, runtime
+from reprotune import io, runtime, verify
 from reprotune.deploy.quantize import TemplateMismatch, quantize_all, report_markdown
 from reprotune.evaluate.metrics import NonFiniteLossError
 from reprotune.params import as_dict, load_section, load_top
@@ -23,6 +23,7 @@ def main() -> None:
     args = ap.parse_args()
 
     log = runtime.setup("quantize")
+    verify.check_stage_input(args.merged, log)  # dvc status misses a changed byte
     cfg = load_section("quantize")
     top = load_top()
     runtime.seed_everything(top.seed)

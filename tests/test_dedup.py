@@ -18,7 +18,7 @@ from reprotune.data.tfidf import NgramIndex
 
 
 def _cfg(**over) -> SimpleNamespace:  # defaults of params.yaml `dedup`
-    base = dict(threshold=0.85, ngram_min=2, ngram_max=4, num_perm=128, bands=32,
+    base = dict(threshold=0.85, near_min_chars=20, ngram_min=2, ngram_max=4, num_perm=128, bands=32,
                 sample_pairs=50, min_chars=1, max_chars=20000, max_repetition=0.5)
     return SimpleNamespace(**{**base, **over})
 

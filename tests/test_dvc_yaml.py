@@ -60,9 +60,16 @@ def _closure(stage_file: Path) -> set[Path]:
     return seen
 
 
+# pipeline files besides dvc.yaml (their stages' paths are relative to the root, wdir ../..)
+SUB_PIPELINES = ("data/raw/dvc.yaml",)
+
+
 def _stages() -> dict:
-    """Stage definitions; a ``foreach`` stage is represented by its ``do`` template."""
-    raw = YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Stage definitions of every pipeline file; a ``foreach`` stage is represented by its
+    ``do`` template."""
+    raw = dict(YAML(typ="safe", pure=True).load((ROOT / "dvc.yaml").read_text())["stages"])
+    for sub in SUB_PIPELINES:
+        raw.update(YAML(typ="safe", pure=True).load((ROOT / sub).read_text())["stages"])
     return {name: st.get("do", st) for name, st in raw.items()}
 
 
@@ -118,7 +125,7 @@ def test_check_stage_is_upstream_of_every_other_stage() -> None:
     stages = _stages()
     check_out = next(iter(stages["check"]["outs"][0]))
     roots = [n for n, s in stages.items() if n != "check" and check_out in s["deps"]]
-    assert roots == ["demo", "read"]
+    assert sorted(roots) == ["demo", "read"]
     produced = {out if isinstance(out, str) else next(iter(out)): n
                 for n, s in stages.items() for out in s.get("outs", [])}
 
@@ -132,3 +139,46 @@ def test_check_stage_is_upstream_of_every_other_stage() -> None:
     for n in stages:
         if n != "check":
             assert "check" in upstream(n), f"{n} does not run after the check stage"
+
+
+@pytest.mark.parametrize("inputs, demo_runs", [
+    ("[data/raw/demo.jsonl]", True),
+    ("[data/raw/mine.jsonl]", False),
+])
+def test_demo_stage_runs_only_when_an_input_names_its_file(tmp_path: Path, inputs: str,
+                                                           demo_runs: bool) -> None:
+    """`dvc repro` (what DVC would run, --dry) includes the demo stage only while
+    ingest.inputs names data/raw/demo.jsonl."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    for rel in ("dvc.yaml", *SUB_PIPELINES, "params.yaml", "stages", "src", "configs"):
+        src, dst = ROOT / rel, tmp_path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    params = tmp_path / "params.yaml"
+    params.write_text(params.read_text().replace(
+        "  inputs:             # files to read: .json .jsonl .csv .parquet; put your own here\n"
+        "  - data/raw/demo.jsonl\n", f"  inputs: {inputs}\n"))
+    assert f"inputs: {inputs}" in params.read_text()
+    (tmp_path / "data" / "raw" / "mine.jsonl").write_text(
+        '{"instruction": "一加一等于几？", "output": "二。"}\n')
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True, env=env)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    subprocess.run([dvc, "repro", "-q", "check"], cwd=tmp_path, check=True, env=env, timeout=300)
+    # a dry run stops at the first stage whose inputs do not exist yet: demo (its output
+    # feeds the read stage) when it is planned, else the read stage of the user's file
+    out = subprocess.run([dvc, "repro", "--dry"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    ran = set(re.findall(r"Running stage '([^']+)'", out.stdout))
+    assert ("data/raw/dvc.yaml:demo" in ran) is demo_runs, out.stdout + out.stderr
+    if not demo_runs:
+        assert "read@data/raw/mine.jsonl" in ran, out.stdout + out.stderr
+    # and plain `dvc repro` plans its targets from dvc.yaml alone, where demo is not
+    top = YAML(typ="safe", pure=True).load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "demo" not in top

@@ -19,6 +19,7 @@ from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+DEMO = "data/raw/dvc.yaml:demo"  # the demo stage, apart so it runs only while an input names it
 
 # Small but complete: every stage runs with every default method, on fewer rows/steps
 # (the default 4 epochs over ~370 train rows: 92 steps, about 6 s).
@@ -50,7 +51,7 @@ def _dvc(cwd: Path, *args: str) -> str:
 
 
 def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w@./-]+)'", output))
+    return set(re.findall(r"Running stage '([\w@./:-]+)'", output))
 
 
 def _experiments(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -94,6 +95,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         yaml.dump(params, fh)
     # A fresh start: no committed lock or outputs from the source checkout.
     (dst / "dvc.lock").unlink(missing_ok=True)
+    (dst / "data" / "raw" / "dvc.lock").unlink(missing_ok=True)  # the demo stage's
     _run(["git", "init", "-q", "-b", "main"], dst)
     _run(["git", "add", "-A"], dst)
     _run(["git", "commit", "-qm", "init"], dst)
@@ -102,7 +104,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_then_noop(project: Path) -> None:
     out = _dvc(project, "repro")
-    assert {"check", "demo", "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
+    assert {"check", DEMO, "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
             "split", "train"} <= _ran(out)
     m = lambda name: json.loads((project / "metrics" / f"{name}.json").read_text())  # noqa: E731
 
@@ -214,7 +216,7 @@ def test_teammate_pulls_and_recomputes_nothing(project: Path, tmp_path: Path) ->
     try:
         _dvc(project, "pull", "data/raw/extra.jsonl.dvc")
         status = _dvc(project, "status")
-        assert "ingest:" in status and "demo:" not in status
+        assert "ingest:" in status and f"{DEMO}:" not in status
         assert "read@data/raw/demo.jsonl" not in status  # the unchanged input is not reread
         # the new input is read, and what is downstream of it reruns (up to split here, to
         # keep the test short); nothing upstream does
@@ -234,7 +236,7 @@ def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:
     out = _dvc(project, "exp", "run", "-S", "lr=1e-4", "-n", "low-lr")
     ran = _ran(out)
     assert {"train", "evaluate", "merge", "quantize"} <= ran
-    assert not ran & {"demo", "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
+    assert not ran & {DEMO, "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
                       "split", "eval_base"}
     diff = _dvc(project, "metrics", "diff", "--json")
     changed = json.loads(diff)
@@ -257,7 +259,7 @@ def test_dedup_threshold_experiment_reruns_from_dedup(project: Path) -> None:
     ran = _ran(out)
     # base too: the embedded tokenizer is trained on the train split
     assert {"dedup", "split", "base", "format", "train", "evaluate"} <= ran
-    assert not ran & {"demo", "read@data/raw/demo.jsonl", "ingest"}
+    assert not ran & {DEMO, "read@data/raw/demo.jsonl", "ingest"}
     dedup = json.loads((project / "metrics" / "dedup.json").read_text())
     assert dedup["dropped"]["near_duplicate"] > baseline_dedup["dropped"]["near_duplicate"]
     exps = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))

@@ -80,13 +80,23 @@ def write_run_info(out_dir: str | Path, info: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- reading
+# the pipelines' lock files: the main one, and the demo stage's beside its output
+# (data/raw/dvc.yaml: kept apart so that it runs only while ingest.inputs names its file)
+SUB_LOCKS = ("data/raw/dvc.lock",)
+
+
 def _lock(root: Path) -> dict[str, Any]:
     from ruamel.yaml import YAML
 
     lock = root / "dvc.lock"
     if not lock.is_file():
         raise FileNotFoundError(f"{lock}: not found; run `dvc repro` first")
-    return YAML(typ="safe", pure=True).load(lock.read_text(encoding="utf-8"))["stages"]
+    stages = dict(YAML(typ="safe", pure=True).load(lock.read_text(encoding="utf-8"))["stages"])
+    for sub in SUB_LOCKS:
+        if (root / sub).is_file():
+            more = YAML(typ="safe", pure=True).load((root / sub).read_text(encoding="utf-8"))
+            stages.update((more or {}).get("stages") or {})
+    return stages
 
 
 def producer(stages: Mapping[str, Any], path: str) -> tuple[str, dict[str, Any]] | None:

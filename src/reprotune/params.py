@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from ruamel.yaml import YAML
 
 DEFAULT_PARAMS = Path("params.yaml")
+# the file the `demo` stage writes: an ingest.inputs entry that need not exist before `dvc repro`
+DEMO_INPUT = "data/raw/demo.jsonl"
 T = TypeVar("T")
 
 
@@ -61,7 +64,7 @@ class DemoParams:
 @dataclass(frozen=True)
 class IngestParams:
     # files under data/raw/; a hub dataset is a `*.hub.yaml` manifest (reprotune.data.hub)
-    inputs: list[str] = _f(["data/raw/demo.jsonl"])
+    inputs: list[str] = _f([DEMO_INPUT])
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
     columns: dict[str, str] = _f({})
     label_field: str | None = "label"
@@ -95,6 +98,8 @@ class ModelParams:
 @dataclass(frozen=True)
 class DedupParams:
     threshold: float = _f(0.85, **_rng(0, 1, lo_open=True))
+    # rows with fewer content characters are compared on exact keys only (dedup.py says why)
+    near_min_chars: int = _f(20, **_rng(0, None))
     ngram_min: int = _f(2, **_rng(1, 10))
     ngram_max: int = _f(4, **_rng(1, 10))
     num_perm: int = _f(128, **_rng(8, 1024))
@@ -306,13 +311,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ParamsError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # `dvc exp run -S lr=2e-5` may reach us as the string "2e-05"
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isnan(number):
+            # NaN passes every `<`/`>` range test, so it must be refused by name
+            raise ParamsError(f"{key}: {value!r} is not a number (NaN); give a finite value")
+        if number is not None:
+            return number
         raise ParamsError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -460,6 +471,55 @@ def validate_all(raw: dict[str, Any]) -> None:
                           f"ingest.keep_fields (now {kept})")
 
 
+def check_paths(raw: dict[str, Any], root: str | Path = ".") -> None:
+    """Params that name files or folders must name existing ones (relative to ``root``, the
+    repository): ``model.name`` when it is a local path, every ``ingest.inputs`` entry (but
+    the demo file, which the `demo` stage writes) and ``train.accelerate_config`` when
+    ``train.launcher`` is ``accelerate``. The check stage runs this so that a wrong path stops
+    ``dvc repro`` before DVC deletes the outputs of the stage that would read it."""
+    root = Path(root)
+    model = build(ModelParams, raw.get("model"), "model")
+    if model.name != "tiny":
+        _check_model_path(model.name, root)
+    ingest = build(IngestParams, raw.get("ingest"), "ingest")
+    for i, entry in enumerate(ingest.inputs):
+        path = root / entry
+        if entry == DEMO_INPUT:
+            continue
+        if path.is_dir():
+            raise ParamsError(f"ingest.inputs[{i}]: {entry!r} is a folder; list the files in "
+                              f"it (.json .jsonl .csv .parquet or a .hub.yaml manifest) one by one")
+        if not path.is_file():
+            raise ParamsError(f"ingest.inputs[{i}]: {entry!r}: no such file; fix the path "
+                              f"(relative to the repository root) or remove the entry")
+    train = build(TrainParams, raw.get("train"), "train")
+    if train.launcher == "accelerate" and not (root / train.accelerate_config).is_file():
+        have = sorted(p.relative_to(root).as_posix()
+                      for p in (root / "configs" / "accelerate").glob("*.yaml"))
+        raise ParamsError(f"train.accelerate_config: {train.accelerate_config!r}: no such file; "
+                          f"use one of {', '.join(have) or 'configs/accelerate/ddp.yaml'}")
+
+
+def _check_model_path(name: str, root: Path) -> None:
+    """A ``model.name`` that is a local folder must hold a model (``config.json``); one that
+    looks like a path but is no folder is refused; ``owner/name`` that is no local folder is a
+    hub id and passes (the base stage fetches or finds it in the HF cache)."""
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else root / path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ParamsError(f"model.name: {name!r} is a folder without config.json, so no "
+                              f"model; name a model folder (as `hf download` or "
+                              f"save_pretrained writes it), a hub id like Qwen/Qwen3-0.6B, or tiny")
+        return
+    parts = Path(name).parts
+    if name.startswith((".", "/", "~", "\\")) or len(parts) != 2 or ".." in parts \
+            or "\\" in name:
+        raise ParamsError(f"model.name: {name!r}: no such local folder (paths are relative to "
+                          f"the repository root); fix the path, or use a hub id like "
+                          f"Qwen/Qwen3-0.6B, or tiny")
+
+
 def load_top(path: str | Path = DEFAULT_PARAMS) -> TopParams:
     """The top-level training knobs (method, lr, epochs, batch_size, seed)."""
     raw = read_params(path)
@@ -485,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     path = Path(args[0]) if args else DEFAULT_PARAMS
     try:
-        read_params(path)
+        check_paths(read_params(path), path.parent)
     except ParamsError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1

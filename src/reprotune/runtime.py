@@ -6,10 +6,54 @@ import logging
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 
 from reprotune.params import DEFAULT_PARAMS, DataParams, ParamsError, read_params
+
+# Third-party messages that need no action in a stage, dropped at each stage's logging set-up
+# (the one place): logger name -> message prefixes. Anything a user must act on stays.
+QUIET_LOGS: dict[str, tuple[str, ...]] = {
+    # format measures each row's full length before it cuts rows to format.max_length itself,
+    # so the tokenizer's "longer than the model" notice is expected there
+    "transformers.tokenization_utils_base": (
+        "Token indices sequence length is longer than the specified maximum",),
+    # bitsandbytes' optional CPU kernel comes from the hub (offline here) via `kernels`; its
+    # built-in CPU path is used instead, with the same results
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels",),
+}
+# Python warnings of that kind: message prefixes (regular expressions matched at the start).
+QUIET_WARNINGS: tuple[str, ...] = (
+    # transformers' Trainer asks DDP to look for unused parameters (frozen ones, adapters);
+    # torch then warns once per run when it finds none, which costs a graph walk, not results
+    r"find_unused_parameters=True was specified in DDP constructor",
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records of one logger whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Install the :data:`QUIET_LOGS` / :data:`QUIET_WARNINGS` filters (idempotent).
+
+    A logger's filters apply to the records it emits itself, whatever handlers the library
+    installs (transformers does not propagate to the root logger), and forked workers inherit
+    them."""
+    for name, prefixes in QUIET_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
@@ -26,6 +70,7 @@ def setup(stage: str, *, level: int = logging.INFO) -> logging.Logger:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_third_party()
     sys.excepthook = _params_error_hook(stage)
     if DEFAULT_PARAMS.exists():
         read_params()  # the WHOLE file, before this stage reads or writes anything

@@ -5,8 +5,9 @@ up either kept or in ``dropped`` with one reason, so ``in == kept + sum(dropped)
 
 - Exact duplicates: same SHA-256 (first 16 bytes) of the normalised role-tagged text
   (:func:`normalize_text`).
-- Near duplicates: char n-gram TF-IDF cosine >= ``threshold`` (:mod:`reprotune.data.similarity`);
-  pairs are joined transitively (union-find), so a chain a~b~c is one cluster even when a and
+- Near duplicates: char n-gram TF-IDF cosine >= ``threshold`` (:mod:`reprotune.data.similarity`)
+  between rows of at least ``near_min_chars`` content characters (shorter rows: exact keys
+  only, see :data:`NEAR_MIN_CHARS_WHY`); pairs are joined transitively (union-find), so a chain a~b~c is one cluster even when a and
   c are further apart; each dropped row records its actual similarity to the kept row.
 - The kept row of a cluster is its earliest row in input order: the result depends on the
   input order only, never on hashing or pair order. (Reordering the input can change which
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from reprotune.data import quality
 from reprotune.data.minhash import SEED
-from reprotune.data.similarity import find_near_duplicates, record_text
+from reprotune.data.similarity import content_chars, find_near_duplicates, record_text
 from reprotune.data.spill import DiskTexts, ordered_map
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,18 @@ REASONS = (*quality.REASONS, "exact_duplicate", "near_duplicate")
 _WS = re.compile(r"\s+")
 
 
+# Why rows shorter than dedup.near_min_chars (default 20) are compared on exact keys only:
+# measured (bench/results/dedup_short_rows_cpu.json), one changed character takes the cosine
+# of two 2-turn rows below 0.85 until their contents reach 20 (Chinese) to 24 (English)
+# characters, so below 20 the n-grams cannot find a near copy, and the pairs they do find
+# are distinct rows matched on the shared role tags ("user: q1111 / a1111" vs "q111 / a111",
+# cosine 0.866: 566 distinct rows of 200k tiny ones were dropped).
+NEAR_MIN_CHARS_WHY = "content shorter than dedup.near_min_chars: compared on exact keys only"
+
+
 class DedupConfig(quality.QualityConfig, Protocol):
     threshold: float
+    near_min_chars: int
     ngram_min: int
     ngram_max: int
     num_perm: int
@@ -140,18 +151,21 @@ class _Scan:
     uniq: np.ndarray  # rows that passed the filters and are first of their exact key, in order
     texts: DiskTexts  # record_text of each ``uniq`` row, on disk
     exact_first: dict[int, int]  # exact-duplicate row -> first row with the same key
+    chars: np.ndarray  # int32 per ``uniq`` row: its content_chars
 
 
 def _check_batch(batch: list[dict[str, Any]], min_chars: int, max_chars: int,
-                 max_repetition: float) -> list[tuple[str | None, bytes, str]]:
-    """(first failing filter or None, exact key, role-tagged text) of each record."""
+                 max_repetition: float) -> list[tuple[str | None, bytes, str, int]]:
+    """(first failing filter or None, exact key, role-tagged text, content characters) of
+    each record."""
     filters = quality.make_filters(SimpleNamespace(min_chars=min_chars, max_chars=max_chars,
                                                    max_repetition=max_repetition))
-    out: list[tuple[str | None, bytes, str]] = []
+    out: list[tuple[str | None, bytes, str, int]] = []
     for rec in batch:
         failed = quality.first_failure(rec, filters)
         text = "" if failed else record_text(rec)
-        out.append((failed, b"" if failed else exact_key(text), text))
+        out.append((failed, b"" if failed else exact_key(text), text,
+                    0 if failed else content_chars(rec)))
     return out
 
 
@@ -170,13 +184,13 @@ def _scan(rows: Iterable[dict[str, Any]], cfg: DedupConfig, workers: int, progre
           ) -> _Scan:
     """Quality filters and exact-duplicate keys (:func:`exact_key`) in one pass."""
     code = {r: k + 1 for k, r in enumerate(REASONS)}
-    reason, uniq = array("b"), array("q")
+    reason, uniq, chars = array("b"), array("q"), array("i")
     texts = DiskTexts()
     first: dict[bytes, int] = {}
     exact_first: dict[int, int] = {}
     jobs = ((b, cfg.min_chars, cfg.max_chars, cfg.max_repetition) for b in _batches(rows, 2048))
     checked = (x for out in ordered_map(_check_batch, jobs, workers) for x in out)
-    for i, (failed, key, text) in enumerate(tqdm(checked, desc="quality + exact", unit="row",
+    for i, (failed, key, text, n_chars) in enumerate(tqdm(checked, desc="quality + exact", unit="row",
                                                  disable=not progress, leave=False,
                                                  mininterval=1)):
         if failed is not None:
@@ -189,9 +203,10 @@ def _scan(rows: Iterable[dict[str, Any]], cfg: DedupConfig, workers: int, progre
         else:
             reason.append(0)
             uniq.append(i)
+            chars.append(min(n_chars, 2**31 - 1))
             texts.append(text)
     return _Scan(np.frombuffer(reason, dtype=np.int8).copy(), np.frombuffer(uniq, np.int64).copy(),
-                 texts, exact_first)
+                 texts, exact_first, np.frombuffer(chars, np.int32).copy())
 
 
 def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig, *,
@@ -214,10 +229,11 @@ def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig,
     scan = _scan(read(), cfg, workers, progress)
     t1 = time.perf_counter()
     n, uniq = scan.reason.size, scan.uniq
+    eligible = scan.chars >= cfg.near_min_chars
     found = find_near_duplicates(scan.texts, threshold=cfg.threshold,
                                  ngram_range=(cfg.ngram_min, cfg.ngram_max),
                                  num_perm=cfg.num_perm, bands=cfg.bands, seed=SEED,
-                                 workers=workers, progress=progress)
+                                 workers=workers, progress=progress, eligible=eligible)
     clusters = union_find_clusters(uniq.size, found.pairs)
     rep_of = np.arange(uniq.size)  # position in `uniq` of each row's kept row
     for cluster in clusters:
@@ -264,6 +280,8 @@ def dedup_stream(read: Callable[[], Iterable[dict[str, Any]]], cfg: DedupConfig,
         "in": n, "kept": int(np.sum(scan.reason == 0)), "dropped": counts,
         "threshold": cfg.threshold, "near_dup_clusters": len(clusters),
         "near_dup_pairs": len(found.pairs), "lsh_candidate_pairs": found.n_candidates,
+        # distinct rows too short for n-grams (< near_min_chars): compared on exact keys only
+        "near_dup_exact_only_rows": int(eligible.size - eligible.sum()),
         # near-duplicates joined through a chain, less similar to the kept row than threshold
         "near_dup_below_threshold_to_kept": int(np.sum(sims < cfg.threshold - 1e-6)),
     }

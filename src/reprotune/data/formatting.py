@@ -68,6 +68,22 @@ def resolve_max_length(setting: int | str, lengths: Sequence[int] | np.ndarray,
     return min(value, model_limit) if model_limit else value
 
 
+def truncation_fix(setting: int | str, limit: int, model_limit: int | None,
+                   p99: float) -> str:
+    """What to do about truncated rows, for the limit they were cut at and where it came from:
+    raising ``format.max_length`` helps only below the model's own limit, and ``auto`` is only
+    advice when it is not already the setting."""
+    if model_limit and limit >= model_limit:
+        return (f"The limit is the model's own context length ({model_limit} tokens, "
+                f"{'auto' if setting == 'auto' else 'format.max_length'} is capped there): "
+                f"shorten or split these rows, or use a model with a longer context.")
+    cap = f" (at most the model's {model_limit})" if model_limit else ""
+    if setting == "auto":
+        return (f"format.max_length: auto gave {limit} (the p99 of the rows it was computed "
+                f"from); to keep these rows whole set a number near {math.ceil(p99)}{cap}.")
+    return f"Raise format.max_length (now {limit}) to about {math.ceil(p99)}{cap} or use `auto`."
+
+
 @dataclass
 class Plan:
     """What truncation does to each input row; ``stats`` is complete once the rows are cut."""
@@ -112,10 +128,11 @@ def plan(summary: Any, *, max_length: int | str, enable_thinking: bool,
     share = n_truncated / n_rendered if n_rendered else 0.0
     warning = share > warn_truncated
     if warning:
-        log.warning("TRUNCATION: %d of %d rows (%.1f%%) are longer than format.max_length=%d "
-                    "and lose their end (%d lose every assistant token); p99 length is %s. "
-                    "Raise format.max_length or use `auto`.", n_truncated, n_rendered,
-                    100 * share, limit, n_no_label, _length_stats(lengths)["p99"])
+        p99 = _length_stats(lengths)["p99"]
+        log.warning("TRUNCATION: %d of %d rows (%.1f%%) are longer than the limit of %d tokens "
+                    "and lose their end (%d lose every assistant token); p99 length is %s. %s",
+                    n_truncated, n_rendered, 100 * share, limit, n_no_label, p99,
+                    truncation_fix(max_length, limit, model_limit, p99))
     reasons = Counter({c["values"]: c["counts"] for c in pc.value_counts(reason.drop_null()).to_pylist()})
     reasons[DROP_TRUNCATED] += n_no_label
     rows_out = int(keep.sum())

@@ -60,6 +60,16 @@ def record_text(record: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def content_chars(record: dict[str, Any]) -> int:
+    """Characters a record's messages say (contents and tool calls, without the role tags
+    :func:`record_text` adds): what decides whether char n-grams can tell two rows apart."""
+    msgs = record["messages"]
+    if isinstance(msgs, str):
+        msgs = json.loads(msgs)
+    return sum(len(m.get("content") or "") + (len(json.dumps(m["tool_calls"], ensure_ascii=False))
+                                             if m.get("tool_calls") else 0) for m in msgs)
+
+
 @dataclass
 class NearDuplicates:
     """Verified pairs plus what produced them (kept for metrics and follow-up cosines)."""
@@ -73,12 +83,15 @@ def find_near_duplicates(texts: Sequence[str], *, threshold: float,
                          ngram_range: tuple[int, int] = (2, 4), num_perm: int = 128,
                          bands: int | None = None, seed: int = SEED,
                          groups: np.ndarray | None = None, workers: int = 1,
-                         progress: bool = True) -> NearDuplicates:
+                         progress: bool = True, eligible: np.ndarray | None = None
+                         ) -> NearDuplicates:
     """Blocking + verification over ``texts``; see :func:`near_duplicate_pairs`.
 
     ``bands=None`` derives the LSH banding from ``threshold`` (:func:`lsh_banding`); a number
     uses ``num_perm / bands`` bins per band. With ``groups``, only pairs across groups count.
     ``workers`` processes extract the n-grams (:meth:`NgramIndex.build`; same result).
+    ``eligible`` (bool per text): rows that may be near-duplicates at all; the others are
+    never candidates (the dedup stage leaves rows too short for n-grams to exact keys).
     """
     if bands is None:
         bands, rows_per_band = lsh_banding(threshold, num_perm)
@@ -88,7 +101,8 @@ def find_near_duplicates(texts: Sequence[str], *, threshold: float,
     index = NgramIndex.build(texts, ngram_range, num_perm=num_perm, seed=seed, workers=workers,
                              progress=progress)
     t1 = time.perf_counter()
-    cand = lsh_candidates(index.sig, index.has_features, bands, rows_per_band=rows_per_band,
+    ok = index.has_features if eligible is None else index.has_features & eligible
+    cand = lsh_candidates(index.sig, ok, bands, rows_per_band=rows_per_band,
                           groups=groups, progress=progress)
     t2 = time.perf_counter()
     check = cand[signature_prefilter(index.sig, cand, threshold)]

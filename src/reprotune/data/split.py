@@ -175,7 +175,8 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
     """
     if not rows:
         raise SplitError("no rows to split: the dedup stage kept no rows")
-    if order_by and stratify:
+    if order_by and stratify and any(r.get(stratify) is not None for r in rows):
+        # only rows that carry labels have shares to keep; unlabelled data loses nothing
         logger.warning("split.order_by=%s: split.stratify=%s is not applied to a time-ordered "
                        "split (label shares are reported in metrics/split.json)", order_by, stratify)
     names = assign_splits(rows, val_ratio=val_ratio, test_ratio=test_ratio, stratify=stratify,

@@ -1,0 +1,143 @@
+"""`make verify` / the model stages' first step rehash outputs against dvc.lock with DVC's own
+hashes, so a flipped bit with its mtime put back (which `dvc status` misses) is caught."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reprotune import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).parent / "dvc")
+MAKE = ("mkdir -p models/m/sub && python -c \"import os; open('models/m/w.bin','wb')"
+        ".write(os.urandom(200000))\" && printf 'a\\r\\nb' > models/m/crlf.txt && "
+        "echo '{}' > models/m/config.json && echo x > models/m/sub/t.txt")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(ROOT / "src")
+    return env
+
+
+def _flip_bit_keep_mtime(path: Path, offset: int = 1000) -> None:
+    st = path.stat()
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    """A real DVC project whose stage `make` wrote the folder models/m and the file one.txt."""
+    env = _env()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=tmp_path, check=True, env=env)
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  make:\n    cmd: {json.dumps(MAKE)}\n    outs:\n      - models/m\n"
+        "  one:\n    cmd: echo hello > one.txt\n    outs:\n      - one.txt\n")
+    subprocess.run([DVC, "repro", "-q"], cwd=tmp_path, check=True, env=env, timeout=300)
+    return tmp_path
+
+
+def _verify_cli(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reprotune.verify", *args], cwd=project,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_dvc_hashes_match_and_a_flipped_bit_is_caught(project: Path) -> None:
+    # our md5 of the folder listing is DVC's own (nested file, CRLF text kept as bytes)
+    assert verify.verify_paths(["models/m", "one.txt"], root=project) == ["models/m", "one.txt"]
+    proc = _verify_cli(project)
+    assert proc.returncode == 0 and proc.stdout == "models/m: matches dvc.lock (stage make)\n"
+
+    _flip_bit_keep_mtime(project / "models" / "m" / "w.bin")
+    status = subprocess.run([DVC, "status"], cwd=project, env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert "up to date" in status.stdout  # DVC itself trusts the restored mtime
+    proc = _verify_cli(project)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "verify: models/m: w.bin differs from what stage `make` wrote (dvc.lock); its files "
+        "were changed or corrupted since (`dvc status` trusts sizes and times, so it misses "
+        "this). Restore them: dvc checkout --relink --force models/m (or rebuild: dvc repro -f "
+        "make; or, if you changed them on purpose: dvc commit make)"]
+
+    # the named fix works
+    subprocess.run([DVC, "checkout", "-q", "--relink", "--force", "models/m"], cwd=project,
+                   env=_env(), check=True, timeout=120)
+    assert _verify_cli(project).returncode == 0
+
+    # missing and extra files are named too; an interrupted-write temporary is not a file
+    (project / "models" / "m" / "sub" / "t.txt").unlink()
+    (project / "models" / "m" / "extra.bin").write_bytes(b"x")
+    (project / "models" / "m" / ".w.bin.1234.tmp").write_bytes(b"x")
+    with pytest.raises(verify.IntegrityError, match=r"^models/m: \+extra\.bin, -sub/t\.txt differ "):
+        verify.verify_paths(["models/m"], root=project)
+
+    (project / "one.txt").rename(project / "two.txt")
+    with pytest.raises(verify.IntegrityError, match=r"^one\.txt: missing \(stage `one` writes it\); "
+                       r"restore it: dvc checkout one\.txt \(or dvc pull one\.txt, or rebuild: "
+                       r"dvc repro one\)$"):
+        verify.verify_paths(["one.txt"], root=project)
+    (project / "two.txt").rename(project / "one.txt")
+    _flip_bit_keep_mtime(project / "one.txt", 0)
+    with pytest.raises(verify.IntegrityError, match=r"^one\.txt: file differs from what stage `one`"):
+        verify.verify_paths(["one.txt"], root=project)
+
+
+def test_listing_md5_is_dvcs_dir_hash() -> None:
+    # the .dir hash dvc_data computes for the same listing
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
+    listing = [{"md5": "0" * 32, "relpath": "b/z.txt"}, {"md5": "1" * 32, "relpath": "a.bin"}]
+    tree = Tree()
+    for e in listing:
+        tree.add(tuple(e["relpath"].split("/")), Meta(), HashInfo("md5", e["md5"]))
+    tree.digest()
+    assert verify.listing_md5(sorted(listing, key=lambda e: e["relpath"])) == tree.hash_info.value
+
+
+def _fake_project(tmp_path: Path, folder: str, stage: str) -> Path:
+    model = tmp_path / folder
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    md5 = verify.listing_md5(verify.folder_listing(model))
+    (tmp_path / "dvc.lock").write_text(
+        f"schema: '2.0'\nstages:\n  {stage}:\n    cmd: x\n    outs:\n    - path: {folder}\n"
+        f"      hash: md5\n      md5: {md5}\n      nfiles: 2\n")
+    _flip_bit_keep_mtime(model / "model.safetensors", 10)
+    return tmp_path
+
+
+@pytest.mark.parametrize("script, args, folder, stage", [
+    ("merge", ["--finetuned", "models/finetuned"], "models/finetuned", "train"),
+    ("quantize", ["--merged", "models/merged"], "models/merged", "merge"),
+    ("evaluate", ["--kind", "finetuned", "--model", "models/finetuned"], "models/finetuned",
+     "train"),
+])
+def test_model_stages_stop_on_a_changed_input(tmp_path: Path, script: str, args: list[str],
+                                              folder: str, stage: str) -> None:
+    project = _fake_project(tmp_path, folder, stage)
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{script}.py"), *args],
+                          cwd=project, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: {folder}: 2 files hash to ")  # no DVC cache to name them
+    assert f"dvc checkout --relink --force {folder}" in last and "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing written

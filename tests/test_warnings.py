@@ -1,0 +1,108 @@
+"""Warnings say what is true and what to do; third-party noise that needs no action is
+dropped at the stage's logging set-up (reprotune.runtime.quiet_third_party)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from reprotune import runtime
+from reprotune.data.formatting import truncation_fix
+from reprotune.data.split import split_rows
+
+
+def test_truncation_fix_never_says_use_auto_when_auto_or_the_model_limit_is_set() -> None:
+    # auto capped at the model's own context: raising is impossible
+    msg = truncation_fix("auto", 1024, 1024, 1800.0)
+    assert "model's own context length (1024 tokens" in msg and "`auto`" not in msg
+    assert "Raise" not in msg and "shorten or split these rows" in msg
+    # a number at the model's limit: same
+    assert "model's own context length" in truncation_fix(4096, 4096, 4096, 5000.0)
+    # auto below the model's limit: a number is the way, not `auto`
+    msg = truncation_fix("auto", 300, 1024, 612.4)
+    assert msg == ("format.max_length: auto gave 300 (the p99 of the rows it was computed from); "
+                   "to keep these rows whole set a number near 613 (at most the model's 1024).")
+    # a number below the model's limit: raise it or use auto
+    assert truncation_fix(64, 64, 1024, 90.0) == (
+        "Raise format.max_length (now 64) to about 90 (at most the model's 1024) or use `auto`.")
+    assert truncation_fix(64, 64, None, 90.0) == (
+        "Raise format.max_length (now 64) to about 90 or use `auto`.")
+
+
+def _rows(n: int, labelled: bool) -> list[dict]:
+    return [{"id": f"r{i}", "source": "t.jsonl", "label": ("a" if i % 2 else "b") if labelled
+             else None, "group": None, "meta": {"created_at": 1.7e9 + 86400 * i},
+             "messages": [{"role": "user", "content": f"问题 {i} " + "词" * (i % 7)},
+                          {"role": "assistant", "content": f"answer number {i * 7919}"}]}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("labelled, warned", [(False, False), (True, True)])
+def test_time_split_warns_about_stratify_only_when_rows_carry_labels(
+        caplog: pytest.LogCaptureFixture, labelled: bool, warned: bool) -> None:
+    with caplog.at_level(logging.WARNING, logger="reprotune.data.split"):
+        result = split_rows(_rows(60, labelled), val_ratio=0.1, test_ratio=0.1, stratify="label",
+                            group="group", seed=0, leakage_threshold=0.99, order_by="created_at",
+                            on_leak="report")
+    assert result.metrics["counts"] == {"train": 48, "val": 6, "test": 6}
+    said = [r.getMessage() for r in caplog.records if "split.stratify" in r.getMessage()]
+    assert len(said) == int(warned)
+
+
+def test_tokenizer_length_notice_is_dropped_and_other_warnings_stay(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from reprotune.modeling import train_tokenizer
+
+    runtime.quiet_third_party()
+    runtime.quiet_third_party()  # idempotent: one filter per logger
+    tok_logger = logging.getLogger("transformers.tokenization_utils_base")
+    assert len(tok_logger.filters) == 1
+    tok = train_tokenizer(["一二三四五六七八九十 hello world"] * 20, 300, model_max_length=8)
+    tok_logger.addHandler(caplog.handler)  # transformers does not propagate to the root
+    try:
+        ids = tok("一二三四五六七八九十 hello world " * 5, add_special_tokens=False)["input_ids"]
+        assert len(ids) > 8  # long enough for the notice
+        tok_logger.warning("something else the user must see")
+    finally:
+        tok_logger.removeHandler(caplog.handler)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else the user must see"]
+
+
+def test_bitsandbytes_kernels_hint_is_dropped_other_records_kept(
+        caplog: pytest.LogCaptureFixture) -> None:
+    runtime.quiet_third_party()
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make "
+                    "sure you already `pip install kernels` and the kernels >= 0.11.1", "offline")
+        bnb.warning("a different bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["a different bitsandbytes problem"]
+
+
+def test_ddp_unused_parameters_notice_is_ignored_other_user_warnings_shown() -> None:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        runtime.quiet_third_party()
+        warnings.warn("find_unused_parameters=True was specified in DDP constructor, but did not "
+                      "find any unused parameters in the forward pass.", UserWarning, stacklevel=1)
+        warnings.warn("something to act on", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something to act on"]
+
+
+def test_two_process_run_keeps_the_lean_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean loss runs inside the wrapped forward, so a DDP run keeps it: no note claiming
+    the run has one process only."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from reprotune.train.lean_loss import resolve_loss_impl
+
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=8))
+    for world in ("2", "1"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        impl, note = resolve_loss_impl("chunked", "cpu", model, "full")
+        assert impl == "chunked" and "process" not in note, note
