@@ -26,10 +26,10 @@ from reprotune.deploy.merge import (
     SOFT_PROMPT_PEFT,
     TRAIN_INFO_FILE,
 )
+from reprotune.deploy.quant_common import QUANT_INFO_FILE
 
 log = logging.getLogger(__name__)
 
-QUANT_INFO_FILE = "reprotune_quant.json"  # written by reprotune.deploy.quantize
 WHAT_SERVES = "serve models/merged (the merge stage's output) or models/finetuned"
 
 
