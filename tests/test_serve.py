@@ -200,6 +200,19 @@ def test_malformed_json_and_client_errors(server: str) -> None:
     assert requests.get(f"{server}/health", timeout=10).status_code == 200
 
 
+def test_client_leaving_mid_stream_does_not_hurt_the_server(server: str, models: Path) -> None:
+    client = _client(server)
+    stream = client.chat.completions.create(model="merged", messages=PROMPTS[1],
+                                            max_tokens=300, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()  # the client goes away; its generation is cancelled server-side
+    resp = client.chat.completions.create(model="merged", messages=PROMPTS[0], max_tokens=12)
+    assert resp.choices[0].message.content == _offline(models / "merged", PROMPTS[0], 12)
+    assert requests.get(f"{server}/health", timeout=10).json()["status"] == "ok"
+
+
 def test_sigterm_drains_in_flight_requests(models: Path) -> None:
     proc, url = _start(models / "merged")
     try:
@@ -268,3 +281,25 @@ def test_port_in_use_is_one_line(models: Path) -> None:
         f"serve: port {port} on 127.0.0.1 is already in use: stop what holds it or pick "
         f"another (make serve PORT={port + 1})")
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_load_bench_against_running_server(server: str, models: Path, tmp_path: Path,
+                                                 repo_root: Path) -> None:
+    """bench/serve_load.py, bounded: 1 and 2 clients for 1 s each against the test's server."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, str(repo_root / "bench" / "serve_load.py"), "--url",
+                           server, "--model", str(models / "merged"), "--clients", "1,2",
+                           "--duration", "1", "--max-tokens", "4", "--offline-rounds", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = io.read_json(out)
+    assert [r["clients"] for r in result["levels"]] == [1, 2]
+    for r in result["levels"]:
+        assert r["requests"] >= r["clients"] and r["errors"] == 0
+        assert 0 < r["output_tokens"] <= 4 * r["requests"]
+        assert r["latency_p95_s"] >= r["latency_p50_s"] >= r["ttft_p50_s"] > 0
+        assert r["tokens_per_s_vs_sequential"] > 0
+    assert result["offline"]["requests"] == 8 and result["offline"]["output_tokens"] > 0
+    assert result["target_met"] is None  # no 16-client level was run
+    assert len(result["machine"]["loadavg_before"]) == 3
+    assert "2 clients:" in proc.stdout

@@ -166,6 +166,13 @@ def build_app(served: ServedModel, *, max_tokens_limit: int = MAX_TOKENS_LIMIT,
         first = await anext(gen)  # errors before the first byte still get a proper status
 
         async def events() -> AsyncIterator[str]:
+            try:
+                async for event in _events():
+                    yield event
+            finally:  # also when the client goes away mid-stream: cancel its generation
+                await gen.aclose()
+
+        async def _events() -> AsyncIterator[str]:
             sent, item = "", first
             yield sse(chunk_body(rid, served.model_id, delta={"role": "assistant",
                                                                "content": ""}))
