@@ -259,7 +259,7 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
         assert row["status"] == "ok", row
         assert (out / method / QUANT_INFO_FILE).is_file()
         assert row["size_mb"] > 0
-        if not method.startswith("onnx"):  # the onnx graphs hold float32 (tied head twice)
+        if not method.startswith("onnx"):  # the exported graphs: about 2x the fp32 weights
             assert row["compression"] > 1.3
         assert timing[method]["tokens_per_s"] > 0 and timing[method]["speedup"] > 0
         assert row["template_sha256"] == sha and row["template_ok"] is True

@@ -39,7 +39,9 @@ def report_markdown(metrics: dict[str, Any], details: dict[str, Any],
              f"corpus-level over assistant tokens. Every artifact was loaded and measured in a "
              f"fresh process. GGUF files are measured through transformers' GGUF loader, which "
              f"dequantises them to float32: their quality numbers are the file's, their "
-             f"speed is not llama.cpp's. CPU speed (greedy, {len(SPEED_PROMPTS)} fixed prompts x "
+             f"speed is not llama.cpp's. ONNX graphs run in ONNX Runtime (no KV cache: each "
+             f"token recomputes the sequence); onnx_fp32 holds float32 weights. int8_dynamic "
+             f"is torchao's dynamic INT8. CPU speed (greedy, {len(SPEED_PROMPTS)} fixed prompts x "
              f"{SPEED_NEW_TOKENS} new tokens, batch 1, best of {SPEED_ROUNDS} rounds) changes "
              f"from run to run, so it is in the untracked `metrics/timing/quantize.json`, not "
              f"here.", "",
