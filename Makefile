@@ -3,6 +3,7 @@
 #   make test    same install, then the test suite
 # Team and review helpers (docs/team.md, docs/experiments.md):
 #   make remote URL=...   make push   make pull   make adopt EXP=...   make exps   make exps-plot   make report   make plots
+#   make serve [MODEL=models/merged PORT=8000 HOST=127.0.0.1]   (docs/deploy.md)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -24,7 +25,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
-        report plots
+        report plots serve verify
 
 install: $(STAMP)
 
@@ -147,6 +148,13 @@ report: install
 # The pipeline's plots as one HTML page that renders offline (.dvc/plots/offline.html).
 plots: install
 	$(BIN)/dvc plots show
+
+# OpenAI-compatible server with continuous batching (docs/deploy.md); Ctrl-C / SIGTERM drain.
+MODEL ?= models/merged
+PORT  ?= 8000
+HOST  ?= 127.0.0.1
+serve: install
+	@$(BIN)/python -m reprotune.deploy.server --model '$(MODEL)' --port '$(PORT)' --host '$(HOST)'
 
 clean-venv:
 	rm -rf $(VENV)

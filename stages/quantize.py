@@ -1,5 +1,6 @@
-"""DVC stage `quantize`: INT8 / bitsandbytes / GGUF artifacts of the merged model, each
-measured in a fresh process (size, compression, CPU tokens/s, perplexity, main metric)."""
+"""DVC stage `quantize`: torchao INT8 / bitsandbytes / GGUF / ONNX Runtime artifacts of the
+merged model, each measured in a fresh process (size, compression, CPU tokens/s, perplexity,
+main metric)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import argparse
 import sys
 
 from reprotune import io, runtime, verify
-from reprotune.deploy.quantize import TemplateMismatch, quantize_all, report_markdown
+from reprotune.deploy.quant_common import TemplateMismatch
+from reprotune.deploy.quant_measure import set_threads
+from reprotune.deploy.quant_report import report_markdown
+from reprotune.deploy.quantize import quantize_all
 from reprotune.evaluate.metrics import NonFiniteLossError
 from reprotune.params import as_dict, load_section, load_top
 from reprotune.timing import split_timing, write_timing
@@ -27,6 +31,8 @@ def main() -> None:
     cfg = load_section("quantize")
     top = load_top()
     runtime.seed_everything(top.seed)
+    threads = set_threads()  # once; each measuring process does the same for itself
+    log.info("torch / onnxruntime threads: %d (usable cores)", threads)
     io.clean_stale_temporaries(args.out, args.metrics, args.report)
 
     def write(metrics: dict, details: dict) -> None:

@@ -13,20 +13,16 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from reprotune import io  # noqa: E402
+from reprotune.deploy.artifacts import build_artifact, load_artifact  # noqa: E402
 from reprotune.deploy.merge import MERGED_INFO_FILE, merge_finetuned, render_probe  # noqa: E402
-from reprotune.deploy.quantize import (  # noqa: E402
-    INT8_WEIGHTS,
+from reprotune.deploy.quant_common import (  # noqa: E402
     QUANT_INFO_FILE,
     MethodUnavailable,
     TemplateMismatch,
-    build_artifact,
-    check_format,
-    load_artifact,
-    load_int8_dynamic,
-    measure,
-    measure_in_subprocess,
-    quantize_all,
 )
+from reprotune.deploy.quant_int8 import INT8_WEIGHTS, load_int8_dynamic  # noqa: E402
+from reprotune.deploy.quant_measure import measure, measure_in_subprocess  # noqa: E402
+from reprotune.deploy.quantize import check_format, quantize_all  # noqa: E402
 from reprotune.modeling import load_model, load_tokenizer  # noqa: E402
 from reprotune.params import EvalParams, as_dict  # noqa: E402
 
@@ -76,34 +72,41 @@ def _rel(a, b) -> float:
 
 
 def test_int8_dynamic_roundtrip(work: Path, float_model, tmp_path: Path) -> None:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
+    """torchao int8: stored pickle-free, reloaded bit-identical, the shared float model kept."""
+    before = float_model.model.layers[0].mlp.up_proj.weight.detach().clone()
     info = build_artifact("int8_dynamic", work / "merged", tmp_path / "int8", KEEP, float_model)
+    assert torch.equal(float_model.model.layers[0].mlp.up_proj.weight, before)  # not quantised
+    assert type(float_model.model.layers[0].mlp.up_proj.weight).__name__ == "Parameter"
     files = {p.name for p in (tmp_path / "int8").iterdir()}
     assert {INT8_WEIGHTS, "config.json", "tokenizer.json", "chat_template.jinja",
             QUANT_INFO_FILE} <= files
     assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in (tmp_path / "int8").iterdir())
     assert info["quantized_modules"] == 14  # 7 linears x 2 layers; embeddings + head kept
+    assert info["api"].startswith("torchao quantize_(Int8DynamicActivationInt8WeightConfig")
     assert 0 < info["layer_error_max"] < 0.01 and len(info["worst_layers"]) == 5
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "int8" / INT8_WEIGHTS), "pt") as fh:
-        assert fh.get_tensor("model.layers.0.mlp.up_proj.weight_int8").dtype == torch.int8
+        stored = fh.get_tensor("model.layers.0.mlp.up_proj.weight_int8")
+        assert stored.dtype == torch.int8
         assert "model.embed_tokens.weight" in set(fh.keys())
     model, tok = load_int8_dynamic(tmp_path / "int8")
-    assert isinstance(model.model.layers[1].mlp.down_proj, DynamicLinear)
+    down = model.model.layers[1].mlp.down_proj.weight
+    assert type(down).__name__ == "Int8Tensor"  # torchao's, not torch.ao's DynamicQuantizedLinear
     assert isinstance(model.lm_head, torch.nn.Linear)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tie restored
     assert tok.chat_template == load_tokenizer(work / "merged").chat_template
-    # activations are quantised too (dynamically, per tensor): a few % on tiny random logits
+    # activations are quantised too (dynamically, per token): a few % on tiny random logits
     assert _rel(_logits(model), _logits(float_model)) < 0.05
-    # the stored int8 values come back exactly
-    q = model.model.layers[0].mlp.up_proj.weight()
+    # the stored int8 values come back exactly, and they are torchao's own quantisation
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight.qdata, stored)
     w = float_model.model.layers[0].mlp.up_proj.weight.detach()
-    scale = w.abs().amax(dim=1) / 127
-    assert torch.equal(q.int_repr(), torch.round(w / scale[:, None]).to(torch.int8))
+    scale = model.model.layers[0].mlp.up_proj.weight.scale.reshape(-1, 1)
+    assert torch.equal(stored, torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8)) \
+        or (stored.int() - torch.round(w / scale).int()).abs().max() <= 1
     # every quantised Linear came back as one (read from the tensor names)
-    assert sum(isinstance(m, DynamicLinear) for m in model.modules()) == 14
+    assert sum(type(m.weight).__name__ == "Int8Tensor" for m in model.modules()
+               if isinstance(m, torch.nn.Linear)) == 14
 
 
 def test_int8_dynamic_file_bytes_are_reproducible(work: Path, float_model, tmp_path: Path) -> None:
@@ -122,7 +125,8 @@ def test_int8_keep_full_precision_fragments(work: Path, float_model, tmp_path: P
     assert info["quantized_modules"] == 8  # only attention projections
     assert not any("mlp" in name for name in info["layer_errors"])
     model, _ = load_int8_dynamic(tmp_path / "int8")
-    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Parameter"
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
 
 
 @pytest.mark.parametrize("method,max_err", [("bnb_int8", 0.01), ("bnb_nf4", 0.15)])
@@ -254,11 +258,41 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
         row = metrics[method]
         assert row["status"] == "ok", row
         assert (out / method / QUANT_INFO_FILE).is_file()
-        assert row["size_mb"] > 0 and row["compression"] > 1.3
+        assert row["size_mb"] > 0
+        if not method.startswith("onnx"):  # the exported graphs: about 2x the fp32 weights
+            assert row["compression"] > 1.3
         assert timing[method]["tokens_per_s"] > 0 and timing[method]["speedup"] > 0
         assert row["template_sha256"] == sha and row["template_ok"] is True
-        if method in ("int8_dynamic", "bnb_int8", "gguf_q8_0", "gguf_f16"):
+        if method in ("int8_dynamic", "bnb_int8", "gguf_q8_0", "gguf_f16", "onnx_fp32"):
             assert abs(row["ppl_delta_pct"]) < 2 and row["first_tokens_match"] >= 4
+    assert metrics["onnx_int8"]["size_mb"] < 0.8 * metrics["onnx_fp32"]["size_mb"]
+    assert abs(metrics["onnx_int8"]["ppl_delta_pct"]) < 5
     report = (tmp_path / "q.md").read_text(encoding="utf-8")
     assert report.count("| ok |") == 1 + len(params["quantize"]["methods"])
     assert "All artifacts render it identically to training." in report
+
+
+def test_onnx_fp32_and_int8_run_on_onnxruntime(work: Path, float_model, tmp_path: Path) -> None:
+    """Exported with torch.onnx (dynamo), quantised by onnxruntime, measured through an ORT
+    session: the loaded model holds no torch weights at all."""
+    ids = ((5, 17, 42, 99, 3, 7, 8, 9),)
+    fp32 = build_artifact("onnx_fp32", work / "merged", tmp_path / "fp32", KEEP, float_model)
+    int8 = build_artifact("onnx_int8", work / "merged", tmp_path / "int8", KEEP, float_model)
+    assert fp32["quantized_modules"] == 0 and "torch.onnx (dynamo)" in fp32["exporter"]
+    assert int8["quantized_modules"] == 14  # 7 MatMuls x 2 layers; embeddings + head kept
+    assert 0 < int8["layer_error_max"] < 0.01
+    size = {m: (tmp_path / m / "model.onnx").stat().st_size for m in ("fp32", "int8")}
+    assert size["int8"] < 0.8 * size["fp32"]
+    for method, folder, tol in (("onnx_fp32", "fp32", 1e-4), ("onnx_int8", "int8", 0.05)):
+        model, tok, thinking = load_artifact(method, tmp_path / folder)
+        assert type(model).__name__ == "OrtCausalLM" and thinking is False
+        assert sum(p.numel() for p in model.parameters()) == 1  # no weights in torch
+        assert _rel(_logits(model, ids), _logits(float_model, ids)) < tol
+        assert tok.chat_template == load_tokenizer(work / "merged").chat_template
+    req = {"method": "onnx_int8", "path": str(tmp_path / "int8"),
+           "test": str(work / "test.parquet"), "eval": EVAL, "eval_rows": 2, "seed": 0}
+    res = measure_in_subprocess(req)
+    assert res["peft_blocked"] is True and res["tokens_per_s"] > 0
+    assert len(res["first_tokens"]) == 8 and res["metrics"]["n_rows"] == 2
+    ref = measure({**req, "method": "merged", "path": str(work / "merged")})
+    assert abs(res["metrics"]["perplexity"] / ref["metrics"]["perplexity"] - 1) < 0.05

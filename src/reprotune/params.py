@@ -222,8 +222,10 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class QuantizeParams:
-    methods: list[Literal["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0"]] = _f(
-        ["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0"])
+    methods: list[Literal["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0",
+                          "onnx_fp32", "onnx_int8"]] = _f(
+        ["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0", "onnx_fp32",
+         "onnx_int8"])
     keep_full_precision: list[str] = _f(["embed_tokens", "lm_head"])
     eval_rows: int = _f(0, **_rng(0, None))
 
