@@ -374,8 +374,9 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
             rounds.append(time.perf_counter() - t1)
         gen_s = min(rounds)
     cfg = dataclasses.replace(EvalParams(**request["eval"]), max_rows=request["eval_rows"])
-    metrics, _ = evaluate_model(model, tok, load_test_rows(request["test"]), cfg,
-                                enable_thinking=thinking, seed=request["seed"], progress=False)
+    metrics, records = evaluate_model(model, tok, load_test_rows(request["test"]), cfg,
+                                      enable_thinking=thinking, seed=request["seed"],
+                                      progress=False)
     return {"method": request["method"], "load_s": round(load_s, 3),
             "tokens_per_s": round(len(SPEED_PROMPTS) * SPEED_NEW_TOKENS / gen_s, 3),
             "torch_threads": torch.get_num_threads(), "first_tokens": first,
@@ -383,7 +384,8 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
             "template_sha256": template_fingerprint(tok.chat_template or ""),
             "render": render, "render_sha256": text_sha256(render), "probe_ids": probe_ids,
             "peft_blocked": "peft" in sys.modules and sys.modules["peft"] is None,
-            "metrics": {k: v for k, v in metrics.items() if k not in ("confusion", "settings")}}
+            "metrics": {k: v for k, v in metrics.items() if k not in ("confusion", "settings")},
+            "rows": records}
 
 
 def measure_in_subprocess(request: dict[str, Any]) -> dict[str, Any]:
@@ -455,9 +457,10 @@ def summarize(result: dict[str, Any], ref: dict[str, Any], size: int, ref_size: 
                    layer_error_max=built["layer_error_max"],
                    worst_layer=(built["worst_layers"][0]["layer"] if built["worst_layers"]
                                 else None))
-    ppl_ok = row["ppl_delta_pct"] is None or row["ppl_delta_pct"] < TARGET_LOSS_PCT
-    main_ok = row["main_delta_pct"] is None or row["main_delta_pct"] > -TARGET_LOSS_PCT
-    row["within_target"] = bool(ppl_ok and main_ok)
+    from reprotune.evaluate.paired import quantise_gate
+
+    # met / missed / too few rows to tell, on the 95% interval of the loss (not the point change)
+    row.update(quantise_gate(ref["rows"], result["rows"], name, TARGET_LOSS_PCT))
     return row
 
 
@@ -631,14 +634,18 @@ def report_markdown(metrics: dict[str, Any], details: dict[str, Any],
                if metrics.get(m, {}).get("status") == "skipped"]
     if skipped:
         lines += ["", "## Skipped", ""] + [f"- **{m}**: {r}" for m, r in skipped]
-    lines += ["", f"## INT8 target (< {TARGET_LOSS_PCT:g}% relative loss on perplexity and "
-                  f"{name})", ""]
+    lines += ["", f"## INT8 target (loss < {TARGET_LOSS_PCT:g}% relative on mean token NLL and "
+                  f"< {TARGET_LOSS_PCT / 100:g} absolute on {name}, for the whole 95% "
+                  f"paired-bootstrap interval)", ""]
     for m in INT8_METHODS:
         row = metrics.get(m)
         if row and row.get("status") == "ok":
-            verdict = "met" if row["within_target"] else "**missed**"
-            lines.append(f"- {m}: Δppl {_fmt(row['ppl_delta_pct'], '+.2f')}%, Δ{name} "
-                         f"{_delta(row)} -> {verdict}")
+            verdict = row["gate"] if row["gate"] != "missed" else "**missed**"
+            lines.append(f"- {m}: NLL loss {_fmt(row.get('ppl_loss_pct'), '+.3f')}% (interval "
+                         f"up to {_fmt(row.get('ppl_loss_pct_high'), '+.3f')}%), {name} loss "
+                         f"{_fmt(row.get('main_loss'), '+.4f')} (up to "
+                         f"{_fmt(row.get('main_loss_high'), '+.4f')}) on {row['gate_rows']} "
+                         f"rows -> {verdict}")
     if details.get("worst_layers"):
         lines += ["", "## Worst layers (relative Frobenius error of W vs dequantised W)", ""]
         for m, worst in details["worst_layers"].items():
