@@ -259,6 +259,10 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
         assert row["template_sha256"] == sha and row["template_ok"] is True
         if method in ("int8_dynamic", "bnb_int8", "gguf_q8_0", "gguf_f16"):
             assert abs(row["ppl_delta_pct"]) < 2 and row["first_tokens_match"] >= 4
+        # 4 test rows: the interval-based gate refuses to call it either way
+        assert row["gate"] == "too few rows to tell" and row["gate_rows"] == 4
+        assert row["within_target"] is False
     report = (tmp_path / "q.md").read_text(encoding="utf-8")
+    assert report.count("on 4 rows (rouge_l: 4) -> too few rows to tell") == 3  # INT8 methods
     assert report.count("| ok |") == 1 + len(params["quantize"]["methods"])
     assert "All artifacts render it identically to training." in report

@@ -645,7 +645,7 @@ def report_markdown(metrics: dict[str, Any], details: dict[str, Any],
                          f"up to {_fmt(row.get('ppl_loss_pct_high'), '+.3f')}%), {name} loss "
                          f"{_fmt(row.get('main_loss'), '+.4f')} (up to "
                          f"{_fmt(row.get('main_loss_high'), '+.4f')}) on {row['gate_rows']} "
-                         f"rows -> {verdict}")
+                         f"rows ({name}: {row.get('main_rows')}) -> {verdict}")
     if details.get("worst_layers"):
         lines += ["", "## Worst layers (relative Frobenius error of W vs dequantised W)", ""]
         for m, worst in details["worst_layers"].items():

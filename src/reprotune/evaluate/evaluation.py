@@ -237,28 +237,17 @@ def _label_probs_and_auc(model: Any, tokenizer: Any, examples: Sequence[Example]
                          classes: Sequence[str], batch_size: int, enable_thinking: bool,
                          ) -> dict[str, Any]:
     """Store each labelled row's label probabilities; ROC-AUC with its 95% interval."""
-    import numpy as np
-
-    from reprotune.evaluate import significance as S
-    from reprotune.evaluate.label_scores import label_probabilities
+    from reprotune.evaluate.label_scores import probabilities_and_auc
 
     prompts = render_prompts(tokenizer, [examples[i].prompt for i in labelled],
                              [examples[i].tools for i in labelled],
                              enable_thinking=enable_thinking)
-    probs = label_probabilities(model, tokenizer, prompts, classes, batch_size=batch_size)
+    probs, auc = probabilities_and_auc(model, tokenizer, prompts,
+                                       [examples[i].label for i in labelled], classes,
+                                       batch_size=batch_size)
     for i, p in zip(labelled, probs, strict=True):
         records[i]["label_probs"] = p
-    if len(classes) < 2:
-        log.warning("one label class in the test split: ROC-AUC is undefined")
-        return {}
-    code = {c: k for k, c in enumerate(classes)}
-    gold = np.array([code[examples[i].label] for i in labelled])
-    q = np.array([[p[c] for c in classes] for p in probs])
-    auc = S.single_interval(lambda rows: S.roc_auc(gold[rows], q[rows], len(classes)),
-                            len(labelled))
-    if auc["value"] is None:
-        return {}
-    return {"auc": auc["value"], "auc_low": auc["low"], "auc_high": auc["high"]}
+    return auc
 
 
 def _numbers(m: dict[str, Any]) -> dict[str, Any]:

@@ -87,3 +87,25 @@ def label_probabilities(model: Any, tokenizer: Any, prompts: Sequence[Sequence[i
     lp = label_logprobs(model, prompts, ids, batch_size=batch_size,
                         pad_id=tokenizer.pad_token_id or 0)
     return to_probabilities(lp, labels)
+
+
+def probabilities_and_auc(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                          gold: Sequence[str], classes: Sequence[str], *, batch_size: int
+                          ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """(label probabilities per row, ``{auc, auc_low, auc_high}``): ROC-AUC of the gold
+    labels with its 95% bootstrap interval; ``{}`` when it is undefined (one class)."""
+    import numpy as np
+
+    from reprotune.evaluate import significance as S
+
+    probs = label_probabilities(model, tokenizer, prompts, classes, batch_size=batch_size)
+    if len(classes) < 2:
+        log.warning("one label class in the test split: ROC-AUC is undefined")
+        return probs, {}
+    code = {c: k for k, c in enumerate(classes)}
+    y = np.array([code[g] for g in gold])
+    q = np.array([[p[c] for c in classes] for p in probs])
+    auc = S.single_interval(lambda rows: S.roc_auc(y[rows], q[rows], len(classes)), len(y))
+    if auc["value"] is None:
+        return probs, {}
+    return probs, {"auc": auc["value"], "auc_low": auc["low"], "auc_high": auc["high"]}

@@ -157,7 +157,7 @@ def quantise_gate(reference: Sequence[dict[str, Any]], candidate: Sequence[dict[
     point change alone: perplexity by the relative change of the mean token NLL (below
     ``target_pct`` %), the main task metric by its absolute change on its own 0-1 scale
     (below ``target_pct / 100``). Returns the flat metrics-row fields ``{gate, gate_rows,
-    within_target, ppl_loss_pct, ppl_loss_pct_high, main_loss, main_loss_high}``.
+    within_target, ppl_loss_pct, ppl_loss_pct_high, main_loss, main_loss_high, main_rows}``.
     """
     cmp = compare_records(reference, candidate, min_rows=min_rows)
     mets = cmp["metrics"]
@@ -173,6 +173,7 @@ def quantise_gate(reference: Sequence[dict[str, Any]], candidate: Sequence[dict[
         g = S.gate(mets[main_metric], target_pct / 100, relative=False, higher_is_better=True)
         verdicts.append(g["verdict"])
         out["main_loss"], out["main_loss_high"] = g["loss"], g["loss_high"]
+        out["main_rows"] = mets[main_metric]["n"]  # accuracy: the labelled rows only
     if not verdicts or S.TOO_FEW in verdicts:
         out["gate"] = S.TOO_FEW
     else:

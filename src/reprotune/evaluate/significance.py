@@ -192,7 +192,6 @@ def gate(comparison: dict[str, Any], target: float, *, relative: bool,
     if relative and not scale:
         scale = 1.0  # a reference of exactly 0: fall back to the absolute scale
     sign = -1.0 if higher_is_better else 1.0
-    losses = sorted((sign * comparison["diff"] / scale, sign * lo / scale, sign * hi / scale))
-    loss, worst = sign * comparison["diff"] / scale, max(losses)
+    loss, worst = sign * comparison["diff"] / scale, max(sign * lo, sign * hi) / scale
     return {**out, "loss": _r(loss), "loss_high": _r(worst),
             "verdict": MET if worst < target else MISSED}
