@@ -25,7 +25,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
-        report plots serve verify
+        report plots serve verify review review-wins
 
 install: $(STAMP)
 
@@ -144,6 +144,16 @@ exps-plot: install
 REV ?= main
 report: install
 	@$(BIN)/python -m reprotune.team.review --rev '$(REV)'
+
+# Blind side-by-side human review page (docs/evaluation.md): A/B = base | finetuned | a git rev.
+A ?= base
+B ?= finetuned
+review: install
+	@$(BIN)/python -m reprotune.team.review_page --a '$(A)' --b '$(B)'
+
+# Committed judgments (data/review/) -> win rates with intervals in metrics/review.json.
+review-wins: install
+	$(BIN)/dvc repro review_wins
 
 # The pipeline's plots as one HTML page that renders offline (.dvc/plots/offline.html).
 plots: install

@@ -23,6 +23,7 @@ from reprotune.evaluate.evaluation import (
     metrics_file,
 )
 from reprotune.evaluate.metrics import NonFiniteLossError
+from reprotune.evaluate.paired import compare_records, intervals_file
 from reprotune.evaluate.report import plot_confusion, relative_link, render_report, write_report
 from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
 from reprotune.params import load_section
@@ -136,9 +137,13 @@ def main() -> None:
         raise SystemExit(f"{args.model}: non-finite metric values: {metrics}")
     io.write_jsonl(args.predictions, predictions)
 
+    base_preds = io.read_jsonl(args.base_predictions) if args.base_predictions else None
     if args.base_metrics:
         comparison = compare(metrics, io.read_json(args.base_metrics))
         out, gain = metrics_file(metrics, comparison)
+        if base_preds is not None:  # fine-tuned (b) vs base (a), paired by row id
+            comparison["paired"] = compare_records(base_preds, predictions)
+            gain["intervals"] = intervals_file(comparison["paired"])
         if args.gain:
             io.write_json(args.gain, gain)
     else:
@@ -148,7 +153,6 @@ def main() -> None:
     if args.confusion:
         plot_confusion(confusion, args.confusion)
     if args.report:
-        base_preds = io.read_jsonl(args.base_predictions) if args.base_predictions else None
         text = render_report(comparison, metrics["settings"], predictions,
                              examples=cfg.report_examples, confusion=confusion,
                              confusion_png=(relative_link(args.confusion, args.report)

@@ -239,7 +239,12 @@ def test_evaluate_stage_base_then_finetuned(tmp_path, repo_root, tiny_base_dir, 
     assert "settings_mismatch" not in ev
     assert (tmp_path / "metrics/plots/cm.png").read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "reports/eval.md").read_text()
-    assert "| metric | base | fine-tuned | gain |" in report
+    assert "| metric | base | fine-tuned | gain | 95% CI of the gain | verdict |" in report
+    assert "| BLEU (0-100) |" in report and "too few rows to tell |" in report
+    intervals = io.read_json(tmp_path / "metrics/eval_gain.json")["intervals"]
+    assert intervals["n_shared"] == 5 and intervals["resamples"] == 1000
+    assert intervals["bleu"] == {"diff": 0.0, "low": 0.0, "high": 0.0,
+                                 "verdict": "too few rows to tell"}
     assert "![confusion matrix](../metrics/plots/cm.png)" in report
     assert len(io.read_jsonl(tmp_path / "data/eval/predictions.jsonl")) == 5
 

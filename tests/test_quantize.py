@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from reprotune import io  # noqa: E402
-from reprotune.deploy.artifacts import build_artifact, load_artifact  # noqa: E402
+from reprotune.deploy.artifacts import INT8_METHODS, build_artifact, load_artifact  # noqa: E402
 from reprotune.deploy.merge import MERGED_INFO_FILE, merge_finetuned, render_probe  # noqa: E402
 from reprotune.deploy.quant_common import (  # noqa: E402
     QUANT_INFO_FILE,
@@ -265,9 +265,13 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
         assert row["template_sha256"] == sha and row["template_ok"] is True
         if method in ("int8_dynamic", "bnb_int8", "gguf_q8_0", "gguf_f16", "onnx_fp32"):
             assert abs(row["ppl_delta_pct"]) < 2 and row["first_tokens_match"] >= 4
+        # 4 test rows: the interval-based gate refuses to call it either way
+        assert row["gate"] == "too few rows to tell" and row["gate_rows"] == 4
+        assert row["within_target"] is False
     assert metrics["onnx_int8"]["size_mb"] < 0.8 * metrics["onnx_fp32"]["size_mb"]
     assert abs(metrics["onnx_int8"]["ppl_delta_pct"]) < 5
     report = (tmp_path / "q.md").read_text(encoding="utf-8")
+    assert report.count("on 4 rows (rouge_l: 4) -> too few rows to tell") == len(INT8_METHODS)
     assert report.count("| ok |") == 1 + len(params["quantize"]["methods"])
     assert "All artifacts render it identically to training." in report
 

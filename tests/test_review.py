@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from toy_repos import make_exp_repo, run
 
+from reprotune.evaluate.paired import compare_records
 from reprotune.team.review import (
     changed_predictions,
     metric_rank,
@@ -17,6 +18,7 @@ from reprotune.team.review import (
     params_markdown,
     plot_files,
     predictions_markdown,
+    significance_markdown,
 )
 
 DIFF = {
@@ -91,6 +93,21 @@ def test_changed_predictions_side_by_side() -> None:
     assert predictions_markdown([], "main", 0) == "No prediction changed."
 
 
+def test_significance_markdown_leads_with_real_changes() -> None:
+    old = [{"id": str(i), "prompt": f"q{i}", "reference": f"答案 {i} 是 {i % 7}",
+            "prediction": f"答案 {i} 是 {i % 7}"} for i in range(120)]
+    new = [{**r, "prediction": ""} if i % 2 else r for i, r in enumerate(old[20:])]
+    md = significance_markdown(compare_records(old, new), "main")
+    lines = md.splitlines()
+    assert lines[0].startswith("Paired bootstrap over the 100 test rows both revisions answered")
+    assert "The test sets differ (120 rows at `main`, 100 now)" in lines[0]
+    assert lines[2] == "| metric | `main` | this change | change | 95% CI | verdict |"
+    assert lines[4].startswith("| **bleu** | 100 |") and lines[4].endswith("| **worse** |")
+    assert all("**worse**" in ln for ln in lines[4:])
+    same = significance_markdown(compare_records(old, old), "main")
+    assert "| bleu | 100 | 100 | 0 | [0, 0] | no detectable change |" in same
+
+
 def test_plot_files_from_the_project_dvc_yaml(repo_root: Path) -> None:
     files = plot_files(repo_root / "dvc.yaml")
     assert "metrics/plots/confusion.png" in files and "metrics/plots/token_lengths.png" in files
@@ -113,8 +130,13 @@ def test_report_of_an_experiment_against_main(exp_repo: Path) -> None:
     md = _report(exp_repo, "--rev", "main").stdout
     sections = md.split("### ")
     assert sections[0].startswith("## reprotune: this change vs `main`")
-    metrics, params, plots, preds = sections[1:]
-    assert metrics.splitlines()[4] == "| **best_val_loss** | `metrics/train.json` | 0.5 | 0.7908 | 0.2908 |"
+    noise, metrics, params, plots, preds = sections[1:]
+    assert noise.startswith("What changed beyond noise\n\nPaired bootstrap over the 6 test rows")
+    # six rows: every quality metric is listed, none with a verdict
+    assert "| rouge_l | 1 | 0.6667 | -0.3333 |" in noise and "| better |" not in noise
+    assert noise.count("too few rows to tell") == 7  # bleu chrf rouge1 rouge2 rouge_l f1 em
+    assert metrics.splitlines()[2].startswith("<details><summary>")
+    assert metrics.splitlines()[6] == "| **best_val_loss** | `metrics/train.json` | 0.5 | 0.7908 | 0.2908 |"
     assert "tokens_per_s" not in metrics and "1 timing/memory/size rows left out" in metrics
     assert "| `lr` | 0.001 | 0.003 |" in params
     assert "- `out/curve.tsv`" in plots

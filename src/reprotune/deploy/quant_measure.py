@@ -95,7 +95,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
             rounds.append(time.perf_counter() - t1)
         gen_s = min(rounds)
     cfg = dataclasses.replace(EvalParams(**request["eval"]), max_rows=request["eval_rows"])
-    metrics, _ = evaluate_model(model, tok, load_test_rows(request["test"]), cfg,
+    metrics, records = evaluate_model(model, tok, load_test_rows(request["test"]), cfg,
                                 enable_thinking=thinking, seed=request["seed"], progress=False)
     return {"method": request["method"], "load_s": round(load_s, 3),
             "tokens_per_s": round(len(SPEED_PROMPTS) * SPEED_NEW_TOKENS / gen_s, 3),
@@ -104,7 +104,8 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
             "template_sha256": template_fingerprint(tok.chat_template or ""),
             "render": render, "render_sha256": text_sha256(render), "probe_ids": probe_ids,
             "peft_blocked": "peft" in sys.modules and sys.modules["peft"] is None,
-            "metrics": {k: v for k, v in metrics.items() if k not in ("confusion", "settings")}}
+            "metrics": {k: v for k, v in metrics.items() if k not in ("confusion", "settings")},
+            "rows": records}
 
 
 def measure_in_subprocess(request: dict[str, Any]) -> dict[str, Any]:

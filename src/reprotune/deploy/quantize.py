@@ -80,9 +80,10 @@ def summarize(result: dict[str, Any], ref: dict[str, Any], size: int, ref_size: 
                    layer_error_max=built["layer_error_max"],
                    worst_layer=(built["worst_layers"][0]["layer"] if built["worst_layers"]
                                 else None))
-    ppl_ok = row["ppl_delta_pct"] is None or row["ppl_delta_pct"] < TARGET_LOSS_PCT
-    main_ok = row["main_delta_pct"] is None or row["main_delta_pct"] > -TARGET_LOSS_PCT
-    row["within_target"] = bool(ppl_ok and main_ok)
+    from reprotune.evaluate.paired import quantise_gate
+
+    # met / missed / too few rows to tell, on the 95% interval of the loss (not the point change)
+    row.update(quantise_gate(ref["rows"], result["rows"], name, TARGET_LOSS_PCT))
     return row
 
 

@@ -19,12 +19,13 @@ from typing import Any
 
 from reprotune import io
 from reprotune.evaluate import metrics as M
-from reprotune.evaluate.generation import generate_detailed, strip_think
+from reprotune.evaluate.generation import generate_detailed, render_prompts, strip_think
 
 log = logging.getLogger(__name__)
 
 # Headline metrics, higher is better; perplexity is handled apart (lower is better).
-HEADLINE = ("bleu", "chrf", "rouge1", "rouge2", "rouge_l", "f1", "em", "accuracy", "macro_f1")
+HEADLINE = ("bleu", "chrf", "rouge1", "rouge2", "rouge_l", "f1", "em", "accuracy", "macro_f1",
+            "auc")
 # Settings that must agree for a base-vs-fine-tuned comparison to mean anything.
 COMPARABLE_SETTINGS = ("n_rows", "bleu_tokenize", "max_new_tokens", "do_sample", "task")
 DIGITS = 6
@@ -125,7 +126,10 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
     Returns ``(metrics, predictions)``: metrics hold the headline numbers, counts, a
     ``settings`` dict and (classification) a ``confusion`` dict; predictions hold one
     record per row, in row order: ``{id, prompt, reference, prediction, label, bleu,
-    rouge_l, f1, em}`` (+ ``pred_label`` when classification metrics are computed).
+    rouge_l, f1, em}`` plus the per-row statistics every metric is computed from
+    (``bleu_stats``, ``chrf_stats``, ``rouge1``, ``rouge2``; ``nll``, ``n_tokens`` with
+    perplexity; ``pred_label`` and ``label_probs`` with classification), so two prediction
+    files can be compared (:mod:`reprotune.evaluate.paired`) without the model.
 
     ``shard = (rank, processes)`` generates data-parallel (``eval.num_processes``): every
     process generates its share of the batches, and rank 0 alone scores (the others return
@@ -165,12 +169,16 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
                            "n_empty_predictions": sum(not p.strip() for p in preds),
                            "n_capped_predictions": sum(capped),
                            "capped_share": round(capped_share, 4), "cap_warning": cap_warning}
+    bleu_stats, chrf_stats = M.sufficient_stats(preds, refs, bc["tokenize"])
     records = [{"id": e.id, "prompt": e.user, "reference": e.reference, "prediction": p,
                 "label": e.label, "capped": cap,
                 "bleu": _round(M.sentence_bleu(p, e.reference, bc["tokenize"])),
-                "rouge_l": _round(r["rouge_l"]), "f1": _round(f), "em": _round(em)}
-               for e, p, cap, r, (f, em) in zip(examples, preds, capped, rg["per_sample"],
-                                                tf["per_sample"], strict=True)]
+                "rouge_l": _round(r["rouge_l"]), "f1": _round(f), "em": _round(em),
+                "rouge1": _round(r["rouge1"]), "rouge2": _round(r["rouge2"]),
+                "bleu_stats": bs, "chrf_stats": cs}
+               for e, p, cap, r, (f, em), bs, cs in zip(
+                   examples, preds, capped, rg["per_sample"], tf["per_sample"], bleu_stats,
+                   chrf_stats, strict=True)]
     if classify:
         cm = M.classification_metrics([preds[i] for i in labelled],
                                       [examples[i].label for i in labelled])
@@ -178,8 +186,15 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
                    n_other=cm["n_other"], confusion=cm["confusion"])
         for i, mapped in zip(labelled, cm["mapped"], strict=True):
             records[i]["pred_label"] = mapped
+        out.update(_label_probs_and_auc(model, tokenizer, examples, labelled, records,
+                                        cm["confusion"]["labels"], cfg.batch_size,
+                                        enable_thinking))
     if all("input_ids" in r and "labels" in r for r in rows):
-        out.update(_perplexity(model, tokenizer, rows, cfg.batch_size, source, progress))
+        ppl = _perplexity(model, tokenizer, rows, cfg.batch_size, source, progress)
+        for rec, nll, n_tok in zip(records, ppl.pop("row_nll"), ppl.pop("row_tokens"),
+                                   strict=True):
+            rec.update(nll=_round(nll), n_tokens=n_tok)
+        out.update(ppl)
     else:
         log.warning("%s: rows lack input_ids/labels: perplexity not computed", source)
     out["settings"] = {
@@ -213,7 +228,26 @@ def _perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batc
     except ValueError as exc:
         raise EvalDataError(f"{source}: {exc} (every assistant turn was masked or truncated)") from exc
     return {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "ppl_tokens": ppl["n_tokens"],
-            "ppl_rows_without_tokens": ppl["n_rows_without_tokens"]}
+            "ppl_rows_without_tokens": ppl["n_rows_without_tokens"],
+            "row_nll": ppl["row_nll"], "row_tokens": ppl["row_tokens"]}
+
+
+def _label_probs_and_auc(model: Any, tokenizer: Any, examples: Sequence[Example],
+                         labelled: Sequence[int], records: list[dict[str, Any]],
+                         classes: Sequence[str], batch_size: int, enable_thinking: bool,
+                         ) -> dict[str, Any]:
+    """Store each labelled row's label probabilities; ROC-AUC with its 95% interval."""
+    from reprotune.evaluate.label_scores import probabilities_and_auc
+
+    prompts = render_prompts(tokenizer, [examples[i].prompt for i in labelled],
+                             [examples[i].tools for i in labelled],
+                             enable_thinking=enable_thinking)
+    probs, auc = probabilities_and_auc(model, tokenizer, prompts,
+                                       [examples[i].label for i in labelled], classes,
+                                       batch_size=batch_size)
+    for i, p in zip(labelled, probs, strict=True):
+        records[i]["label_probs"] = p
+    return auc
 
 
 def _numbers(m: dict[str, Any]) -> dict[str, Any]:

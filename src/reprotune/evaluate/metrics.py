@@ -99,6 +99,18 @@ def bleu_chrf(preds: Sequence[str], refs: Sequence[str], tokenize: str = "auto")
             "chrf_signature": str(chrf.get_signature())}
 
 
+def sufficient_stats(preds: Sequence[str], refs: Sequence[str], tokenize: str
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+    """Per-row BLEU and chrF sufficient statistics (sacrebleu's own), whose column sums give
+    the corpus scores: ``(bleu_stats, chrf_stats)``, one list of counts per row."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    _check_pairs(preds, refs)
+    bleu = BLEU(tokenize=tokenize)._extract_corpus_statistics(list(preds), [list(refs)])
+    chrf = CHRF()._extract_corpus_statistics(list(preds), [list(refs)])
+    return ([[int(x) for x in row] for row in bleu], [[int(x) for x in row] for row in chrf])
+
+
 def sentence_bleu(pred: str, ref: str, tokenize: str) -> float:
     """Sentence BLEU (sacrebleu defaults, exp smoothing), 0-100, with the empty conventions."""
     from sacrebleu.metrics import BLEU
@@ -273,8 +285,10 @@ def corpus_perplexity(model: Any, rows: Sequence[dict[str, Any]], batch_size: in
     padding. Token NLLs are summed in float64. This is NOT the mean of per-row
     perplexities, which would over-weight short answers.
 
-    Returns ``{"perplexity", "nll", "n_tokens", "n_rows", "n_rows_without_tokens"}``; raises
-    ``ValueError`` when no row has a scored token.
+    Returns ``{"perplexity", "nll", "n_tokens", "n_rows", "n_rows_without_tokens",
+    "row_nll", "row_tokens"}`` (the last two per input row, in row order: summed NLL in nats
+    and scored tokens, 0 for a row without any); raises ``ValueError`` when no row has a
+    scored token.
     """
     import torch
     from tqdm.auto import tqdm
@@ -287,6 +301,7 @@ def corpus_perplexity(model: Any, rows: Sequence[dict[str, Any]], batch_size: in
     if not order:
         raise ValueError(f"no scored (assistant) tokens in {len(rows)} rows: perplexity undefined")
     total_nll, total_tokens = 0.0, 0
+    row_nll, row_tokens = [0.0] * len(rows), [0] * len(rows)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(order), desc="perplexity", unit="row", disable=not progress)
@@ -313,6 +328,11 @@ def corpus_perplexity(model: Any, rows: Sequence[dict[str, Any]], batch_size: in
             logp = torch.log_softmax(picked, dim=-1).gather(1, targets[keep].unsqueeze(1))
             total_nll -= float(logp.double().sum())
             total_tokens += int(keep.sum())
+            which = keep.nonzero()[:, 0].cpu()  # batch position of each scored token
+            per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(
+                0, which, logp.squeeze(1).double().cpu())
+            for j, i in enumerate(batch):
+                row_nll[i], row_tokens[i] = -float(per_row[j]), scored[i]
             del logits, picked, logp
             bar.update(len(batch))
     bar.close()
@@ -324,4 +344,5 @@ def corpus_perplexity(model: Any, rows: Sequence[dict[str, Any]], batch_size: in
         raise NonFiniteLossError(f"mean loss over {total_tokens} assistant tokens is {nll:.6g}: "
                                  f"the model's outputs are not finite")
     return {"perplexity": math.exp(nll), "nll": nll, "n_tokens": total_tokens,
-            "n_rows": len(order), "n_rows_without_tokens": len(rows) - len(order)}
+            "n_rows": len(order), "n_rows_without_tokens": len(rows) - len(order),
+            "row_nll": row_nll, "row_tokens": row_tokens}

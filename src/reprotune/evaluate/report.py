@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from reprotune import io
+from reprotune.evaluate.significance import MIN_ROWS
 
 log = logging.getLogger(__name__)
 
 ROWS = (("bleu", "BLEU (0-100)"), ("chrf", "chrF (0-100)"), ("rouge1", "ROUGE-1 F"),
         ("rouge2", "ROUGE-2 F"), ("rouge_l", "ROUGE-L F"), ("f1", "token F1"),
-        ("em", "exact match"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+        ("em", "exact match"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
+        ("auc", "ROC-AUC"))
 MAX_CELL = 300
 # Fonts with CJK glyphs, tried in order; matplotlib's bundled DejaVu has none.
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
@@ -54,17 +56,35 @@ def pick_examples(records: Sequence[dict[str, Any]], n: int
     return best, sorted(rest, key=lambda r: (sentence_score(r), str(r["id"])))[:n]
 
 
+def _interval(m: dict[str, Any] | None, flip: bool = False) -> tuple[str, str]:
+    """(95% CI cell, verdict cell) of one paired-comparison record; ``flip`` negates the
+    interval (perplexity is shown as a reduction)."""
+    if not m or m.get("low") is None:
+        return "–", (m or {}).get("verdict", "–")
+    lo, hi = (-m["high"], -m["low"]) if flip else (m["low"], m["high"])
+    return f"[{lo:+.4f}, {hi:+.4f}]", m["verdict"]
+
+
 def headline_table(comparison: dict[str, Any]) -> list[str]:
     ft, bs, gain = comparison["finetuned"], comparison.get("base", {}), comparison.get("gain", {})
-    lines = ["| metric | base | fine-tuned | gain |", "|---|---:|---:|---:|"]
+    paired = (comparison.get("paired") or {}).get("metrics")
+    if paired is None:
+        lines = ["| metric | base | fine-tuned | gain |", "|---|---:|---:|---:|"]
+    else:
+        lines = ["| metric | base | fine-tuned | gain | 95% CI of the gain | verdict |",
+                 "|---|---:|---:|---:|---:|---|"]
+
+    def extra(key: str, flip: bool = False) -> str:
+        return "" if paired is None else " {} | {} |".format(*_interval(paired.get(key), flip))
+
     for key, name in ROWS:
         if key in ft or key in bs:
             lines.append(f"| {name} | {_num(bs.get(key))} | {_num(ft.get(key))} | "
-                         f"{_num(gain.get(key))} |")
+                         f"{_num(gain.get(key))} |" + extra(key))
     if "perplexity" in ft or "perplexity" in bs:
         lines.append(f"| perplexity (lower is better) | {_num(bs.get('perplexity'))} | "
                      f"{_num(ft.get('perplexity'))} | {_num(gain.get('ppl_reduction'))} "
-                     f"(reduction) |")
+                     f"(reduction) |" + extra("perplexity", flip=True))
     return lines
 
 
@@ -107,6 +127,12 @@ def render_report(comparison: dict[str, Any], settings: dict[str, Any],
              f"{ft.get('n_empty_predictions')}. Gain = fine-tuned − base "
              f"(perplexity: base − fine-tuned), so positive is better.", "",
              *headline_table(comparison), ""]
+    paired = comparison.get("paired")
+    if paired:
+        lines += [f"Intervals: 95% paired bootstrap over the {paired['n_shared']} rows both "
+                  f"runs answered ({paired['resamples']} resamples, seed {paired['seed']}; "
+                  f"BLEU/chrF resample sacrebleu's sufficient statistics). A verdict needs at "
+                  f"least {MIN_ROWS} rows.", ""]
     if comparison.get("settings_mismatch"):
         lines += [f"**Warning**: base and fine-tuned were evaluated with different "
                   f"{', '.join(comparison['settings_mismatch'])}; the gain is not like for like.",

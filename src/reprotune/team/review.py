@@ -1,10 +1,12 @@
 """Pull-request review: what a change did, as Markdown (``make report REV=main``).
 
-Compares the workspace against ``REV`` with ``dvc params diff``, ``dvc metrics diff``, the
-plot files and a few predictions whose text changed, side by side. Metric rows are ordered
-for a reviewer: the headline quality metrics first, then other quality rows, then the
-base-vs-finetuned comparison; timing, memory and size rows (different on every machine) are
-left out unless ``--all``. Unchanged rows and ``-0.0`` differences never appear.
+Compares the workspace against ``REV``. It leads with what changed beyond noise: every
+quality metric of the predictions at ``REV`` and now, recomputed from their per-row
+statistics on the rows both answered (paired by id), with the difference, its 95% paired-
+bootstrap interval and a verdict. Then, collapsed, ``dvc metrics diff`` (quality rows
+first; timing, memory and size rows, different on every machine, left out unless
+``--all``; unchanged rows and ``-0.0`` differences never appear), ``dvc params diff``, the
+plot files and a few predictions whose text changed, side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from reprotune.evaluate.paired import compare_records
 from reprotune.team.exps import HEADLINE
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,31 @@ def predictions_markdown(pairs: list[tuple[dict[str, Any], dict[str, Any]]], rev
     return "\n".join(lines)
 
 
+def significance_markdown(cmp: dict[str, Any], rev: str) -> str:
+    """The headline table of :func:`reprotune.evaluate.paired.compare_records` (``a`` = the
+    predictions at ``rev``, ``b`` = now): real changes first, then the rest."""
+    if not cmp["metrics"]:
+        return (f"No row id is in both prediction files ({cmp['n_a']} at `{rev}`, "
+                f"{cmp['n_b']} now): nothing to compare.")
+    order = {"better": 0, "worse": 0, "no detectable change": 1, "too few rows to tell": 2}
+    rows = sorted(cmp["metrics"].items(), key=lambda kv: order.get(kv[1]["verdict"], 3))
+    lines = [f"| metric | `{rev}` | this change | change | 95% CI | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, m in rows:
+        ci = "—" if m["low"] is None else f"[{_fmt(m['low'])}, {_fmt(m['high'])}]"
+        bold = "**" if m["verdict"] in ("better", "worse") else ""
+        lines.append(f"| {bold}{name}{bold} | {_fmt(m['a'])} | {_fmt(m['b'])} | "
+                     f"{_fmt(m['diff'])} | {ci} | {bold}{m['verdict']}{bold} |")
+    shared = cmp["n_shared"]
+    note = (f"Paired bootstrap over the {shared} test rows both revisions answered "
+            f"({cmp['resamples']} resamples, seed {cmp['seed']}; BLEU/chrF from sacrebleu's "
+            f"sufficient statistics; classification on {cmp['n_labelled']} labelled rows).")
+    if shared < max(cmp["n_a"], cmp["n_b"]):
+        note += (f" The test sets differ ({cmp['n_a']} rows at `{rev}`, {cmp['n_b']} now): "
+                 f"only the shared rows are compared.")
+    return note + "\n\n" + "\n".join(lines)
+
+
 def plot_files(dvc_yaml: Path) -> list[str]:
     """Plot data files named in dvc.yaml: stage ``plots:`` outs and top-level plot sources."""
     spec = YAML(typ="safe", pure=True).load(dvc_yaml.read_text(encoding="utf-8")) or {}
@@ -196,15 +224,23 @@ def build_report(rev: str, predictions: str = PREDICTIONS, examples: int = 5,
         # dvc.api.read already tried the local cache and the default remote
         preds_md = (f"`{predictions}` is not available {where}: push it from where it was "
                     "built (`make push`), or run `dvc repro` here, then `make report` again.")
+        noise_md = preds_md
     else:
-        new_preds = _jsonl(new_raw)
-        changed = changed_predictions(_jsonl(old_raw), new_preds, limit=len(new_preds))
+        old_preds, new_preds = _jsonl(old_raw), _jsonl(new_raw)
+        try:
+            noise_md = significance_markdown(compare_records(old_preds, new_preds), rev)
+        except ValueError as exc:
+            raise ReviewError(f"{predictions}: {exc}") from None
+        changed = changed_predictions(old_preds, new_preds, limit=len(new_preds))
         preds_md = predictions_markdown(changed[:examples], rev, len(changed))
     plots_md = ("\n".join(f"- `{f}`" for f in changed_plots) + f"\n\n`dvc plots diff {rev}` draws "
                 "them side by side." if changed_plots else "No plot changed.")
     return "\n\n".join([
         f"## reprotune: this change vs `{rev}`",
-        "### Metrics", metrics_markdown(rows, hidden),
+        "### What changed beyond noise", noise_md,
+        "### Metrics",
+        "<details><summary>Every changed number of the metrics files (dvc metrics diff; "
+        "no intervals)</summary>\n\n" + metrics_markdown(rows, hidden) + "\n\n</details>",
         "### Params", params_markdown(_dvc_json("params", "diff", rev)),
         "### Plots", plots_md,
         "### Predictions", preds_md,
