@@ -5,13 +5,22 @@ it: a mistyped `train.*` key would otherwise cost the previous `models/finetuned
 stage sits upstream of every other one and depends on the whole file, so a mistake stops
 `dvc repro` / `dvc exp run` here, before anything is deleted. Its output never changes, so
 passing the check reruns nothing downstream.
+
+`align.method: dpo` also needs preference pairs in the train split: when the split exists
+(any run after the first), its pairs are counted here, so a switch to dpo on data without
+pairs fails before align's and evaluate's outputs are deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from reprotune import io, runtime
+from reprotune.data.preference import PairsError, check_pairs, count_pairs
+from reprotune.params import load_section
+
+TRAIN_SPLIT = Path("data/interim/splits/train.jsonl")
 
 
 def main() -> None:
@@ -19,6 +28,12 @@ def main() -> None:
     ap.add_argument("--out", default="metrics/params_ok.json")
     args = ap.parse_args()
     log = runtime.setup("check")  # raises, naming the key, when anything in params.yaml is wrong
+    align = load_section("align")
+    if align.method != "none" and TRAIN_SPLIT.is_file():
+        try:
+            check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT))
+        except PairsError as exc:
+            raise SystemExit(f"check: {exc}") from None
     io.write_json(args.out, {"params.yaml": "valid"})
     log.info("params.yaml is valid")
 

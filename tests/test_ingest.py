@@ -216,6 +216,10 @@ BAD_ROWS = [  # (line content, reason, field)
      "invalid_tool_call", "messages[1].tool_calls"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "{oops"},
      "invalid_tools", "tools"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical_pair", "rejected"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "b"}]},
+     "prompt_mismatch", "chosen[0]"),
 ]
 
 

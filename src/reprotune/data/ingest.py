@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reprotune import markup
+from reprotune.data import preference
 from reprotune.data.formats import (
     CONVERTERS,
     FORMATS,
@@ -47,10 +48,10 @@ from reprotune.data.readers import RAW_LIMIT, RawRow
 logger = logging.getLogger(__name__)
 
 CANONICAL_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations",
-                     "messages", "prompt", "completion", "chosen", "tools")
+                     "messages", "prompt", "completion", "chosen", "rejected", "tools")
 REASONS = ("parse_error", "unknown_format", "missing_field", "wrong_type", "non_finite_number",
            "unknown_role", "no_assistant_turn", "ends_on_non_assistant", "role_order",
-           markup.REASON, "invalid_tool_call", "invalid_tools")
+           markup.REASON, "invalid_tool_call", "invalid_tools", *preference.REASONS)
 @dataclass
 class IngestResult:
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -128,6 +129,11 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
     meta = _kept(row, keep_fields)
     row = _remap(row, columns or {})
     detected = detect_format(row) if fmt == "auto" else fmt
+    convert = CONVERTERS.get(detected)
+    if detected is None and preference.implicit_prompt(row):
+        # TRL's implicit prompt: chosen and rejected are whole conversations
+        detected, convert = "messages", preference.implicit_converter(CONVERTERS["messages"])
+        row = {**row, "messages": row["chosen"]}
     if detected is None:
         raise RowError("unknown_format", None, "no known format: expected messages, conversations, "
                        f"prompt/completion or instruction/output; got keys {sorted(row)}")
@@ -135,19 +141,25 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
         if detected != "alpaca" and MARKERS[detected] not in row:
             raise RowError("missing_field", MARKERS[detected], f"{detected} row has no "
                            f"{MARKERS[detected]!r}")
-        messages = CONVERTERS[detected](row)
+        messages = convert(row)
+        pair = preference.convert_pair(row, convert, messages) if preference.has_pair(row) else None
         tools = tools_of(row)
-        problem = json_problem({"messages": messages, "tools": tools})  # JSON text in cells too
+        problem = json_problem({"messages": messages, "tools": tools,  # JSON text in cells too
+                                "rejected": pair and pair["rejected"]})
         if problem:
             raise RowError("parse_error", None, problem)
         _check(messages, tools)
+        if pair is not None:  # the rejected conversation passes the same checks
+            _check(messages[:pair["prompt_turns"]] + pair["rejected"], tools)
     except RowError as exc:
         exc.format = detected
         raise
     messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
-    return detected, {"id": record_id(messages, tools), "messages": messages, "tools": tools,
-                      "label": _meta(row, label_field), "group": _meta(row, group_field),
-                      "meta": meta}
+    rec = {"id": record_id(messages, tools), "messages": messages, "tools": tools,
+           "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
+    if pair is not None:  # SFT keeps training on chosen (messages); the pair rides along
+        rec[preference.PAIR_FIELD] = preference.strip_sources(pair)
+    return detected, rec
 
 
 def _raw_text(raw: RawRow) -> str:
@@ -169,7 +181,8 @@ class IngestCounts:
     as an example for error messages, and the first :attr:`FIRST` rejects for the log."""
 
     FIRST = 5
-    _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers")
+    _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers",
+             "with_preference")
 
     def __init__(self) -> None:
         self.files: dict[str, dict[str, Any]] = {}
@@ -210,6 +223,7 @@ class IngestCounts:
         self.sums["with_group"] += record["group"] is not None
         self.sums["with_meta"] += record.get("meta") is not None
         self.sums["empty_answers"] += not last["content"] and not last.get("tool_calls")
+        self.sums["with_preference"] += record.get(preference.PAIR_FIELD) is not None
 
     def add_counts(self, counts: Mapping[str, Any]) -> None:
         """Add the :meth:`as_dict` of another run (one file's part). Extra keys of a file's
@@ -224,7 +238,7 @@ class IngestCounts:
         self.reasons.update({k: v for k, v in counts["rejected"].items() if v})
         self.roles.update(counts["messages_by_role"])
         for key in self._SUMS:
-            self.sums[key] += counts[key]
+            self.sums[key] += counts.get(key, 0)  # a part written before the key existed
         self.kept += counts["kept"]
         self.rejected_total += counts["rejected_total"]
 
