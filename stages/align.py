@@ -36,7 +36,7 @@ def main() -> None:
     try:
         check_pairs(cfg.method, cfg.patience, n_train, n_val, args.train)
         if cfg.method == "none":
-            info = pass_through(args.finetuned, args.out)
+            info = pass_through(args.finetuned, args.out, args.live_dir)
             io.write_json(args.metrics, {**info, "train_pairs": n_train, "val_pairs": n_val})
             log.info("align.method none: %s passes through (%d train pairs unused)",
                      args.finetuned, n_train)

@@ -53,12 +53,16 @@ CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewa
           "logps/chosen", "logps/rejected")
 
 
-def pass_through(finetuned: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """``align.method: none``: a pointer to ``finetuned`` in ``out_dir`` (no weights)."""
+def pass_through(finetuned: str | Path, out_dir: str | Path,
+                 live_dir: str | Path | None = None) -> dict[str, Any]:
+    """``align.method: none``: a pointer to ``finetuned`` in ``out_dir`` (no weights), and
+    empty curves in ``live_dir`` (a declared output must exist)."""
     manifest = read_manifest(finetuned)  # fails clearly when train has not run
     info = {"method": "none", "model": str(finetuned), "sft_method": manifest["method"]}
     with io.atomic_dir(out_dir) as tmp:
         io.write_json(tmp / ALIGN_FILE, info)
+    if live_dir is not None:
+        curves.CurveWriter(live_dir, resume=False).summary()
     return info
 
 
