@@ -239,3 +239,30 @@ def test_pair_records_skips_lines_without_pairs(tmp_path):
     io.write_jsonl(path, [{"id": "a", "messages": Q}, _record("q", "a", "b", 1)])
     assert [r["id"] for r in pair_records(path)] == [_record("q", "a", "b", 1)["id"]]
     assert count_pairs(path) == 1
+
+
+def test_lora_sft_adapter_is_its_own_reference_without_a_second_base(pair_files, tiny_base_dir):
+    """An SFT adapter trains on; TRL's reference is the same adapter, loaded frozen as `ref`
+    (the initial loss is exactly log 2: policy == reference), and only the trained adapter
+    is saved."""
+    from reprotune.modeling import load_tokenizer
+    from reprotune.params import LoraParams
+    from reprotune.train.loading import load_finetuned, save_finetuned
+    from reprotune.train.methods import load_base, prepare_model
+
+    lora = LoraParams(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    sft = prepare_model(load_base(tiny_base_dir, "lora"), "lora", lora=lora)
+    save_finetuned(sft, load_tokenizer(tiny_base_dir), pair_files / "sft_lora", method="lora",
+                   base_dir=tiny_base_dir, enable_thinking=False)
+    from reprotune.train.align import align_model
+
+    m = align_model(train_pairs=pair_files / "train.jsonl", val_pairs=pair_files / "val.jsonl",
+                    finetuned=pair_files / "sft_lora", out_dir=pair_files / "aligned_lora",
+                    checkpoints_dir=pair_files / "lora_ckpt", live_dir=pair_files / "lora_curves",
+                    cfg=AlignParams(**{**FAST, "max_steps": 2}), seed=0)
+    assert m["reference"] == "adapter ref copy" and m["sft_method"] == "lora"
+    assert m["initial_val_loss"] == pytest.approx(0.693147, abs=1e-5)
+    out = pair_files / "aligned_lora"
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    model, _, manifest = load_finetuned(out)
+    assert manifest["kind"] == "adapter" and list(model.peft_config) == ["default"]

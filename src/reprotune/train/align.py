@@ -7,8 +7,8 @@ follows it, so the pass-through costs nothing and leaves every SFT metric as it 
 ``align.method: dpo`` trains the SFT model on the train split's pairs
 (:mod:`reprotune.data.pairs`) with ``trl.DPOTrainer``:
 
-* reference model: for an SFT adapter (lora, qlora, ...) the same adapter loaded a second
-  time, frozen, under TRL's ``ref`` name (no second copy of the base); for a full fine-tune
+* reference model: for an SFT adapter (lora, qlora, ...) TRL's frozen copy of the adapter,
+  named ``ref`` (no second copy of the base); for a full fine-tune
   the reference log-probs are computed once before training (``align.precompute_ref``) or
   TRL loads a frozen copy;
 * the pairs are TRL conversational examples rendered with the SFT model's own tokenizer,
@@ -93,7 +93,7 @@ def _check_rendering(dataset: Any, rows: list[dict[str, Any]], split: str) -> No
 
 
 def _policy(finetuned: Path, manifest: dict[str, Any], device: str, qlora: Any) -> Any:
-    """The trainable policy: the SFT weights; an adapter gets a frozen ``ref`` copy."""
+    """The trainable policy: the SFT weights (an adapter stays an adapter on its base)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,11 +106,9 @@ def _policy(finetuned: Path, manifest: dict[str, Any], device: str, qlora: Any) 
     from reprotune.train.methods import load_base
 
     base = load_base(manifest["base_dir"], manifest["method"], qlora=qlora, device=device)
-    model = PeftModel.from_pretrained(base, str(finetuned), is_trainable=True)
-    # TRL: "re-training an existing adapter: an initial copy is loaded under the name ref"
-    model.load_adapter(str(finetuned), adapter_name="ref", is_trainable=False)
-    model.set_adapter("default")
-    return model
+    # DPOTrainer copies a pretrained adapter into a frozen "ref" adapter: the reference is
+    # the SFT model itself, with no second copy of the base
+    return PeftModel.from_pretrained(base, str(finetuned), is_trainable=True)
 
 
 def fingerprint(cfg: AlignParams, seed: int, paths: list[Path], finetuned: Path) -> str:
