@@ -33,7 +33,7 @@ from typing import Any
 
 from reprotune import io
 from reprotune.data.preference import PairsError, check_pairs
-from reprotune.params import AlignParams
+from reprotune.params import AlignParams, as_dict
 from reprotune.train import curves
 from reprotune.train.loading import ALIGN_FILE, read_manifest, save_finetuned
 from reprotune.train.methods import TrainSetupError
@@ -113,17 +113,11 @@ def _policy(finetuned: Path, manifest: dict[str, Any], device: str, qlora: Any) 
 
 def fingerprint(cfg: AlignParams, seed: int, paths: list[Path], finetuned: Path) -> str:
     """sha256 over the align params, the seed, the pair files and the SFT folder."""
-    payload = {"params": dataclass_dict(cfg), "seed": seed,
+    payload = {"params": as_dict(cfg), "seed": seed,
                "files": {str(p): sha256_file(p) for p in paths},
                "sft": {str(p.relative_to(finetuned)): sha256_file(p)
                        for p in sorted(finetuned.rglob("*")) if p.is_file()}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def dataclass_dict(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def _callbacks(live_dir: Path, resume_step: int | None) -> list[Any]:
