@@ -44,8 +44,9 @@ def main() -> None:
     datas = {s: Path(args.data_dir) / f"{s}.jsonl" for s in SPLITS}
     outs = {s: Path(args.out_dir) / f"{s}.parquet" for s in SPLITS}
     pairs = {s: Path(args.pairs_dir) / f"{s}.jsonl" for s in SPLITS}
+    pairs_dropped = Path(args.pairs_dir) / "dropped.jsonl"
     io.clean_stale_temporaries(*outs.values(), args.dropped, args.metrics, args.plot,
-                               *pairs.values())
+                               *pairs.values(), pairs_dropped)
     tokenizer = load_tokenizer(args.base)
     base_info = io.read_json(Path(args.base) / BASE_INFO_FILE)
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -74,7 +75,7 @@ def main() -> None:
             enable_thinking=cfg.enable_thinking)
         io.write_jsonl(pairs[name], rows)
         pair_drops += [{**d, "split": name} for d in drops]
-    io.write_jsonl(Path(args.pairs_dir) / "dropped.jsonl", pair_drops)
+    io.write_jsonl(pairs_dropped, pair_drops)
     if any(s["pairs_in"] for s in pair_stats.values()):  # data without pairs: format.json as before
         stats["preference"] = combine_pairs(pair_stats)
         log.info("preference pairs: %d of %d kept, dropped %s", stats["preference"]["pairs_out"],
