@@ -7,14 +7,22 @@ stage sits upstream of every other one and depends on the whole file, so a mista
 passing the check reruns nothing downstream. It also checks that the params naming files or
 folders (model.name as a local path, ingest.inputs, train.accelerate_config) name existing
 ones, which the other stages' own loading does not (they may run from elsewhere).
+
+`align.method: dpo` also needs preference pairs in the train split: when the split exists
+(any run after the first), its pairs are counted here, so a switch to dpo on data without
+pairs fails before align's and evaluate's outputs are deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from reprotune import io, runtime
-from reprotune.params import check_paths, read_params
+from reprotune.data.preference import PairsError, check_pairs, count_pairs
+from reprotune.params import check_paths, load_section, read_params
+
+TRAIN_SPLIT = Path("data/interim/splits/train.jsonl")
 
 
 def main() -> None:
@@ -23,6 +31,12 @@ def main() -> None:
     args = ap.parse_args()
     log = runtime.setup("check")  # raises, naming the key, when anything in params.yaml is wrong
     check_paths(read_params())  # a missing model folder or input, before DVC deletes outputs
+    align = load_section("align")
+    if align.method != "none" and TRAIN_SPLIT.is_file():
+        try:
+            check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT))
+        except PairsError as exc:
+            raise SystemExit(f"check: {exc}") from None
     io.write_json(args.out, {"params.yaml": "valid"})
     log.info("params.yaml is valid")
 

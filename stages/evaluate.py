@@ -3,6 +3,8 @@
 `--kind base` evaluates the base model dir; `--kind finetuned` evaluates the training
 output (adapter or full model) and, given `--base-metrics`, writes fine-tuned values, base
 values and the gain side by side, plus the Markdown report and the confusion-matrix plot.
+`--model` may be the align stage's folder (a pass-through points at the SFT folder); with
+`--pairs` and `--reference` (the SFT folder) the test pairs' preference metrics are added.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from reprotune.evaluate.evaluation import (
 )
 from reprotune.evaluate.metrics import NonFiniteLossError
 from reprotune.evaluate.paired import compare_records, intervals_file
+from reprotune.evaluate.preference import gain as preference_gain
+from reprotune.evaluate.preference import preference_metrics, report_section
 from reprotune.evaluate.report import plot_confusion, relative_link, render_report, write_report
 from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
 from reprotune.params import load_section
 from reprotune.train import distributed
+from reprotune.train.loading import resolve_model_dir
 
 DEFAULTS = {
     "base": {"model": "models/base", "metrics": "metrics/eval_base.json",
@@ -83,6 +88,8 @@ def main() -> None:
     ap.add_argument("--base-predictions", help="base predictions shown beside the examples")
     ap.add_argument("--report", help="Markdown report to write, e.g. reports/eval.md")
     ap.add_argument("--confusion", help="confusion-matrix PNG to write")
+    ap.add_argument("--pairs", help="test preference pairs (format's pairs/test.jsonl)")
+    ap.add_argument("--reference", help="the SFT folder the pairs' rewards are relative to")
     ap.add_argument("--seed", type=int, default=0,
                     help="sampling seed (used only with eval.do_sample)")
     args = ap.parse_args()
@@ -90,6 +97,8 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
+    if args.kind == "finetuned":  # align's pass-through holds no weights: follow it
+        args.model = str(resolve_model_dir(args.model))
     log = runtime.setup("evaluate")
     if not launcher.inside_launch():  # once, not in every rank
         verify.check_stage_input(args.model, log)  # a changed byte would be scored silently
@@ -136,6 +145,23 @@ def main() -> None:
     if not is_finite_metrics(metrics):
         raise SystemExit(f"{args.model}: non-finite metric values: {metrics}")
     io.write_jsonl(args.predictions, predictions)
+    pairs = io.read_jsonl(args.pairs) if args.pairs and Path(args.pairs).is_file() else []
+    preference = None
+    if pairs and args.reference:  # data without pairs: every file exactly as before
+        reference = model
+        if resolve_model_dir(args.reference).resolve() != Path(args.model).resolve():
+            from reprotune.train.loading import load_finetuned
+
+            reference = load_finetuned(resolve_model_dir(args.reference),
+                                       device=str(next(model.parameters()).device))[0]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        preference = preference_metrics(model, reference, pairs, batch_size=cfg.batch_size,
+                                        pad_id=pad)
+        metrics["preference"] = preference
+        log.info("preference pairs (%d): reward accuracy %.3f -> %.3f, chosen log-prob shift "
+                 "%+.3f", preference["pairs"], preference["sft"]["reward_accuracy"],
+                 preference["aligned"]["reward_accuracy"],
+                 preference["aligned"]["chosen_logp_shift"])
 
     base_preds = io.read_jsonl(args.base_predictions) if args.base_predictions else None
     if args.base_metrics:
@@ -144,6 +170,8 @@ def main() -> None:
         if base_preds is not None:  # fine-tuned (b) vs base (a), paired by row id
             comparison["paired"] = compare_records(base_preds, predictions)
             gain["intervals"] = intervals_file(comparison["paired"])
+        if preference is not None:
+            gain["preference"] = preference_gain(preference)
         if args.gain:
             io.write_json(args.gain, gain)
     else:
@@ -158,6 +186,8 @@ def main() -> None:
                              confusion_png=(relative_link(args.confusion, args.report)
                                             if args.confusion else None),
                              base_predictions=base_preds)
+        if preference is not None:
+            text += report_section(preference)
         write_report(args.report, text)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                         if isinstance(v, float) and k in ("bleu", "rouge_l", "f1", "accuracy",

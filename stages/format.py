@@ -19,6 +19,8 @@ from reprotune.chat_template import template_fingerprint
 from reprotune.data import SPLITS
 from reprotune.data.format_stream import format_splits
 from reprotune.data.formatting import FormatError, combine_stats
+from reprotune.data.pairs import combine as combine_pairs
+from reprotune.data.pairs import format_pairs, pair_records
 from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
 from reprotune.params import load_section
 from reprotune.plots import histogram
@@ -32,6 +34,8 @@ def main() -> None:
     ap.add_argument("--dropped", default="data/interim/format_dropped.jsonl")
     ap.add_argument("--metrics", default="metrics/format.json")
     ap.add_argument("--plot", default="metrics/plots/token_lengths.png")
+    ap.add_argument("--pairs-dir", default="data/processed/pairs",
+                    help="preference pairs per split (<split>.jsonl) and dropped.jsonl")
     args = ap.parse_args()
 
     log = runtime.setup("format")
@@ -39,7 +43,10 @@ def main() -> None:
     num_proc = runtime.data_processes(load_section("data"))
     datas = {s: Path(args.data_dir) / f"{s}.jsonl" for s in SPLITS}
     outs = {s: Path(args.out_dir) / f"{s}.parquet" for s in SPLITS}
-    io.clean_stale_temporaries(*outs.values(), args.dropped, args.metrics, args.plot)
+    pairs = {s: Path(args.pairs_dir) / f"{s}.jsonl" for s in SPLITS}
+    pairs_dropped = Path(args.pairs_dir) / "dropped.jsonl"
+    io.clean_stale_temporaries(*outs.values(), args.dropped, args.metrics, args.plot,
+                               *pairs.values(), pairs_dropped)
     tokenizer = load_tokenizer(args.base)
     base_info = io.read_json(Path(args.base) / BASE_INFO_FILE)
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -61,6 +68,19 @@ def main() -> None:
     histogram(lengths, args.plot, title="Tokens per conversation, all splits (before truncation)",
               xlabel="tokens", vline=stats["max_length"])
     stats["chat_template_sha256"] = sha
+    # preference pairs, cut to the same limit: dropped when too long, never truncated
+    pair_stats, pair_drops = {}, []
+    for name in SPLITS:
+        rows, pair_stats[name], drops = format_pairs(
+            pair_records(datas[name]), tokenizer, max_length=stats["max_length"],
+            enable_thinking=cfg.enable_thinking)
+        io.write_jsonl(pairs[name], rows)
+        pair_drops += [{**d, "split": name} for d in drops]
+    io.write_jsonl(pairs_dropped, pair_drops)
+    if any(s["pairs_in"] for s in pair_stats.values()):  # data without pairs: format.json as before
+        stats["preference"] = combine_pairs(pair_stats)
+        log.info("preference pairs: %d of %d kept, dropped %s", stats["preference"]["pairs_out"],
+                 stats["preference"]["pairs_in"], stats["preference"]["dropped"])
     io.write_json(args.metrics, stats)
     log.info("formatted %d/%d rows at max_length %d (%s): %d truncated (%.1f%%), dropped %s, "
              "%d label tokens", stats["rows_out"], stats["rows_in"], stats["max_length"],

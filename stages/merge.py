@@ -2,7 +2,8 @@
 
 Full/freeze fine-tunes pass through unchanged; prompt/prefix-tuning adapters cannot be
 merged, so the base is written with the soft prompt kept in ``soft_prompt/`` (said in the
-log and in the metrics).
+log and in the metrics). `--finetuned` may be the align stage's folder: a pass-through
+(align.method: none) points at the SFT folder, which is merged instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 
 from reprotune import io, runtime, verify
 from reprotune.deploy.merge import directory_size, merge_finetuned
+from reprotune.train.loading import resolve_model_dir
 
 
 def main() -> None:
@@ -23,7 +25,7 @@ def main() -> None:
     log = runtime.setup("merge")
     verify.check_stage_input(args.finetuned, log)  # dvc status misses a changed byte
     io.clean_stale_temporaries(args.out, args.metrics)
-    info = merge_finetuned(args.finetuned, args.out)
+    info = merge_finetuned(resolve_model_dir(args.finetuned), args.out)
     metrics = {k: info[k] for k in ("method", "kind", "merged", "reason", "enable_thinking",
                                     "chat_template_sha256", "max_abs_logit_diff",
                                     "soft_prompt_dir")}

@@ -222,6 +222,10 @@ BAD_ROWS = [  # (line content, reason, field)
     ({"messages": [{"role": "user", "content": "q"},
                    {"role": "assistant", "content": "a", "loss_weight": 0}]},
      "no_trained_turn", "messages[1].loss_weight"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical_pair", "rejected"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "b"}]},
+     "prompt_mismatch", "chosen[0]"),
 ]
 
 

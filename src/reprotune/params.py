@@ -220,6 +220,34 @@ class EvalParams:
     num_processes: int = _f(1, **_rng(1, 1024))
 
 
+# TRL 1.16 DPOTrainer's loss_type values (trl/trainer/dpo_config.py)
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+              "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+              "sigmoid_norm")
+
+
+@dataclass(frozen=True)
+class AlignParams:
+    # none: the SFT model passes through untouched; dpo: TRL's DPOTrainer on the pairs
+    method: Literal["none", "dpo"] = "none"
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
+    beta: float = _f(0.1, **_rng(0, None, lo_open=True))
+    lr: float = _f(5e-6, **_rng(0, 1, lo_open=True))
+    epochs: float = _f(1, **_rng(0, None, lo_open=True))
+    batch_size: int = _f(8, **_rng(1, 4096))
+    # weight of TRL's `sft` loss (NLL of chosen) added to the preference loss: keeps small
+    # models' chosen log-probs from falling; 0 = pure preference loss
+    sft_weight: float = _f(0.0, **_rng(0, None))
+    max_steps: int = _f(-1, **_rng(-1, None))
+    eval_steps: int = _f(25, **_rng(1, None))
+    logging_steps: int = _f(5, **_rng(1, None))
+    patience: int = _f(4, **_rng(0, None))
+    warmup_ratio: float = _f(0.0, **_rng(0, 1))
+    # full fine-tunes: reference log-probs computed once before training (no frozen copy in
+    # memory); adapters use the policy with the DPO adapter switched off either way
+    precompute_ref: bool = True
+
+
 @dataclass(frozen=True)
 class QuantizeParams:
     methods: list[Literal["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0",
@@ -245,6 +273,7 @@ SECTIONS: dict[str, type] = {
     "prompt": PromptParams,
     "eval": EvalParams,
     "quantize": QuantizeParams,
+    "align": AlignParams,
 }
 TOP_KEYS = tuple(f.name for f in dataclasses.fields(TopParams))
 

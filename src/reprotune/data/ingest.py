@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reprotune import markup
+from reprotune.data import preference
 from reprotune.data.formats import (
     CONVERTERS,
     FORMATS,
@@ -52,11 +53,11 @@ from reprotune.data.readers import RAW_LIMIT, RawRow
 logger = logging.getLogger(__name__)
 
 CANONICAL_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations",
-                     "messages", "prompt", "completion", "chosen", "tools")
+                     "messages", "prompt", "completion", "chosen", "rejected", "tools")
 REASONS = ("parse_error", "unknown_format", "missing_field", "wrong_type", "non_finite_number",
            "unknown_role", "no_assistant_turn", "ends_on_non_assistant", "role_order",
            markup.REASON, "invalid_tool_call", "invalid_tools", "invalid_loss_weight",
-           "no_trained_turn")
+           "no_trained_turn", *preference.REASONS)
 @dataclass
 class IngestResult:
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -140,6 +141,11 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
     meta = _kept(row, keep_fields)
     row = _remap(row, columns or {})
     detected = detect_format(row) if fmt == "auto" else fmt
+    convert = CONVERTERS.get(detected)
+    if detected is None and preference.implicit_prompt(row):
+        # TRL's implicit prompt: chosen and rejected are whole conversations
+        detected, convert = "messages", preference.implicit_converter(CONVERTERS["messages"])
+        row = {**row, "messages": row["chosen"]}
     if detected is None:
         raise RowError("unknown_format", None, "no known format: expected messages, conversations, "
                        f"prompt/completion or instruction/output; got keys {sorted(row)}")
@@ -147,12 +153,16 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
         if detected != "alpaca" and MARKERS[detected] not in row:
             raise RowError("missing_field", MARKERS[detected], f"{detected} row has no "
                            f"{MARKERS[detected]!r}")
-        messages = CONVERTERS[detected](row)
+        messages = convert(row)
+        pair = preference.convert_pair(row, convert, messages) if preference.has_pair(row) else None
         tools = tools_of(row)
-        problem = json_problem({"messages": messages, "tools": tools})  # JSON text in cells too
+        problem = json_problem({"messages": messages, "tools": tools,  # JSON text in cells too
+                                "rejected": pair and pair["rejected"]})
         if problem:
             raise RowError("parse_error", None, problem)
         _check(messages, tools)
+        if pair is not None:  # the rejected conversation passes the same checks
+            _check(messages[:pair["prompt_turns"]] + pair["rejected"], tools)
     except RowError as exc:
         exc.format = detected
         raise
@@ -162,6 +172,8 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
            "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
     if dropped:  # popped by convert_rows into the counts; never written
         rec[DROPPED_KEYS] = dict(Counter(dropped))
+    if pair is not None:  # SFT keeps training on chosen (messages); the pair rides along
+        rec[preference.PAIR_FIELD] = preference.strip_sources(pair)
     return detected, rec
 
 
@@ -188,7 +200,8 @@ class IngestCounts:
 
     FIRST = 5
     _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers",
-             "with_reasoning", "loss_weight_zero_turns")
+             "with_reasoning", "loss_weight_zero_turns",
+             "with_preference")
 
     def __init__(self) -> None:
         self.files: dict[str, dict[str, Any]] = {}
@@ -237,6 +250,7 @@ class IngestCounts:
         if len(msgs) != sum(len(m) == 2 for m in msgs):  # some message has more than role/content
             self.sums["with_reasoning"] += any("reasoning_content" in m for m in msgs)
             self.sums["loss_weight_zero_turns"] += sum(m.get("loss_weight") == 0 for m in msgs)
+        self.sums["with_preference"] += record.get(preference.PAIR_FIELD) is not None
 
     def add_counts(self, counts: Mapping[str, Any]) -> None:
         """Add the :meth:`as_dict` of another run (one file's part). Extra keys of a file's
@@ -252,7 +266,7 @@ class IngestCounts:
         self.roles.update(counts["messages_by_role"])
         self.dropped_keys.update(counts.get("dropped_message_keys", {}))
         for key in self._SUMS:
-            self.sums[key] += counts.get(key, 0)
+            self.sums[key] += counts.get(key, 0)  # a part written before the key existed
         self.kept += counts["kept"]
         self.rejected_total += counts["rejected_total"]
 

@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "reprotune_train.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# the align stage's record; alone in a folder (align.method: none) it points at the SFT folder
+ALIGN_FILE = "reprotune_align.json"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The folder holding the weights of ``path``: the SFT folder an align pass-through
+    names, else ``path`` itself (an aligned model, or any fine-tuned folder)."""
+    pointer = Path(path) / ALIGN_FILE
+    if pointer.is_file() and not (Path(path) / MANIFEST_FILE).is_file():
+        return Path(io.read_json(pointer)["model"])
+    return Path(path)
 
 
 def save_finetuned(model: Any, tokenizer: Any, out_dir: str | Path, *, method: str,

@@ -1,0 +1,254 @@
+"""Preference tuning after SFT: the ``align`` stage's library (TRL's DPOTrainer).
+
+``align.method: none`` writes a pointer, not weights: ``models/aligned/reprotune_align.json``
+names the SFT folder, and :func:`reprotune.train.loading.resolve_model_dir` (evaluate, merge)
+follows it, so the pass-through costs nothing and leaves every SFT metric as it was.
+
+``align.method: dpo`` trains the SFT model on the train split's pairs
+(:mod:`reprotune.data.pairs`) with ``trl.DPOTrainer``:
+
+* reference model: for an SFT adapter (lora, qlora, ...) TRL's frozen copy of the adapter,
+  named ``ref`` (no second copy of the base); for a full fine-tune
+  the reference log-probs are computed once before training (``align.precompute_ref``) or
+  TRL loads a frozen copy;
+* the pairs are TRL conversational examples rendered with the SFT model's own tokenizer,
+  chat template and ``enable_thinking``; TRL's token ids are checked against the ones
+  format measured, so a pair is never trained on a rendering format did not see;
+  only completion tokens enter the loss (TRL's completion mask);
+* ``align.loss_type`` is TRL's loss; ``align.sft_weight`` > 0 adds TRL's ``sft`` loss;
+* early stopping on the val preference loss, the best checkpoint restored at the end;
+  checkpoints fingerprinted like train's (:func:`reprotune.train.training.resume_point`):
+  a rerun of a killed run resumes; curves in DVC's plot layout (:mod:`reprotune.train.curves`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from reprotune import io
+from reprotune.data.preference import PairsError, check_pairs
+from reprotune.params import AlignParams, as_dict
+from reprotune.train import curves
+from reprotune.train.loading import ALIGN_FILE, read_manifest, save_finetuned
+from reprotune.train.methods import TrainSetupError
+from reprotune.train.training import (
+    COUNTERS_FILE,
+    RUN_STATE_FILE,
+    finish_checkpoints,
+    resolve_precision,
+    resume_point,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+# TRL's logged keys drawn as curves (train, and with eval_ for the val split)
+CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+          "logps/chosen", "logps/rejected")
+
+
+def pass_through(finetuned: str | Path, out_dir: str | Path,
+                 live_dir: str | Path | None = None) -> dict[str, Any]:
+    """``align.method: none``: a pointer to ``finetuned`` in ``out_dir`` (no weights), and
+    empty curves in ``live_dir`` (a declared output must exist)."""
+    manifest = read_manifest(finetuned)  # fails clearly when train has not run
+    info = {"method": "none", "model": str(finetuned), "sft_method": manifest["method"]}
+    with io.atomic_dir(out_dir) as tmp:
+        io.write_json(tmp / ALIGN_FILE, info)
+    if live_dir is not None:
+        curves.CurveWriter(live_dir, resume=False).summary()
+    return info
+
+
+def read_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """The pair rows format wrote (empty when the file is missing or has none)."""
+    return io.read_jsonl(path) if Path(path).is_file() else []
+
+
+def _dataset(rows: list[dict[str, Any]], enable_thinking: bool) -> Any:
+    from datasets import Dataset
+
+    # tools as JSON text: Arrow would give every schema the union of all schemas' keys
+    return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"],
+                               "rejected": r["rejected"],
+                               "tools": json.dumps(r["tools"], ensure_ascii=False) if r["tools"] else None,
+                               "chat_template_kwargs": {"enable_thinking": enable_thinking}}
+                              for r in rows])
+
+
+def _check_rendering(dataset: Any, rows: list[dict[str, Any]], split: str) -> None:
+    """TRL's ids must be format's: same template, same thinking mode, same boundaries."""
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    bad = [r["id"] for r, got in zip(rows, dataset.select_columns(list(keys)), strict=True)
+           if any(list(got[k]) != r[k] for k in keys)]
+    if bad:
+        raise TrainSetupError(f"align: {len(bad)} {split} pairs render differently in TRL than at "
+                              f"format (first id {bad[0]}); rerun `dvc repro format`")
+
+
+def _policy(finetuned: Path, manifest: dict[str, Any], device: str, qlora: Any) -> Any:
+    """The trainable policy: the SFT weights (an adapter stays an adapter on its base)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if manifest["kind"] == "full":
+        model = AutoModelForCausalLM.from_pretrained(str(finetuned), dtype=torch.float32,
+                                                     use_safetensors=True, local_files_only=True)
+        return model.to(device)
+    from peft import PeftModel
+
+    from reprotune.train.methods import load_base
+
+    base = load_base(manifest["base_dir"], manifest["method"], qlora=qlora, device=device)
+    # DPOTrainer copies a pretrained adapter into a frozen "ref" adapter: the reference is
+    # the SFT model itself, with no second copy of the base
+    return PeftModel.from_pretrained(base, str(finetuned), is_trainable=True)
+
+
+def fingerprint(cfg: AlignParams, seed: int, paths: list[Path], finetuned: Path) -> str:
+    """sha256 over the align params, the seed, the pair files and the SFT folder."""
+    payload = {"params": as_dict(cfg), "seed": seed,
+               "files": {str(p): sha256_file(p) for p in paths},
+               "sft": {str(p.relative_to(finetuned)): sha256_file(p)
+                       for p in sorted(finetuned.rglob("*")) if p.is_file()}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _callbacks(live_dir: Path, resume_step: int | None) -> list[Any]:
+    from transformers import TrainerCallback
+
+    if resume_step is not None:
+        curves.trim(live_dir, resume_step)
+    live = curves.CurveWriter(live_dir, resume=resume_step is not None)
+
+    class Curves(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            live.step = state.global_step
+            for key, value in (logs or {}).items():
+                name = key[5:] if key.startswith("eval_") else key
+                if name in CURVES or key in ("learning_rate", "grad_norm"):
+                    split = "val" if key.startswith("eval_") else "train"
+                    label = key if key in ("learning_rate", "grad_norm") else \
+                        f"{split}_{name.replace('/', '_')}"
+                    live.log(label, float(value))
+            live.summary()
+
+    class Complete(TrainerCallback):
+        """Marks a checkpoint complete (written after the Trainer's files)."""
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                io.write_json(ckpt / COUNTERS_FILE, {"global_step": state.global_step})
+
+    return [Curves(), Complete()]
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 6)
+
+
+def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: str | Path,
+                out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
+                cfg: AlignParams, seed: int, qlora: Any = None,
+                callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Run DPO on the SFT model and write the aligned folder; returns the metrics
+    (``train_time_s``/``wall_time_s`` are timings: the stage keeps them untracked)."""
+    import torch
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from reprotune.modeling import load_tokenizer
+    from reprotune.train import distributed
+
+    t0 = time.perf_counter()
+    finetuned = Path(finetuned)
+    manifest = read_manifest(finetuned)
+    enable_thinking = bool(manifest.get("enable_thinking", False))
+    train_rows, val_rows = read_pairs(train_pairs), read_pairs(val_pairs)
+    try:
+        check_pairs(cfg.method, cfg.patience, len(train_rows), len(val_rows), str(train_pairs))
+    except PairsError as exc:
+        raise TrainSetupError(str(exc)) from None
+    device = distributed.local_device()
+    precision = resolve_precision("auto", device)
+    tokenizer = load_tokenizer(finetuned)
+    set_seed(seed)
+    model = _policy(finetuned, manifest, device, qlora)
+    ckpt_dir = Path(checkpoints_dir)
+    losses = [cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else [])
+    args = DPOConfig(
+        output_dir=str(ckpt_dir), seed=seed, data_seed=seed, report_to=[],
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        # transformers 5: a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="cosine", warmup_steps=min(cfg.warmup_ratio, 0.999999),
+        optim="adamw_torch_fused", restore_callback_states_from_checkpoint=True,
+        logging_steps=cfg.logging_steps, eval_strategy="steps", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        beta=cfg.beta, loss_type=losses,
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
+        max_length=None,  # format dropped every pair over format.max_length: nothing to cut
+        precompute_ref_log_probs=cfg.precompute_ref and manifest["kind"] == "full",
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
+        dataloader_num_workers=0, disable_tqdm=True)
+    resume, run_state = resume_point(ckpt_dir, fingerprint(
+        cfg, seed, [Path(train_pairs), Path(val_pairs)], finetuned))
+    resume_step = int(resume.name.rsplit("-", 1)[-1]) if resume else None
+    cbs = [*_callbacks(Path(live_dir), resume_step), *(callbacks or [])]
+    if cfg.patience > 0:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=_dataset(train_rows, enable_thinking),
+                         eval_dataset=_dataset(val_rows, enable_thinking) if val_rows else None,
+                         processing_class=tokenizer, callbacks=cbs)
+    _check_rendering(trainer.train_dataset, train_rows, "train")
+    if val_rows:
+        _check_rendering(trainer.eval_dataset, val_rows, "val")
+    if resume is None:
+        initial = trainer.evaluate() if val_rows else {}
+        run_state["initial"] = {k: v for k, v in initial.items() if k.startswith("eval_")}
+        io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
+    t_train = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_s = time.perf_counter() - t_train
+    state = trainer.state
+    bad = next((h for h in state.log_history if any(
+        isinstance(v, float) and not math.isfinite(v) for k, v in h.items()
+        if k in ("loss", "eval_loss"))), None)
+    if bad is not None:
+        raise TrainSetupError(f"align: the preference loss is not finite at step "
+                              f"{bad.get('step')}; lower align.lr ({cfg.lr:g}) or align.beta")
+    model_out = trainer.model
+    if manifest["kind"] == "adapter":
+        model_out.delete_adapter("ref")  # the aligned folder holds the trained adapter only
+    save_finetuned(model_out, tokenizer, out_dir, method=manifest["method"],
+                   base_dir=manifest["base_dir"], enable_thinking=enable_thinking,
+                   qlora=qlora)
+    info = {"method": cfg.method, "loss_type": losses, "beta": cfg.beta,
+            "sft_model": str(finetuned), "sft_method": manifest["method"]}
+    io.write_json(Path(out_dir) / ALIGN_FILE, info)
+    finish_checkpoints(ckpt_dir, run_state)
+    initial = run_state.get("initial", {})
+    last_eval = next((h for h in reversed(state.log_history) if "eval_loss" in h), {})
+    return {
+        **info, "device": device.split(":")[0], "precision": precision,
+        "reference": "adapter ref copy" if manifest["kind"] == "adapter" else (
+            "precomputed log-probs" if args.precompute_ref_log_probs else "frozen copy"),
+        "train_pairs": len(train_rows), "val_pairs": len(val_rows),
+        "train_steps": state.global_step, "max_steps": state.max_steps,
+        "stopped_early": state.global_step < state.max_steps,
+        "resumed_from_step": resume_step or 0, "best_step": state.best_global_step,
+        "initial_val_loss": _round(initial.get("eval_loss")),
+        "best_val_loss": _round(state.best_metric),
+        "final_val": {k[5:]: _round(v) for k, v in last_eval.items()
+                      if k.startswith("eval_") and k[5:] in CURVES},
+        "torch_threads": torch.get_num_threads(),
+        "train_time_s": round(train_s, 2), "wall_time_s": round(time.perf_counter() - t0, 2),
+    }

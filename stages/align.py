@@ -1,0 +1,62 @@
+"""DVC stage `align`: preference tuning of the SFT model (align.method), or a free pass-through.
+
+`align.method: none` writes only a pointer to models/finetuned (evaluate and merge follow
+it); `dpo` runs TRL's DPOTrainer on format's train/val pairs (reprotune.train.align).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from reprotune import io, runtime
+from reprotune.data.preference import PairsError, check_pairs
+from reprotune.lineage import run_info, write_run_info
+from reprotune.params import as_dict, load_section, load_top
+from reprotune.timing import split_timing, write_timing
+from reprotune.train.align import align_model, pass_through, read_pairs
+from reprotune.train.loading import FinetunedLoadError
+from reprotune.train.methods import TrainSetupError
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--train", default="data/processed/pairs/train.jsonl")
+    ap.add_argument("--val", default="data/processed/pairs/val.jsonl")
+    ap.add_argument("--finetuned", default="models/finetuned")
+    ap.add_argument("--out", default="models/aligned")
+    ap.add_argument("--checkpoints", default="models/align_checkpoints")
+    ap.add_argument("--live-dir", default="metrics/align_curves")
+    ap.add_argument("--metrics", default="metrics/align.json")
+    args = ap.parse_args()
+
+    log = runtime.setup("align")
+    cfg = load_section("align")
+    io.clean_stale_temporaries(args.out, args.metrics)
+    n_train, n_val = len(read_pairs(args.train)), len(read_pairs(args.val))
+    try:
+        check_pairs(cfg.method, cfg.patience, n_train, n_val, args.train)
+        if cfg.method == "none":
+            info = pass_through(args.finetuned, args.out, args.live_dir)
+            io.write_json(args.metrics, {**info, "train_pairs": n_train, "val_pairs": n_val})
+            log.info("align.method none: %s passes through (%d train pairs unused)",
+                     args.finetuned, n_train)
+            return
+        seed = load_top().seed
+        metrics = align_model(train_pairs=args.train, val_pairs=args.val,
+                              finetuned=args.finetuned, out_dir=args.out,
+                              checkpoints_dir=args.checkpoints, live_dir=args.live_dir, cfg=cfg,
+                              seed=seed, qlora=load_section("qlora"))
+    except (PairsError, TrainSetupError, FinetunedLoadError) as exc:
+        raise SystemExit(f"align: {exc}") from None
+    write_run_info(args.out, run_info("align", {"align": as_dict(cfg), "seed": seed},
+                                      [args.train, args.val, args.finetuned], metrics["device"]))
+    metrics, timing = split_timing(metrics)
+    write_timing("align", timing)
+    io.write_json(args.metrics, metrics)
+    log.info("align %s (%s): val loss %s -> %s in %d steps; val reward accuracy %s",
+             cfg.method, cfg.loss_type, metrics["initial_val_loss"], metrics["best_val_loss"],
+             metrics["train_steps"], metrics["final_val"].get("rewards/accuracies"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Preference tuning: pairs through ingest and format, the align stage on TRL's DPOTrainer,
+preference metrics, resume, the pass-through and the bad-input paths (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reprotune import io
+from reprotune.data.ingest import convert_row, ingest_rows
+from reprotune.data.pairs import DROP_TOO_LONG, format_pairs, pair_records
+from reprotune.data.preference import PairsError, check_pairs, count_pairs, sides
+from reprotune.data.readers import RawRow
+from reprotune.params import AlignParams
+
+ROOT = Path(__file__).resolve().parents[1]
+Q = [{"role": "user", "content": "第一题：１＋１＝？  (answer in full)"}]
+
+
+# --------------------------------------------------------------------------- ingest
+LAYOUTS = {  # every accepted pair layout -> (prompt turns, chosen text, rejected text)
+    "sharegpt objects": {"conversations": [{"from": "human", "value": Q[0]["content"]}],
+                         "chosen": {"from": "gpt", "value": "２。"},
+                         "rejected": {"from": "gpt", "value": "三，  大概。"}},
+    "sharegpt strings": {"conversations": [{"from": "human", "value": Q[0]["content"]}],
+                         "chosen": "２。", "rejected": "三，  大概。"},
+    "llamafactory alpaca ranking": {"instruction": Q[0]["content"], "input": "",
+                                    "chosen": "２。", "rejected": "三，  大概。"},
+    "trl plain": {"prompt": Q[0]["content"], "chosen": "２。", "rejected": "三，  大概。"},
+    "trl conversational": {"prompt": Q, "chosen": [{"role": "assistant", "content": "２。"}],
+                           "rejected": [{"role": "assistant", "content": "三，  大概。"}]},
+    "trl implicit prompt": {"chosen": Q + [{"role": "assistant", "content": "２。"}],
+                            "rejected": Q + [{"role": "assistant", "content": "三，  大概。"}]},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_pair_layout_becomes_one_record_with_both_answers(layout):
+    row = LAYOUTS[layout]
+    _, rec = convert_row(json.loads(json.dumps(row, ensure_ascii=False)))
+    prompt, chosen, rejected = sides(rec)
+    assert prompt == Q  # byte for byte: full-width digits, double spaces
+    assert chosen == [{"role": "assistant", "content": "２。"}]
+    assert rejected == [{"role": "assistant", "content": "三，  大概。"}]
+    assert rec["messages"] == Q + chosen  # SFT trains on chosen, as before
+
+
+def test_ingest_counts_pairs_and_rejects_bad_pairs_with_reasons():
+    rows = [LAYOUTS["trl plain"], {"instruction": "q"},  # missing output: not a pair
+            {"prompt": "q", "chosen": "a", "rejected": "a"},
+            {"chosen": Q + [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+            {"instruction": "plain sft", "output": "x"}]
+    raw = [RawRow(source="f.jsonl", line=i + 1, data=r) for i, r in enumerate(rows)]
+    res = ingest_rows(raw)
+    c = res.counts
+    assert (c["rows_in"], c["kept"], c["with_preference"]) == (5, 2, 1)
+    assert c["rejected"]["identical_pair"] == 1 and c["rejected"]["prompt_mismatch"] == 1
+    assert c["rows_in"] == c["kept"] + sum(c["rejected"].values())
+    assert "preference" not in res.records[1]
+
+
+def test_real_preference_file_keeps_both_answers_byte_for_byte(shared_dir):
+    rows = json.loads((shared_dir / "data" / "dpo_en_demo.json").read_text(encoding="utf-8"))
+    for row in rows:
+        _, rec = convert_row(row)
+        _, chosen, rejected = sides(rec)
+        assert chosen[-1]["content"] == row["chosen"]["value"]
+        assert rejected[-1]["content"] == row["rejected"]["value"]
+
+
+# --------------------------------------------------------------------------- format
+def _record(prompt: str, chosen: str, rejected: str, i: int) -> dict:
+    _, rec = convert_row({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return {**rec, "source": f"t.jsonl:{i}"}
+
+
+def test_format_pairs_match_the_template_and_drop_long_pairs(tiny_base_dir):
+    from reprotune.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_base_dir)
+    recs = [_record("What is 12 plus 7?", "The answer is 19.", "计算 答案是 19。", 1),
+            _record("What is 12 plus 7?", "The answer is 19.", "apple " * 200, 2)]
+    rows, stats, dropped = format_pairs(iter(recs), tok, max_length=128, enable_thinking=False)
+    rows = list(rows)
+    assert (stats["pairs_in"], stats["pairs_out"], stats["dropped"][DROP_TOO_LONG]) == (2, 1, 1)
+    assert dropped[0]["reason"] == DROP_TOO_LONG and "not truncated" in dropped[0]["detail"]
+    row = rows[0]
+    full = tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=True,
+                                   return_dict=True, enable_thinking=False)["input_ids"]
+    assert row["prompt_ids"] + row["chosen_ids"] == list(full)
+    gen = tok.apply_chat_template(row["prompt"], tokenize=True, return_dict=True,
+                                  add_generation_prompt=True, enable_thinking=False)["input_ids"]
+    assert row["prompt_ids"] == list(gen)  # the empty think block is prompt, never loss
+    assert row["rejected"] == [{"role": "assistant", "content": "计算 答案是 19。"}]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_dpo_without_pairs_names_the_param_and_count():
+    with pytest.raises(PairsError, match=r"align.method: dpo needs preference pairs, but the "
+                                         r"train split has 0"):
+        check_pairs("dpo", 0, 0, 5, "data/interim/splits/train.jsonl")
+    check_pairs("none", 4, 0, 0, "x")  # the pass-through needs nothing
+
+
+def test_check_stage_fails_before_anything_is_deleted(tmp_path):
+    (tmp_path / "data/interim/splits").mkdir(parents=True)
+    io.write_jsonl(tmp_path / "data/interim/splits/train.jsonl", [
+        {"id": "a", "messages": Q + [{"role": "assistant", "content": "x"}]}])
+    params = (ROOT / "params.yaml").read_text(encoding="utf-8").replace(
+        "  method: none        # none:", "  method: dpo        # none:")
+    assert "method: dpo" in params
+    (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/check.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "align.method: dpo needs preference pairs, but the train split has 0" in proc.stderr
+    assert not (tmp_path / "metrics/params_ok.json").exists()
+    assert count_pairs(tmp_path / "data/interim/splits/train.jsonl") == 0
+
+
+# --------------------------------------------------------------------------- training
+def _synthetic(n: int, seed: int) -> list[dict]:
+    """A learnable preference: chosen answers state the sum, rejected ones ramble in Chinese."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = r.randint(1, 50), r.randint(1, 50)
+        out.append(_record(f"What is {a} plus {b}?", f"The answer is {a + b}.",
+                           f"这部电影很糟糕 {a}。", i))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory, tiny_base_dir):
+    """A full "SFT" folder (the tiny base as train writes it) and train/val/test pair files."""
+    from reprotune.modeling import load_model, load_tokenizer
+    from reprotune.train.loading import save_finetuned
+
+    root = tmp_path_factory.mktemp("align")
+    tok = load_tokenizer(tiny_base_dir)
+    save_finetuned(load_model(tiny_base_dir), tok, root / "sft", method="full",
+                   base_dir=tiny_base_dir, enable_thinking=False)
+    for split, n, seed in (("train", 32, 0), ("val", 8, 1), ("test", 16, 2)):
+        rows, _, _ = format_pairs(iter(_synthetic(n, seed)), tok, max_length=256,
+                                  enable_thinking=False)
+        io.write_jsonl(root / f"{split}.jsonl", rows)
+    return root
+
+
+def _align(root: Path, name: str, cfg: AlignParams, callbacks=None) -> dict:
+    from reprotune.train.align import align_model
+
+    return align_model(train_pairs=root / "train.jsonl", val_pairs=root / "val.jsonl",
+                       finetuned=root / "sft", out_dir=root / name, checkpoints_dir=root / f"{name}_ckpt",
+                       live_dir=root / f"{name}_curves", cfg=cfg, seed=0, callbacks=callbacks)
+
+
+FAST = dict(method="dpo", lr=2e-3, epochs=1, batch_size=8, eval_steps=2, logging_steps=1, patience=0)
+
+
+def test_dpo_raises_test_reward_accuracy_and_writes_curves(pair_files):
+    from reprotune.evaluate.preference import gain, preference_metrics
+    from reprotune.train.loading import load_finetuned
+
+    m = _align(pair_files, "aligned", AlignParams(**FAST))
+    assert (m["train_pairs"], m["val_pairs"], m["train_steps"]) == (32, 8, 4)
+    assert m["reference"] == "precomputed log-probs" and m["loss_type"] == ["sigmoid"]
+    assert m["best_val_loss"] < m["initial_val_loss"] == pytest.approx(0.693147, abs=1e-5)
+    curves = pair_files / "aligned_curves" / "plots" / "metrics"
+    for name in ("train_loss", "val_loss", "train_rewards_chosen", "train_rewards_rejected",
+                 "train_rewards_margins", "val_rewards_accuracies"):
+        lines = (curves / f"{name}.tsv").read_text().splitlines()
+        assert lines[0] == f"step\t{name}" and len(lines) >= 3
+    policy, tok, manifest = load_finetuned(pair_files / "aligned")
+    sft = load_finetuned(pair_files / "sft")[0]
+    assert manifest["method"] == "full"
+    pairs = io.read_jsonl(pair_files / "test.jsonl")
+    pm = preference_metrics(policy, sft, pairs, batch_size=8, pad_id=tok.pad_token_id)
+    assert pm["pairs"] == 16
+    assert pm["sft"]["reward_accuracy"] == 0.5 and pm["sft"]["mean_margin"] == 0
+    assert pm["aligned"]["reward_accuracy"] >= 0.9, pm
+    assert pm["aligned"]["mean_margin"] > 0
+    assert gain(pm)["reward_accuracy"] >= 0.4
+    # the pass-through scores the SFT model once, against itself
+    same = preference_metrics(sft, sft, pairs, batch_size=8, pad_id=tok.pad_token_id)
+    assert same["aligned"] == same["sft"] == pm["sft"]
+
+
+def test_sft_mix_and_other_losses_run(pair_files):
+    m = _align(pair_files, "ipo", AlignParams(**{**FAST, "loss_type": "ipo", "sft_weight": 0.5,
+                                                 "max_steps": 2}))
+    assert m["loss_type"] == ["ipo", "sft"] and m["train_steps"] == 2
+
+
+def test_killed_align_resumes_to_the_same_metrics(pair_files):
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:  # after the step-2 checkpoint
+                raise KeyboardInterrupt("killed")
+
+    cfg = AlignParams(**FAST)
+    whole = _align(pair_files, "whole", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        _align(pair_files, "killed", cfg, callbacks=[Kill()])
+    assert (pair_files / "killed_ckpt" / "checkpoint-2").is_dir()
+    resumed = _align(pair_files, "killed", cfg)
+    assert resumed["resumed_from_step"] == 2
+    drop = ("resumed_from_step", "train_time_s", "wall_time_s")
+    assert {k: v for k, v in resumed.items() if k not in drop} == \
+        {k: v for k, v in whole.items() if k not in drop}
+    assert not list((pair_files / "killed_ckpt").glob("checkpoint-*"))  # a finished run clears them
+    steps = [ln.split("\t")[0] for ln in
+             (pair_files / "killed_curves/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"]  # the killed session's rows past step 2 were cut
+
+
+def test_pass_through_writes_a_pointer_and_loaders_follow_it(pair_files):
+    from reprotune.train.align import pass_through
+    from reprotune.train.loading import resolve_model_dir
+
+    info = pass_through(pair_files / "sft", pair_files / "none", pair_files / "none_curves")
+    assert info["method"] == "none"
+    assert [p.name for p in (pair_files / "none").iterdir()] == ["reprotune_align.json"]
+    assert resolve_model_dir(pair_files / "none") == pair_files / "sft"
+    assert resolve_model_dir(pair_files / "sft") == pair_files / "sft"
+
+
+def test_pair_records_skips_lines_without_pairs(tmp_path):
+    path = tmp_path / "s.jsonl"
+    io.write_jsonl(path, [{"id": "a", "messages": Q}, _record("q", "a", "b", 1)])
+    assert [r["id"] for r in pair_records(path)] == [_record("q", "a", "b", 1)["id"]]
+    assert count_pairs(path) == 1
+
+
+def test_lora_sft_adapter_is_its_own_reference_without_a_second_base(pair_files, tiny_base_dir):
+    """An SFT adapter trains on; TRL's reference is the same adapter, loaded frozen as `ref`
+    (the initial loss is exactly log 2: policy == reference), and only the trained adapter
+    is saved."""
+    from reprotune.modeling import load_tokenizer
+    from reprotune.params import LoraParams
+    from reprotune.train.loading import load_finetuned, save_finetuned
+    from reprotune.train.methods import load_base, prepare_model
+
+    lora = LoraParams(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    sft = prepare_model(load_base(tiny_base_dir, "lora"), "lora", lora=lora)
+    save_finetuned(sft, load_tokenizer(tiny_base_dir), pair_files / "sft_lora", method="lora",
+                   base_dir=tiny_base_dir, enable_thinking=False)
+    from reprotune.train.align import align_model
+
+    m = align_model(train_pairs=pair_files / "train.jsonl", val_pairs=pair_files / "val.jsonl",
+                    finetuned=pair_files / "sft_lora", out_dir=pair_files / "aligned_lora",
+                    checkpoints_dir=pair_files / "lora_ckpt", live_dir=pair_files / "lora_curves",
+                    cfg=AlignParams(**{**FAST, "max_steps": 2}), seed=0)
+    assert m["reference"] == "adapter ref copy" and m["sft_method"] == "lora"
+    assert m["initial_val_loss"] == pytest.approx(0.693147, abs=1e-5)
+    out = pair_files / "aligned_lora"
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    model, _, manifest = load_finetuned(out)
+    assert manifest["kind"] == "adapter" and list(model.peft_config) == ["default"]
