@@ -322,6 +322,7 @@ def open_study(cfg: TuneConfig) -> Any:
 
 def _recover(study: Any) -> None:
     """Trials a killed run left RUNNING are told failed (interrupted) and queued again once."""
+    import optuna
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -334,7 +335,11 @@ def _recover(study: Any) -> None:
     for t in study.get_trials(deepcopy=False):
         if (_interrupted(study, t) and t.number not in retried
                 and len(t.params) == len(study.user_attrs["definition"]["space"])):
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            # what enqueue_trial adds, plus the grid sampler's point (else it loses track)
+            grid = {k: v for k, v in t.system_attrs.items() if k in ("grid_id", "search_space")}
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, system_attrs={"fixed_params": t.params, **grid},
+                user_attrs={"retry_of": t.number}))
             log.info("trial %d was interrupted: queued again", t.number)
 
 
