@@ -167,10 +167,8 @@ def error_line(output: str) -> str:
 class Objective:
     """One trial: draw params, validate, reuse an equal experiment or run one, read the metric."""
 
-    def __init__(self, cfg: TuneConfig, params: dict[str, Any], *, reuse: bool = True,
-                 run_cache: bool = True, poll_s: float = POLL_S) -> None:
-        self.cfg, self.params, self.reuse, self.run_cache, self.poll_s = (
-            cfg, params, reuse, run_cache, poll_s)
+    def __init__(self, cfg: TuneConfig, params: dict[str, Any], poll_s: float = POLL_S) -> None:
+        self.cfg, self.params, self.poll_s = cfg, params, poll_s
 
     def __call__(self, trial: Any) -> float:
         overrides = {p.key: suggest(trial, p) for p in self.cfg.space}
@@ -180,15 +178,14 @@ class Objective:
         except ParamsError as exc:
             return self._fail(trial, f"params.yaml with {overrides}: {exc}")
         shown = exps.show_json()
-        if self.reuse:
-            for row in shown:
-                value = exps.metric(row, self.cfg.metric)
-                if row.kind != "workspace" and row.params == full and _finite(value):
-                    trial.set_user_attr("experiment", row.label)
-                    trial.set_user_attr("reused", "commit" if row.kind == "commit" else "experiment")
-                    log.info("trial %d: %s equals experiment %s: %s = %s (not retrained)",
-                             trial.number, _show(overrides), row.label, self.cfg.metric, value)
-                    return float(value)
+        for row in shown:
+            value = exps.metric(row, self.cfg.metric)
+            if row.kind != "workspace" and row.params == full and _finite(value):
+                trial.set_user_attr("experiment", row.label)
+                trial.set_user_attr("reused", "commit" if row.kind == "commit" else "experiment")
+                log.info("trial %d: %s equals experiment %s: %s = %s (not retrained)",
+                         trial.number, _show(overrides), row.label, self.cfg.metric, value)
+                return float(value)
         name = _free_name(f"tune-{self.cfg.study}-{trial.number}", {r.label for r in shown})
         trial.set_user_attr("experiment", name)
         log.info("trial %d: dvc exp run -n %s %s", trial.number, name, _show(overrides))
@@ -220,7 +217,7 @@ class Objective:
         """
         args = [sys.executable, "-m", "dvc", "exp", "run", "-n", name,
                 *(a for k, v in overrides.items() for a in ("-S", f"{k}={fmt(v)}")),
-                *([] if self.run_cache else ["--no-run-cache"]), *self.cfg.targets]
+                *self.cfg.targets]
         log_path = TUNE_DIR / self.cfg.study / f"trial-{trial.number}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         prune = self.cfg.pruner != "none"
@@ -380,8 +377,7 @@ def prepare(config: str | Path) -> tuple[TuneConfig, dict[str, Any]]:
     return cfg, params
 
 
-def run_study(config: str | Path, *, study_name: str | None = None, reuse: bool = True,
-              run_cache: bool = True, poll_s: float = POLL_S) -> Any:
+def run_study(config: str | Path, *, study_name: str | None = None, poll_s: float = POLL_S) -> Any:
     """Continue (or start) the study of ``config`` until its budget is spent."""
     cfg, params = prepare(config)
     if study_name:
@@ -399,7 +395,7 @@ def run_study(config: str | Path, *, study_name: str | None = None, reuse: bool 
             return study
         log.info("study %s: %d trials to run (%d done)", cfg.study, remaining,
                  len(done_trials(study)))
-        study.optimize(Objective(cfg, params, reuse=reuse, run_cache=run_cache, poll_s=poll_s),
+        study.optimize(Objective(cfg, params, poll_s),
                        n_trials=remaining, timeout=cfg.timeout, catch=(TrialFailed,))
         return study
 
@@ -413,15 +409,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run: continue the study; show: its results and plots only")
     parser.add_argument("--config", default="tune.yaml")
     parser.add_argument("--study", help="study name instead of the config's `study:`")
-    parser.add_argument("--no-reuse", action="store_true",
-                        help="train every trial (no equal-experiment lookup, no run cache); "
-                             "for benchmarks from a cold cache")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "run":
-            study = run_study(args.config, study_name=args.study, reuse=not args.no_reuse,
-                              run_cache=not args.no_reuse)
+            study = run_study(args.config, study_name=args.study)
             cfg = load_config(args.config)
         else:
             cfg = load_config(args.config)
