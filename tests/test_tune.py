@@ -16,8 +16,8 @@ import pytest
 from ruamel.yaml import YAML
 from toy_repos import REPO_ROOT, dvc, env, make_tune_repo, run
 
-from reprotune.team.tune import CurveWatch, error_line, fmt
 from reprotune.team.tune_space import TuneError, check_against_project, load_config
+from reprotune.team.tune_trial import CurveWatch, error_line, fmt
 
 GOOD = """study: s
 space:
