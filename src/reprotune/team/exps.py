@@ -14,6 +14,7 @@ sorted by the objective. The workspace and HEAD with its experiments are shown b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -73,7 +74,9 @@ def rows(shown: list[dict[str, Any]]) -> list[ExpRow]:
         out.append(base)
         for exp in commit.get("experiments") or []:
             out.extend(_row(rev, "experiment", base.label) for rev in exp.get("revs") or [])
-    return out
+    head = next((r.label for r in out if r.kind == "commit"), "")
+    # the workspace is based on HEAD, the first commit shown
+    return [dataclasses.replace(r, baseline=head) if r.kind == "workspace" else r for r in out]
 
 
 def lookup(data: dict[str, Any], dotted: str) -> Any:
@@ -130,6 +133,16 @@ def main_eval_metric(shown: list[ExpRow]) -> str:
     return "accuracy" if cls else "bleu"
 
 
+def metric_columns(shown: list[ExpRow], sort_by: str = OBJECTIVE) -> list[tuple[str, str]]:
+    """(column title, ``file:key``) of the headline metrics, plus ``sort_by`` if not one."""
+    main = main_eval_metric(shown)
+    cols = [("best_val_loss", OBJECTIVE), (main, f"{EVAL_METRICS}:{main}"),
+            (f"{main}_gain", f"{GAIN_METRICS}:gain.{main}")]
+    if sort_by not in {name for _, name in cols}:
+        cols.append((sort_by.rpartition(":")[2], sort_by))
+    return cols
+
+
 def table(shown: list[ExpRow], sort_by: str = OBJECTIVE, order: str = "asc"
           ) -> tuple[list[str], list[list[Any]]]:
     """(header, rows): Experiment, [baseline], changed params, headline metrics, sorted.
@@ -137,12 +150,8 @@ def table(shown: list[ExpRow], sort_by: str = OBJECTIVE, order: str = "asc"
     Rows with no value for ``sort_by`` (failed runs, commits without metrics) come last.
     """
     params = changed_params(shown)
-    main = main_eval_metric(shown)
-    metric_cols = [("best_val_loss", OBJECTIVE), (main, f"{EVAL_METRICS}:{main}"),
-                   (f"{main}_gain", f"{GAIN_METRICS}:gain.{main}")]
-    if sort_by not in {name for _, name in metric_cols}:
-        metric_cols.append((sort_by.rpartition(":")[2], sort_by))
-    baselines = len({r.baseline for r in shown if r.kind != "workspace"}) > 1
+    metric_cols = metric_columns(shown, sort_by)
+    baselines = len({r.baseline for r in shown}) > 1
     header = ["Experiment", *(["Baseline"] if baselines else []), *params,
               *(col for col, _ in metric_cols)]
     sign = -1 if order == "desc" else 1
@@ -193,9 +202,12 @@ def show_json(scope: list[str] | None = None) -> list[ExpRow]:
 
 def show_command(shown: list[ExpRow], sort_by: str, order: str) -> str:
     """The ``dvc exp show`` call that keeps the same columns (DVC puts metrics first)."""
-    header, _ = table(shown, sort_by, order)
-    keep = "|".join(["Experiment", *(re.escape(c) for c in header[1:] if c != "Baseline")])
-    return (f"dvc exp show --only-changed --drop '.*' --keep '({keep})$' "
+    cols = [re.escape(p) for p in changed_params(shown)]
+    for _, name in metric_columns(shown, sort_by):
+        path, _, key = name.rpartition(":")
+        # DVC names a column by its key alone, or file:key when several files have the key
+        cols.append(f"({re.escape(path)}:)?{re.escape(key)}")
+    return (f"dvc exp show --only-changed --drop '.*' --keep '(Experiment|{'|'.join(cols)})$' "
             f"--sort-by '{sort_by}' --sort-order {order}")
 
 
