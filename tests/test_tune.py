@@ -111,8 +111,8 @@ pruner: {pruner}
 space:
   lr: {{type: categorical, choices: [1.0e-2, 1.0e-3, 3.0e-4, 0.5]}}
 """
-# With seed 0 the grid sampler tries 3e-4 (trained), 0.5 (diverges), 1e-3 (the baseline's
-# params), then 1e-2, whose curve is worse than the finished 3e-4's: pruned.
+# With seed 0 the grid sampler tries 3e-4, 0.5 (diverges), 1e-3, then 1e-2, whose curve is
+# worse than the median of the finished ones: pruned.
 
 
 def _tune(repo: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -152,9 +152,9 @@ def test_study_trials_are_experiments_failures_and_prunes_recorded(toy: Path) ->
     trials = {t.params["lr"]: t for t in _study(toy, "toy").trials}
     assert [t.params["lr"] for t in _study(toy, "toy").trials] == [3e-4, 0.5, 1e-3, 1e-2]
     states = {lr: t.state.name for lr, t in trials.items()}
-    # lr=1e-3 is the baseline commit's params: its result is taken, nothing is trained
-    assert states[1e-3] == "COMPLETE" and trials[1e-3].user_attrs == {
-        "experiment": "main", "reused": "commit"}
+    # lr=1e-3 is the baseline commit's params, but a commit's metrics may be older than its
+    # params: it is trained like any other
+    assert states[1e-3] == "COMPLETE" and trials[1e-3].user_attrs == {"experiment": "tune-toy-2"}
     assert trials[1e-3].value == pytest.approx(0.5 + 1 / 7, abs=1e-4)
     # a diverging run fails with its one-line error, and the study goes on
     assert states[0.5] == "FAIL"
@@ -169,7 +169,7 @@ def test_study_trials_are_experiments_failures_and_prunes_recorded(toy: Path) ->
     # every trained trial is a named experiment with its params, as `dvc exp show` lists it
     exps = _experiments(toy)
     for lr, t in trials.items():
-        if t.state.name == "COMPLETE" and lr != 1e-3:
+        if t.state.name == "COMPLETE":
             assert exps[t.user_attrs["experiment"]] == lr
             assert t.user_attrs["experiment"] == f"tune-toy-{t.number}"
     assert not any(exps.get(trials[lr].user_attrs["experiment"]) for lr in [*pruned, 0.5])
@@ -199,7 +199,7 @@ def test_a_new_study_takes_equal_experiments_results_without_training(toy: Path)
     first = {t.params["lr"]: t for t in _study(toy, "toy").trials}
     for lr, t in first.items():
         if t.state.name == "COMPLETE":
-            assert trials[lr].user_attrs.get("reused"), lr
+            assert trials[lr].user_attrs.get("reused") is True, lr
             assert trials[lr].value == t.value
     trained = {lr for lr, t in trials.items() if not t.user_attrs.get("reused")}
     assert trained == {lr for lr, t in first.items() if t.state.name != "COMPLETE"}

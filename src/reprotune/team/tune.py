@@ -13,9 +13,9 @@ trials are ordinary experiments: ``dvc exp show``, ``make exps``, ``dvc exp appl
   Rerunning ``make tune`` continues the study: finished trials are never rerun, a trial a
   kill interrupted is retried first (its training resumes from the checkpoint folder), and
   a finished study only prints its results.
-* Reuse: before training, the experiments of HEAD (and HEAD itself) are searched for one
-  with exactly the trial's params.yaml; DVC's run cache also restores any stage that ran
-  with the same params and data before.
+* Reuse: before training, the experiments of HEAD are searched for one with exactly the
+  trial's params.yaml (not HEAD itself: a commit's params may be newer than its metrics);
+  DVC's run cache also restores any stage that ran with the same params and data before.
 * Pruning: while ``dvc exp run`` trains, the val-loss curve (``metrics/curves``) is read as
   it grows and reported to the pruner; a hopeless trial is interrupted and recorded as
   pruned. A trial that fails (e.g. a NaN loss) is recorded as failed with its error line.

@@ -67,14 +67,10 @@ def summary(study: Any, cfg: TuneConfig) -> str:
         return "\n".join([*lines, "no trial has completed yet"])
     exp = top.user_attrs.get("experiment")
     params = " ".join(f"{k}={v!r}" for k, v in top.params.items())
-    lines.append(f"best: trial {top.number}, {cfg.metric} = {top.value}, {params} "
-                 f"({'commit' if top.user_attrs.get('reused') == 'commit' else 'experiment'} {exp})")
-    if top.user_attrs.get("reused") == "commit":
-        lines.append(f"promote: nothing to do, the best params are commit {exp}'s "
-                     f"(git checkout {exp} -- params.yaml dvc.lock && dvc checkout)")
-    else:
-        lines.append(f"promote: dvc exp apply {exp}   (then git add/commit), or: "
-                     f"dvc exp branch {exp} tuned-{cfg.study}")
+    lines += [f"best: trial {top.number}, {cfg.metric} = {top.value}, {params} "
+              f"(experiment {exp})",
+              f"promote: dvc exp apply {exp}   (then git add/commit), or: "
+              f"dvc exp branch {exp} tuned-{cfg.study}"]
     return "\n".join(lines)
 
 

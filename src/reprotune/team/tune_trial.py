@@ -142,9 +142,11 @@ class Objective:
         shown = exps.show_json()
         for row in shown:
             value = exps.metric(row, self.cfg.metric)
-            if row.kind != "workspace" and row.params == full and _finite(value):
+            # experiments only: DVC wrote their metrics from a run with exactly these params,
+            # while a commit's (or the workspace's) params may be newer than its metrics
+            if row.kind == "experiment" and row.params == full and _finite(value):
                 trial.set_user_attr("experiment", row.label)
-                trial.set_user_attr("reused", "commit" if row.kind == "commit" else "experiment")
+                trial.set_user_attr("reused", True)
                 log.info("trial %d: %s equals experiment %s: %s = %s (not retrained)",
                          trial.number, _show(overrides), row.label, self.cfg.metric, value)
                 return float(value)
