@@ -126,10 +126,12 @@ def _study(repo: Path, name: str) -> optuna.Study:
 
 
 def _experiments(repo: Path) -> dict[str, float]:
-    """{experiment name: lr} of every experiment of HEAD."""
+    """{experiment name: lr} of every finished experiment of HEAD (not a failed run's entry)."""
     found = {}
     for commit in json.loads(dvc(repo, "exp", "show", "--json").stdout):
         for exp in commit.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue
             for rev in exp["revs"]:
                 found[rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]["lr"]
     return found
@@ -172,7 +174,8 @@ def test_study_trials_are_experiments_failures_and_prunes_recorded(toy: Path) ->
         if t.state.name == "COMPLETE":
             assert exps[t.user_attrs["experiment"]] == lr
             assert t.user_attrs["experiment"] == f"tune-toy-{t.number}"
-    assert not any(exps.get(trials[lr].user_attrs["experiment"]) for lr in [*pruned, 0.5])
+    assert not any(exps.get(trials[lr].user_attrs["experiment"]) for lr in [*pruned, 0.5]), (
+        exps, {lr: t.user_attrs for lr, t in trials.items()})
     # results: best params, how to promote, plots that render offline
     assert "best: trial" in out.stdout and "lr=0.001" in out.stdout
     plots = toy / "dvc_plots" / "tune" / "toy"

@@ -50,6 +50,7 @@ class ExpRow:
     baseline: str  # label of the commit the row belongs to (its own label for a commit)
     params: dict[str, Any]   # params.yaml as that revision has it
     metrics: dict[str, Any]  # {metrics file: its data}
+    state: str = "success"   # an experiment's run: success, or queued / running / failed
 
 
 def _label(rev: dict[str, Any]) -> str:
@@ -73,7 +74,10 @@ def rows(shown: list[dict[str, Any]]) -> list[ExpRow]:
         base = _row(commit, kind, "")
         out.append(base)
         for exp in commit.get("experiments") or []:
-            out.extend(_row(rev, "experiment", base.label) for rev in exp.get("revs") or [])
+            # a queued, running or failed run is listed too, with the workspace's files
+            state = (exp.get("executor") or {}).get("state") or "success"
+            out.extend(dataclasses.replace(_row(rev, "experiment", base.label), state=state)
+                       for rev in exp.get("revs") or [])
     head = next((r.label for r in out if r.kind == "commit"), "")
     # the workspace is based on HEAD, the first commit shown
     return [dataclasses.replace(r, baseline=head) if r.kind == "workspace" else r for r in out]

@@ -144,7 +144,8 @@ class Objective:
             value = exps.metric(row, self.cfg.metric)
             # experiments only: DVC wrote their metrics from a run with exactly these params,
             # while a commit's (or the workspace's) params may be newer than its metrics
-            if row.kind == "experiment" and row.params == full and _finite(value):
+            if (row.kind == "experiment" and row.state == "success" and row.params == full
+                    and _finite(value)):
                 trial.set_user_attr("experiment", row.label)
                 trial.set_user_attr("reused", True)
                 log.info("trial %d: %s equals experiment %s: %s = %s (not retrained)",
