@@ -198,7 +198,9 @@ class Objective:
                         seen.add(step)
                     if prune and rows and not finished and trial.should_prune():
                         _interrupt(proc)
-                        return None, rows[-1][0]
+                        if proc.returncode != 0:
+                            return None, rows[-1][0]
+                        break  # it finished before the interrupt: a complete trial after all
                     if finished:
                         break
                     time.sleep(self.poll_s)
