@@ -2,7 +2,7 @@
 #   make repro   create .venv if missing, install, run the whole DVC pipeline
 #   make test    same install, then the test suite
 # Team and review helpers (docs/team.md, docs/experiments.md):
-#   make remote URL=...   make push   make pull   make adopt EXP=...   make exps   make exps-plot   make report   make plots
+#   make remote URL=...   make push   make pull   make adopt EXP=...   make exps   make exps-plot   make tune   make report   make plots
 #   make serve [MODEL=models/merged PORT=8000 HOST=127.0.0.1]   (docs/deploy.md)
 PYTHON ?= python3
 VENV   := .venv
@@ -25,7 +25,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
-        report plots serve verify review review-wins
+        report plots serve verify review review-wins tune
 
 install: $(STAMP)
 
@@ -128,17 +128,25 @@ pull: install
 adopt: install
 	@$(BIN)/python -m reprotune.team.adopt '$(EXP)'
 
-# Experiments table: changed params + headline metrics, sorted (docs/experiments.md).
+# Experiments table: changed params first, then val loss / main eval metric / its gain,
+# sorted (docs/experiments.md). ALL=1: every commit's baseline; N=5: the last 5 commits.
 SORT  ?= metrics/train.json:best_val_loss
 ORDER ?= asc
+EXPS_SCOPE = $(if $(ALL),--all-commits) $(if $(N),--num '$(N)')
 exps: install
-	@$(BIN)/python -m reprotune.team.exps show --sort-by '$(SORT)' --sort-order '$(ORDER)' $(if $(MD),--md)
+	@$(BIN)/python -m reprotune.team.exps show --sort-by '$(SORT)' --sort-order '$(ORDER)' $(if $(MD),--md) $(EXPS_SCOPE)
 
 # One HTML page: a param against a metric across all experiments (default lr vs val loss).
 X ?= lr
 Y ?= metrics/train.json:best_val_loss
 exps-plot: install
-	@$(BIN)/python -m reprotune.team.exps plot --x '$(X)' --y '$(Y)' --out dvc_plots/exps
+	@$(BIN)/python -m reprotune.team.exps plot --x '$(X)' --y '$(Y)' --out dvc_plots/exps $(EXPS_SCOPE)
+
+# Hyper-parameter search: an Optuna study whose trials are DVC experiments (tune.yaml;
+# docs/experiments.md). Rerun to continue a stopped study; STUDY=... CONFIG=... override.
+CONFIG ?= tune.yaml
+tune: install
+	@$(BIN)/python -m reprotune.team.tune run --config '$(CONFIG)' $(if $(STUDY),--study '$(STUDY)')
 
 # Markdown for a pull request: params, metrics, plots and predictions vs REV.
 REV ?= main

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from reprotune.train.curves import PLOTS, CurveWriter, trim
+from reprotune.train.curves import CHECKPOINT_COPY, PLOTS, CurveWriter, restore, snapshot, trim
 
 
 def _rows(d: Path, name: str) -> list[str]:
@@ -41,3 +42,31 @@ def test_resume_appends_after_trim_and_a_fresh_run_starts_empty(tmp_path: Path) 
     assert _rows(tmp_path, "train_loss")[-2:] == ["10\t10.0", "15\t0.5"]
     CurveWriter(tmp_path, resume=False)
     assert not list((tmp_path / PLOTS).glob("*.tsv")) and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_checkpoint_carries_the_curves_a_resumed_run_continues(tmp_path: Path) -> None:
+    """DVC deletes the (non-persisted) curves before a rerun: the checkpoint's copy returns them."""
+    live, ckpt = tmp_path / "curves", tmp_path / "checkpoints" / "checkpoint-10"
+    ckpt.mkdir(parents=True)
+    w = CurveWriter(live, resume=False)
+    for step in (0, 5, 10):
+        w.step = step
+        w.log("val_loss", 9.0 - step)
+    w.summary()
+    snapshot(live, ckpt)
+    w.step = 15
+    w.log("val_loss", 0.25)  # logged after the checkpoint, then the run was killed
+    shutil.rmtree(live)  # what `dvc repro` does to a non-persisted output
+    restore(ckpt, live, 10)
+    assert _rows(live, "val_loss") == ["step\tval_loss", "0\t9.0", "5\t4.0", "10\t-1.0"]
+    assert json.loads((live / "metrics.json").read_text()) == {"val_loss": -1.0, "step": 10}
+    # a checkpoint without a copy (written before copies existed): what is there, cut at 10
+    old = tmp_path / "checkpoints" / "checkpoint-5"
+    old.mkdir()
+    w = CurveWriter(live, resume=True)
+    w.step = 15
+    w.log("val_loss", 0.5)
+    restore(old, live, 10)
+    assert _rows(live, "val_loss")[-1] == "10\t-1.0"
+    snapshot(live, ckpt)  # a second snapshot of the same step replaces the first
+    assert sorted(p.name for p in ckpt.iterdir()) == [CHECKPOINT_COPY]

@@ -295,6 +295,35 @@ def test_queued_sweep_stops_at_evaluate_and_the_best_is_promoted(project: Path) 
     _dvc(project, "checkout", "--force")
 
 
+def test_an_experiment_that_already_ran_is_restored_from_the_run_cache(project: Path) -> None:
+    """`dvc exp run -S lr=X` for an X that ran before (low-lr): no stage runs, every stage
+    from train on is restored from DVC's run cache, with the outputs that run wrote."""
+    _run(["git", "reset", "-q", "--hard"], project)
+    _dvc(project, "checkout", "--force")
+    t0 = time.perf_counter()
+    out = _dvc(project, "exp", "run", "-S", "lr=1e-4", "-n", "low-lr-again")
+    seconds = time.perf_counter() - t0
+    assert _ran(out) == set(), out
+    restored = set(re.findall(r"Stage '([\w@./-]+)' is cached - skipping run", out))
+    assert {"train", "evaluate", "merge", "quantize"} <= restored
+    exps = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))
+    assert exps["low-lr-again"]["metrics"] == exps["low-lr"]["metrics"]
+    lock = lambda name: YAML(typ="safe").load(_run(  # noqa: E731
+        ["git", "show", f"refs/exps/{_exp_ref(project, name)}:dvc.lock"], project))
+    again, first = lock("low-lr-again"), lock("low-lr")
+    for stage in ("train", "evaluate", "merge", "quantize"):
+        assert again["stages"][stage]["outs"] == first["stages"][stage]["outs"], stage
+    assert seconds < 60, f"{seconds:.0f} s"
+    _run(["git", "reset", "-q", "--hard"], project)
+    _dvc(project, "checkout", "--force")
+
+
+def _exp_ref(project: Path, name: str) -> str:
+    """The path under refs/exps/ of experiment ``name``."""
+    refs = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], project).split()
+    return next(r.removeprefix("refs/exps/") for r in refs if r.endswith("/" + name))
+
+
 def test_killed_dvc_repro_resumes_training_and_keeps_its_curves(project: Path) -> None:
     """SIGKILL `dvc repro` mid-training; the next `dvc repro` resumes from the checkpoint."""
     yaml = YAML()
@@ -318,7 +347,8 @@ def test_killed_dvc_repro_resumes_training_and_keeps_its_curves(project: Path) -
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["resumed_from_step"] >= 10
     assert train["train_steps"] > train["resumed_from_step"] + 10  # it trained on after resuming
-    # the curves from before the kill survived DVC's rerun (a persisted out), without repeats
+    # the curves from before the kill came back from the checkpoint's copy (DVC deleted
+    # them before the rerun), without repeats
     tsv = (project / "metrics/curves/plots/metrics/val_loss.tsv").read_text().splitlines()[1:]
     steps = [int(line.split("\t")[0]) for line in tsv]
     assert steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] == train["train_steps"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -357,6 +358,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_ro
     first.wait()
     assert first.returncode == -signal.SIGKILL, "the first run finished before it was killed"
     assert (ckpt / COUNTERS_FILE).exists() and not (tmp_path / "out").exists()
+    shutil.rmtree(tmp_path / "live")  # what DVC does to the curves before a rerun
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)

@@ -94,3 +94,56 @@ def make_exp_repo(root: Path, lrs: dict[str, float]) -> Path:
     for name, lr in lrs.items():
         dvc(root, "exp", "run", "-q", "-S", f"lr={lr}", "-n", name)
     return root
+
+
+# A toy `train` for `make tune`: the val-loss curve grows row by row (as the real train stage
+# writes metrics/curves), the best val loss is best at lr=1e-3, and lr >= 0.5 diverges with
+# a one-line error like the real stage's.
+TUNE_TRAIN_PY = '''
+import json, math, pathlib, sys, time
+from ruamel.yaml import YAML
+p = YAML(typ="safe", pure=True).load(open("params.yaml"))
+lr, steps, pause = p["lr"], p["train"]["max_steps"], p["train"]["eval_steps"] / 100
+base = 0.5 + 0.4 * abs(math.log10(lr) + 3) + (0.1 if lr > 1e-3 else 0.0)
+curve = pathlib.Path("metrics/curves/plots/metrics/val_loss.tsv")
+curve.parent.mkdir(parents=True, exist_ok=True)
+with curve.open("w") as fh:
+    fh.write("step\\tval_loss\\n")
+    for step in range(steps + 1):
+        if lr >= 0.5 and step == 1:
+            sys.exit(f"train: training diverged: the loss is not finite at step 1 (val loss nan); lower lr ({lr:g})")
+        # step 0 is the val loss before training: the same for every lr, as in the real stage
+        fh.write(f"{step}\\t{2.0 if step == 0 else round(base + 1 / (step + 1), 4)}\\n")
+        fh.flush()
+        time.sleep(pause)
+json.dump({"best_val_loss": round(base + 1 / (steps + 1), 4)}, open("metrics/train.json", "w"))
+'''
+
+TUNE_DVC_YAML = '''stages:
+  train:
+    cmd: python train.py
+    deps: [train.py]
+    params: [lr, train]
+    outs:
+      - metrics/curves: {cache: false}
+    metrics:
+      - metrics/train.json: {cache: false}
+'''
+
+
+def make_tune_repo(root: Path, max_steps: int = 6, pause_steps: int = 25) -> Path:
+    """A git + DVC repo at ``root`` with the toy train stage, its baseline committed on main.
+
+    Each curve row takes ``pause_steps / 100`` seconds (read from ``train.eval_steps``)."""
+    root.mkdir(parents=True)
+    (root / "train.py").write_text(TUNE_TRAIN_PY)
+    (root / "dvc.yaml").write_text(TUNE_DVC_YAML)
+    (root / "params.yaml").write_text(
+        f"lr: 0.001\ntrain:\n  max_steps: {max_steps}\n  eval_steps: {pause_steps}\n")
+    (root / ".gitignore").write_text("/.tune/\ndvc_plots/\n")
+    run(["git", "init", "-q", "-b", "main"], root)
+    dvc(root, "init", "-q")
+    dvc(root, "repro", "-q")
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "baseline"], root)
+    return root

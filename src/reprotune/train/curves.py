@@ -5,19 +5,24 @@ latest value of each curve and the step): the files dvclive writes and ``dvc plo
 draws, written here directly. dvclive would import all of DVC into the training process,
 which a GPU machine without DVC cannot do; the layout is all the pipeline needs from it.
 
-A resumed run appends to the curves after :func:`trim` has cut rows logged past its
-checkpoint; a fresh run starts them empty.
+The curves are an ordinary (not ``persist``) DVC output, so DVC deletes them before a rerun
+and can restore the whole stage from its run cache. What a resumed run needs survives in the
+untracked checkpoint folder instead: each checkpoint carries a copy of the curves as they
+were at its step (:func:`snapshot`), and a resumed run starts from that copy
+(:func:`restore`) and appends to it; a fresh run starts them empty.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from reprotune import io
 
 PLOTS = Path("plots") / "metrics"
 SUMMARY = "metrics.json"
+CHECKPOINT_COPY = "reprotune_curves"  # in each checkpoint folder: the curves at its step
 
 
 def trim(live_dir: str | Path, last_step: int) -> None:
@@ -31,6 +36,29 @@ def trim(live_dir: str | Path, last_step: int) -> None:
         kept = [lines[0]] + [ln for ln in lines[1:] if _step(ln, len(header), col) <= last_step]
         with io.atomic_path(tsv) as tmp:
             tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
+
+
+def snapshot(live_dir: str | Path, checkpoint: str | Path) -> None:
+    """Copy the curves into ``checkpoint`` (before it is marked complete)."""
+    src, dst = Path(live_dir), Path(checkpoint) / CHECKPOINT_COPY
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+    else:
+        tmp.mkdir(parents=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def restore(checkpoint: str | Path, live_dir: str | Path, last_step: int) -> None:
+    """The curves of a run resumed from ``checkpoint``: its copy when it has one (DVC deleted
+    ``live_dir`` before the rerun), else what ``live_dir`` holds, cut at ``last_step``."""
+    copy, live = Path(checkpoint) / CHECKPOINT_COPY, Path(live_dir)
+    if copy.is_dir():
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.copytree(copy, live)
+    trim(live, last_step)
 
 
 def _step(line: str, width: int, col: int) -> float:

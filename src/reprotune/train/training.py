@@ -244,13 +244,13 @@ def _callback_classes() -> tuple[type, type, type]:
         :mod:`reprotune.train.curves`); tokens/s of each logging interval is collected in
         ``rates``, not logged (it varies run to run)."""
 
-        def __init__(self, live_dir: str | Path, resume_step: int | None,
+        def __init__(self, live_dir: str | Path, resume: Path | None,
                      main: bool = True) -> None:
             self.live: curves.CurveWriter | None = None  # other ranks than 0 write no curves
             if main:
-                if resume_step is not None:
-                    curves.trim(live_dir, resume_step)
-                self.live = curves.CurveWriter(live_dir, resume=resume_step is not None)
+                if resume is not None:
+                    curves.restore(resume, live_dir, _step_of(resume))
+                self.live = curves.CurveWriter(live_dir, resume=resume is not None)
             self._t: float | None = None
             self._tokens = 0
             self.rates: list[float] = []
@@ -299,8 +299,8 @@ def _callback_classes() -> tuple[type, type, type]:
     class Counters(TrainerCallback):
         """Store the label-token count next to each checkpoint (resume continues it)."""
 
-        def __init__(self, trainer: Any) -> None:
-            self.trainer = trainer
+        def __init__(self, trainer: Any, live_dir: str | Path) -> None:
+            self.trainer, self.live_dir = trainer, live_dir
 
         def on_save(self, args, state, control, **kw):
             # every rank calls this after its part of the checkpoint, so the sum (a collective)
@@ -308,6 +308,7 @@ def _callback_classes() -> tuple[type, type, type]:
             seen = distributed.sum_over_ranks(self.trainer.label_tokens_seen)
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if distributed.is_main() and ckpt.is_dir():
+                curves.snapshot(self.live_dir, ckpt)  # a resumed run continues these curves
                 io.write_json(ckpt / COUNTERS_FILE, {"label_tokens_seen": seen})
 
     return LiveCallback, EvalAtEnd, Counters
@@ -506,7 +507,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
 
     LiveCallback, EvalAtEnd, Counters = _callback_classes()
     resume_step = _step_of(resume) if resume else None
-    live_cb = LiveCallback(live_dir, resume_step, main=distributed.is_main())
+    live_cb = LiveCallback(live_dir, resume, main=distributed.is_main())
     callbacks = [live_cb, EvalAtEnd(), *(callbacks or [])]
     if cfg.train.patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.patience))
@@ -522,7 +523,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         if packing else padded,
         callbacks=callbacks)
     trainer.loss_impl = speed["loss_impl"]
-    trainer.add_callback(Counters(trainer))
+    trainer.add_callback(Counters(trainer, live_dir))
 
     def record_initial(loss: float) -> float:
         """Check and keep the val loss before training (run state: resume reads it)."""
