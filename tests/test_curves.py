@@ -70,3 +70,17 @@ def test_a_checkpoint_carries_the_curves_a_resumed_run_continues(tmp_path: Path)
     assert _rows(live, "val_loss")[-1] == "10\t-1.0"
     snapshot(live, ckpt)  # a second snapshot of the same step replaces the first
     assert sorted(p.name for p in ckpt.iterdir()) == [CHECKPOINT_COPY]
+
+
+def test_ensure_writes_header_only_curves_and_keeps_logged_ones(tmp_path: Path) -> None:
+    """Curves dvc.yaml draws must exist even when nothing was logged (align's pass-through):
+    `dvc plots show` reports a load error for a missing file."""
+    live = CurveWriter(tmp_path / "c", resume=False)
+    live.step = 3
+    live.log("train_loss", 0.5)
+    live.ensure(("train_loss", "val_loss"))
+    plots = tmp_path / "c" / "plots" / "metrics"
+    assert (plots / "val_loss.tsv").read_text() == "step\tval_loss\n"
+    assert (plots / "train_loss.tsv").read_text() == "step\ttrain_loss\n3\t0.5\n"
+    live.log("val_loss", 0.25)
+    assert (plots / "val_loss.tsv").read_text() == "step\tval_loss\n3\t0.25\n"

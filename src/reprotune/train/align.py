@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # TRL's logged keys drawn as curves (train, and with eval_ for the val split)
 CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
           "logps/chosen", "logps/rejected")
+# the curves dvc.yaml's align plots draw: present (maybe header-only) after every align run
+DRAWN = ("train_loss", "val_loss", "train_rewards_chosen", "train_rewards_rejected",
+         "train_rewards_margins", "val_rewards_accuracies")
 
 
 def pass_through(finetuned: str | Path, out_dir: str | Path,
@@ -62,7 +65,9 @@ def pass_through(finetuned: str | Path, out_dir: str | Path,
     with io.atomic_dir(out_dir) as tmp:
         io.write_json(tmp / ALIGN_FILE, info)
     if live_dir is not None:
-        curves.CurveWriter(live_dir, resume=False).summary()
+        live = curves.CurveWriter(live_dir, resume=False)
+        live.ensure(DRAWN)
+        live.summary()
     return info
 
 
@@ -138,6 +143,9 @@ def _callbacks(live_dir: Path, resume_step: int | None) -> list[Any]:
                         f"{split}_{name.replace('/', '_')}"
                     live.log(label, float(value))
             live.summary()
+
+        def on_train_end(self, args, state, control, **kw):
+            live.ensure(DRAWN)  # e.g. no val split: its curves stay header-only, not missing
 
     class Complete(TrainerCallback):
         """Marks a checkpoint complete (written after the Trainer's files)."""

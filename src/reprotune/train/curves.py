@@ -95,6 +95,14 @@ class CurveWriter:
             fh.write(f"{self.step}\t{float(value)}\n")
         self._latest[name] = float(value)
 
+    def ensure(self, names: tuple[str, ...]) -> None:
+        """A header-only file for each curve in ``names`` nothing was logged to: the curves
+        dvc.yaml draws must exist, or `dvc plots show` reports a load error for them."""
+        for name in names:
+            path = self.dir / PLOTS / f"{name}.tsv"
+            if not path.is_file():
+                path.write_text(f"step\t{name}\n", encoding="utf-8", newline="\n")
+
     def summary(self) -> None:
         """metrics.json: the latest value of every curve, and the step it was logged at."""
         with io.atomic_path(self.dir / SUMMARY) as tmp:
