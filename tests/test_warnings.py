@@ -67,8 +67,10 @@ def test_tokenizer_length_notice_is_dropped_and_other_warnings_stay(
         tok_logger.warning("something else the user must see")
     finally:
         tok_logger.removeHandler(caplog.handler)
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["something else the user must see"]
+    # a record may reach caplog twice (its handler here, and the root's when an earlier test
+    # let transformers' loggers propagate): what matters is which messages came through
+    messages = {r.getMessage() for r in caplog.records}
+    assert messages == {"something else the user must see"}
 
 
 def test_bitsandbytes_kernels_hint_is_dropped_other_records_kept(

@@ -65,10 +65,13 @@ def test_pull_only_with_the_remote_secret_then_repro(workflow: dict[str, Any]) -
 
 
 def test_one_comment_posted_or_updated_with_gh(workflow: dict[str, Any]) -> None:
-    step = _steps(workflow)[-1]
+    steps = _steps(workflow)
+    step = steps[-1]
     run = step["run"]
     assert step["env"]["GH_TOKEN"] == "${{ github.token }}"
-    assert 'make -s report REV="origin/$BASE_REF" > report.md' in run
+    report = next(s for s in steps if "make -s report" in s.get("run", ""))
+    assert 'make -s report REV="origin/$BASE_REF" > report.md' in report["run"]
+    assert steps.index(report) < steps.index(step)
     # found by a hidden marker, edited in place; a new comment only when none exists yet
     assert "<!-- reprotune-report -->" in run
     assert 'gh api -X PATCH "repos/$GITHUB_REPOSITORY/issues/comments/$id"' in run
