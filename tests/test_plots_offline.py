@@ -22,6 +22,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 # Titles of the pipeline's plots (dvc.yaml: top-level `plots` and the stages' image plots).
 # throughput is not a curve: it changes run to run (metrics/timing/train.json has it)
 PIPELINE_TITLES = ["Loss curves", "Learning rate", "Gradient norm"]
+ALIGN_PLOTS = 3  # align's loss, rewards and accuracy: drawn empty (no title) under method none
+TRAIN_CURVES = ("train_loss", "val_loss", "learning_rate", "grad_norm")
 PIPELINE_IMAGES = ["metrics/plots/token_lengths.png", "metrics/plots/confusion.png"]
 
 
@@ -36,8 +38,35 @@ def test_template_is_built_from_the_vendored_files() -> None:
     assert "<script src" not in TEMPLATE.read_text() and "{plot_divs}" in TEMPLATE.read_text()
 
 
-def test_dvc_plots_show_uses_the_offline_template(repo_root: Path, tmp_path: Path) -> None:
-    dvc(repo_root, "plots", "show", "-o", str(tmp_path / "out"))
+@pytest.fixture(scope="module")
+def plots_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkout when the train stage has run there; otherwise (a fresh clone: the train
+    curves are a DVC-cached output, not in git) a copy of its tracked files with a few rows
+    written by the train stage's own CurveWriter, so DVC still builds every page."""
+    from reprotune.train.curves import CurveWriter
+
+    live = repo_root / "metrics" / "curves"
+    if all((live / "plots" / "metrics" / f"{n}.tsv").is_file() for n in TRAIN_CURVES):
+        return repo_root
+    dst = tmp_path_factory.mktemp("plots") / "repo"
+    files = run(["git", "ls-files"], repo_root).stdout.split()
+    for f in files:
+        if (repo_root / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_root / f, dst / f)
+    (dst / "dvc.lock").unlink()  # its curves hash names a cache this copy does not have
+    run(["git", "init", "-q"], dst)
+    writer = CurveWriter(dst / "metrics" / "curves", resume=False)
+    for step in range(0, 25, 5):
+        writer.step = step
+        for i, name in enumerate(TRAIN_CURVES):
+            writer.log(name, (i + 1) * 2.0 / (step + 1))
+    writer.summary()
+    return dst
+
+
+def test_dvc_plots_show_uses_the_offline_template(plots_repo: Path, tmp_path: Path) -> None:
+    dvc(plots_repo, "plots", "show", "-o", str(tmp_path / "out"))
     page = (tmp_path / "out" / "index.html").read_text()
     assert "cdn.jsdelivr" not in page and "<script src" not in page
     assert all(f'"text": "{t}"' in page for t in PIPELINE_TITLES)
@@ -94,12 +123,13 @@ def _render(browser: Any, page_file: Path, screenshot: Path) -> dict[str, Any]:
     return state
 
 
-def test_pipeline_plots_render_in_chromium(browser: Any, repo_root: Path, tmp_path: Path) -> None:
-    dvc(repo_root, "plots", "show", "-o", str(tmp_path / "out"))
+def test_pipeline_plots_render_in_chromium(browser: Any, plots_repo: Path, repo_root: Path,
+                                           tmp_path: Path) -> None:
+    dvc(plots_repo, "plots", "show", "-o", str(tmp_path / "out"))
     shot = tmp_path / "plots.png"
     state = _render(browser, tmp_path / "out" / "index.html", shot)
     assert state["problems"] == [] and state["plots"]["errors"] == []
-    assert state["plots"]["rendered"] == len(PIPELINE_TITLES)
+    assert state["plots"]["rendered"] == len(PIPELINE_TITLES) + ALIGN_PLOTS
     assert state["titles"] == PIPELINE_TITLES
     assert set(PIPELINE_IMAGES) <= set(state["captions"])
     assert len(state["images"]) == len(PIPELINE_IMAGES) and all(w > 100 for w in state["images"])
