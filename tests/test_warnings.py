@@ -108,3 +108,18 @@ def test_two_process_run_keeps_the_lean_loss(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setenv("WORLD_SIZE", world)
         impl, note = resolve_loss_impl("chunked", "cpu", model, "full")
         assert impl == "chunked" and "process" not in note, note
+
+
+def test_torchao_cpu_notices_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """torchao's missing CUDA extensions / Triton are expected on CPU: filtered, not shown."""
+    runtime.quiet_third_party()
+    for name, text in (("torchao", "Failed to load /x/_C_mxfp8.so: no CUDA"),
+                       ("torchao.kernel.intmm", "Warning: Detected no triton, on systems ...")):
+        logger = logging.getLogger(name)
+        logger.addHandler(caplog.handler)
+        try:
+            logger.warning(text)
+            logger.warning("a torchao message to act on")
+        finally:
+            logger.removeHandler(caplog.handler)
+    assert {r.getMessage() for r in caplog.records} == {"a torchao message to act on"}

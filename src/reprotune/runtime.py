@@ -22,6 +22,10 @@ QUIET_LOGS: dict[str, tuple[str, ...]] = {
     # bitsandbytes' optional CPU kernel comes from the hub (offline here) via `kernels`; its
     # built-in CPU path is used instead, with the same results
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels",),
+    # torchao's optional CUDA extensions and Triton kernels do not exist on a CPU machine; the
+    # INT8 path the quantize stage uses runs without them
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
 }
 # Python warnings of that kind: message prefixes (regular expressions matched at the start).
 QUIET_WARNINGS: tuple[str, ...] = (
