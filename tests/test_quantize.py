@@ -239,7 +239,8 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
     yaml = YAML(typ="safe", pure=True)
     params = yaml.load((repo_root / "params.yaml").read_text(encoding="utf-8"))
     params["eval"].update(max_new_tokens=6, batch_size=4)
-    params["quantize"].update(eval_rows=0)
+    params["quantize"].update(eval_rows=0, methods=list(dict.fromkeys(
+        [*params["quantize"]["methods"], "onnx_fp32", "onnx_int8"])))  # the opt-in ones too
     with (tmp_path / "params.yaml").open("w", encoding="utf-8") as fh:
         yaml.dump(params, fh)
     out = tmp_path / "quantized"
