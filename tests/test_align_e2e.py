@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from pipeline_cli import dvc, ran, run
 from ruamel.yaml import YAML
 
 from reprotune import io
@@ -39,29 +38,15 @@ OVERRIDES = {  # small: a few SFT and DPO steps, a few generated answers
 }
 
 
-def _env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
-
-
 def _run(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-6000:]}"
-    return out
+    return run(args, cwd, timeout=1800)
 
 
 def _dvc(cwd: Path, *args: str) -> str:
-    return _run([str(Path(sys.executable).parent / "dvc"), *args], cwd)
+    return dvc(cwd, *args, timeout=1800)
 
 
-def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w@./-]+)'", output))
+_ran = ran
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pipeline_cli import dvc as _dvc
+from pipeline_cli import env as _env
+from pipeline_cli import ran as _ran
+from pipeline_cli import run as _run
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,29 +33,6 @@ OVERRIDES = {
     ("eval", "max_rows"): 40,
     ("quantize", "eval_rows"): 20,
 }
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` = this venv
-    env.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1500)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{out[-6000:]}"
-    return out
-
-
-def _dvc(cwd: Path, *args: str) -> str:
-    return _run([str(Path(sys.executable).parent / "dvc"), *args], cwd)
-
-
-def _ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w@./:-]+)'", output))
 
 
 def _experiments(shown: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
