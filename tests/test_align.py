@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,8 @@ def test_killed_align_resumes_to_the_same_metrics(pair_files):
     with pytest.raises(KeyboardInterrupt):
         _align(pair_files, "killed", cfg, callbacks=[Kill()])
     assert (pair_files / "killed_ckpt" / "checkpoint-2").is_dir()
+    # DVC deletes a plain output before it reruns the stage: the checkpoint's copy is used
+    shutil.rmtree(pair_files / "killed_curves")
     resumed = _align(pair_files, "killed", cfg)
     assert resumed["resumed_from_step"] == 2
     drop = ("resumed_from_step", "train_time_s", "wall_time_s")
@@ -221,6 +224,9 @@ def test_killed_align_resumes_to_the_same_metrics(pair_files):
     steps = [ln.split("\t")[0] for ln in
              (pair_files / "killed_curves/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3", "4"]  # the killed session's rows past step 2 were cut
+    for tsv in (pair_files / "whole_curves/plots/metrics").glob("*.tsv"):
+        assert (pair_files / "killed_curves/plots/metrics" / tsv.name).read_text() == \
+            tsv.read_text(), tsv.name
 
 
 def test_pass_through_writes_a_pointer_and_loaders_follow_it(pair_files):

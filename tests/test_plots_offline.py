@@ -40,13 +40,15 @@ def test_template_is_built_from_the_vendored_files() -> None:
 
 @pytest.fixture(scope="module")
 def plots_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The checkout when the train stage has run there; otherwise (a fresh clone: the train
-    curves are a DVC-cached output, not in git) a copy of its tracked files with a few rows
-    written by the train stage's own CurveWriter, so DVC still builds every page."""
+    """The checkout when the train and align stages have run there; otherwise (a fresh
+    clone: their curves are DVC-cached outputs, not in git) a copy of its tracked files with
+    a few rows written by the stages' own CurveWriter, so DVC still builds every page."""
+    from reprotune.train.align import DRAWN
     from reprotune.train.curves import CurveWriter
 
-    live = repo_root / "metrics" / "curves"
-    if all((live / "plots" / "metrics" / f"{n}.tsv").is_file() for n in TRAIN_CURVES):
+    curves = {"curves": TRAIN_CURVES, "align_curves": DRAWN}
+    if all((repo_root / "metrics" / d / "plots" / "metrics" / f"{n}.tsv").is_file()
+           for d, names in curves.items() for n in names):
         return repo_root
     dst = tmp_path_factory.mktemp("plots") / "repo"
     files = run(["git", "ls-files"], repo_root).stdout.split()
@@ -56,12 +58,13 @@ def plots_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
             shutil.copy2(repo_root / f, dst / f)
     (dst / "dvc.lock").unlink()  # its curves hash names a cache this copy does not have
     run(["git", "init", "-q"], dst)
-    writer = CurveWriter(dst / "metrics" / "curves", resume=False)
-    for step in range(0, 25, 5):
-        writer.step = step
-        for i, name in enumerate(TRAIN_CURVES):
-            writer.log(name, (i + 1) * 2.0 / (step + 1))
-    writer.summary()
+    for folder, names in curves.items():
+        writer = CurveWriter(dst / "metrics" / folder, resume=False)
+        for step in range(0, 25, 5):
+            writer.step = step
+            for i, name in enumerate(names):
+                writer.log(name, (i + 1) * 2.0 / (step + 1))
+        writer.summary()
     return dst
 
 

@@ -125,12 +125,12 @@ def fingerprint(cfg: AlignParams, seed: int, paths: list[Path], finetuned: Path)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _callbacks(live_dir: Path, resume_step: int | None) -> list[Any]:
+def _callbacks(live_dir: Path, resume: Path | None) -> list[Any]:
     from transformers import TrainerCallback
 
-    if resume_step is not None:
-        curves.trim(live_dir, resume_step)
-    live = curves.CurveWriter(live_dir, resume=resume_step is not None)
+    if resume is not None:  # DVC deleted the curves before the rerun: the checkpoint's copy
+        curves.restore(resume, live_dir, int(resume.name.rsplit("-", 1)[-1]))
+    live = curves.CurveWriter(live_dir, resume=resume is not None)
 
     class Curves(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -153,6 +153,7 @@ def _callbacks(live_dir: Path, resume_step: int | None) -> list[Any]:
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                curves.snapshot(live_dir, ckpt)  # a resumed run continues these curves
                 io.write_json(ckpt / COUNTERS_FILE, {"global_step": state.global_step})
 
     return [Curves(), Complete()]
@@ -210,7 +211,7 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
     resume, run_state = resume_point(ckpt_dir, fingerprint(
         cfg, seed, [Path(train_pairs), Path(val_pairs)], finetuned))
     resume_step = int(resume.name.rsplit("-", 1)[-1]) if resume else None
-    cbs = [*_callbacks(Path(live_dir), resume_step), *(callbacks or [])]
+    cbs = [*_callbacks(Path(live_dir), resume), *(callbacks or [])]
     if cfg.patience > 0:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
     trainer = DPOTrainer(model=model, args=args, train_dataset=_dataset(train_rows, enable_thinking),
