@@ -1,18 +1,19 @@
-"""`make tune` benchmark: TPE with a few trials vs the exhaustive grid over the same space.
+"""`make tune` benchmark: TPE and GP with a few trials vs the exhaustive grid over the same space.
 
 On the demo pipeline with a short training budget, in a throw-away clone of this checkout
 (its experiments never reach this repository's refs; the DVC cache is this checkout's):
 
 1. baseline A (``train.max_steps`` small): the grid study over 9 learning rates;
 2. baseline B, identical results but a fresh run-cache key: the TPE study over the
-   log range the grid spans, then the same ``make tune`` again (a finished study);
+   log range the grid spans; baseline C, the same for the GP study; then the TPE
+   ``make tune`` again (a finished study);
 3. ``dvc exp run train -S`` with params one TPE trial ran: DVC's run cache restores train.
 
-Both studies start cold: ``train.collective_timeout_s``, which a one-process run does not
-read, differs between A, B and every earlier run, so no experiment or run-cache entry
+Every study starts cold: ``train.collective_timeout_s``, which a one-process run does not
+read, differs between A, B, C and every earlier run, so no experiment or run-cache entry
 matches. Writes bench/results/tune_cpu.json.
 
-    PYTHONPATH=src python bench/tune_compare.py --steps 12 --tpe-trials 3
+    PYTHONPATH=src python bench/tune_compare.py --steps 12 --tpe-trials 3 --gp-trials 3
 """
 
 from __future__ import annotations
@@ -55,12 +56,16 @@ def set_params(repo: Path, **train: object) -> None:
         yaml.dump(params, fh)
 
 
+STARTUP = {"grid": 0, "tpe": 1, "gp": 2}  # random trials before the model (GP fits from 2)
+
+
 def tune_yaml(study: str, sampler: str, trials: int) -> str:
-    """The grid over LRS, or TPE over the log range they span (one random start)."""
+    """The grid over LRS, or TPE / GP over the log range they span."""
     space = (f"  lr: {{type: categorical, choices: {LRS}}}\n" if sampler == "grid" else
              f"  lr: {{type: log, low: {LRS[0]}, high: {LRS[-1]}}}\n")
     return (f"study: {study}\nmetric: {METRIC}\ntargets: [train]\nn_trials: {trials}\n"
-            f"sampler: {sampler}\nseed: 0\nstartup_trials: 1\npruner: none\nspace:\n{space}")
+            f"sampler: {sampler}\nseed: 0\nstartup_trials: {max(STARTUP[sampler], 1)}\n"
+            f"pruner: none\nspace:\n{space}")
 
 
 def study_result(repo: Path, name: str, wall_s: float) -> dict:
@@ -91,6 +96,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12, help="train.max_steps of every trial")
     ap.add_argument("--tpe-trials", type=int, default=3)
+    ap.add_argument("--gp-trials", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tune_cpu.json")
     ap.add_argument("--keep", action="store_true", help="keep the clone")
     args = ap.parse_args()
@@ -117,6 +123,10 @@ def main() -> int:
                         **{"tpe.yaml": tune_yaml("tpe", "tpe", args.tpe_trials)})
         tpe_s, _ = timed_tune(repo, "tpe.yaml")
         tpe = study_result(repo, "tpe", tpe_s)
+        commit_baseline(repo, 603, "bench: gp baseline",
+                        **{"gp.yaml": tune_yaml("gp", "gp", args.gp_trials)})
+        gp_s, _ = timed_tune(repo, "gp.yaml")
+        gp = study_result(repo, "gp", gp_s)
         again_s, again_out = timed_tune(repo, "tpe.yaml")
         assert "nothing to run" in again_out, again_out
         params, _ = tpe["values"][0]
@@ -127,16 +137,23 @@ def main() -> int:
         result = {
             "what": "make tune on the demo pipeline (train only), TPE vs exhaustive grid, cold",
             "command": f"PYTHONPATH=src python bench/tune_compare.py --steps {args.steps} "
-                       f"--tpe-trials {args.tpe_trials}",
+                       f"--tpe-trials {args.tpe_trials} --gp-trials {args.gp_trials}",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), CPU only",
             "train": {"max_steps": args.steps, "eval_steps": args.steps},
             "grid_space": {"lr": LRS},
-            "tpe_space": {"lr": [LRS[0], LRS[-1], "log"], "startup_trials": 1},
-            "grid": grid, "tpe": tpe,
-            "tpe_gap_to_grid_best": round((tpe["best"] - grid["best"]) / grid["best"], 4),
-            "tpe_trial_share": round(tpe["trials"] / grid["trials"], 3),
+            "tpe_space": {"lr": [LRS[0], LRS[-1], "log"], "startup_trials": STARTUP["tpe"]},
+            "gp_space": {"lr": [LRS[0], LRS[-1], "log"], "startup_trials": STARTUP["gp"]},
+            "grid": grid, "tpe": tpe, "gp": gp,
+            **{f"{k}_gap_to_grid_best": round((r["best"] - grid["best"]) / grid["best"], 4)
+               for k, r in (("tpe", tpe), ("gp", gp))},
+            **{f"{k}_trial_share": round(r["trials"] / grid["trials"], 3)
+               for k, r in (("tpe", tpe), ("gp", gp))},
+            "target_within_2pct_with_a_third_of_the_trials": {
+                k: r["best"] <= grid["best"] * 1.02 and 3 * r["trials"] <= grid["trials"]
+                for k, r in (("tpe", tpe), ("gp", gp))},
             "repeat_finished_study_s": round(again_s, 1),
             "repeat_share_of_first": round(again_s / tpe_s, 4),
+            "target_repeat_under_10pct": again_s < 0.1 * tpe_s,
             "run_cache_restore": {
                 "command": "dvc exp run -n cached train " + " ".join(
                     f"-S {k}={v!r}" for k, v in params.items()),
@@ -146,9 +163,11 @@ def main() -> int:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        print(json.dumps({k: v for k, v in result.items() if k not in ("grid", "tpe")}, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("grid", "tpe", "gp")},
+                         indent=1))
         print(f"grid best {grid['best']:.4f} in {grid['trials']} trials / {grid_s:.0f} s; "
-              f"TPE best {tpe['best']:.4f} in {tpe['trials']} trials / {tpe_s:.0f} s")
+              f"TPE best {tpe['best']:.4f} in {tpe['trials']} trials / {tpe_s:.0f} s; "
+              f"GP best {gp['best']:.4f} in {gp['trials']} trials / {gp_s:.0f} s")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

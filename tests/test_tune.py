@@ -16,6 +16,7 @@ import pytest
 from ruamel.yaml import YAML
 from toy_repos import REPO_ROOT, dvc, env, make_tune_repo, run
 
+from reprotune.team.tune import make_sampler
 from reprotune.team.tune_space import TuneError, check_against_project, load_config
 from reprotune.team.tune_trial import CurveWatch, error_line, fmt
 
@@ -55,7 +56,7 @@ def test_a_good_config_against_this_project(tmp_path: Path) -> None:
     (GOOD + "metric: metrics/eval.json:bleu\ntargets: [train]\n",
      "metric: metrics/eval.json is written by stage evaluate, which targets ['train'] do not run"),
     (GOOD + "targets: [trian]\n", "targets: 'trian' is not a stage of dvc.yaml"),
-    (GOOD + "sampler: bayes\n", "sampler: 'bayes' is not one of tpe, random, grid"),
+    (GOOD + "sampler: bayes\n", "sampler: 'bayes' is not one of tpe, gp, random, grid"),
     (GOOD + "sampler: grid\n", "space.lr: the grid sampler needs its values"),
     (GOOD + "n_trail: 3\n", "n_trail: unknown key (did you mean 'n_trials'?)"),
     (GOOD + "direction: maximize\npruner: median\n", "pruner: the pruners read the val-loss curve"),
@@ -258,3 +259,24 @@ def test_a_killed_tune_continues_and_never_reruns_a_finished_trial(tmp_path: Pat
     exps = _experiments(repo)
     assert set(exps_before) < set(exps) and len(exps) == 3
     assert "nothing to run" in _tune(repo, "run").stderr
+
+
+def test_gp_sampler_is_seeded_and_finds_a_smooth_optimum_in_few_trials(tmp_path: Path) -> None:
+    """`sampler: gp`: the same seed proposes the same trials; on a smooth 1-D objective (a
+    bowl in log lr, as the val loss is over lr) 2 random starts and 4 GP steps land within
+    0.1% of the optimum, where TPE's 6 trials from the same seed do not (1% off)."""
+    import math
+
+    path = tmp_path / "tune.yaml"
+
+    def best(sampler: str) -> tuple[float, list[float]]:
+        path.write_text(GOOD + f"sampler: {sampler}\nstartup_trials: 2\nseed: 0\n")
+        study = optuna.create_study(sampler=make_sampler(load_config(path)))
+        study.optimize(lambda t: (math.log10(t.suggest_float("lr", 1e-4, 1e-2, log=True)) + 2.8)
+                       ** 2 + 1.0, n_trials=6)
+        return study.best_value, [t.params["lr"] for t in study.trials]
+
+    gp, gp_again, tpe = best("gp"), best("gp"), best("tpe")
+    assert isinstance(make_sampler(load_config(path)), optuna.samplers.TPESampler)
+    assert gp == gp_again
+    assert gp[0] < 1.001 < 1.01 < tpe[0], (gp, tpe)

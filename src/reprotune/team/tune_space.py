@@ -25,7 +25,7 @@ from reprotune.params import ParamsError, read_params
 from reprotune.team.exps import lookup
 
 KINDS = ("float", "log", "int", "categorical")
-SAMPLERS = ("tpe", "random", "grid")
+SAMPLERS = ("tpe", "gp", "random", "grid")
 PRUNERS = ("none", "median", "successive_halving")
 DIRECTIONS = ("minimize", "maximize")
 VAL_CURVE = "metrics/curves/plots/metrics/val_loss.tsv"  # what the pruners read
@@ -80,7 +80,7 @@ class TuneConfig:
     timeout: float | None = None   # seconds for one `make tune` run
     sampler: str = "tpe"
     seed: int = 0
-    startup_trials: int = 5        # TPE: random trials before the model is used
+    startup_trials: int = 5        # TPE / GP: random trials before the model is used
     targets: tuple[str, ...] = ()  # `dvc exp run` targets; () = the whole pipeline
     pruner: str = "none"
     pruner_startup_trials: int = 2
