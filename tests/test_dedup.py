@@ -169,3 +169,29 @@ def test_dedup_stream_refuses_input_that_changes_between_passes() -> None:
     with pytest.raises(ValueError, match="changed between passes"):
         dedup_stream(lambda: next(reads), _cfg(), kept=lambda r: None, dropped=lambda r: None,
                      progress=False)
+
+
+def test_exact_key_covers_reasoning_and_the_rejected_answer() -> None:
+    """Rows that differ only in their thinking trace, or pairs that reject different answers
+    to the same prompt and chosen answer, are not exact copies (a true copy is); a short
+    rejected answer under a long shared prompt is still a near-duplicate by cosine."""
+    think = _rec("t0", ZH_Q, ZH_A)
+    think["messages"][1]["reasoning_content"] = "先回顾长城的修建年代。"
+    other = _rec("t1", ZH_Q, ZH_A)
+    other["messages"][1]["reasoning_content"] = "Start from who built it and why, then what it did."
+
+    def pair(rid: str, rejected: str) -> dict:
+        rec = _rec(rid, EN_Q, EN_A)
+        rec["preference"] = {"prompt_turns": 1,
+                             "rejected": [{"role": "assistant", "content": rejected}]}
+        return rec
+
+    rows = [think, other, dict(think, id="t2"), pair("p0", "Because the ocean reflects it."),
+            pair("p1", "天空是蓝色的，因为它倒映着大海。"), pair("p2", "Because the ocean reflects it.")]
+    res = run_dedup(rows, _cfg(), progress=False)
+    assert [r["id"] for r in res.kept] == ["t0", "t1", "p0"]
+    assert res.metrics["dropped"]["exact_duplicate"] == 2  # t2, p2
+    assert res.metrics["dropped"]["near_duplicate"] == 1  # p1 (cosine 0.906 to p0)
+    assert res.kept[2]["preference"] == rows[3]["preference"]
+    assert "reasoning_content: 先回顾长城的修建年代。" in record_text(think)
+    assert record_text(rows[4]).endswith("rejected:\nassistant: 天空是蓝色的，因为它倒映着大海。")

@@ -35,39 +35,63 @@ from typing import Any
 
 import numpy as np
 
+from reprotune.data.formats import REASONING
 from reprotune.data.minhash import SEED, lsh_banding, lsh_candidates, signature_prefilter
+from reprotune.data.preference import PAIR_FIELD
 from reprotune.data.tfidf import NgramIndex
 
 logger = logging.getLogger(__name__)
 
 
+def _turns(msgs: list[dict[str, Any]]) -> list[str]:
+    """``role: content`` per turn, plus its reasoning trace and its tool calls."""
+    parts = []
+    for m in msgs:
+        s = f"{m.get('role', '')}: {m.get('content') or ''}"
+        if m.get(REASONING):
+            s += f"\n{REASONING}: {m[REASONING]}"
+        if m.get("tool_calls"):
+            s += "\n" + json.dumps(m["tool_calls"], ensure_ascii=False, sort_keys=True)
+        parts.append(s)
+    return parts
+
+
 def record_text(record: dict[str, Any]) -> str:
-    """Role-tagged text of a canonical record: ``role: content`` per message, plus tool calls.
+    """Role-tagged text of a canonical record: ``role: content`` per message, plus each
+    turn's reasoning trace and tool calls, and a preference pair's rejected answer.
 
     Tool calls are appended as sorted-key JSON so two rows calling the same function with
-    different arguments differ. The ``tools`` schemas are left out: rows that differ only in
+    different arguments differ; two rows that differ only in their thinking trace, or two
+    pairs that share prompt and chosen answer but reject different answers, differ too (both
+    are training examples). The ``tools`` schemas are left out: rows that differ only in
     the tools offered are the same conversation. ``messages`` may be a JSON string (Parquet).
     """
     msgs = record["messages"]
     if isinstance(msgs, str):
         msgs = json.loads(msgs)
-    parts = []
-    for m in msgs:
-        s = f"{m.get('role', '')}: {m.get('content') or ''}"
-        if m.get("tool_calls"):
-            s += "\n" + json.dumps(m["tool_calls"], ensure_ascii=False, sort_keys=True)
-        parts.append(s)
+    parts = _turns(msgs)
+    pair = record.get(PAIR_FIELD)
+    if isinstance(pair, str):
+        pair = json.loads(pair)
+    if pair:
+        parts += ["rejected:", *_turns(pair["rejected"])]
     return "\n".join(parts)
 
 
 def content_chars(record: dict[str, Any]) -> int:
-    """Characters a record's messages say (contents and tool calls, without the role tags
-    :func:`record_text` adds): what decides whether char n-grams can tell two rows apart."""
+    """Characters a record's messages say (contents, reasoning and tool calls, and a pair's
+    rejected answer, without the tags :func:`record_text` adds): what decides whether char
+    n-grams can tell two rows apart."""
     msgs = record["messages"]
     if isinstance(msgs, str):
         msgs = json.loads(msgs)
-    return sum(len(m.get("content") or "") + (len(json.dumps(m["tool_calls"], ensure_ascii=False))
-                                             if m.get("tool_calls") else 0) for m in msgs)
+    pair = record.get(PAIR_FIELD)
+    if isinstance(pair, str):
+        pair = json.loads(pair)
+    turns = [*msgs, *(pair["rejected"] if pair else [])]
+    return sum(len(m.get("content") or "") + len(m.get(REASONING) or "")
+               + (len(json.dumps(m["tool_calls"], ensure_ascii=False)) if m.get("tool_calls")
+                  else 0) for m in turns)
 
 
 @dataclass
