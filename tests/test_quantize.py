@@ -283,6 +283,10 @@ def test_onnx_fp32_and_int8_run_on_onnxruntime(work: Path, float_model, tmp_path
     ids = ((5, 17, 42, 99, 3, 7, 8, 9),)
     fp32 = build_artifact("onnx_fp32", work / "merged", tmp_path / "fp32", KEEP, float_model)
     int8 = build_artifact("onnx_int8", work / "merged", tmp_path / "int8", KEEP, float_model)
+    again = build_artifact("onnx_int8", work / "merged", tmp_path / "again", KEEP, float_model)
+    # reproducible: the exporter's per-process FX counters no longer reach the file
+    assert (tmp_path / "again/model.onnx").read_bytes() == (tmp_path / "int8/model.onnx").read_bytes()
+    assert again == int8
     assert fp32["quantized_modules"] == 0 and "torch.onnx (dynamo)" in fp32["exporter"]
     assert int8["quantized_modules"] == 14  # 7 MatMuls x 2 layers; embeddings + head kept
     assert 0 < int8["layer_error_max"] < 0.01

@@ -252,7 +252,7 @@ class AlignParams:
 class QuantizeParams:
     methods: list[Literal["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0",
                           "onnx_fp32", "onnx_int8"]] = _f(
-        # onnx_fp32 / onnx_int8 are opt-in: the torch.onnx export's bytes differ run to run
+        # onnx_fp32 / onnx_int8 are opt-in: an export and an ONNX Runtime session per run
         ["int8_dynamic", "bnb_int8", "bnb_nf4", "gguf_f16", "gguf_q8_0"])
     keep_full_precision: list[str] = _f(["embed_tokens", "lm_head"])
     eval_rows: int = _f(0, **_rng(0, None))

@@ -56,7 +56,22 @@ def export_onnx(float_model: Any, path: Path) -> None:
         LogitsOnly(model), (ids, torch.ones_like(ids)), dynamo=True, verbose=False,
         input_names=["input_ids", "attention_mask"], output_names=["logits"],
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+    # the exporter's debug notes quote FX code by a process-wide counter ("<eval_with_key>.42"),
+    # so the same model exported twice gave different bytes; dropped, the file is reproducible
+    for node in _all_nodes(program.model):
+        node.metadata_props.pop(STACK_TRACE, None)
     program.save(str(path))
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def _all_nodes(model: Any) -> list[Any]:
+    """Every node of an ONNX IR model: the main graph's, subgraphs' and local functions'."""
+    import onnx_ir
+
+    graphs = [model.graph, *model.functions.values()]
+    return [n for g in graphs for n in onnx_ir.traversal.RecursiveGraphIterator(g)]
 
 
 def _matmul_weights(onnx_model: Any) -> dict[str, str]:
