@@ -299,6 +299,10 @@ def test_serve_load_bench_against_running_server(server: str, models: Path, tmp_
         assert 0 < r["output_tokens"] <= 4 * r["requests"]
         assert r["latency_p95_s"] >= r["latency_p50_s"] >= r["ttft_p50_s"] > 0
         assert r["tokens_per_s_vs_sequential"] > 0
+        assert r["slowdown_p95"] >= r["slowdown_p50"] > 0 and "_by_prompt" not in r
+    one = result["levels"][0]
+    assert one["p95_vs_single"] == 1.0  # the 1-client level is the single-request latency
+    assert one["p95_vs_single_p50"] == round(one["latency_p95_s"] / one["latency_p50_s"], 3)
     assert result["offline"]["requests"] == 8 and result["offline"]["output_tokens"] > 0
     assert result["target_met"] is None  # no 16-client level was run
     assert len(result["machine"]["loadavg_before"]) == 3
