@@ -109,21 +109,40 @@ def test_dpo_without_pairs_names_the_param_and_count():
     check_pairs("none", 4, 0, 0, "x")  # the pass-through needs nothing
 
 
-def test_check_stage_fails_before_anything_is_deleted(tmp_path):
-    (tmp_path / "data/interim/splits").mkdir(parents=True)
+def _check_stage(tmp_path, method: str, inputs: str | None = None):
+    (tmp_path / "data/interim/splits").mkdir(parents=True, exist_ok=True)
     io.write_jsonl(tmp_path / "data/interim/splits/train.jsonl", [
-        {"id": "a", "messages": Q + [{"role": "assistant", "content": "x"}]}])
+        {"source": "data/raw/demo.jsonl:1", "id": "a",
+         "messages": Q + [{"role": "assistant", "content": "x"}]}])
     params = (ROOT / "params.yaml").read_text(encoding="utf-8").replace(
-        "  method: none        # none:", "  method: dpo        # none:")
-    assert "method: dpo" in params
+        "  method: none        # none:", f"  method: {method}        # none:")
+    assert f"method: {method}" in params
+    if inputs is not None:  # a new input the split predates
+        (tmp_path / inputs).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / inputs).write_text("", encoding="utf-8")
+        params = params.replace("\n  - data/raw/demo.jsonl\n", f"\n  - {inputs}\n")
+        assert inputs in params
     (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "stages/check.py")], cwd=tmp_path,
+    return subprocess.run([sys.executable, str(ROOT / "stages/check.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_check_stage_fails_before_anything_is_deleted(tmp_path, method):
+    proc = _check_stage(tmp_path, method)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "align.method: dpo needs preference pairs, but the train split has 0" in proc.stderr
+    assert f"align.method: {method} needs preference pairs, but the train split has 0" in proc.stderr
     assert not (tmp_path / "metrics/params_ok.json").exists()
     assert count_pairs(tmp_path / "data/interim/splits/train.jsonl") == 0
+
+
+def test_check_stage_does_not_count_a_split_older_than_the_inputs(tmp_path):
+    """Switching to a pair file and to kto in one edit: the split on disk is the old data's,
+    so its 0 pairs say nothing (the align stage counts the rebuilt split's)."""
+    proc = _check_stage(tmp_path, "kto", inputs="data/raw/pairs.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "metrics/params_ok.json").read_text()) == {"params.yaml": "valid"}
 
 
 # --------------------------------------------------------------------------- training

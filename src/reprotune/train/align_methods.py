@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from reprotune.params import AlignParams
@@ -36,6 +37,10 @@ from reprotune.train.methods import TrainSetupError
 log = logging.getLogger(__name__)
 
 REFERENCE_FREE = ("orpo", "simpo")
+# a method's (trainer class, its config, pair rows -> TRL dataset, pair rows -> the
+# (pair id, {column: ids}) TRL's prepared dataset must hold, in its order)
+Builder = tuple[type, Any, Callable[[list[dict[str, Any]]], Any],
+                Callable[[list[dict[str, Any]]], list[tuple[str, dict[str, list[int]]]]]]
 IGNORE = -100  # the label of a token outside the loss (transformers' and TRL's convention)
 
 
@@ -77,7 +82,8 @@ def _check(dataset: Any, expected: list[tuple[str, dict[str, list[int]]]], split
 
 
 # --------------------------------------------------------------------------- dpo
-def _dpo(cfg, model, tokenizer, common, precompute, data, callbacks):
+def _dpo(cfg: AlignParams, common: dict[str, Any], precompute: bool,
+         data: dict[str, Any]) -> Builder:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -86,12 +92,12 @@ def _dpo(cfg, model, tokenizer, common, precompute, data, callbacks):
                      max_length=None,  # format dropped every pair over format.max_length
                      precompute_ref_log_probs=precompute)
 
-    def dataset(rows):
+    def dataset(rows: list[dict[str, Any]]) -> Any:
         return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"],
                                    "rejected": r["rejected"], **_conversational(r, data["thinking"])}
                                   for r in rows])
 
-    def expected(rows):
+    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
         return [(r["id"], {k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
                 for r in rows]
 
@@ -108,7 +114,8 @@ def _unpaired(rows: list[dict[str, Any]], seed: int) -> list[tuple[dict[str, Any
     return items
 
 
-def _kto(cfg, model, tokenizer, common, precompute, data, callbacks):
+def _kto(cfg: AlignParams, common: dict[str, Any], precompute: bool,
+         data: dict[str, Any]) -> Builder:
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
@@ -120,13 +127,13 @@ def _kto(cfg, model, tokenizer, common, precompute, data, callbacks):
                      undesirable_weight=cfg.undesirable_weight,
                      max_length=None, precompute_ref_log_probs=precompute)
 
-    def dataset(rows):
+    def dataset(rows: list[dict[str, Any]]) -> Any:
         return Dataset.from_list([{"prompt": r["prompt"], "label": label,
                                    "completion": r["chosen"] if label else r["rejected"],
                                    **_conversational(r, data["thinking"])}
                                   for r, label in _unpaired(rows, data["seed"])])
 
-    def expected(rows):
+    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
         return [(r["id"], {"prompt_ids": r["prompt_ids"],
                            "completion_ids": r["chosen_ids"] if label else r["rejected_ids"]})
                 for r, label in _unpaired(rows, data["seed"])]
@@ -135,7 +142,7 @@ def _kto(cfg, model, tokenizer, common, precompute, data, callbacks):
 
 
 # --------------------------------------------------------------------------- orpo / simpo
-def format_ids_row(feature: dict[str, Any], model: Any = None) -> dict[str, list[int]]:
+def format_ids_row(feature: dict[str, Any]) -> dict[str, list[int]]:
     """ORPO's / CPO's tokenised pair from format's ids: each answer after the prompt, the
     prompt's labels ignored (the keys their collator pads)."""
     prompt = list(feature["prompt_ids"])
@@ -148,7 +155,8 @@ def format_ids_row(feature: dict[str, Any], model: Any = None) -> dict[str, list
     return out
 
 
-def _reference_free(cfg, model, tokenizer, common, precompute, data, callbacks):
+def _reference_free(cfg: AlignParams, common: dict[str, Any], precompute: bool,
+                    data: dict[str, Any]) -> Builder:
     from datasets import Dataset
 
     if cfg.method == "orpo":
@@ -164,8 +172,8 @@ def _reference_free(cfg, model, tokenizer, common, precompute, data, callbacks):
                  "cpo_alpha": cfg.sft_weight}
 
     class Trainer(Base):  # type: ignore[misc, valid-type]
-        def tokenize_row(self, feature, model=None):
-            return format_ids_row(feature, model)
+        def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, list[int]]:
+            return format_ids_row(feature)
 
     longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
                   for r in data["train"] + data["val"])
@@ -173,11 +181,11 @@ def _reference_free(cfg, model, tokenizer, common, precompute, data, callbacks):
     # The collator passes every column through: remove_unused_columns must be off
     args = Config(**common, **knobs, max_length=longest, remove_unused_columns=False)
 
-    def dataset(rows):
+    def dataset(rows: list[dict[str, Any]]) -> Any:
         return Dataset.from_list([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
                                   for r in rows])
 
-    def expected(rows):
+    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
         return [(r["id"], {k: v for k, v in format_ids_row(r).items() if "attention" not in k})
                 for r in rows]
 
@@ -194,8 +202,7 @@ def build_trainer(cfg: AlignParams, *, model: Any, tokenizer: Any, common: dict[
     """The TRL trainer of ``cfg.method`` on the pairs, its training ids checked against
     format's. ``common`` holds the TrainingArguments every method shares."""
     data = {"train": train_rows, "val": val_rows, "thinking": enable_thinking, "seed": seed}
-    cls, args, dataset, expected = BUILDERS[cfg.method](cfg, model, tokenizer, common,
-                                                        precompute, data, callbacks)
+    cls, args, dataset, expected = BUILDERS[cfg.method](cfg, common, precompute, data)
     trainer = cls(model=model, args=args, train_dataset=dataset(train_rows),
                   eval_dataset=dataset(val_rows) if val_rows else None,
                   processing_class=tokenizer, callbacks=callbacks)
