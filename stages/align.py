@@ -1,7 +1,8 @@
 """DVC stage `align`: preference tuning of the SFT model (align.method), or a free pass-through.
 
 `align.method: none` writes only a pointer to models/finetuned (evaluate and merge follow
-it); `dpo` runs TRL's DPOTrainer on format's train/val pairs (reprotune.train.align).
+it); `dpo`, `orpo`, `simpo` and `kto` run that TRL trainer on format's train/val pairs
+(reprotune.train.align, reprotune.train.align_methods).
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def main() -> None:
     metrics, timing = split_timing(metrics)
     write_timing("align", timing)
     io.write_json(args.metrics, metrics)
-    log.info("align %s (%s): val loss %s -> %s in %d steps; val reward accuracy %s",
-             cfg.method, cfg.loss_type, metrics["initial_val_loss"], metrics["best_val_loss"],
-             metrics["train_steps"], metrics["final_val"].get("rewards/accuracies"))
+    val = metrics["final_val"]
+    log.info("align %s (%s): val loss %s -> %s in %d steps; val reward margin %s%s",
+             cfg.method, "+".join(metrics["loss_type"]), metrics["initial_val_loss"],
+             metrics["best_val_loss"], metrics["train_steps"], val.get("rewards/margins"),
+             # KTO scores answers one by one: it logs no pair accuracy
+             f", accuracy {val['rewards/accuracies']}" if "rewards/accuracies" in val else "")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ passing the check reruns nothing downstream. It also checks that the params nami
 folders (model.name as a local path, ingest.inputs, train.accelerate_config) name existing
 ones, which the other stages' own loading does not (they may run from elsewhere).
 
-`align.method: dpo` also needs preference pairs in the train split: when the split exists
-(any run after the first), its pairs are counted here, so a switch to dpo on data without
-pairs fails before align's and evaluate's outputs are deleted.
+Every `align.method` but none also needs preference pairs in the train split: when the split
+exists and was built from the current ingest.inputs (any run after the first that keeps
+them), its pairs are counted here, so a switch to dpo, orpo, simpo or kto on data without
+pairs fails before align's and evaluate's outputs are deleted. After a change of inputs the
+split is stale and the align stage counts the new split's pairs itself.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import argparse
 from pathlib import Path
 
 from reprotune import io, runtime
-from reprotune.data.preference import PairsError, check_pairs, count_pairs
+from reprotune.data.preference import PairsError, built_from, check_pairs, count_pairs
 from reprotune.params import check_paths, load_section, read_params
 
 TRAIN_SPLIT = Path("data/interim/splits/train.jsonl")
@@ -32,7 +34,8 @@ def main() -> None:
     log = runtime.setup("check")  # raises, naming the key, when anything in params.yaml is wrong
     check_paths(read_params())  # a missing model folder or input, before DVC deletes outputs
     align = load_section("align")
-    if align.method != "none" and TRAIN_SPLIT.is_file():
+    inputs = load_section("ingest").inputs
+    if align.method != "none" and TRAIN_SPLIT.is_file() and built_from(TRAIN_SPLIT, inputs):
         try:
             check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT))
         except PairsError as exc:

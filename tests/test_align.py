@@ -109,21 +109,40 @@ def test_dpo_without_pairs_names_the_param_and_count():
     check_pairs("none", 4, 0, 0, "x")  # the pass-through needs nothing
 
 
-def test_check_stage_fails_before_anything_is_deleted(tmp_path):
-    (tmp_path / "data/interim/splits").mkdir(parents=True)
+def _check_stage(tmp_path, method: str, inputs: str | None = None):
+    (tmp_path / "data/interim/splits").mkdir(parents=True, exist_ok=True)
     io.write_jsonl(tmp_path / "data/interim/splits/train.jsonl", [
-        {"id": "a", "messages": Q + [{"role": "assistant", "content": "x"}]}])
+        {"source": "data/raw/demo.jsonl:1", "id": "a",
+         "messages": Q + [{"role": "assistant", "content": "x"}]}])
     params = (ROOT / "params.yaml").read_text(encoding="utf-8").replace(
-        "  method: none        # none:", "  method: dpo        # none:")
-    assert "method: dpo" in params
+        "  method: none        # none:", f"  method: {method}        # none:")
+    assert f"method: {method}" in params
+    if inputs is not None:  # a new input the split predates
+        (tmp_path / inputs).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / inputs).write_text("", encoding="utf-8")
+        params = params.replace("\n  - data/raw/demo.jsonl\n", f"\n  - {inputs}\n")
+        assert inputs in params
     (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "stages/check.py")], cwd=tmp_path,
+    return subprocess.run([sys.executable, str(ROOT / "stages/check.py")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_check_stage_fails_before_anything_is_deleted(tmp_path, method):
+    proc = _check_stage(tmp_path, method)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "align.method: dpo needs preference pairs, but the train split has 0" in proc.stderr
+    assert f"align.method: {method} needs preference pairs, but the train split has 0" in proc.stderr
     assert not (tmp_path / "metrics/params_ok.json").exists()
     assert count_pairs(tmp_path / "data/interim/splits/train.jsonl") == 0
+
+
+def test_check_stage_does_not_count_a_split_older_than_the_inputs(tmp_path):
+    """Switching to a pair file and to kto in one edit: the split on disk is the old data's,
+    so its 0 pairs say nothing (the align stage counts the rebuilt split's)."""
+    proc = _check_stage(tmp_path, "kto", inputs="data/raw/pairs.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "metrics/params_ok.json").read_text()) == {"params.yaml": "valid"}
 
 
 # --------------------------------------------------------------------------- training
@@ -272,3 +291,156 @@ def test_lora_sft_adapter_is_its_own_reference_without_a_second_base(pair_files,
     assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
     model, _, manifest = load_finetuned(out)
     assert manifest["kind"] == "adapter" and list(model.peft_config) == ["default"]
+
+
+# --------------------------------------------------------------------------- orpo / simpo / kto
+METHODS = {  # the new methods' fast settings on the synthetic pairs (each reached test reward
+    # accuracy 1.0 in 4 steps; the test asks >= 0.9, as for dpo)
+    "orpo": dict(FAST, method="orpo", beta=0.5),
+    "simpo": dict(FAST, method="simpo", beta=2.0, simpo_gamma=0.5),
+    "kto": dict(FAST, method="kto"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_new_methods_raise_test_reward_accuracy_and_write_curves(pair_files, method):
+    from reprotune.evaluate.preference import preference_metrics
+    from reprotune.train.loading import load_finetuned
+
+    m = _align(pair_files, method, AlignParams(**METHODS[method]))
+    assert (m["method"], m["loss_type"], m["train_pairs"], m["val_pairs"], m["train_steps"]) == \
+        (method, [method], 32, 8, 4)
+    assert m["reference"] == ("precomputed log-probs" if method == "kto" else "none (reference-free)")
+    assert m["best_val_loss"] < m["initial_val_loss"]
+    if method == "kto":  # policy == reference at the start: 1 - sigmoid(0) on every answer
+        assert m["initial_val_loss"] == pytest.approx(0.5, abs=1e-6)
+    curves = pair_files / f"{method}_curves" / "plots" / "metrics"
+    for name in ("train_loss", "val_loss", "train_rewards_chosen", "train_rewards_rejected",
+                 "train_rewards_margins"):
+        lines = (curves / f"{name}.tsv").read_text().splitlines()
+        assert lines[0] == f"step\t{name}" and len(lines) >= 3, name
+    assert (curves / "val_rewards_accuracies.tsv").is_file()  # kto logs none: header only
+    policy, tok, manifest = load_finetuned(pair_files / method)
+    assert manifest["method"] == "full"
+    sft = load_finetuned(pair_files / "sft")[0]
+    pm = preference_metrics(policy, sft, io.read_jsonl(pair_files / "test.jsonl"), batch_size=8,
+                            pad_id=tok.pad_token_id)
+    assert pm["sft"]["reward_accuracy"] == 0.5
+    assert pm["aligned"]["reward_accuracy"] >= 0.9, pm
+    assert pm["aligned"]["mean_margin"] > 0
+
+
+def test_reference_free_trainers_train_on_formats_ids(pair_files):
+    """ORPO / CPO would render and tokenise text themselves (with an extra EOS): they get
+    format's ids, each answer after the prompt, the prompt's labels ignored."""
+    from reprotune.train.align_methods import IGNORE, format_ids_row
+
+    row = io.read_jsonl(pair_files / "train.jsonl")[0]
+    out = format_ids_row(row)
+    n = len(row["prompt_ids"])
+    assert out["chosen_input_ids"] == row["prompt_ids"] + row["chosen_ids"]
+    assert out["rejected_input_ids"] == row["prompt_ids"] + row["rejected_ids"]
+    assert out["chosen_labels"] == [IGNORE] * n + row["chosen_ids"]
+    assert out["rejected_labels"][:n] == [IGNORE] * n and out["rejected_labels"][n:] == row["rejected_ids"]
+
+
+def test_kto_unpairs_each_pair_into_both_answers_in_a_seeded_mixed_order(pair_files):
+    from reprotune.train.align_methods import _unpaired
+
+    rows = io.read_jsonl(pair_files / "train.jsonl")
+    items = _unpaired(rows, 0)
+    assert len(items) == 64 and sum(label for _, label in items) == 32
+    assert sorted((r["id"], lab) for r, lab in items) == sorted(
+        (r["id"], lab) for r in rows for lab in (True, False))
+    assert [(r["id"], lab) for r, lab in items] == [(r["id"], lab) for r, lab in _unpaired(rows, 0)]
+    assert all(0 < sum(lab for _, lab in items[i:i + 16]) < 16 for i in range(0, 64, 16))
+
+
+def test_simpo_sft_mix_names_both_terms(pair_files):
+    m = _align(pair_files, "simpo_sft", AlignParams(**{**METHODS["simpo"], "sft_weight": 0.5,
+                                                       "max_steps": 2}))
+    assert m["loss_type"] == ["simpo", "sft"] and m["train_steps"] == 2
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo"])
+def test_killed_kto_and_orpo_resume_to_the_same_metrics(pair_files, method):
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:  # after the step-2 checkpoint
+                raise KeyboardInterrupt("killed")
+
+    cfg = AlignParams(**METHODS[method])
+    whole = _align(pair_files, f"{method}_whole", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        _align(pair_files, f"{method}_killed", cfg, callbacks=[Kill()])
+    assert (pair_files / f"{method}_killed_ckpt" / "checkpoint-2").is_dir()
+    shutil.rmtree(pair_files / f"{method}_killed_curves")  # as DVC does before a rerun
+    resumed = _align(pair_files, f"{method}_killed", cfg)
+    assert resumed["resumed_from_step"] == 2
+    drop = ("resumed_from_step", "train_time_s", "wall_time_s")
+    assert {k: v for k, v in resumed.items() if k not in drop} == \
+        {k: v for k, v in whole.items() if k not in drop}
+    for tsv in (pair_files / f"{method}_whole_curves/plots/metrics").glob("*.tsv"):
+        assert (pair_files / f"{method}_killed_curves/plots/metrics" / tsv.name).read_text() == \
+            tsv.read_text(), tsv.name
+
+
+def test_lora_sft_adapter_with_kto_and_orpo(pair_files, tiny_base_dir):
+    """KTO keeps the SFT adapter frozen as `ref` (initial policy == reference); ORPO needs no
+    reference; either way only the trained adapter is saved."""
+    from reprotune.modeling import load_tokenizer
+    from reprotune.params import LoraParams
+    from reprotune.train.align import align_model
+    from reprotune.train.loading import load_finetuned, save_finetuned
+    from reprotune.train.methods import load_base, prepare_model
+
+    if not (pair_files / "sft_lora").is_dir():
+        lora = LoraParams(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+        sft = prepare_model(load_base(tiny_base_dir, "lora"), "lora", lora=lora)
+        save_finetuned(sft, load_tokenizer(tiny_base_dir), pair_files / "sft_lora", method="lora",
+                       base_dir=tiny_base_dir, enable_thinking=False)
+    for method, ref in (("kto", "adapter ref copy"), ("orpo", "none (reference-free)")):
+        m = align_model(train_pairs=pair_files / "train.jsonl", val_pairs=pair_files / "val.jsonl",
+                        finetuned=pair_files / "sft_lora", out_dir=pair_files / f"{method}_lora",
+                        checkpoints_dir=pair_files / f"{method}_lora_ckpt",
+                        live_dir=pair_files / f"{method}_lora_curves",
+                        cfg=AlignParams(**{**METHODS[method], "max_steps": 2}), seed=0)
+        assert m["reference"] == ref and m["sft_method"] == "lora"
+        model, _, manifest = load_finetuned(pair_files / f"{method}_lora")
+        assert manifest["kind"] == "adapter" and list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("simpo_gamma", -0.1, r"align.simpo_gamma: -0.1 must be >= 0"),
+    ("desirable_weight", 0, r"align.desirable_weight: 0.0 must be > 0"),
+    ("undesirable_weight", "x", r"align.undesirable_weight: expected a number"),
+    ("method", "cpo", r"align.method: 'cpo' is not one of none, dpo, orpo, simpo, kto"),
+])
+def test_bad_new_align_params_fail_naming_the_key(key, value, message):
+    from reprotune.params import ParamsError, build
+
+    with pytest.raises(ParamsError, match=message):
+        build(AlignParams, {"method": "simpo", key: value}, "align")
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"method": "kto", "loss_type": "ipo"}, r"align.loss_type: ipo is a DPO loss; align.method kto"),
+    ({"method": "orpo", "sft_weight": 0.5}, r"align.sft_weight: 0.5 has no effect with align.method "
+                                            r"orpo \(its loss always includes the NLL of chosen\)"),
+    ({"method": "kto", "sft_weight": 1}, r"align.sft_weight: 1 has no effect with align.method kto"),
+])
+def test_knobs_a_method_does_not_read_fail_naming_the_key(raw, message):
+    from reprotune.params import ParamsError, build
+
+    with pytest.raises(ParamsError, match=message):
+        build(AlignParams, raw, "align")
+    build(AlignParams, {**raw, "method": "dpo"}, "align")  # dpo reads both
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
+def test_every_method_without_pairs_names_align_method(method):
+    with pytest.raises(PairsError, match=rf"align.method: {method} needs preference pairs, but the "
+                                         r"train split has 0"):
+        check_pairs(method, 0, 0, 5, "data/interim/splits/train.jsonl")

@@ -123,3 +123,22 @@ def test_torchao_cpu_notices_are_dropped(caplog: pytest.LogCaptureFixture) -> No
         finally:
             logger.removeHandler(caplog.handler)
     assert {r.getMessage() for r in caplog.records} == {"a torchao message to act on"}
+
+
+def test_trl_experimental_import_notice_is_dropped_at_stage_setup() -> None:
+    """align.method orpo / simpo import trl.experimental, which warns on import: the real
+    import, in a fresh process, shows it without the filter and not with it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('default'); from reprotune import runtime; "
+            "{} import trl.experimental.cpo, trl.experimental.orpo")
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    env.pop("TRL_EXPERIMENTAL_SILENCE", None)
+    runs = [subprocess.run([sys.executable, "-c", code.format(setup)], capture_output=True,
+                           text=True, timeout=300, env=env)
+            for setup in ("", "runtime.quiet_third_party();")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-500:] for r in runs]
+    assert "You are importing from 'trl.experimental'" in runs[0].stderr
+    assert "trl.experimental" not in runs[1].stderr

@@ -228,9 +228,10 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 @dataclass(frozen=True)
 class AlignParams:
-    # none: the SFT model passes through untouched; dpo: TRL's DPOTrainer on the pairs
-    method: Literal["none", "dpo"] = "none"
-    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
+    # none: the SFT model passes through untouched; dpo: TRL's DPOTrainer on the pairs;
+    # orpo / simpo (reference-free) and kto: reprotune.train.align_methods
+    method: Literal["none", "dpo", "orpo", "simpo", "kto"] = "none"
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]  # dpo only
     beta: float = _f(0.1, **_rng(0, None, lo_open=True))
     lr: float = _f(5e-6, **_rng(0, 1, lo_open=True))
     epochs: float = _f(1, **_rng(0, None, lo_open=True))
@@ -246,6 +247,12 @@ class AlignParams:
     # full fine-tunes: reference log-probs computed once before training (no frozen copy in
     # memory); adapters use the policy with the DPO adapter switched off either way
     precompute_ref: bool = True
+    # simpo: target reward margin gamma (TRL's simpo_gamma; the loss compares beta * the
+    # length-normalised log-prob margin with gamma)
+    simpo_gamma: float = _f(0.5, **_rng(0, None))
+    # kto: weights of the desirable (chosen) and undesirable (rejected) losses
+    desirable_weight: float = _f(1.0, **_rng(0, None, lo_open=True))
+    undesirable_weight: float = _f(1.0, **_rng(0, None, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -455,6 +462,15 @@ def _cross_checks(obj: Any, prefix: str) -> None:
                 cfg.suffix not in (".yaml", ".yml"):
             raise ParamsError(f"{prefix}.accelerate_config: {obj.accelerate_config!r} must be a "
                               f".yaml file under configs/, e.g. configs/accelerate/ddp.yaml")
+    if isinstance(obj, AlignParams):
+        if obj.method not in ("none", "dpo") and obj.loss_type != "sigmoid":
+            raise ParamsError(f"{prefix}.loss_type: {obj.loss_type} is a DPO loss; "
+                              f"{prefix}.method {obj.method} has its own (set it back to sigmoid)")
+        if obj.method in ("orpo", "kto") and obj.sft_weight > 0:
+            raise ParamsError(f"{prefix}.sft_weight: {obj.sft_weight:g} has no effect with "
+                              f"{prefix}.method {obj.method} ("
+                              + ("its loss always includes the NLL of chosen" if obj.method == "orpo"
+                                 else "TRL's KTO has no SFT term") + "); set it to 0")
     if isinstance(obj, LoraParams) and not obj.target_modules:
         raise ParamsError(f"{prefix}.target_modules: must name at least one module")
 

@@ -32,6 +32,9 @@ QUIET_WARNINGS: tuple[str, ...] = (
     # transformers' Trainer asks DDP to look for unused parameters (frozen ones, adapters);
     # torch then warns once per run when it finds none, which costs a graph walk, not results
     r"find_unused_parameters=True was specified in DDP constructor",
+    # align.method orpo / simpo use trl.experimental's trainers (the only ones TRL has for
+    # them); its import notice says the API may change, which the pinned lock settles
+    r"You are importing from 'trl\.experimental'",
 )
 
 

@@ -142,6 +142,18 @@ def count_pairs(path: str | Path) -> int:
     return n
 
 
+def built_from(path: str | Path, inputs: list[str]) -> bool:
+    """Whether every ``ingest.inputs`` entry (a file or a folder) has rows in the split at
+    ``path`` (its records' ``source`` is ``file:line``). False after an input was added or
+    swapped: the split predates it, so its pair count says nothing about the next run."""
+    files = set()
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            files.add(str(json.loads(line).get("source", "")).rsplit(":", 1)[0])
+    return all(any(f == entry or f.startswith(entry.rstrip("/") + "/") for f in files)
+               for entry in inputs)
+
+
 def check_pairs(method: str, patience: int, n_train: int, n_val: int | None, where: str) -> None:
     """``align.method`` other than none needs pairs in train (and, to stop early, in val)."""
     if method != "none" and n_train == 0:

@@ -1,21 +1,20 @@
-"""Preference tuning after SFT: the ``align`` stage's library (TRL's DPOTrainer).
+"""Preference tuning after SFT: the ``align`` stage's library (TRL's preference trainers).
 
 ``align.method: none`` writes a pointer, not weights: ``models/aligned/reprotune_align.json``
 names the SFT folder, and :func:`reprotune.train.loading.resolve_model_dir` (evaluate, merge)
 follows it, so the pass-through costs nothing and leaves every SFT metric as it was.
 
-``align.method: dpo`` trains the SFT model on the train split's pairs
-(:mod:`reprotune.data.pairs`) with ``trl.DPOTrainer``:
+``align.method: dpo | kto | orpo | simpo`` trains the SFT model on the train split's pairs
+(:mod:`reprotune.data.pairs`) with the TRL trainer :mod:`reprotune.train.align_methods`
+builds for the method:
 
-* reference model: for an SFT adapter (lora, qlora, ...) TRL's frozen copy of the adapter,
-  named ``ref`` (no second copy of the base); for a full fine-tune
-  the reference log-probs are computed once before training (``align.precompute_ref``) or
-  TRL loads a frozen copy;
-* the pairs are TRL conversational examples rendered with the SFT model's own tokenizer,
-  chat template and ``enable_thinking``; TRL's token ids are checked against the ones
-  format measured, so a pair is never trained on a rendering format did not see;
-  only completion tokens enter the loss (TRL's completion mask);
-* ``align.loss_type`` is TRL's loss; ``align.sft_weight`` > 0 adds TRL's ``sft`` loss;
+* reference model (dpo, kto): for an SFT adapter (lora, qlora, ...) TRL's frozen copy of
+  the adapter, named ``ref`` (no second copy of the base); for a full fine-tune the
+  reference log-probs are computed once before training (``align.precompute_ref``) or TRL
+  loads a frozen copy; orpo and simpo are reference-free;
+* the trainers train on the token ids format measured, from the SFT model's own tokenizer,
+  chat template and ``enable_thinking``, checked example by example, so a pair is never
+  trained on a rendering format did not see; only completion tokens enter the loss;
 * early stopping on the val preference loss, the best checkpoint restored at the end;
   checkpoints fingerprinted like train's (:func:`reprotune.train.training.resume_point`):
   a rerun of a killed run resumes; curves in DVC's plot layout (:mod:`reprotune.train.curves`).
@@ -34,7 +33,7 @@ from typing import Any
 from reprotune import io
 from reprotune.data.preference import PairsError, check_pairs
 from reprotune.params import AlignParams, as_dict
-from reprotune.train import curves
+from reprotune.train import align_methods, curves
 from reprotune.train.loading import ALIGN_FILE, read_manifest, save_finetuned
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.training import (
@@ -50,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # TRL's logged keys drawn as curves (train, and with eval_ for the val split)
 CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-          "logps/chosen", "logps/rejected")
+          "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "kl")
 # the curves dvc.yaml's align plots draw: present (maybe header-only) after every align run
 DRAWN = ("train_loss", "val_loss", "train_rewards_chosen", "train_rewards_rejected",
          "train_rewards_margins", "val_rewards_accuracies")
@@ -76,27 +75,6 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     return io.read_jsonl(path) if Path(path).is_file() else []
 
 
-def _dataset(rows: list[dict[str, Any]], enable_thinking: bool) -> Any:
-    from datasets import Dataset
-
-    # tools as JSON text: Arrow would give every schema the union of all schemas' keys
-    return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"],
-                               "rejected": r["rejected"],
-                               "tools": json.dumps(r["tools"], ensure_ascii=False) if r["tools"] else None,
-                               "chat_template_kwargs": {"enable_thinking": enable_thinking}}
-                              for r in rows])
-
-
-def _check_rendering(dataset: Any, rows: list[dict[str, Any]], split: str) -> None:
-    """TRL's ids must be format's: same template, same thinking mode, same boundaries."""
-    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
-    bad = [r["id"] for r, got in zip(rows, dataset.select_columns(list(keys)), strict=True)
-           if any(list(got[k]) != r[k] for k in keys)]
-    if bad:
-        raise TrainSetupError(f"align: {len(bad)} {split} pairs render differently in TRL than at "
-                              f"format (first id {bad[0]}); rerun `dvc repro format`")
-
-
 def _policy(finetuned: Path, manifest: dict[str, Any], device: str, qlora: Any) -> Any:
     """The trainable policy: the SFT weights (an adapter stays an adapter on its base)."""
     import torch
@@ -111,8 +89,8 @@ def _policy(finetuned: Path, manifest: dict[str, Any], device: str, qlora: Any) 
     from reprotune.train.methods import load_base
 
     base = load_base(manifest["base_dir"], manifest["method"], qlora=qlora, device=device)
-    # DPOTrainer copies a pretrained adapter into a frozen "ref" adapter: the reference is
-    # the SFT model itself, with no second copy of the base
+    # DPOTrainer and KTOTrainer copy a pretrained adapter into a frozen "ref" adapter: the
+    # reference is the SFT model itself, with no second copy of the base
     return PeftModel.from_pretrained(base, str(finetuned), is_trainable=True)
 
 
@@ -167,11 +145,10 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
                 out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
                 cfg: AlignParams, seed: int, qlora: Any = None,
                 callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Run DPO on the SFT model and write the aligned folder; returns the metrics
+    """Run ``cfg.method`` on the SFT model and write the aligned folder; returns the metrics
     (``train_time_s``/``wall_time_s`` are timings: the stage keeps them untracked)."""
     import torch
     from transformers import EarlyStoppingCallback, set_seed
-    from trl import DPOConfig, DPOTrainer
 
     from reprotune.modeling import load_tokenizer
     from reprotune.train import distributed
@@ -191,8 +168,8 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
     set_seed(seed)
     model = _policy(finetuned, manifest, device, qlora)
     ckpt_dir = Path(checkpoints_dir)
-    losses = [cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else [])
-    args = DPOConfig(
+    precompute = align_methods.precomputes_ref(cfg, manifest["kind"])
+    common = dict(
         output_dir=str(ckpt_dir), seed=seed, data_seed=seed, report_to=[],
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -202,10 +179,6 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
         logging_steps=cfg.logging_steps, eval_strategy="steps", eval_steps=cfg.eval_steps,
         save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        beta=cfg.beta, loss_type=losses,
-        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
-        max_length=None,  # format dropped every pair over format.max_length: nothing to cut
-        precompute_ref_log_probs=cfg.precompute_ref and manifest["kind"] == "full",
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
         dataloader_num_workers=0, disable_tqdm=True)
     resume, run_state = resume_point(ckpt_dir, fingerprint(
@@ -214,12 +187,10 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
     cbs = [*_callbacks(Path(live_dir), resume), *(callbacks or [])]
     if cfg.patience > 0:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=_dataset(train_rows, enable_thinking),
-                         eval_dataset=_dataset(val_rows, enable_thinking) if val_rows else None,
-                         processing_class=tokenizer, callbacks=cbs)
-    _check_rendering(trainer.train_dataset, train_rows, "train")
-    if val_rows:
-        _check_rendering(trainer.eval_dataset, val_rows, "val")
+    trainer = align_methods.build_trainer(
+        cfg, model=model, tokenizer=tokenizer, common=common, precompute=precompute,
+        train_rows=train_rows, val_rows=val_rows, enable_thinking=enable_thinking, seed=seed,
+        callbacks=cbs)
     if resume is None:
         initial = trainer.evaluate() if val_rows else {}
         run_state["initial"] = {k: v for k, v in initial.items() if k.startswith("eval_")}
@@ -235,12 +206,12 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
         raise TrainSetupError(f"align: the preference loss is not finite at step "
                               f"{bad.get('step')}; lower align.lr ({cfg.lr:g}) or align.beta")
     model_out = trainer.model
-    if manifest["kind"] == "adapter":
+    if manifest["kind"] == "adapter" and "ref" in model_out.peft_config:
         model_out.delete_adapter("ref")  # the aligned folder holds the trained adapter only
     save_finetuned(model_out, tokenizer, out_dir, method=manifest["method"],
                    base_dir=manifest["base_dir"], enable_thinking=enable_thinking,
                    qlora=qlora)
-    info = {"method": cfg.method, "loss_type": losses, "beta": cfg.beta,
+    info = {"method": cfg.method, "loss_type": align_methods.losses(cfg), "beta": cfg.beta,
             "sft_model": str(finetuned), "sft_method": manifest["method"]}
     io.write_json(Path(out_dir) / ALIGN_FILE, info)
     finish_checkpoints(ckpt_dir, run_state)
@@ -248,8 +219,7 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
     last_eval = next((h for h in reversed(state.log_history) if "eval_loss" in h), {})
     return {
         **info, "device": device.split(":")[0], "precision": precision,
-        "reference": "adapter ref copy" if manifest["kind"] == "adapter" else (
-            "precomputed log-probs" if args.precompute_ref_log_probs else "frozen copy"),
+        "reference": align_methods.reference(cfg, manifest["kind"]),
         "train_pairs": len(train_rows), "val_pairs": len(val_rows),
         "train_steps": state.global_step, "max_steps": state.max_steps,
         "stopped_early": state.global_step < state.max_steps,

@@ -1,0 +1,212 @@
+"""The TRL trainer behind each ``align.method``: DPO, ORPO, SimPO (TRL's CPO) and KTO.
+
+=======  ==============================================  ==================================
+method   TRL trainer                                     reference model
+=======  ==============================================  ==================================
+dpo      ``trl.DPOTrainer``                              SFT model (adapter ``ref`` copy,
+                                                         precomputed log-probs or a copy)
+kto      ``trl.KTOTrainer`` (each pair unpaired into a   as dpo
+         desirable and an undesirable answer)
+orpo     ``trl.experimental.orpo.ORPOTrainer``           none (reference-free)
+simpo    ``trl.experimental.cpo.CPOTrainer``,            none (reference-free)
+         ``loss_type="simpo"``
+=======  ==============================================  ==================================
+
+Every trainer trains on the token ids format measured (``data/processed/pairs``):
+
+* DPO and KTO render the conversational pairs themselves with the SFT tokenizer, chat
+  template and ``enable_thinking``; their ids are checked against format's.
+* ORPO and CPO render the chat template to text, tokenise that text and append an EOS
+  after the template's closing newline, with no per-row tools: they would train on a
+  sequence format never measured. They are handed format's ids instead (their
+  ``tokenize_row`` reads them), and what is checked is the sequences they collate:
+  prompt + answer ids, the prompt masked out of the labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from reprotune.params import AlignParams
+from reprotune.train.methods import TrainSetupError
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FREE = ("orpo", "simpo")
+# a method's (trainer class, its config, pair rows -> TRL dataset, pair rows -> the
+# (pair id, {column: ids}) TRL's prepared dataset must hold, in its order)
+Builder = tuple[type, Any, Callable[[list[dict[str, Any]]], Any],
+                Callable[[list[dict[str, Any]]], list[tuple[str, dict[str, list[int]]]]]]
+IGNORE = -100  # the label of a token outside the loss (transformers' and TRL's convention)
+
+
+def losses(cfg: AlignParams) -> list[str]:
+    """The loss terms of ``cfg.method``, as the metrics name them (``sft``: the NLL of chosen)."""
+    main = cfg.loss_type if cfg.method == "dpo" else cfg.method
+    return [main] + (["sft"] if cfg.method in ("dpo", "simpo") and cfg.sft_weight > 0 else [])
+
+
+def precomputes_ref(cfg: AlignParams, kind: str) -> bool:
+    """Whether the reference log-probs are computed once before training (full fine-tunes)."""
+    return cfg.method in ("dpo", "kto") and cfg.precompute_ref and kind == "full"
+
+
+def reference(cfg: AlignParams, kind: str) -> str:
+    """What the preference loss compares the policy with (the metrics' ``reference``)."""
+    if cfg.method in REFERENCE_FREE:
+        return "none (reference-free)"
+    if kind == "adapter":
+        return "adapter ref copy"
+    return "precomputed log-probs" if precomputes_ref(cfg, kind) else "frozen copy"
+
+
+def _conversational(row: dict[str, Any], enable_thinking: bool) -> dict[str, Any]:
+    """The columns TRL's chat rendering reads besides the messages."""
+    # tools as JSON text: Arrow would give every schema the union of all schemas' keys
+    return {"tools": json.dumps(row["tools"], ensure_ascii=False) if row["tools"] else None,
+            "chat_template_kwargs": {"enable_thinking": enable_thinking}}
+
+
+def _check(dataset: Any, expected: list[tuple[str, dict[str, list[int]]]], split: str) -> None:
+    """The ids TRL will train on must be ``expected`` (format's), example by example."""
+    keys = list(expected[0][1]) if expected else []
+    bad = [pid for (pid, want), got in zip(expected, dataset.select_columns(keys), strict=True)
+           if any(list(got[k]) != want[k] for k in keys)]
+    if bad:
+        raise TrainSetupError(f"align: {len(bad)} {split} examples render differently in TRL than "
+                              f"at format (first pair id {bad[0]}); rerun `dvc repro format`")
+
+
+# --------------------------------------------------------------------------- dpo
+def _dpo(cfg: AlignParams, common: dict[str, Any], precompute: bool,
+         data: dict[str, Any]) -> Builder:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**common, beta=cfg.beta, loss_type=losses(cfg),
+                     loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
+                     max_length=None,  # format dropped every pair over format.max_length
+                     precompute_ref_log_probs=precompute)
+
+    def dataset(rows: list[dict[str, Any]]) -> Any:
+        return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"],
+                                   "rejected": r["rejected"], **_conversational(r, data["thinking"])}
+                                  for r in rows])
+
+    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
+        return [(r["id"], {k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+                for r in rows]
+
+    return DPOTrainer, args, dataset, expected
+
+
+# --------------------------------------------------------------------------- kto
+def _unpaired(rows: list[dict[str, Any]], seed: int) -> list[tuple[dict[str, Any], bool]]:
+    """Each pair as a desirable (chosen, True) and an undesirable (rejected, False) answer,
+    in a seeded order: KTO samples sequentially (its KL term pairs each prompt with its batch
+    neighbour's answer), so without the shuffle a batch would hold one kind only."""
+    items = [(r, label) for r in rows for label in (True, False)]
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def _kto(cfg: AlignParams, common: dict[str, Any], precompute: bool,
+         data: dict[str, Any]) -> Builder:
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    # align.batch_size counts pairs: a KTO batch holds both answers of as many pairs
+    sizes = {"per_device_train_batch_size": 2 * cfg.batch_size,
+             "per_device_eval_batch_size": 2 * cfg.batch_size}
+    args = KTOConfig(**{**common, **sizes}, beta=cfg.beta, loss_type="kto",
+                     desirable_weight=cfg.desirable_weight,
+                     undesirable_weight=cfg.undesirable_weight,
+                     max_length=None, precompute_ref_log_probs=precompute)
+
+    def dataset(rows: list[dict[str, Any]]) -> Any:
+        return Dataset.from_list([{"prompt": r["prompt"], "label": label,
+                                   "completion": r["chosen"] if label else r["rejected"],
+                                   **_conversational(r, data["thinking"])}
+                                  for r, label in _unpaired(rows, data["seed"])])
+
+    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
+        return [(r["id"], {"prompt_ids": r["prompt_ids"],
+                           "completion_ids": r["chosen_ids"] if label else r["rejected_ids"]})
+                for r, label in _unpaired(rows, data["seed"])]
+
+    return KTOTrainer, args, dataset, expected
+
+
+# --------------------------------------------------------------------------- orpo / simpo
+def format_ids_row(feature: dict[str, Any]) -> dict[str, list[int]]:
+    """ORPO's / CPO's tokenised pair from format's ids: each answer after the prompt, the
+    prompt's labels ignored (the keys their collator pads)."""
+    prompt = list(feature["prompt_ids"])
+    out: dict[str, list[int]] = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for side in ("chosen", "rejected"):
+        answer = list(feature[f"{side}_ids"])
+        out[f"{side}_input_ids"] = prompt + answer
+        out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+        out[f"{side}_labels"] = [IGNORE] * len(prompt) + answer
+    return out
+
+
+def _reference_free(cfg: AlignParams, common: dict[str, Any], precompute: bool,
+                    data: dict[str, Any]) -> Builder:
+    from datasets import Dataset
+
+    if cfg.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Base
+
+        knobs: dict[str, Any] = {"beta": cfg.beta}
+    else:
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Base
+
+        knobs = {"beta": cfg.beta, "loss_type": "simpo", "simpo_gamma": cfg.simpo_gamma,
+                 "cpo_alpha": cfg.sft_weight}
+
+    class Trainer(Base):  # type: ignore[misc, valid-type]
+        def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, list[int]]:
+            return format_ids_row(feature)
+
+    longest = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+                  for r in data["train"] + data["val"])
+    # max_length only feeds TRL's own tokenize_row (replaced); set, it keeps TRL quiet.
+    # The collator passes every column through: remove_unused_columns must be off
+    args = Config(**common, **knobs, max_length=longest, remove_unused_columns=False)
+
+    def dataset(rows: list[dict[str, Any]]) -> Any:
+        return Dataset.from_list([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                                  for r in rows])
+
+    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
+        return [(r["id"], {k: v for k, v in format_ids_row(r).items() if "attention" not in k})
+                for r in rows]
+
+    return Trainer, args, dataset, expected
+
+
+BUILDERS = {"dpo": _dpo, "kto": _kto, "orpo": _reference_free, "simpo": _reference_free}
+
+
+def build_trainer(cfg: AlignParams, *, model: Any, tokenizer: Any, common: dict[str, Any],
+                  precompute: bool, train_rows: list[dict[str, Any]],
+                  val_rows: list[dict[str, Any]], enable_thinking: bool, seed: int,
+                  callbacks: list[Any]) -> Any:
+    """The TRL trainer of ``cfg.method`` on the pairs, its training ids checked against
+    format's. ``common`` holds the TrainingArguments every method shares."""
+    data = {"train": train_rows, "val": val_rows, "thinking": enable_thinking, "seed": seed}
+    cls, args, dataset, expected = BUILDERS[cfg.method](cfg, common, precompute, data)
+    trainer = cls(model=model, args=args, train_dataset=dataset(train_rows),
+                  eval_dataset=dataset(val_rows) if val_rows else None,
+                  processing_class=tokenizer, callbacks=callbacks)
+    _check(trainer.train_dataset, expected(train_rows), "train")
+    if val_rows:
+        _check(trainer.eval_dataset, expected(val_rows), "val")
+    return trainer
