@@ -31,6 +31,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from reprotune.constants import IGNORE_INDEX
 from reprotune.params import AlignParams
 from reprotune.train.methods import TrainSetupError
 
@@ -41,7 +42,6 @@ REFERENCE_FREE = ("orpo", "simpo")
 # (pair id, {column: ids}) TRL's prepared dataset must hold, in its order)
 Builder = tuple[type, Any, Callable[[list[dict[str, Any]]], Any],
                 Callable[[list[dict[str, Any]]], list[tuple[str, dict[str, list[int]]]]]]
-IGNORE = -100  # the label of a token outside the loss (transformers' and TRL's convention)
 
 
 def losses(cfg: AlignParams) -> list[str]:
@@ -151,7 +151,7 @@ def format_ids_row(feature: dict[str, Any]) -> dict[str, list[int]]:
         answer = list(feature[f"{side}_ids"])
         out[f"{side}_input_ids"] = prompt + answer
         out[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
-        out[f"{side}_labels"] = [IGNORE] * len(prompt) + answer
+        out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
     return out
 
 
