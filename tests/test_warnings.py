@@ -142,3 +142,20 @@ def test_trl_experimental_import_notice_is_dropped_at_stage_setup() -> None:
     assert all(r.returncode == 0 for r in runs), [r.stderr[-500:] for r in runs]
     assert "You are importing from 'trl.experimental'" in runs[0].stderr
     assert "trl.experimental" not in runs[1].stderr
+
+
+def test_gradient_checkpointing_alias_notice_from_trl_is_ignored() -> None:
+    """TRL reads the deprecated ``is_gradient_checkpointing`` of the real tiny model: the
+    notice it triggers is ignored, the property's value is still read."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=8))
+    for quiet in (False, True):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if quiet:
+                runtime.quiet_third_party()
+            assert model.is_gradient_checkpointing is False
+        assert any("is_gradient_checkpointing" in str(w.message) for w in seen) is not quiet
