@@ -14,6 +14,8 @@ alone. The machine's load average goes in the result: on a shared CPU it is the
 biggest factor in these numbers.
 
     python bench/serve_load.py --model models/merged --out bench/results/serve_load_cpu.json
+    python bench/serve_load.py --model models/merged --shape qwen3-0.6b --duration 30 \
+        --offline-rounds 1 --out bench/results/serve_load_cpu_0.6b.json
 
 On a GPU machine the same command runs unchanged (the server puts nothing on CUDA itself:
 set it up there with a CUDA torch build and the model on the device).
@@ -37,6 +39,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# before torch: the offline baseline runs on the server's CPU kernel path (the AVX2 pin, or
+# native with REPROTUNE_NATIVE_CPU=1), so the ratios compare like with like
+import reprotune  # noqa: E402, F401
 
 PROMPTS = ["Give three tips for staying healthy.", "计算 12 加 7 等于多少？",
            "Translate 'good morning' into Chinese.", "What is the capital of France?",
@@ -45,12 +50,58 @@ PROMPTS = ["Give three tips for staying healthy.", "计算 12 加 7 等于多少
 START_S = 300
 
 
-def start_server(model: str) -> tuple[subprocess.Popen, str]:
+# Qwen3-0.6B's published shape (its config.json); the vocabulary stays the model's own
+SHAPES = {"qwen3-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+                         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128}}
+
+
+def shaped_copy(model_dir: str, shape: str, out: Path) -> str:
+    """``model_dir`` (a merged folder) with a random-init model of ``shape`` in place of its
+    weights: same tokenizer, chat template and manifests, so the server takes it as it is.
+
+    The hub is unreachable here, so a real Qwen3-0.6B cannot be downloaded; serving cost
+    depends on the shape, not on the weights' values (a random model rarely emits EOS, so
+    every answer runs to --max-tokens: the lengths are even the same for every request)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, Qwen3ForCausalLM
+
+    src = Path(model_dir)
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    for key, value in SHAPES[shape].items():
+        setattr(config, key, value)
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy2(f, out / f.name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+    model.save_pretrained(out)
+    # save_pretrained wrote a generation config derived from the training config (no KV
+    # cache: use_cache false); the folder's own one is what the pipeline serves with
+    shutil.copy2(src / "generation_config.json", out / "generation_config.json")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"serve_load: {shape}-shaped random-init model, {n / 1e6:.0f}M params, in {out}",
+          flush=True)
+    return str(out)
+
+
+def cpu_capability() -> str:
+    """The kernel path torch runs on here (AVX2 unless REPROTUNE_NATIVE_CPU=1 lifts the pin)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def start_server(model: str, dtype: str) -> tuple[subprocess.Popen, str]:
     """The server as `make serve` runs it, on an ephemeral loopback port; (process, url)."""
     import requests
 
     proc = subprocess.Popen([sys.executable, "-m", "reprotune.deploy.server", "--model", model,
-                             "--port", "0"], stdout=subprocess.PIPE, text=True,
+                             "--port", "0", "--dtype", dtype], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve()
                                                                  .parents[1] / "src")})
     m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", proc.stdout.readline())
@@ -145,7 +196,8 @@ def run_level(url: str, model: str, clients: int, duration: float,
                            for k in sorted({r["prompt"] for r in results})}}
 
 
-def offline_sequential(model_dir: str, max_tokens: int, rounds: int) -> dict[str, Any]:
+def offline_sequential(model_dir: str, max_tokens: int, rounds: int,
+                       dtype: str) -> dict[str, Any]:
     """The same prompts generated one at a time in this process (no server), best round."""
     import torch
 
@@ -154,7 +206,7 @@ def offline_sequential(model_dir: str, max_tokens: int, rounds: int) -> dict[str
     from reprotune.runtime import usable_cpus
 
     torch.set_num_threads(usable_cpus())
-    served = load_served_model(model_dir)
+    served = load_served_model(model_dir, dtype=dtype)
     ids = [served.render([{"role": "user", "content": p}]) for p in PROMPTS]
     best = None
     for _ in range(rounds):
@@ -182,14 +234,25 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--offline-rounds", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the result JSON here")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the server's --dtype, and the offline baseline's")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="serve a random-init model of this shape with --model's tokenizer")
     args = ap.parse_args()
+    shaped_from = None
+    if args.shape:
+        import tempfile
+
+        shaped_from = args.model
+        args.model = shaped_copy(args.model, args.shape,
+                                 Path(tempfile.mkdtemp(prefix="serve-load-")) / args.shape)
 
     levels = [int(c) for c in args.clients.split(",")]
     load_before = os.getloadavg()
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.model)
+        proc, url = start_server(args.model, args.dtype)
     try:
         name = model_id(url)
         import openai
@@ -210,7 +273,7 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
     load_mid = os.getloadavg()
-    offline = offline_sequential(args.model, args.max_tokens, args.offline_rounds)
+    offline = offline_sequential(args.model, args.max_tokens, args.offline_rounds, args.dtype)
     # "a single request's latency": the 1-client level, the same prompt mix. Its answers
     # differ in length (some stop after a token, some run to --max-tokens), so latency is
     # bimodal and p95 is compared with p95 (p95 over p50 is 3.9x at 1 client, with no
@@ -235,6 +298,9 @@ def main() -> None:
                       f"slowdown p95 x{r['slowdown_p95']}" for r in rows))
     top = next((r for r in rows if r["clients"] == 16), None)
     result = {"command": "python " + " ".join(sys.argv), "model": args.model,
+              "dtype": args.dtype, "cpu_capability": cpu_capability(),
+              "shape": ({"name": args.shape, "random_init": True, "tokenizer_from": shaped_from,
+                         **SHAPES[args.shape]} if args.shape else None),
               "prompts": len(PROMPTS), "max_tokens": args.max_tokens,
               "duration_s_per_level": args.duration, "levels": rows, "offline": offline,
               "target": "16 clients: >= 4x sequential tokens/s and p95 <= 3x single latency",
@@ -254,6 +320,10 @@ def main() -> None:
 
         io.write_json(args.out, result)
         print(f"wrote {args.out}")
+    if args.shape:  # the shaped copy is GBs in a temporary folder
+        import shutil
+
+        shutil.rmtree(Path(args.model).parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

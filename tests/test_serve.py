@@ -3,6 +3,7 @@ openai client; answers equal offline greedy generation; bad requests get a 4xx; 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -76,10 +77,11 @@ def models(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return make_models(tiny_base_dir, tmp_path_factory.mktemp("serve"))
 
 
-def _start(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start(model_dir: Path, *extra: str,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "reprotune.deploy.server", "--model",
                              str(model_dir), "--port", "0", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()  # the server prints its URL once the port is bound
     m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
     if not m:
@@ -307,3 +309,42 @@ def test_serve_load_bench_against_running_server(server: str, models: Path, tmp_
     assert result["target_met"] is None  # no 16-client level was run
     assert len(result["machine"]["loadavg_before"]) == 3
     assert "2 clients:" in proc.stdout
+
+
+def test_bfloat16_server_answers_like_offline_bfloat16_greedy(models: Path) -> None:
+    """`--dtype bfloat16` needs AVX-512 kernels on CPU: refused in one line on the AVX2 pin;
+    with the pin lifted (REPROTUNE_NATIVE_CPU=1), the server's answer equals offline greedy
+    generation of the same bf16 model, and an adapter folder is folded, then cast."""
+    with pytest.raises(ServeError, match="REPROTUNE_NATIVE_CPU=1"):
+        load_served_model(models / "merged", dtype="bfloat16")
+    # this process's pin is in its environment (children inherit it): lifted for both
+    native = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")}
+    native["REPROTUNE_NATIVE_CPU"] = "1"
+    offline = subprocess.run([sys.executable, "-c", f"""
+import json, torch
+from reprotune.deploy.served_model import load_served_model
+from reprotune.evaluate.generation import generate_ids
+print(torch.backends.cpu.get_cpu_capability())
+folded = load_served_model({str(models / 'finetuned')!r}, dtype="bfloat16")
+assert {{p.dtype for p in folded.model.parameters()}} == {{torch.bfloat16}}
+s = load_served_model({str(models / 'merged')!r}, dtype="bfloat16")
+out = generate_ids(s.model, [s.render({PROMPTS[1]!r})], stops=s.stops,
+                   pad_id=s.tokenizer.pad_token_id, max_new_tokens=12, batch_size=1,
+                   progress=False)[0]
+print(json.dumps(s.decode([t for t in out if t not in s.stops])))
+"""], capture_output=True, text=True, timeout=300, env=native)
+    if offline.returncode != 0 and "AVX-512" in offline.stderr:
+        pytest.skip("this CPU has no AVX-512 kernels for bfloat16")
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    capability, expected = offline.stdout.strip().splitlines()[-2:]
+    assert capability in ("AVX512", "AMX")
+    proc, url = _start(models / "merged", "--dtype", "bfloat16", env=native)
+    try:
+        got = _client(url).chat.completions.create(model="merged", messages=PROMPTS[1],
+                                                   max_tokens=12, temperature=0)
+        assert got.choices[0].message.content == json.loads(expected)
+    finally:
+        assert _stop(proc) == 0
+    bad = subprocess.run([sys.executable, "-m", "reprotune.deploy.server", "--dtype", "fp8"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr

@@ -89,8 +89,14 @@ def read_serving_manifest(folder: str | Path) -> tuple[str, dict[str, Any]]:
     return kind, info
 
 
-def load_served_model(folder: str | Path, *, model_id: str | None = None) -> ServedModel:
-    """Load ``folder`` for serving (float32 on CPU, eval mode), checking its prompt format."""
+DTYPES = ("float32", "bfloat16")
+
+
+def load_served_model(folder: str | Path, *, model_id: str | None = None,
+                      dtype: str = "float32") -> ServedModel:
+    """Load ``folder`` for serving (``dtype``, default float32: evaluate's numbers; eval
+    mode), checking its prompt format. bfloat16 halves the bytes each decoding step reads and
+    uses the CPU's bf16 matrix units (AMX, AVX512-BF16) where it has them."""
     import torch
 
     from reprotune.evaluate.generation import stop_token_ids
@@ -98,6 +104,12 @@ def load_served_model(folder: str | Path, *, model_id: str | None = None) -> Ser
 
     folder = Path(folder)
     kind, info = read_serving_manifest(folder)
+    if dtype == "bfloat16" and not torch.cuda.is_available() and \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        # torch's CPU bf16 attention packs with AVX-512 instructions only
+        raise ServeError(f"--dtype bfloat16 on CPU needs AVX-512 kernels (torch runs "
+                         f"{torch.backends.cpu.get_cpu_capability()} here); start the server "
+                         f"with REPROTUNE_NATIVE_CPU=1 on a CPU that has them, or use float32")
     try:
         if kind == "merged":
             model, tok = load_model(folder, dtype=torch.float32), load_tokenizer(folder)
@@ -107,6 +119,7 @@ def load_served_model(folder: str | Path, *, model_id: str | None = None) -> Ser
             model, tok, _ = load_finetuned(folder, dtype=torch.float32, quantized=False)
             if info.get("kind") == "adapter":
                 model = model.merge_and_unload()  # the merge stage's fold, in memory
+        model = model.to(getattr(torch, dtype))  # after the fold: adapters merge in float32
     except (OSError, ValueError, RuntimeError) as exc:
         raise ServeError(f"{folder}: cannot load the model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}); {WHAT_SERVES}") from exc

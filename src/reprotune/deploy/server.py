@@ -37,7 +37,7 @@ from reprotune.deploy.openai_api import (
     sse,
     validate_chat,
 )
-from reprotune.deploy.served_model import ServedModel, ServeError, load_served_model
+from reprotune.deploy.served_model import DTYPES, ServedModel, ServeError, load_served_model
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
-          model_id: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> None:
+          model_id: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
+          dtype: str = "float32") -> None:
     """Load ``model_dir`` and serve it until SIGTERM / SIGINT (then drain and stop)."""
     import torch
     import uvicorn
@@ -228,13 +229,13 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
     read_serving_manifest(model_dir)  # a wrong folder fails before the port is taken
     sock = bind(host, port)
     torch.set_num_threads(usable_cpus())  # once, before the batching thread starts
-    served = load_served_model(model_dir, model_id=model_id)
+    served = load_served_model(model_dir, model_id=model_id, dtype=dtype)
     app = build_app(served, max_tokens_limit=max_tokens_limit)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S,
                             access_log=False)
     print(f"serving {served.model_id} ({model_dir}) on http://{host}:{bound}/v1 "
-          f"(continuous batching, {torch.get_num_threads()} threads)", flush=True)
+          f"(continuous batching, {dtype}, {torch.get_num_threads()} threads)", flush=True)
     # uvicorn drains, then re-raises the signal that stopped it; with these handlers in place
     # that re-raise is a no-op, so a drained shutdown exits 0 instead of dying by the signal
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -251,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8000, help="0: any free port")
     ap.add_argument("--name", default=None, help="model id clients send (default: folder name)")
     ap.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT)
+    ap.add_argument("--dtype", choices=DTYPES, default="float32",
+                    help="float32 (default: answers as evaluate scored them) or bfloat16")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -258,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         serve(args.model, host=args.host, port=args.port, model_id=args.name,
-              max_tokens_limit=args.max_tokens_limit)
+              max_tokens_limit=args.max_tokens_limit, dtype=args.dtype)
     except ServeError as exc:
         sys.exit(f"serve: {exc}")
 
