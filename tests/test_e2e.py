@@ -25,12 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 DEMO = "data/raw/dvc.yaml:demo"  # the demo stage, apart so it runs only while an input names it
 
-# Small but complete: every stage runs with every default method, on fewer rows/steps
-# (the default 4 epochs over ~370 train rows: 92 steps, about 6 s).
+# Small but complete: every stage runs, on fewer rows/steps (the default 4 epochs over ~370
+# train rows: 92 steps, about 6 s), quantize with one torch and one GGUF artifact
+# (tests/test_quantize.py builds and measures all seven; each costs a fresh measuring process
+# per pipeline run here).
 OVERRIDES = {
     ("demo", "rows"): 500,
     ("train", "eval_steps"): 5,
     ("eval", "max_rows"): 40,
+    ("quantize", "methods"): ["int8_dynamic", "gguf_q8_0"],
     ("quantize", "eval_rows"): 20,
 }
 
@@ -276,9 +279,6 @@ def test_queued_sweep_stops_at_evaluate_and_the_best_is_promoted(project: Path) 
     _dvc(project, "checkout", "--force")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train is restored from the run cache, but align (its curves are a cache: false output), "
-    "then evaluate and quantize rerun: their outputs must become cached too (issue 22)"))
 def test_an_experiment_that_already_ran_is_restored_from_the_run_cache(project: Path) -> None:
     """`dvc exp run -S lr=X` for an X that ran before (low-lr): no stage runs, every stage
     from train on is restored from DVC's run cache, with the outputs that run wrote."""
@@ -289,13 +289,13 @@ def test_an_experiment_that_already_ran_is_restored_from_the_run_cache(project: 
     seconds = time.perf_counter() - t0
     assert _ran(out) == set(), out
     restored = set(re.findall(r"Stage '([\w@./-]+)' is cached - skipping run", out))
-    assert {"train", "evaluate", "merge", "quantize"} <= restored
+    assert {"train", "align", "evaluate", "merge", "quantize"} <= restored
     exps = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))
     assert exps["low-lr-again"]["metrics"] == exps["low-lr"]["metrics"]
     lock = lambda name: YAML(typ="safe").load(_run(  # noqa: E731
         ["git", "show", f"refs/exps/{_exp_ref(project, name)}:dvc.lock"], project))
     again, first = lock("low-lr-again"), lock("low-lr")
-    for stage in ("train", "evaluate", "merge", "quantize"):
+    for stage in ("train", "align", "evaluate", "merge", "quantize"):
         assert again["stages"][stage]["outs"] == first["stages"][stage]["outs"], stage
     assert seconds < 60, f"{seconds:.0f} s"
     _run(["git", "reset", "-q", "--hard"], project)
