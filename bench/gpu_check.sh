@@ -7,7 +7,8 @@
 #
 # It installs the carried wheels beside the image's own torch (2.11, CUDA), then, each step
 # fail-soft (a failing step or configuration prints its error and the rest still run):
-#   1. the CUDA equality tests (packing with varlen_attn, the lean losses) -> cuda_tests.log
+#   1. the CUDA equality tests (packing with varlen_attn, the lean losses) and the align
+#      tests on CUDA (dpo/orpo/simpo/kto, full and LoRA SFT) -> cuda_tests.log
 #   2. bench/train_throughput.py, baseline / full / lora / qlora at the default settings
 #      -> throughput_default.json/.log
 #   3. the same at the lean settings (gradient checkpointing, the same tokens per step)
@@ -50,8 +51,8 @@ else
     LEAN=(--steps 10 --warmup-steps 4 --gradient-checkpointing)
     PROFILE=(--steps 9 --warmup-steps 5 --profile-steps 3)
     TESTS=()
-    # caps, 400 s in all (+ ~20 s wheels and versions): the whole check stays under 7 minutes
-    T_TESTS=75 T_RUN=150 T_LEAN=120 T_PROFILE=45
+    # caps, 405 s in all (+ ~20 s wheels and versions): the whole check stays under 7 minutes
+    T_TESTS=120 T_RUN=135 T_LEAN=105 T_PROFILE=45
 fi
 
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, never stop the script
@@ -89,8 +90,10 @@ fi
 
 # 1. Equality on CUDA: packed == alone (varlen_attn), chunked/liger loss == stock; the
 #    packed-vs-padded training curve (device-aware: it asserts the CUDA path on CUDA)
+#    and preference tuning on CUDA (dpo full + lora, every method; their asserted values)
 step cuda_tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
-    tests/test_packing.py tests/test_lean_loss.py -k "cuda or same_loss_curve"
+    tests/test_packing.py tests/test_lean_loss.py tests/test_align.py \
+    -k "cuda or same_loss_curve or raises_test_reward or lora_sft_adapter"
 # 2./3. Throughput and peak memory against a plain HF Trainer (each config fail-soft inside)
 step throughput_default "$T_RUN" $PY bench/train_throughput.py "${SHAPE[@]}" "${DEFAULT[@]}" \
     --out "$OUT/throughput_default.json"

@@ -26,7 +26,10 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     # the CUDA test selection names the real tests (collected here, run on a GPU)
     tests = (out / "cuda_tests.log").read_text()
     for name in ("test_cuda_pack_matches_alone", "test_cuda_lean_losses_match_stock",
-                 "test_packed_and_unpacked_training_give_the_same_loss_curve"):
+                 "test_packed_and_unpacked_training_give_the_same_loss_curve",
+                 "test_dpo_raises_test_reward_accuracy_and_writes_curves",
+                 "test_new_methods_raise_test_reward_accuracy_and_write_curves",
+                 "test_lora_sft_adapter_with_kto_and_orpo"):
         assert name in tests, tests[-2000:]
     default, lean = (io.read_json(out / f"throughput_{s}.json") for s in ("default", "lean"))
     assert list(default["runs"]) == list(lean["runs"]) == ["baseline", "full", "lora", "qlora"]
