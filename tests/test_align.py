@@ -333,7 +333,8 @@ def test_new_methods_raise_test_reward_accuracy_and_write_curves(pair_files, met
 def test_reference_free_trainers_train_on_formats_ids(pair_files):
     """ORPO / CPO would render and tokenise text themselves (with an extra EOS): they get
     format's ids, each answer after the prompt, the prompt's labels ignored."""
-    from reprotune.train.align_methods import IGNORE, format_ids_row
+    from reprotune.constants import IGNORE_INDEX as IGNORE
+    from reprotune.train.align_methods import format_ids_row
 
     row = io.read_jsonl(pair_files / "train.jsonl")[0]
     out = format_ids_row(row)
