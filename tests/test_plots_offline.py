@@ -42,7 +42,8 @@ def test_template_is_built_from_the_vendored_files() -> None:
 def plots_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkout when the train and align stages have run there; otherwise (a fresh
     clone: their curves are DVC-cached outputs, not in git) a copy of its tracked files with
-    a few rows written by the stages' own CurveWriter, so DVC still builds every page."""
+    the train stage's curves written by its own CurveWriter (a few rows) and align's as its
+    pass-through writes them (headers only), so DVC still builds every page."""
     from reprotune.train.align import DRAWN
     from reprotune.train.curves import CurveWriter
 
@@ -58,13 +59,16 @@ def plots_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
             shutil.copy2(repo_root / f, dst / f)
     (dst / "dvc.lock").unlink()  # its curves hash names a cache this copy does not have
     run(["git", "init", "-q"], dst)
-    for folder, names in curves.items():
-        writer = CurveWriter(dst / "metrics" / folder, resume=False)
-        for step in range(0, 25, 5):
-            writer.step = step
-            for i, name in enumerate(names):
-                writer.log(name, (i + 1) * 2.0 / (step + 1))
-        writer.summary()
+    writer = CurveWriter(dst / "metrics" / "curves", resume=False)
+    for step in range(0, 25, 5):
+        writer.step = step
+        for i, name in enumerate(TRAIN_CURVES):
+            writer.log(name, (i + 1) * 2.0 / (step + 1))
+    writer.summary()
+    # align under the default method none: header-only curves, as its pass-through writes
+    align = CurveWriter(dst / "metrics" / "align_curves", resume=False)
+    align.ensure(DRAWN)
+    align.summary()
     return dst
 
 
