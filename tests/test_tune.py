@@ -140,7 +140,9 @@ def _experiments(repo: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = make_tune_repo(tmp_path_factory.mktemp("tune") / "repo", pause_steps=50)
+    # 1 s per curve row: the pruner (polling every second) sees a trial mid-run even when
+    # dvc starts fast (one CI run saw the pruned trial complete at 0.5 s per row)
+    repo = make_tune_repo(tmp_path_factory.mktemp("tune") / "repo", pause_steps=100)
     (repo / "tune.yaml").write_text(GRID.format(study="toy", pruner="{type: median, startup_trials: 1}"))
     run(["git", "add", "tune.yaml"], repo)
     run(["git", "commit", "-qm", "tune config"], repo)
