@@ -93,7 +93,7 @@ fi
 #    and preference tuning on CUDA (dpo full + lora, every method; their asserted values)
 step cuda_tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
     tests/test_packing.py tests/test_lean_loss.py tests/test_align.py \
-    -k "cuda or same_loss_curve or raises_test_reward or lora_sft_adapter"
+    -k "cuda or same_loss_curve or test_reward_accuracy or lora_sft_adapter"
 # 2./3. Throughput and peak memory against a plain HF Trainer (each config fail-soft inside)
 step throughput_default "$T_RUN" $PY bench/train_throughput.py "${SHAPE[@]}" "${DEFAULT[@]}" \
     --out "$OUT/throughput_default.json"
