@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -87,6 +88,14 @@ class CurveWatch:
         if not self.fresh and self.old is not None and not self.old.startswith(text):
             self.fresh = True
         return curve_rows(text) if self.fresh else []
+
+
+def _default_sigint() -> None:
+    """In the trial's process, before exec: SIGINT back to its default. A ``make tune`` (or
+    test run) started in the background by a shell without job control inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt: the pruner's Ctrl-C would be
+    lost and the pruned trial would train to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(proc: subprocess.Popen[Any], grace_s: float = 60.0) -> None:
@@ -188,7 +197,8 @@ class Objective:
         prune = self.cfg.pruner != "none"
         watch, seen = CurveWatch(VAL_CURVE), set()
         with log_path.open("w", encoding="utf-8") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    preexec_fn=_default_sigint if os.name == "posix" else None)
             try:
                 while True:
                     finished = proc.poll() is not None
