@@ -234,7 +234,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--offline-rounds", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the result JSON here")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    from reprotune.deploy.served_model import DTYPES
+
+    ap.add_argument("--dtype", choices=DTYPES, default="float32",
                     help="the server's --dtype, and the offline baseline's")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="serve a random-init model of this shape with --model's tokenizer")

@@ -56,6 +56,21 @@ def _turns(msgs: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
+Turns = list[dict[str, Any]]
+
+
+def _compared_turns(record: dict[str, Any]) -> tuple[Turns, Turns]:
+    """(messages, a preference pair's rejected turns or []) of a record; either may be a
+    JSON string (Parquet)."""
+    msgs = record["messages"]
+    if isinstance(msgs, str):
+        msgs = json.loads(msgs)
+    pair = record.get(PAIR_FIELD)
+    if isinstance(pair, str):
+        pair = json.loads(pair)
+    return msgs, (pair["rejected"] if pair else [])
+
+
 def record_text(record: dict[str, Any]) -> str:
     """Role-tagged text of a canonical record: ``role: content`` per message, plus each
     turn's reasoning trace and tool calls, and a preference pair's rejected answer.
@@ -64,34 +79,20 @@ def record_text(record: dict[str, Any]) -> str:
     different arguments differ; two rows that differ only in their thinking trace, or two
     pairs that share prompt and chosen answer but reject different answers, differ too (both
     are training examples). The ``tools`` schemas are left out: rows that differ only in
-    the tools offered are the same conversation. ``messages`` may be a JSON string (Parquet).
+    the tools offered are the same conversation.
     """
-    msgs = record["messages"]
-    if isinstance(msgs, str):
-        msgs = json.loads(msgs)
-    parts = _turns(msgs)
-    pair = record.get(PAIR_FIELD)
-    if isinstance(pair, str):
-        pair = json.loads(pair)
-    if pair:
-        parts += ["rejected:", *_turns(pair["rejected"])]
-    return "\n".join(parts)
+    msgs, rejected = _compared_turns(record)
+    return "\n".join(_turns(msgs) + (["rejected:", *_turns(rejected)] if rejected else []))
 
 
 def content_chars(record: dict[str, Any]) -> int:
     """Characters a record's messages say (contents, reasoning and tool calls, and a pair's
     rejected answer, without the tags :func:`record_text` adds): what decides whether char
     n-grams can tell two rows apart."""
-    msgs = record["messages"]
-    if isinstance(msgs, str):
-        msgs = json.loads(msgs)
-    pair = record.get(PAIR_FIELD)
-    if isinstance(pair, str):
-        pair = json.loads(pair)
-    turns = [*msgs, *(pair["rejected"] if pair else [])]
+    msgs, rejected = _compared_turns(record)
     return sum(len(m.get("content") or "") + len(m.get(REASONING) or "")
                + (len(json.dumps(m["tool_calls"], ensure_ascii=False)) if m.get("tool_calls")
-                  else 0) for m in turns)
+                  else 0) for m in [*msgs, *rejected])
 
 
 @dataclass

@@ -104,11 +104,12 @@ def load_served_model(folder: str | Path, *, model_id: str | None = None,
 
     folder = Path(folder)
     kind, info = read_serving_manifest(folder)
+    capability = torch.backends.cpu.get_cpu_capability()
     if dtype == "bfloat16" and not torch.cuda.is_available() and \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+            capability not in ("AVX512", "AMX"):
         # torch's CPU bf16 attention packs with AVX-512 instructions only
         raise ServeError(f"--dtype bfloat16 on CPU needs AVX-512 kernels (torch runs "
-                         f"{torch.backends.cpu.get_cpu_capability()} here); start the server "
+                         f"{capability} here); start the server "
                          f"with REPROTUNE_NATIVE_CPU=1 on a CPU that has them, or use float32")
     try:
         if kind == "merged":

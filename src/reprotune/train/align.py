@@ -43,6 +43,7 @@ from reprotune.train.training import (
     resolve_precision,
     resume_point,
     sha256_file,
+    step_of,
 )
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _callbacks(live_dir: Path, resume: Path | None) -> list[Any]:
     from transformers import TrainerCallback
 
     if resume is not None:  # DVC deleted the curves before the rerun: the checkpoint's copy
-        curves.restore(resume, live_dir, int(resume.name.rsplit("-", 1)[-1]))
+        curves.restore(resume, live_dir, step_of(resume))
     live = curves.CurveWriter(live_dir, resume=resume is not None)
 
     class Curves(TrainerCallback):
@@ -183,7 +184,7 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
         dataloader_num_workers=0, disable_tqdm=True)
     resume, run_state = resume_point(ckpt_dir, fingerprint(
         cfg, seed, [Path(train_pairs), Path(val_pairs)], finetuned))
-    resume_step = int(resume.name.rsplit("-", 1)[-1]) if resume else None
+    resume_step = step_of(resume) if resume else None
     cbs = [*_callbacks(Path(live_dir), resume), *(callbacks or [])]
     if cfg.patience > 0:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))

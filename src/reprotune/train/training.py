@@ -143,7 +143,8 @@ def _complete(ckpt: Path) -> bool:
     return (ckpt / "trainer_state.json").is_file() and (ckpt / COUNTERS_FILE).is_file()
 
 
-def _step_of(ckpt: Path) -> int:
+def step_of(ckpt: Path) -> int:
+    """The global step of a ``checkpoint-<step>`` folder."""
     return int(ckpt.name.rsplit("-", 1)[-1])
 
 
@@ -161,7 +162,7 @@ def resume_point(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict[st
                         str(state.get("fingerprint"))[:12], fingerprint[:12])
             shutil.rmtree(ckpt_dir)
         state = {"fingerprint": fingerprint, "status": "running", "initial_val_loss": None}
-    ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()), key=_step_of)
+    ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()), key=step_of)
     for p in [p for p in ckpts if not _complete(p)]:
         log.warning("removing incomplete checkpoint %s (interrupted while saving)", p)
         shutil.rmtree(p)
@@ -249,7 +250,7 @@ def _callback_classes() -> tuple[type, type, type]:
             self.live: curves.CurveWriter | None = None  # other ranks than 0 write no curves
             if main:
                 if resume is not None:
-                    curves.restore(resume, live_dir, _step_of(resume))
+                    curves.restore(resume, live_dir, step_of(resume))
                 self.live = curves.CurveWriter(live_dir, resume=resume is not None)
             self._t: float | None = None
             self._tokens = 0
@@ -506,7 +507,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
              summary["total"], 100 * summary["share"])
 
     LiveCallback, EvalAtEnd, Counters = _callback_classes()
-    resume_step = _step_of(resume) if resume else None
+    resume_step = step_of(resume) if resume else None
     live_cb = LiveCallback(live_dir, resume, main=distributed.is_main())
     callbacks = [live_cb, EvalAtEnd(), *(callbacks or [])]
     if cfg.train.patience > 0:
