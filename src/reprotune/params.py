@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from ruamel.yaml import YAML
 
+from reprotune.model_names import PRESETS, is_gguf_name
+
 DEFAULT_PARAMS = Path("params.yaml")
 # the file the `demo` stage writes: an ingest.inputs entry that need not exist before `dvc repro`
 DEMO_INPUT = "data/raw/demo.jsonl"
@@ -89,7 +91,10 @@ class TinyModelParams:
 
 @dataclass(frozen=True)
 class ModelParams:
+    # tiny | a preset (reprotune.model_sources.PRESETS) | hub id | model folder | .gguf file
     name: str = "tiny"
+    # a GGUF file inside the model.name folder (or give the .gguf path as model.name)
+    gguf_file: str | None = None
     trust_remote_code: bool = False
     seed: int = _f(0, **_rng(0, 2**32 - 1))
     tiny: TinyModelParams = field(default_factory=TinyModelParams)
@@ -526,7 +531,9 @@ def check_paths(raw: dict[str, Any], root: str | Path = ".") -> None:
     ``dvc repro`` before DVC deletes the outputs of the stage that would read it."""
     root = Path(root)
     model = build(ModelParams, raw.get("model"), "model")
-    if model.name != "tiny":
+    if model.gguf_file is not None or is_gguf_name(model.name):
+        _check_gguf_path(model.name, model.gguf_file, root)
+    elif model.name != "tiny" and model.name not in PRESETS:
         _check_model_path(model.name, root)
     ingest = build(IngestParams, raw.get("ingest"), "ingest")
     for i, entry in enumerate(ingest.inputs):
@@ -547,6 +554,27 @@ def check_paths(raw: dict[str, Any], root: str | Path = ".") -> None:
                           f"use one of {', '.join(have) or 'configs/accelerate/ddp.yaml'}")
 
 
+def _check_gguf_path(name: str, gguf_file: str | None, root: Path) -> None:
+    """``model.name`` a ``.gguf`` file, or a folder holding ``model.gguf_file``: it must exist."""
+    if name in PRESETS or name == "tiny":
+        raise ParamsError(f"model.gguf_file: only for a GGUF file in a folder; model.name "
+                          f"{name!r} brings its own model: remove model.gguf_file")
+    base = Path(name).expanduser()
+    base = base if base.is_absolute() else root / base
+    if gguf_file is not None:
+        if not is_gguf_name(gguf_file) or Path(gguf_file).name != gguf_file:
+            raise ParamsError(f"model.gguf_file: {gguf_file!r} must be a file name ending in "
+                              f".gguf, inside the model.name folder")
+        if not base.is_dir():
+            raise ParamsError(f"model.name: {name!r}: no such folder (model.gguf_file names a "
+                              f"file inside it); fix the path, relative to the repository root")
+        base = base / gguf_file
+    if not base.is_file():
+        have = sorted(p.name for p in base.parent.glob("*.gguf")) if base.parent.is_dir() else []
+        raise ParamsError(f"model.{'gguf_file' if gguf_file else 'name'}: {str(base)!r}: no such "
+                          f"GGUF file{' (that folder has ' + ', '.join(have) + ')' if have else ''}")
+
+
 def _check_model_path(name: str, root: Path) -> None:
     """A ``model.name`` that is a local folder must hold a model (``config.json``); one that
     looks like a path but is no folder is refused; ``owner/name`` that is no local folder is a
@@ -564,7 +592,8 @@ def _check_model_path(name: str, root: Path) -> None:
             or "\\" in name:
         raise ParamsError(f"model.name: {name!r}: no such local folder (paths are relative to "
                           f"the repository root); fix the path, or use a hub id like "
-                          f"Qwen/Qwen3-0.6B, or tiny")
+                          f"Qwen/Qwen3-0.6B, a .gguf file, a preset "
+                          f"({', '.join(PRESETS)}), or tiny")
 
 
 def load_top(path: str | Path = DEFAULT_PARAMS) -> TopParams:
