@@ -1,4 +1,5 @@
-"""DVC stage `demo`: write the seeded bilingual demo data set (with planted defects)."""
+"""DVC stage `demo`: write the seeded bilingual demo data set (with planted defects);
+`demo.kind: assistant` adds self-cognition rows for a pretrained model."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def main() -> None:
     log = runtime.setup("demo")
     cfg = load_section("demo")
     io.clean_stale_temporaries(args.out, args.metrics)
-    lines, stats = generate_demo_with_stats(cfg.rows, cfg.seed)
+    lines, stats = generate_demo_with_stats(cfg.rows, cfg.seed, cfg.kind)
     # Lines are written verbatim: a few are deliberately not valid JSON.
     with io.atomic_path(args.out) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as fh:
         fh.writelines(line + "\n" for line in lines)

@@ -59,6 +59,9 @@ class TopParams:
 
 @dataclass(frozen=True)
 class DemoParams:
+    # tiny: tasks the embedded 2-layer model can learn; assistant: the same plus hand-written
+    # self-cognition rows for a pretrained model (reprotune.data.demo_assistant)
+    kind: Literal["tiny", "assistant"] = "tiny"
     rows: int = _f(2400, **_rng(10, 10_000_000))
     seed: int = _f(0, **_rng(0, 2**32 - 1))
 

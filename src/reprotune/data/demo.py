@@ -20,6 +20,8 @@ import random
 from collections import Counter
 from typing import Any
 
+from reprotune.data import demo_assistant
+
 logger = logging.getLogger(__name__)
 
 # Shares of the single-turn rows per task; a task whose unique pool runs out passes its
@@ -122,6 +124,8 @@ SENTIMENT = {
                              "！", "，只给一星。", "，毁了我的一天。", "，真让人扫兴。")},
 }
 Row = dict[str, Any]
+# demo.kind -> the shares of the single-turn rows per task
+KINDS = {"tiny": TASK_WEIGHTS, "assistant": demo_assistant.TASK_WEIGHTS}
 
 
 def _row(task: str, lang: str, group: str, instruction: str, output: str, inp: str = "",
@@ -200,9 +204,10 @@ def _sentiment(label: str, rng: random.Random) -> list[Row]:
     return rows
 
 
-def _identity() -> list[Row]:
+def _identity(kind: str) -> list[Row]:
+    pool = demo_assistant.IDENTITY if kind == "assistant" else IDENTITY
     return [_row("identity", lang, f"identity:{lang}:{i}", q, a)
-            for lang, pairs in IDENTITY.items() for i, (q, a) in enumerate(pairs)]
+            for lang, pairs in pool.items() for i, (q, a) in enumerate(pairs)]
 
 
 class _ArithmeticPool:
@@ -327,14 +332,21 @@ def _malformed(kind: str, j: int, pool: _ArithmeticPool) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
-def _task_counts(n_single: int, caps: dict[str, int]) -> dict[str, int]:
-    counts = {t: min(int(w * n_single), caps.get(t, n_single)) for t, w in TASK_WEIGHTS.items()}
+def _task_counts(n_single: int, caps: dict[str, int], weights: dict[str, float]) -> dict[str, int]:
+    counts = {t: min(int(w * n_single), caps.get(t, n_single)) for t, w in weights.items()}
     counts["arithmetic"] = n_single - sum(v for t, v in counts.items() if t != "arithmetic")
     return counts
 
 
-def generate_demo_with_stats(rows: int, seed: int) -> tuple[list[str], dict[str, Any]]:
-    """The demo JSONL lines plus what was planted (tasks, formats, defects, expected rejects)."""
+def generate_demo_with_stats(rows: int, seed: int, kind: str = "tiny"
+                             ) -> tuple[list[str], dict[str, Any]]:
+    """The demo JSONL lines plus what was planted (tasks, formats, defects, expected rejects).
+
+    ``kind`` ``tiny``: tasks a 2-layer model can learn; ``assistant``: the same general tasks
+    plus hand-written self-cognition rows for a pretrained model (:mod:`.demo_assistant`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"demo.kind: {kind!r} is not one of {', '.join(KINDS)}")
     if rows < 10:
         raise ValueError(f"demo.rows: {rows} is too small, need at least 10")
     rng = random.Random(seed)
@@ -343,9 +355,10 @@ def generate_demo_with_stats(rows: int, seed: int) -> tuple[list[str], dict[str,
     n_dup, n_near, n_empty, n_multi = (rows * p // 100 for p in (DUP_PCT, NEAR_PCT, EMPTY_PCT, MULTI_PCT))
     n_single = rows - n_bad - n_dup - n_near - n_multi
     pos, neg = _sentiment("positive", rng), _sentiment("negative", rng)
-    pools = {"unit_conversion": _units(), "translation": _translation(), "identity": _identity()}
+    pools = {"unit_conversion": _units(), "translation": _translation(),
+             "identity": _identity(kind)}
     counts = _task_counts(n_single, {"sentiment": len(pos) + len(neg),
-                                     **{t: len(p) for t, p in pools.items()}})
+                                     **{t: len(p) for t, p in pools.items()}}, KINDS[kind])
     arith = _ArithmeticPool(rng, counts["arithmetic"] + n_multi + n_bad)
 
     base: list[Row] = []
@@ -380,7 +393,7 @@ def generate_demo_with_stats(rows: int, seed: int) -> tuple[list[str], dict[str,
     rng.shuffle(lines)
     good = base + dups + near
     stats = {
-        "rows": rows, "seed": seed, "lines": len(lines),
+        "rows": rows, "seed": seed, "kind": kind, "lines": len(lines),
         "tasks": dict(sorted(Counter(r["task"] for r in base).items())),
         "languages": dict(sorted(Counter(r["lang"] for r in base).items())),
         "formats": {"alpaca": sum("output" in r for r in good),
@@ -398,6 +411,6 @@ def generate_demo_with_stats(rows: int, seed: int) -> tuple[list[str], dict[str,
     return lines, stats
 
 
-def generate_demo(rows: int, seed: int) -> list[str]:
+def generate_demo(rows: int, seed: int, kind: str = "tiny") -> list[str]:
     """``rows`` JSONL lines (strings: a few are deliberately not valid JSON); same args, same lines."""
-    return generate_demo_with_stats(rows, seed)[0]
+    return generate_demo_with_stats(rows, seed, kind)[0]
