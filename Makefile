@@ -27,7 +27,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install lock repro test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
+.PHONY: install lock repro repro-real test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
         report plots serve verify review review-wins tune
 
 install: $(STAMP)
@@ -69,6 +69,12 @@ lock:
 
 repro: install
 	$(BIN)/dvc repro
+
+# The same pipeline with a real pretrained model (SmolLM2-135M-Instruct from its pinned wheel)
+# on the assistant demo, as one DVC experiment named after the preset (docs/models.md).
+PRESET ?= configs/presets/smollm2.yaml
+repro-real: install
+	$(BIN)/python -m reprotune.team.preset '$(PRESET)'
 
 test: install
 	$(BIN)/python -m pytest

@@ -24,6 +24,13 @@ from reprotune.evaluate.evaluation import (
     load_test_rows,
     metrics_file,
 )
+from reprotune.evaluate.forgetting import (
+    GeneralTextError,
+    compare_general,
+    load_general_text,
+    score_general_text,
+)
+from reprotune.evaluate.forgetting import report_section as forgetting_section
 from reprotune.evaluate.metrics import NonFiniteLossError
 from reprotune.evaluate.paired import compare_records, intervals_file
 from reprotune.evaluate.preference import gain as preference_gain
@@ -36,9 +43,11 @@ from reprotune.train.loading import resolve_model_dir
 
 DEFAULTS = {
     "base": {"model": "models/base", "metrics": "metrics/eval_base.json",
-             "predictions": "data/eval/predictions_base.jsonl"},
+             "predictions": "data/eval/predictions_base.jsonl",
+             "general": "data/eval/general_base.jsonl"},
     "finetuned": {"model": "models/finetuned", "metrics": "metrics/eval.json",
-                  "predictions": "data/eval/predictions.jsonl"},
+                  "predictions": "data/eval/predictions.jsonl",
+                  "general": "data/eval/general.jsonl"},
 }
 
 
@@ -86,6 +95,9 @@ def main() -> None:
     ap.add_argument("--base-metrics", help="eval_base metrics to compare with (finetuned)")
     ap.add_argument("--gain", help="where to write the fine-tuned minus base gains (finetuned)")
     ap.add_argument("--base-predictions", help="base predictions shown beside the examples")
+    ap.add_argument("--general", help="where to write the per-row general-text NLLs (the "
+                                      "forgetting check; default data/eval/general[_base].jsonl)")
+    ap.add_argument("--base-general", help="eval_base's general-text NLLs to compare with")
     ap.add_argument("--report", help="Markdown report to write, e.g. reports/eval.md")
     ap.add_argument("--confusion", help="confusion-matrix PNG to write")
     ap.add_argument("--pairs", help="test preference pairs (format's pairs/test.jsonl)")
@@ -121,7 +133,7 @@ def main() -> None:
     distributed.init_collectives(distributed.local_device(), timeout_s=600)
     shard = (distributed.rank(), distributed.world_size())
     io.clean_stale_temporaries(*(p for p in (args.metrics, args.predictions, args.report,
-                                             args.confusion, args.gain) if p))
+                                             args.confusion, args.gain, args.general) if p))
     runtime.seed_everything(args.seed)
     try:
         rows = load_test_rows(args.test)
@@ -129,7 +141,9 @@ def main() -> None:
         metrics, predictions = evaluate_model(model, tokenizer, rows, cfg,
                                               enable_thinking=enable_thinking, seed=args.seed,
                                               source=str(args.test), shard=shard)
-    except EvalDataError as exc:
+        general, general_records = ({}, []) if not distributed.is_main() else score_general_text(
+            model, tokenizer, load_general_text(cfg.general_text), cfg.batch_size)
+    except (EvalDataError, GeneralTextError) as exc:
         raise SystemExit(f"evaluate: {exc}") from None
     except NonFiniteLossError as exc:
         raise SystemExit(
@@ -145,6 +159,10 @@ def main() -> None:
     if not is_finite_metrics(metrics):
         raise SystemExit(f"{args.model}: non-finite metric values: {metrics}")
     io.write_jsonl(args.predictions, predictions)
+    io.write_jsonl(args.general, general_records)
+    metrics["general_perplexity"] = general["perplexity"]
+    metrics["settings"]["general_text"] = {"path": cfg.general_text, "rows": general["rows"],
+                                           "tokens": general["tokens"]}
     pairs = io.read_jsonl(args.pairs) if args.pairs and Path(args.pairs).is_file() else []
     preference = None
     if pairs and args.reference:  # data without pairs: every file exactly as before
@@ -172,6 +190,12 @@ def main() -> None:
             gain["intervals"] = intervals_file(comparison["paired"])
         if preference is not None:
             gain["preference"] = preference_gain(preference)
+        if args.base_general:
+            try:
+                forgetting = compare_general(io.read_jsonl(args.base_general), general_records)
+            except GeneralTextError as exc:
+                raise SystemExit(f"evaluate: {exc}") from None
+            comparison["forgetting"] = gain["forgetting"] = forgetting
         if args.gain:
             io.write_json(args.gain, gain)
     else:
@@ -188,6 +212,8 @@ def main() -> None:
                              base_predictions=base_preds)
         if preference is not None:
             text += report_section(preference)
+        if "forgetting" in comparison:
+            text += forgetting_section(comparison["forgetting"])
         write_report(args.report, text)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                         if isinstance(v, float) and k in ("bleu", "rouge_l", "f1", "accuracy",
@@ -195,6 +221,10 @@ def main() -> None:
     log.info("%s (%s) on %d rows, max_new_tokens %d (%s): %s; gain %s", args.model, args.kind,
              metrics["n_rows"], metrics["settings"]["max_new_tokens"], cfg.max_new_tokens,
              summary, comparison["gain"] or "n/a")
+    if "forgetting" in comparison:
+        f = comparison["forgetting"]
+        log.info("forgetting check: general-text perplexity %s -> %s, %+g [%s, %s]: %s",
+                 f["base"], f["finetuned"], f["diff"], f["low"], f["high"], f["verdict"])
     if metrics["cap_warning"]:
         log.warning("SUMMARY: %.0f%% of answers hit eval.max_new_tokens=%d (more than "
                     "eval.warn_capped=%g): raise it or use `auto`", 100 * metrics["capped_share"],

@@ -49,6 +49,8 @@ def test_two_processes_give_the_one_process_results(tmp_path: Path, tiny_base_di
     for processes, do_sample in ((1, True), (2, True), (2, False)):
         work = tmp_path / f"p{processes}{do_sample}"
         shutil.copytree(tiny_base_dir, work / "models" / "base")
+        (work / "data").mkdir(parents=True, exist_ok=True)
+        (work / "data" / "reference").symlink_to(ROOT / "data" / "reference")  # eval.general_text
         io.write_parquet(work / "data/processed/test.parquet", rows, schema=formatted_schema())
         proc = _stage(work, processes, do_sample)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -155,7 +155,8 @@ def test_demo_stage_runs_only_when_an_input_names_its_file(tmp_path: Path, input
     import subprocess
     import sys
 
-    for rel in ("dvc.yaml", *SUB_PIPELINES, "params.yaml", "stages", "src", "configs"):
+    for rel in ("dvc.yaml", *SUB_PIPELINES, "params.yaml", "stages", "src", "configs",
+                "data/reference"):
         src, dst = ROOT / rel, tmp_path / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)

@@ -226,6 +226,9 @@ class EvalParams:
     warn_capped: float = _f(0.25, **_rng(0, 1))
     # generation batches shared out over this many processes (GPUs; CPU cores here), same result
     num_processes: int = _f(1, **_rng(1, 1024))
+    # the forgetting check: JSONL {"text": ...} rows no stage trains on, scored by eval_base
+    # and evaluate (reprotune.evaluate.forgetting); a DVC dependency of both
+    general_text: str = "data/reference/general_text.jsonl"
 
 
 # TRL 1.16 DPOTrainer's loss_type values (trl/trainer/dpo_config.py)
@@ -549,6 +552,13 @@ def check_paths(raw: dict[str, Any], root: str | Path = ".") -> None:
         if not path.is_file():
             raise ParamsError(f"ingest.inputs[{i}]: {entry!r}: no such file; fix the path "
                               f"(relative to the repository root) or remove the entry")
+    general = build(EvalParams, raw.get("eval"), "eval").general_text
+    # a changed path is the user's to get right; the shipped default is the repository's (and
+    # a dvc.yaml dependency: DVC itself refuses to run without it)
+    if general != EvalParams.general_text and not (root / general).is_file():
+        raise ParamsError(f"eval.general_text: {general!r}: no such file; name a JSONL file of "
+                          f"{{\"text\": ...}} rows (relative to the repository root), e.g. the "
+                          f"shipped data/reference/general_text.jsonl")
     train = build(TrainParams, raw.get("train"), "train")
     if train.launcher == "accelerate" and not (root / train.accelerate_config).is_file():
         have = sorted(p.relative_to(root).as_posix()
