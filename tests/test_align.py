@@ -547,3 +547,39 @@ def test_patience_without_val_pairs_advises_patience_0_or_val_pairs():
                           "has 0; set align.patience: 0 (align then trains without evaluation)")
     assert "format.max_length" in msg and "data/processed/pairs/dropped.jsonl" in msg
     check_pairs("dpo", 0, 25, 0, "x")  # patience 0: align runs without evaluation
+
+
+@pytest.mark.slow
+def test_align_stage_without_val_pairs_refuses_patience_then_runs_with_0(pair_files, tmp_path):
+    """The stage as DVC runs it: patience 4 with 0 val pairs is one line naming both fixes;
+    patience 0 trains, writes the metrics and says there was no val evaluation."""
+    from ruamel.yaml import YAML
+
+    io.write_jsonl(tmp_path / "val.jsonl", [])
+    yaml = YAML()
+
+    def stage(patience: int) -> subprocess.CompletedProcess:
+        params = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        params["align"].update(method="dpo", max_steps=2, patience=patience)
+        with (tmp_path / "params.yaml").open("w", encoding="utf-8") as fh:
+            yaml.dump(params, fh)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "stages/align.py"), "--train", str(pair_files / "train.jsonl"),
+             "--val", str(tmp_path / "val.jsonl"), "--finetuned", str(pair_files / "sft"),
+             "--out", "aligned", "--checkpoints", "ckpt", "--live-dir", "curves",
+             "--metrics", "align.json"], cwd=tmp_path, capture_output=True, text=True,
+            timeout=600, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "", "HF_HUB_OFFLINE": "1"})
+
+    refused = stage(4)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "align: align.patience: 4 stops early on the val pairs, but the val split has 0; set "
+        "align.patience: 0 (align then trains without evaluation)")
+    ran = stage(0)
+    assert ran.returncode == 0, ran.stderr
+    assert "no val pairs, so no val evaluation" in ran.stderr
+    m = io.read_json(tmp_path / "align.json")
+    assert (m["val_pairs"], m["val_evaluated"], m["train_steps"], m["best_val_loss"]) == \
+        (0, False, 2, None)
+    assert "train_time_s" not in m  # timings go to the untracked metrics/timing
+    assert (tmp_path / "aligned" / "model.safetensors").is_file()
