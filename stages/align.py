@@ -54,6 +54,11 @@ def main() -> None:
     metrics, timing = split_timing(metrics)
     write_timing("align", timing)
     io.write_json(args.metrics, metrics)
+    if not metrics["val_evaluated"]:
+        log.info("align %s (%s): %d steps on %d train pairs; no val pairs, so no val evaluation "
+                 "(the last step's weights are kept)", cfg.method, "+".join(metrics["loss_type"]),
+                 metrics["train_steps"], metrics["train_pairs"])
+        return
     val = metrics["final_val"]
     log.info("align %s (%s): val loss %s -> %s in %d steps; val reward margin %s%s",
              cfg.method, "+".join(metrics["loss_type"]), metrics["initial_val_loss"],

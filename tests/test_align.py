@@ -445,3 +445,141 @@ def test_every_method_without_pairs_names_align_method(method):
     with pytest.raises(PairsError, match=rf"align.method: {method} needs preference pairs, but the "
                                          r"train split has 0"):
         check_pairs(method, 0, 0, 5, "data/interim/splits/train.jsonl")
+
+
+# --------------------------------------------------------------------------- val metrics
+def test_pair_weighted_mean_of_batch_means():
+    from reprotune.train.align_methods import batch_sizes, pair_weighted
+
+    assert batch_sizes(26, 8) == [8, 8, 8, 2] and batch_sizes(16, 8) == [8, 8]
+    # issue 29's case: 14 of 26 pairs right read 0.53125 as a mean of the 4 batch means
+    per_batch = [4 / 8, 5 / 8, 4 / 8, 1 / 2]
+    assert sum(per_batch) / 4 == 0.53125
+    assert pair_weighted(per_batch, batch_sizes(26, 8)) == pytest.approx(14 / 26)
+    with pytest.raises(ValueError, match="3 batch means for 4 batches"):
+        pair_weighted(per_batch[:3], batch_sizes(26, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_val_reward_accuracy_counts_pairs_not_batches(pair_files, method):
+    """10 val pairs in batches of 8, 3 of them with chosen and rejected swapped (the aligned
+    model prefers their rejected answer): the logged accuracy is right pairs / 10 (0.7, where
+    the mean of the two batch means would be 0.625), recomputed here from the aligned model's
+    log-probs (dpo: against the SFT reference; orpo: its reward, the mean answer log-prob)."""
+    from reprotune.evaluate.preference import answer_logps
+    from reprotune.train.align import align_model
+    from reprotune.train.loading import load_finetuned
+
+    recs = _synthetic(10, 7)
+    for i in (0, 1, 9):  # 6 of 8 right in the first batch, 1 of 2 in the second
+        prompt, chosen, rejected = sides(recs[i])
+        recs[i] = _record(prompt[0]["content"], rejected[0]["content"], chosen[0]["content"], i)
+    val10 = pair_files / "val10.jsonl"
+    rows, _, _ = format_pairs(iter(recs), load_finetuned(pair_files / "sft")[1], max_length=256,
+                              enable_thinking=False)
+    io.write_jsonl(val10, list(rows))
+    name = f"{method}_val10"
+    cfg = AlignParams(**{**(FAST if method == "dpo" else METHODS[method]), "max_steps": 2})
+    m = align_model(train_pairs=pair_files / "train.jsonl", val_pairs=val10,
+                    finetuned=pair_files / "sft", out_dir=pair_files / name,
+                    checkpoints_dir=pair_files / f"{name}_ckpt",
+                    live_dir=pair_files / f"{name}_curves", cfg=cfg, seed=0)
+    assert m["val_pairs"] == 10 and m["best_step"] == m["train_steps"] == 2
+    policy, tok, _ = load_finetuned(pair_files / name)  # the step-2 weights the last eval saw
+    pairs = io.read_jsonl(val10)
+    chosen, rejected = answer_logps(policy, pairs, batch_size=8, pad_id=tok.pad_token_id)
+    if method == "dpo":
+        ref_c, ref_r = answer_logps(load_finetuned(pair_files / "sft")[0], pairs, batch_size=8,
+                                    pad_id=tok.pad_token_id)
+        margins = [(c - rc) - (r - rr) for c, r, rc, rr in zip(chosen, rejected, ref_c, ref_r,
+                                                                 strict=True)]
+    else:
+        margins = [c / len(p["chosen_ids"]) - r / len(p["rejected_ids"])
+                   for c, r, p in zip(chosen, rejected, pairs, strict=True)]
+    assert min(abs(x) for x in margins) > 1e-4  # no near-tie that float order could flip
+    right = [x > 0 for x in margins]
+    assert (sum(right[:8]), sum(right[8:])) == (6, 1), margins
+    assert m["final_val"]["rewards/accuracies"] == pytest.approx(0.7, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "orpo", "simpo", "kto"])
+def test_no_val_pairs_and_patience_0_trains_without_evaluation(pair_files, method):
+    """Format can drop every val pair as too long (SmolLM2 at max_length 256 keeps 25 of
+    dpo_en_demo's 295 pairs, none in val): with align.patience 0 the run trains without
+    evaluation, saves and clears its checkpoints, keeps the last step's weights and says so."""
+    import torch
+
+    from reprotune.train.align import align_model
+    from reprotune.train.loading import load_finetuned
+
+    empty = pair_files / "val_empty.jsonl"
+    io.write_jsonl(empty, [])
+    name = f"{method}_noval"
+    cfg = AlignParams(**{**(FAST if method == "dpo" else METHODS[method]), "max_steps": 4})
+    m = align_model(train_pairs=pair_files / "train.jsonl", val_pairs=empty,
+                    finetuned=pair_files / "sft", out_dir=pair_files / name,
+                    checkpoints_dir=pair_files / f"{name}_ckpt",
+                    live_dir=pair_files / f"{name}_curves", cfg=cfg, seed=0)
+    assert (m["train_pairs"], m["val_pairs"], m["val_evaluated"], m["train_steps"]) == \
+        (32, 0, False, 4)
+    assert m["initial_val_loss"] is m["best_val_loss"] is m["best_step"] is None
+    assert m["final_val"] == {} and not m["stopped_early"]
+    assert not list((pair_files / f"{name}_ckpt").glob("checkpoint-*"))
+    curves = pair_files / f"{name}_curves" / "plots" / "metrics"
+    assert (curves / "val_loss.tsv").read_text().splitlines() == ["step\tval_loss"]
+    assert (curves / "val_rewards_accuracies.tsv").read_text().splitlines() == \
+        ["step\tval_rewards_accuracies"]
+    train = (curves / "train_loss.tsv").read_text().splitlines()[1:]
+    assert [ln.split("\t")[0] for ln in train] == ["1", "2", "3", "4"]
+    policy = load_finetuned(pair_files / name)[0]
+    sft = load_finetuned(pair_files / "sft")[0]
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), sft.parameters(),
+                                                     strict=True))
+
+
+def test_patience_without_val_pairs_advises_patience_0_or_val_pairs():
+    with pytest.raises(PairsError) as err:
+        check_pairs("dpo", 4, 25, 0, "data/processed/pairs/train.jsonl")
+    msg = str(err.value)
+    assert msg.startswith("align.patience: 4 stops early on the val pairs, but the val split "
+                          "has 0; set align.patience: 0 (align then trains without evaluation)")
+    assert "format.max_length" in msg and "data/processed/pairs/dropped.jsonl" in msg
+    check_pairs("dpo", 0, 25, 0, "x")  # patience 0: align runs without evaluation
+
+
+@pytest.mark.slow
+def test_align_stage_without_val_pairs_refuses_patience_then_runs_with_0(pair_files, tmp_path):
+    """The stage as DVC runs it: patience 4 with 0 val pairs is one line naming both fixes;
+    patience 0 trains, writes the metrics and says there was no val evaluation."""
+    from ruamel.yaml import YAML
+
+    io.write_jsonl(tmp_path / "val.jsonl", [])
+    yaml = YAML()
+
+    def stage(patience: int) -> subprocess.CompletedProcess:
+        params = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        params["align"].update(method="dpo", max_steps=2, patience=patience)
+        with (tmp_path / "params.yaml").open("w", encoding="utf-8") as fh:
+            yaml.dump(params, fh)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "stages/align.py"), "--train", str(pair_files / "train.jsonl"),
+             "--val", str(tmp_path / "val.jsonl"), "--finetuned", str(pair_files / "sft"),
+             "--out", "aligned", "--checkpoints", "ckpt", "--live-dir", "curves",
+             "--metrics", "align.json"], cwd=tmp_path, capture_output=True, text=True,
+            timeout=600, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "", "HF_HUB_OFFLINE": "1"})
+
+    refused = stage(4)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "align: align.patience: 4 stops early on the val pairs, but the val split has 0; set "
+        "align.patience: 0 (align then trains without evaluation)")
+    ran = stage(0)
+    assert ran.returncode == 0, ran.stderr
+    assert "no val pairs, so no val evaluation" in ran.stderr
+    m = io.read_json(tmp_path / "align.json")
+    assert (m["val_pairs"], m["val_evaluated"], m["train_steps"], m["best_val_loss"]) == \
+        (0, False, 2, None)
+    assert "train_time_s" not in m  # timings go to the untracked metrics/timing
+    assert (tmp_path / "aligned" / "model.safetensors").is_file()

@@ -155,11 +155,15 @@ def built_from(path: str | Path, inputs: list[str]) -> bool:
 
 
 def check_pairs(method: str, patience: int, n_train: int, n_val: int | None, where: str) -> None:
-    """``align.method`` other than none needs pairs in train (and, to stop early, in val)."""
+    """``align.method`` other than none needs pairs in train (and, to stop early, in val:
+    without val pairs align trains without evaluation)."""
     if method != "none" and n_train == 0:
         raise PairsError(f"align.method: {method} needs preference pairs, but the train split "
                          f"has 0 ({where}); add rows with chosen and rejected to ingest.inputs "
                          f"or set align.method: none")
     if method != "none" and n_val == 0 and patience > 0:
         raise PairsError(f"align.patience: {patience} stops early on the val pairs, but the val "
-                         f"split has 0; set align.patience: 0 or add pairs")
+                         f"split has 0; set align.patience: 0 (align then trains without "
+                         f"evaluation) or give val pairs: add pair rows, or raise "
+                         f"format.max_length if format dropped them as too long "
+                         f"(data/processed/pairs/dropped.jsonl)")

@@ -16,6 +16,9 @@ builds for the method:
   chat template and ``enable_thinking``, checked example by example, so a pair is never
   trained on a rendering format did not see; only completion tokens enter the loss;
 * early stopping on the val preference loss, the best checkpoint restored at the end;
+  without val pairs (format drops pairs longer than ``format.max_length``, so a short
+  limit can leave none) and ``align.patience: 0`` it trains without evaluation and keeps
+  the last step's weights (``val_evaluated: false`` in the metrics);
   checkpoints fingerprinted like train's (:func:`reprotune.train.training.resume_point`):
   a rerun of a killed run resumes; curves in DVC's plot layout (:mod:`reprotune.train.curves`).
 """
@@ -142,6 +145,17 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
+def evaluation_arguments(cfg: AlignParams, has_val: bool) -> dict[str, Any]:
+    """The TrainingArguments of the val evaluation: every ``align.eval_steps`` steps with the
+    best checkpoint restored at the end, or none at all without val pairs (format may drop
+    every val pair as too long; :func:`reprotune.data.preference.check_pairs` has refused
+    ``align.patience`` > 0 then)."""
+    if not has_val:
+        return {"eval_strategy": "no", "load_best_model_at_end": False}
+    return {"eval_strategy": "steps", "eval_steps": cfg.eval_steps, "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss", "greater_is_better": False}
+
+
 def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: str | Path,
                 out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
                 cfg: AlignParams, seed: int, qlora: Any = None,
@@ -177,9 +191,8 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
         # transformers 5: a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type="cosine", warmup_steps=min(cfg.warmup_ratio, 0.999999),
         optim="adamw_torch_fused", restore_callback_states_from_checkpoint=True,
-        logging_steps=cfg.logging_steps, eval_strategy="steps", eval_steps=cfg.eval_steps,
-        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.eval_steps,
+        save_total_limit=2, **evaluation_arguments(cfg, bool(val_rows)),
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
         dataloader_num_workers=0, disable_tqdm=True)
     resume, run_state = resume_point(ckpt_dir, fingerprint(
@@ -222,6 +235,8 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
         **info, "device": device.split(":")[0], "precision": precision,
         "reference": align_methods.reference(cfg, manifest["kind"]),
         "train_pairs": len(train_rows), "val_pairs": len(val_rows),
+        # without val pairs nothing was evaluated: no val numbers, the last step's weights
+        "val_evaluated": bool(val_rows),
         "train_steps": state.global_step, "max_steps": state.max_steps,
         "stopped_early": state.global_step < state.max_steps,
         "resumed_from_step": resume_step or 0, "best_step": state.best_global_step,

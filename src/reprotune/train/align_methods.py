@@ -192,6 +192,47 @@ def _reference_free(cfg: AlignParams, common: dict[str, Any], precompute: bool,
     return Trainer, args, dataset, expected
 
 
+# --------------------------------------------------------------------------- val metrics
+# per-pair means TRL logs batch by batch (dpo, orpo, simpo): averaged over pairs at evaluation
+PAIR_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen")
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The sizes of the batches a sequential, non-dropping loader cuts ``n`` examples into."""
+    return [min(batch_size, n - i) for i in range(0, n, batch_size)]
+
+
+def pair_weighted(per_batch: list[float], sizes: list[int]) -> float:
+    """The mean over pairs of a metric logged as one mean per batch of ``sizes`` pairs."""
+    if len(per_batch) != len(sizes):
+        raise ValueError(f"{len(per_batch)} batch means for {len(sizes)} batches")
+    return sum(float(v) * n for v, n in zip(per_batch, sizes, strict=True)) / sum(sizes)
+
+
+def pair_weighted_eval(cls: type) -> type:
+    """``cls`` whose val metrics are means over pairs. TRL averages its per-batch means, so a
+    short last batch weighs as much as a full one (26 val pairs in batches of 8: 14 right
+    pairs read 0.53125, not 14/26); each per-batch list is replaced by its pair-weighted mean
+    before TRL averages it. The eval loss is already a per-example mean (the Trainer's)."""
+
+    class PairWeighted(cls):  # type: ignore[misc, valid-type]
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "eval_loss" in logs and self.eval_dataset is not None:
+                sizes = batch_sizes(len(self.eval_dataset), self.args.per_device_eval_batch_size)
+                # DPOTrainer keeps {name: per-batch values} by mode; ORPO/CPO {eval_name: ...}
+                store, prefix = ((self._metrics["eval"], "") if hasattr(self, "_metrics")
+                                 else (self._stored_metrics["eval"], "eval_"))
+                for name in PAIR_MEANS:
+                    values = store.get(prefix + name)
+                    if values:
+                        store[prefix + name] = [pair_weighted([float(v) for v in values], sizes)]
+            super().log(logs, start_time)
+
+    PairWeighted.__name__ = PairWeighted.__qualname__ = cls.__name__
+    return PairWeighted
+
+
 BUILDERS = {"dpo": _dpo, "kto": _kto, "orpo": _reference_free, "simpo": _reference_free}
 
 
@@ -203,6 +244,8 @@ def build_trainer(cfg: AlignParams, *, model: Any, tokenizer: Any, common: dict[
     format's. ``common`` holds the TrainingArguments every method shares."""
     data = {"train": train_rows, "val": val_rows, "thinking": enable_thinking, "seed": seed}
     cls, args, dataset, expected = BUILDERS[cfg.method](cfg, common, precompute, data)
+    if cfg.method != "kto":  # KTO logs no pair accuracy; its means are per kind of answer
+        cls = pair_weighted_eval(cls)
     trainer = cls(model=model, args=args, train_dataset=dataset(train_rows),
                   eval_dataset=dataset(val_rows) if val_rows else None,
                   processing_class=tokenizer, callbacks=callbacks)
