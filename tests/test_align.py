@@ -227,7 +227,7 @@ def test_sft_mix_and_other_losses_run(pair_files):
     assert m["loss_type"] == ["ipo", "sft"] and m["train_steps"] == 2
 
 
-def test_killed_align_resumes_to_the_same_metrics(pair_files):
+def test_killed_align_resumes_to_the_same_metrics(pair_files, caplog):
     from transformers import TrainerCallback
 
     class Kill(TrainerCallback):
@@ -254,6 +254,14 @@ def test_killed_align_resumes_to_the_same_metrics(pair_files):
     for tsv in (pair_files / "whole_curves/plots/metrics").glob("*.tsv"):
         assert (pair_files / "killed_curves/plots/metrics" / tsv.name).read_text() == \
             tsv.read_text(), tsv.name
+    # the finished run left nothing behind: a rerun with another param starts fresh, silently
+    for out in ("killed", "killed_curves"):  # what DVC deletes before it reruns the stage
+        shutil.rmtree(pair_files / out)
+    caplog.clear()
+    again = _align(pair_files, "killed", AlignParams(**{**FAST, "lr": 1e-3, "max_steps": 2}))
+    assert again["resumed_from_step"] == 0 and again["train_steps"] == 2
+    assert not [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and r.name.startswith("reprotune")]
 
 
 def test_pass_through_writes_a_pointer_and_loaders_follow_it(pair_files):

@@ -189,6 +189,12 @@ def test_resume_point_clears_other_configs_and_partial_checkpoints(tmp_path, cap
     path, state = resume_point(ckpt, "new")
     assert path == ckpt / "checkpoint-8" and state["fingerprint"] == "new"
     assert not (ckpt / "checkpoint-12").exists()  # half-written: removed
+    # a finished run leaves only its run state: another config starts fresh without a warning
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    io.write_json(ckpt / RUN_STATE_FILE, {"fingerprint": "done", "status": "finished"})
+    caplog.clear()
+    assert resume_point(ckpt, "next")[0] is None and not caplog.records
 
 
 # --------------------------------------------------------------------------- training

@@ -151,15 +151,17 @@ def step_of(ckpt: Path) -> int:
 def resume_point(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict[str, Any]]:
     """Latest complete checkpoint of this run config (or None) and the run state.
 
-    Checkpoints of another config are cleared; half-written ones are removed.
+    Checkpoints of another config are cleared (with a warning: an interrupted run's work is
+    lost; a finished run left none); half-written ones are removed.
     """
     state_file = ckpt_dir / RUN_STATE_FILE
     state = io.read_json(state_file) if state_file.is_file() else {}
     if state.get("fingerprint") != fingerprint:
-        if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        if any(ckpt_dir.glob("checkpoint-*")):
             log.warning("checkpoints in %s belong to another run config (fingerprint %s, now %s); "
                         "clearing them and starting fresh", ckpt_dir,
                         str(state.get("fingerprint"))[:12], fingerprint[:12])
+        if ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         state = {"fingerprint": fingerprint, "status": "running", "initial_val_loss": None}
     ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()), key=step_of)
@@ -174,9 +176,14 @@ def resume_point(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict[st
 
 
 def finish_checkpoints(ckpt_dir: Path, state: dict[str, Any]) -> None:
-    """Delete the checkpoints of a finished run, keeping only its run state file."""
-    for p in ckpt_dir.glob("checkpoint-*"):
-        shutil.rmtree(p)
+    """Delete the checkpoints of a finished run (and what else the trainer wrote there, e.g.
+    TRL's model card), keeping only its run state file."""
+    for p in ckpt_dir.iterdir():
+        if p.name != RUN_STATE_FILE:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     io.write_json(ckpt_dir / RUN_STATE_FILE, {**state, "status": "finished"})
 
 
