@@ -7,11 +7,12 @@
 * loss only on assistant tokens: ``labels`` come from the format stage (-100 elsewhere) and
   :class:`PaddingCollator` pads them with -100 too;
 * one evaluation before training (``initial_val_loss``), then every ``train.eval_steps`` and
-  at the last step; early stopping after ``train.patience`` evaluations without a better val
-  loss; the best checkpoint is restored at the end;
+  at the last step, each on the same ``train.eval_rows`` val rows; early stopping after
+  ``train.patience`` evaluations without a better val loss; the best checkpoint is restored;
 * checkpoints go to their own directory with a fingerprint of params + data + base model.
   A rerun with the same fingerprint resumes from the latest complete checkpoint; another
-  fingerprint clears them. A finished run deletes its checkpoints. Resuming reads the
+  fingerprint clears them. A finished run deletes its checkpoints (the run state stays,
+  marked finished, so the next run starts fresh without a warning). Resuming reads the
   Trainer's optimizer/scheduler/RNG ``.pt`` files with ``torch.load(weights_only=True)``
   (the Trainer's own safe loader); they are this pipeline's own files, never downloads;
 * curves (train/val loss, learning rate, grad norm) are written in DVC's plot layout by
@@ -57,6 +58,7 @@ from reprotune.train import curves, distributed
 from reprotune.train.data import (
     PaddingCollator,
     check_sizes,
+    eval_subset,
     load_splits,
     scratch_dir,
     split_size,
@@ -481,6 +483,9 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         (train_path, val_path), scratch, vocab_size=config.vocab_size,
         max_positions=config.max_position_embeddings,
         extra_positions=virtual_tokens(method, cfg.prompt))
+    val_eval = eval_subset(val_rows, cfg.train.eval_rows)  # the rows every evaluation uses
+    log.info("evaluating %d of %d val rows (train.eval_rows: %d)", len(val_eval), len(val_rows),
+             cfg.train.eval_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_data: Any = train_rows
     if packing:
@@ -522,7 +527,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     padded = PaddingCollator(pad_id, 8 if device != "cpu" else None)
     trainer = _trainer_class()(
         model=model, args=args,
-        train_dataset=train_data, eval_dataset=val_rows, processing_class=tokenizer,
+        train_dataset=train_data, eval_dataset=val_eval, processing_class=tokenizer,
         # packs for training; evaluation stays padded, so val loss means the same either way
         data_collator=PackingCollator(
             unpacked=padded, pad_id=pad_id,
@@ -590,7 +595,8 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         "method": method, "device": device.split(":")[0], "precision": precision,
         "trainable_params": summary["trainable"], "total_params": summary["total"],
         "trainable_share": summary["share"], "train_rows": len(train_rows),
-        "val_rows": len(val_rows), "train_steps": state.global_step, "max_steps": state.max_steps,
+        "val_rows": len(val_rows), "val_rows_evaluated": len(val_eval),
+        "train_steps": state.global_step, "max_steps": state.max_steps,
         "epochs_done": round(float(state.epoch or 0), 4),
         "stopped_early": state.global_step < state.max_steps,
         "resumed_from_step": resume_step or 0, "best_step": state.best_global_step,
