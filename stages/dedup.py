@@ -36,6 +36,7 @@ def main() -> None:
              ", ".join(f"{k}={v}" for k, v in m["dropped"].items()), m["near_dup_clusters"])
     if not m["kept"]:
         sys.exit(f"dedup: no rows kept out of {m['in']} from {args.data}: {m['dropped']}")
+    io.note_empty(args.dropped, "no row was dropped")
 
 
 if __name__ == "__main__":

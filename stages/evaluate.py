@@ -229,6 +229,10 @@ def main() -> None:
         log.warning("SUMMARY: %.0f%% of answers hit eval.max_new_tokens=%d (more than "
                     "eval.warn_capped=%g): raise it or use `auto`", 100 * metrics["capped_share"],
                     metrics["settings"]["max_new_tokens"], cfg.warn_capped)
+    if args.pairs:  # the last line before DVC's warning about the empty file
+        io.note_empty(args.pairs, "no preference pairs in the test split (format writes it empty "
+                                  "for SFT-only data and logs pairs it dropped), so no preference "
+                                  "metrics")
     distributed.finish()  # after rank 0 wrote everything: the other ranks wait here
 
 

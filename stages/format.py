@@ -20,7 +20,7 @@ from reprotune.data import SPLITS
 from reprotune.data.format_stream import format_splits
 from reprotune.data.formatting import FormatError, combine_stats
 from reprotune.data.pairs import combine as combine_pairs
-from reprotune.data.pairs import format_pairs, pair_records
+from reprotune.data.pairs import emptied_splits, format_pairs, pair_records
 from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
 from reprotune.params import load_section
 from reprotune.plots import histogram
@@ -81,11 +81,17 @@ def main() -> None:
         stats["preference"] = combine_pairs(pair_stats)
         log.info("preference pairs: %d of %d kept, dropped %s", stats["preference"]["pairs_out"],
                  stats["preference"]["pairs_in"], stats["preference"]["dropped"])
+        for warning in emptied_splits(pair_stats):  # an empty file not explained by the data
+            log.warning("%s (%s)", warning, pairs_dropped)
+    else:
+        log.info("no preference pairs in the data (no row has a chosen and a rejected answer): "
+                 "%s/<split>.jsonl are empty", args.pairs_dir)
     io.write_json(args.metrics, stats)
     log.info("formatted %d/%d rows at max_length %d (%s): %d truncated (%.1f%%), dropped %s, "
              "%d label tokens", stats["rows_out"], stats["rows_in"], stats["max_length"],
              cfg.max_length, stats["truncated"], 100 * stats["truncated_share"],
              {k: v for k, v in stats["dropped"].items() if v}, stats["label_tokens"])
+    io.note_empty(args.dropped, "no row was dropped")
     if stats["truncation_warning"]:
         log.warning("SUMMARY: %.1f%% of rows truncated (more than format.warn_truncated=%g)",
                     100 * stats["truncated_share"], cfg.warn_truncated)

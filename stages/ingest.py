@@ -35,11 +35,9 @@ def main() -> None:
              len(cfg.inputs), c["rejected_total"], reasons)
     for path, b in c["files"].items():
         log.info("  %s: %d rows in, %d kept", path, b["rows_in"], b["kept"])
-    if not c["rejected_total"]:  # DVC then warns "'...rejected.jsonl' is empty": expected
-        log.info("no row rejected: %s is empty on purpose (DVC's \"is empty\" note about it "
-                 "needs no action)", args.rejected)
     if c["kept"] == 0:  # every file passed its own check, so this is only reachable by hand
         sys.exit(f"ingest: no rows kept out of {c['rows_in']}; see {args.rejected}")
+    io.note_empty(args.rejected, "no row was rejected")
 
 
 if __name__ == "__main__":

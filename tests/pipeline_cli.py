@@ -33,3 +33,10 @@ def dvc(cwd: Path, *args: str, timeout: int = 1500) -> str:
 def ran(output: str) -> set[str]:
     """The stages a dvc command ran (names as dvc prints them, e.g. `data/raw/dvc.yaml:demo`)."""
     return set(re.findall(r"Running stage '([\w@./:-]+)'", output))
+
+
+def unexplained_empty(output: str) -> list[str]:
+    """Files DVC warned "'<path>' is empty." about without the stage saying why: each stage
+    that can leave a file empty logs "<path> is empty: <why>" (reprotune.io.note_empty)."""
+    warned = re.findall(r"WARNING: '([^']+)' is empty\.", output)
+    return [p for p in warned if f"{p} is empty: " not in output]

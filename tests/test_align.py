@@ -14,7 +14,7 @@ import pytest
 
 from reprotune import io
 from reprotune.data.ingest import convert_row, ingest_rows
-from reprotune.data.pairs import DROP_TOO_LONG, format_pairs, pair_records
+from reprotune.data.pairs import DROP_TOO_LONG, emptied_splits, format_pairs, pair_records
 from reprotune.data.preference import PairsError, check_pairs, count_pairs, sides
 from reprotune.data.readers import RawRow
 from reprotune.params import AlignParams
@@ -99,6 +99,14 @@ def test_format_pairs_match_the_template_and_drop_long_pairs(tiny_base_dir):
                                   add_generation_prompt=True, enable_thinking=False)["input_ids"]
     assert row["prompt_ids"] == list(gen)  # the empty think block is prompt, never loss
     assert row["rejected"] == [{"role": "assistant", "content": "计算 答案是 19。"}]
+    # one split lost every pair to the length limit: a warning; data without pairs: none
+    long_rows, long_only, _ = format_pairs(iter(recs[1:]), tok, max_length=128,
+                                           enable_thinking=False)
+    assert list(long_rows) == []
+    assert emptied_splits({"train": stats, "test": long_only}) == [
+        "preference pairs: every one of the test split's 1 pairs was dropped (pair_too_long=1), "
+        "so its pairs file is empty: raise format.max_length or shorten them"]
+    assert emptied_splits({"train": stats, "val": {"pairs_in": 0, "pairs_out": 0}}) == []
 
 
 # --------------------------------------------------------------------------- bad input
@@ -219,7 +227,7 @@ def test_sft_mix_and_other_losses_run(pair_files):
     assert m["loss_type"] == ["ipo", "sft"] and m["train_steps"] == 2
 
 
-def test_killed_align_resumes_to_the_same_metrics(pair_files):
+def test_killed_align_resumes_to_the_same_metrics(pair_files, caplog):
     from transformers import TrainerCallback
 
     class Kill(TrainerCallback):
@@ -246,6 +254,14 @@ def test_killed_align_resumes_to_the_same_metrics(pair_files):
     for tsv in (pair_files / "whole_curves/plots/metrics").glob("*.tsv"):
         assert (pair_files / "killed_curves/plots/metrics" / tsv.name).read_text() == \
             tsv.read_text(), tsv.name
+    # the finished run left nothing behind: a rerun with another param starts fresh, silently
+    for out in ("killed", "killed_curves"):  # what DVC deletes before it reruns the stage
+        shutil.rmtree(pair_files / out)
+    caplog.clear()
+    again = _align(pair_files, "killed", AlignParams(**{**FAST, "lr": 1e-3, "max_steps": 2}))
+    assert again["resumed_from_step"] == 0 and again["train_steps"] == 2
+    assert not [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and r.name.startswith("reprotune")]
 
 
 def test_pass_through_writes_a_pointer_and_loaders_follow_it(pair_files):

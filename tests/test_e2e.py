@@ -19,6 +19,7 @@ from pipeline_cli import dvc as _dvc
 from pipeline_cli import env as _env
 from pipeline_cli import ran as _ran
 from pipeline_cli import run as _run
+from pipeline_cli import unexplained_empty
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_then_noop(project: Path) -> None:
     out = _dvc(project, "repro")
+    # the demo has no preference pairs (and format drops no row): each of DVC's "is empty"
+    # warnings comes with the stage's one line saying why
+    assert "WARNING: 'data/processed/pairs/test.jsonl' is empty." in out
+    assert "data/processed/pairs/test.jsonl is empty: no preference pairs" in out
+    assert not unexplained_empty(out), out[-6000:]
     assert {"check", DEMO, "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
             "split", "train"} <= _ran(out)
     m = lambda name: json.loads((project / "metrics" / f"{name}.json").read_text())  # noqa: E731

@@ -16,7 +16,7 @@ import pytest
 
 from reprotune import io
 from reprotune.params import LoraParams, PromptParams, TopParams, TrainParams
-from reprotune.train.data import check_rows
+from reprotune.train.data import check_rows, eval_indices
 from reprotune.train.loading import load_finetuned
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.training import (
@@ -189,6 +189,12 @@ def test_resume_point_clears_other_configs_and_partial_checkpoints(tmp_path, cap
     path, state = resume_point(ckpt, "new")
     assert path == ckpt / "checkpoint-8" and state["fingerprint"] == "new"
     assert not (ckpt / "checkpoint-12").exists()  # half-written: removed
+    # a finished run leaves only its run state: another config starts fresh without a warning
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    io.write_json(ckpt / RUN_STATE_FILE, {"fingerprint": "done", "status": "finished"})
+    caplog.clear()
+    assert resume_point(ckpt, "next")[0] is None and not caplog.records
 
 
 # --------------------------------------------------------------------------- training
@@ -280,6 +286,46 @@ def test_loop_options_schedule_accumulation_and_checkpointing(tmp_path, tiny_bas
     assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2])
     drops = [a - b for a, b in zip(lrs[2:-1], lrs[3:], strict=True)]
     assert len(drops) == 5 and drops == pytest.approx([1e-2 / 6] * 5)
+
+
+def test_eval_indices_spread_a_capped_val_pass_over_the_split():
+    assert eval_indices(5, 0).tolist() == eval_indices(5, 9).tolist() == [0, 1, 2, 3, 4]
+    assert eval_indices(16, 5).tolist() == [0, 3, 6, 9, 12]
+    picked = eval_indices(206, 64)
+    assert len(set(picked.tolist())) == 64 and picked[0] == 0 and picked[-1] == 202
+    assert (picked < 103).sum() == 32  # both halves of the split (e.g. two inputs) equally
+
+
+def test_eval_rows_caps_every_evaluation_to_the_same_rows(tmp_path, tiny_base_dir):
+    """train.eval_rows: the val loss before step 1, early stopping and the restored best
+    checkpoint all use the same 5 of the 16 val rows (about 3 s)."""
+    from transformers import AutoModelForCausalLM
+
+    val = make_rows(16, 1, down=True)
+    picked = [val[i] for i in (0, 3, 6, 9, 12)]
+    cfg = config("full", lr=2e-2, max_steps=60, eval_steps=2, patience=2, eval_rows=5)
+    m = run(tmp_path, tiny_base_dir, cfg, val=val)
+    assert (m["val_rows"], m["val_rows_evaluated"]) == (16, 5)
+    assert m["stopped_early"] and m["train_steps"] == m["best_step"] + 2 * 2
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    model, tokenizer, _ = load_finetuned(tmp_path / "out")
+    pad = tokenizer.pad_token_id
+    assert val_loss(base, picked, 8, pad) == pytest.approx(m["initial_val_loss"], abs=1e-4)
+    assert val_loss(model, picked, 8, pad) == pytest.approx(m["best_val_loss"], abs=1e-4)
+    assert val_loss(model, val, 8, pad) != pytest.approx(m["best_val_loss"], abs=1e-3)
+
+
+def test_a_finished_run_leaves_nothing_to_resume_or_warn_about(tmp_path, tiny_base_dir, caplog):
+    """After a finished run, a rerun with another param starts fresh, silently (about 4 s)."""
+    run(tmp_path, tiny_base_dir, config("full"))
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [RUN_STATE_FILE]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="reprotune"):
+        m = run(tmp_path, tiny_base_dir, config("full", lr=5e-3))
+    assert m["resumed_from_step"] == 0 and "resuming" not in caplog.text
+    assert not [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and r.name.startswith("reprotune")]
+    assert io.read_json(tmp_path / "ckpt" / RUN_STATE_FILE)["status"] == "finished"
 
 
 def test_bad_param_leaves_an_interrupted_runs_checkpoints(tmp_path, tiny_base_dir):

@@ -159,3 +159,17 @@ def test_gradient_checkpointing_alias_notice_from_trl_is_ignored() -> None:
                 runtime.quiet_third_party()
             assert model.is_gradient_checkpointing is False
         assert any("is_gradient_checkpointing" in str(w.message) for w in seen) is not quiet
+
+
+def test_an_empty_stage_file_says_why_before_dvcs_warning(tmp_path, caplog) -> None:
+    """DVC's "'<path>' is empty." comes without a reason: the stage logs it (note_empty)."""
+    from reprotune import io
+
+    empty, rows = tmp_path / "dropped.jsonl", tmp_path / "kept.jsonl"
+    io.write_jsonl(empty, [])
+    io.write_jsonl(rows, [{"id": 1}])
+    with caplog.at_level(logging.INFO, logger="reprotune"):
+        assert io.note_empty(empty, "no row was dropped")
+        assert not io.note_empty(rows, "never said") and not io.note_empty(tmp_path / "x", "no")
+    assert caplog.messages == [f"{empty} is empty: no row was dropped (DVC's \"is empty\" "
+                               f"warning about it needs no action)"]

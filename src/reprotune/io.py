@@ -147,6 +147,21 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
+def note_empty(path: str | Path, why: str) -> bool:
+    """When ``path`` is an empty file, log one line saying why and return True.
+
+    DVC warns "'<path>' is empty." about every empty output or dependency of the stage it
+    just ran, without a reason; the stage that knows the reason calls this last, so the
+    explanation comes right before DVC's warning.
+    """
+    p = Path(path)
+    if not (p.is_file() and p.stat().st_size == 0):
+        return False
+    logger.info("%s is empty: %s (DVC's \"is empty\" warning about it needs no action)",
+                path, why)
+    return True
+
+
 def jsonl_line(row: dict[str, Any]) -> str:
     """One JSONL line as this project writes it: keys in their own order (never sorted: a
     tool schema's key order is the user's), text unescaped, NaN refused."""

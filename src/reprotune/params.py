@@ -156,6 +156,9 @@ class SplitParams:
 class TrainParams:
     max_steps: int = _f(-1, **_rng(-1, None))
     eval_steps: int = _f(25, **_rng(1, None))
+    # val rows the train stage evaluates, before step 1 and at each evaluation: evenly
+    # spaced over the val split, the same rows every time (train/data.py); 0 = all
+    eval_rows: int = _f(64, **_rng(0, None))
     logging_steps: int = _f(5, **_rng(1, None))
     patience: int = _f(4, **_rng(0, None))
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"

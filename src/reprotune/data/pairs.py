@@ -126,3 +126,12 @@ def combine(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
            "splits": {name: {k: s[k] for k in ("pairs_in", "pairs_out")} for name, s in stats.items()}}
     assert out["pairs_in"] == out["pairs_out"] + sum(out["dropped"].values())
     return out
+
+
+def emptied_splits(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """One warning per split that had pairs but kept none (its pairs file is then empty
+    because of the length limit or the template, not because the data has no pairs)."""
+    return [f"preference pairs: every one of the {name} split's {s['pairs_in']} pairs was "
+            f"dropped ({', '.join(f'{k}={v}' for k, v in s['dropped'].items() if v)}), so its "
+            f"pairs file is empty: raise format.max_length or shorten them"
+            for name, s in stats.items() if s["pairs_in"] and not s["pairs_out"]]

@@ -194,6 +194,36 @@ class ArrowSplit:
         return (self[i] for i in range(len(self)))
 
 
+def eval_indices(n: int, cap: int) -> np.ndarray:
+    """Rows of an ``n``-row val split that evaluation uses (``train.eval_rows``): all of them
+    when ``cap`` is 0 or at least ``n``, else ``cap`` rows evenly spaced over the split's
+    stored order (row ``i * n // cap``), so a split made of several inputs is sampled from
+    each, with no seed, and every evaluation of the run sees the same rows."""
+    if cap == 0 or cap >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.arange(cap, dtype=np.int64) * n // cap
+
+
+class RowSubset:
+    """Some rows of an :class:`ArrowSplit` (a map-style dataset, ``lengths`` like a split's)."""
+
+    def __init__(self, rows: ArrowSplit, indices: np.ndarray) -> None:
+        self.rows, self.indices = rows, indices
+        self.lengths = rows.lengths[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.rows[int(self.indices[i])]
+
+
+def eval_subset(rows: ArrowSplit, cap: int) -> ArrowSplit | RowSubset:
+    """The val rows evaluation uses (:func:`eval_indices`); the split itself when all."""
+    idx = eval_indices(len(rows), cap)
+    return rows if len(idx) == len(rows) else RowSubset(rows, idx)
+
+
 def load_split(path: str | Path, scratch: str | Path, *, vocab_size: int, max_positions: int,
                extra_positions: int = 0) -> ArrowSplit:
     """Check a split Parquet file batch by batch and memory-map it as Arrow (see the module

@@ -7,11 +7,12 @@
 * loss only on assistant tokens: ``labels`` come from the format stage (-100 elsewhere) and
   :class:`PaddingCollator` pads them with -100 too;
 * one evaluation before training (``initial_val_loss``), then every ``train.eval_steps`` and
-  at the last step; early stopping after ``train.patience`` evaluations without a better val
-  loss; the best checkpoint is restored at the end;
+  at the last step, each on the same ``train.eval_rows`` val rows; early stopping after
+  ``train.patience`` evaluations without a better val loss; the best checkpoint is restored;
 * checkpoints go to their own directory with a fingerprint of params + data + base model.
   A rerun with the same fingerprint resumes from the latest complete checkpoint; another
-  fingerprint clears them. A finished run deletes its checkpoints. Resuming reads the
+  fingerprint clears them. A finished run deletes its checkpoints (the run state stays,
+  marked finished, so the next run starts fresh without a warning). Resuming reads the
   Trainer's optimizer/scheduler/RNG ``.pt`` files with ``torch.load(weights_only=True)``
   (the Trainer's own safe loader); they are this pipeline's own files, never downloads;
 * curves (train/val loss, learning rate, grad norm) are written in DVC's plot layout by
@@ -57,6 +58,7 @@ from reprotune.train import curves, distributed
 from reprotune.train.data import (
     PaddingCollator,
     check_sizes,
+    eval_subset,
     load_splits,
     scratch_dir,
     split_size,
@@ -151,15 +153,17 @@ def step_of(ckpt: Path) -> int:
 def resume_point(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict[str, Any]]:
     """Latest complete checkpoint of this run config (or None) and the run state.
 
-    Checkpoints of another config are cleared; half-written ones are removed.
+    Checkpoints of another config are cleared (with a warning: an interrupted run's work is
+    lost; a finished run left none); half-written ones are removed.
     """
     state_file = ckpt_dir / RUN_STATE_FILE
     state = io.read_json(state_file) if state_file.is_file() else {}
     if state.get("fingerprint") != fingerprint:
-        if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        if any(ckpt_dir.glob("checkpoint-*")):
             log.warning("checkpoints in %s belong to another run config (fingerprint %s, now %s); "
                         "clearing them and starting fresh", ckpt_dir,
                         str(state.get("fingerprint"))[:12], fingerprint[:12])
+        if ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         state = {"fingerprint": fingerprint, "status": "running", "initial_val_loss": None}
     ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()), key=step_of)
@@ -174,9 +178,14 @@ def resume_point(ckpt_dir: Path, fingerprint: str) -> tuple[Path | None, dict[st
 
 
 def finish_checkpoints(ckpt_dir: Path, state: dict[str, Any]) -> None:
-    """Delete the checkpoints of a finished run, keeping only its run state file."""
-    for p in ckpt_dir.glob("checkpoint-*"):
-        shutil.rmtree(p)
+    """Delete the checkpoints of a finished run (and what else the trainer wrote there, e.g.
+    TRL's model card), keeping only its run state file."""
+    for p in ckpt_dir.iterdir():
+        if p.name != RUN_STATE_FILE:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     io.write_json(ckpt_dir / RUN_STATE_FILE, {**state, "status": "finished"})
 
 
@@ -474,6 +483,9 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         (train_path, val_path), scratch, vocab_size=config.vocab_size,
         max_positions=config.max_position_embeddings,
         extra_positions=virtual_tokens(method, cfg.prompt))
+    val_eval = eval_subset(val_rows, cfg.train.eval_rows)  # the rows every evaluation uses
+    log.info("evaluating %d of %d val rows (train.eval_rows: %d)", len(val_eval), len(val_rows),
+             cfg.train.eval_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_data: Any = train_rows
     if packing:
@@ -515,7 +527,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     padded = PaddingCollator(pad_id, 8 if device != "cpu" else None)
     trainer = _trainer_class()(
         model=model, args=args,
-        train_dataset=train_data, eval_dataset=val_rows, processing_class=tokenizer,
+        train_dataset=train_data, eval_dataset=val_eval, processing_class=tokenizer,
         # packs for training; evaluation stays padded, so val loss means the same either way
         data_collator=PackingCollator(
             unpacked=padded, pad_id=pad_id,
@@ -583,7 +595,8 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         "method": method, "device": device.split(":")[0], "precision": precision,
         "trainable_params": summary["trainable"], "total_params": summary["total"],
         "trainable_share": summary["share"], "train_rows": len(train_rows),
-        "val_rows": len(val_rows), "train_steps": state.global_step, "max_steps": state.max_steps,
+        "val_rows": len(val_rows), "val_rows_evaluated": len(val_eval),
+        "train_steps": state.global_step, "max_steps": state.max_steps,
         "epochs_done": round(float(state.epoch or 0), 4),
         "stopped_early": state.global_step < state.max_steps,
         "resumed_from_step": resume_step or 0, "best_step": state.best_global_step,
