@@ -14,8 +14,9 @@ from reprotune.deploy.gguf_export import (  # noqa: E402
     GGUF_FILE,
     GGUFUnsupported,
     export_gguf,
-    load_gguf,
+    load_exported,
     read_gguf_summary,
+    rope_permute,
 )
 
 KEEP = ["embed_tokens", "lm_head"]
@@ -98,7 +99,7 @@ def test_tokenizer_metadata(exported: dict, tiny_base_dir: Path) -> None:
 def test_transformers_roundtrip_same_greedy_tokens(exported: dict, tiny_base_dir: Path,
                                                    qtype: str) -> None:
     model, tok = _hf(tiny_base_dir)
-    g_model, g_tok = load_gguf(exported[qtype]["path"])
+    g_model, g_tok = load_exported(exported[qtype]["path"])
     assert g_model.config.head_dim == 16  # read from qwen3.attention.key_length
     assert g_tok.chat_template == tok.chat_template
     text = tok.apply_chat_template([{"role": "user", "content": "What is 12 plus 7? 计算"}],
@@ -131,19 +132,108 @@ def test_untied_model_writes_output_tensor(tiny_base_dir: Path, tmp_path: Path) 
     assert s["tensors"]["output.weight"]["shape"] == [cfg.vocab_size, cfg.hidden_size]
     assert s["tensors"]["token_embd.weight"]["type"] == "Q8_0"  # nothing kept this time
     assert s["enable_thinking"] is True
-    g_model, _ = load_gguf(out)
+    g_model, _ = load_exported(out)
     assert g_model.config.tie_word_embeddings is False
     ids = [100, 101, 102, 103]  # ordinary tokens (ids below 26 are the added tokens)
     assert _greedy(g_model, ids, 4) == _greedy(model.eval(), ids, 4)
 
 
-def test_non_qwen3_is_unsupported(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_other_architectures_are_refused_in_one_line(tmp_path: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
-    with pytest.raises(GGUFUnsupported, match="qwen3"):
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1)).save_pretrained(tmp_path)
+    with pytest.raises(GGUFUnsupported) as exc:
         export_gguf(tmp_path, tmp_path / GGUF_FILE, qtype="f16", keep_full_precision=[],
+                    enable_thinking=False, chat_template_sha256="x")
+    assert str(exc.value) == "GGUF export supports model_type 'qwen3' or 'llama' only, got 'qwen2'"
+    assert not (tmp_path / GGUF_FILE).exists()
+
+
+def test_rope_permute_interleaves_the_halves_of_each_head() -> None:
+    """HF rotate-half rows (x0..x3 | y0..y3 per head) -> ggml's pairs (x0 y0 x1 y1 ...)."""
+    w = torch.arange(2 * 8).reshape(16, 1)  # 2 heads of head_dim 8, one column
+    assert rope_permute(w, 2)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7,
+                                                  8, 12, 9, 13, 10, 14, 11, 15]
+    assert rope_permute(torch.arange(8), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]  # a bias
+
+
+def _tiny_llama(tiny_base_dir: Path, out: Path, pre_tokenizer: dict | None) -> Path:
+    """A random 2-layer Llama (grouped-query attention, untied head) with the tiny
+    tokenizer, its pre-tokenizer replaced by ``pre_tokenizer``."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=False,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(3)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    if pre_tokenizer is not None:
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        spec["pre_tokenizer"] = pre_tokenizer
+        tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tok.save_pretrained(out)
+    return out
+
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+              "use_regex": True}
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_llama_roundtrip_is_exact_up_to_the_quantisation(tiny_base_dir: Path, tmp_path: Path,
+                                                         qtype: str) -> None:
+    """A Llama file: llama metadata, Q/K permuted for ggml's rope; transformers' loader
+    reverse-permutes, so every weight comes back as exactly the F16 / Q8_0 rounding of the
+    source's, and the tokenizer (GPT-2's split) encodes the same ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _tiny_llama(tiny_base_dir, tmp_path / "llama", BYTE_LEVEL)
+    out = tmp_path / GGUF_FILE
+    info = export_gguf(src, out, qtype=qtype, keep_full_precision=["embed_tokens"],
+                       enable_thinking=False, chat_template_sha256="x")
+    s = read_gguf_summary(out)
+    assert s["architecture"] == "llama" and s["block_count"] == 2
+    assert s["rope_dimension_count"] == s["key_length"] == 16
+    assert s["tensors"]["blk.0.attn_k.weight"]["shape"] == [32, 64]  # 2 kv heads x 16
+    assert s["tensors"]["output.weight"]["type"] == ("Q8_0" if qtype == "q8_0" else "F16")
+    reader = gguf.GGUFReader(str(out))
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+    assert reader.get_field("tokenizer.ggml.add_bos_token").contents() is False
+
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    g_model, g_tok = load_exported(out)
+    qt = gguf.GGMLQuantizationType.Q8_0
+    for name, w in model.state_dict().items():
+        if w.ndim == 2 and qtype == "q8_0" and "embed_tokens" not in name:
+            expected = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qt), qt)
+            expected = torch.from_numpy(expected.reshape(w.shape))
+        else:
+            expected = w.half().float() if w.ndim == 2 else w
+        assert torch.equal(g_model.state_dict()[name], expected), name
+    assert (len(info["layer_errors"]) == 15) == (qtype == "q8_0")  # 7 x 2 layers + output
+    text = "Add 12345 and 678, then say 你好 twice."
+    assert g_tok(text, add_special_tokens=False)["input_ids"] == tok(
+        text, add_special_tokens=False)["input_ids"]
+    assert g_tok.chat_template == tok.chat_template
+
+
+def test_llama_with_an_unknown_pre_tokenizer_is_refused(tiny_base_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """The tiny tokenizer's own Qwen2 split regex has no llama.cpp name for a Llama file."""
+    src = _tiny_llama(tiny_base_dir, tmp_path / "llama", None)
+    with pytest.raises(GGUFUnsupported, match=r"pre-tokenizer \(Split\+ByteLevel\) is "
+                                              r"neither GPT-2's byte-level split nor one of "
+                                              r"smollm: the GGUF would tokenize differently"):
+        export_gguf(src, tmp_path / GGUF_FILE, qtype="f16", keep_full_precision=[],
                     enable_thinking=False, chat_template_sha256="x")
     assert not (tmp_path / GGUF_FILE).exists()
 

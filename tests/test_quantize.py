@@ -213,13 +213,15 @@ def test_quantize_all_refuses_drifted_training_template(work: Path, tmp_path: Pa
 
 
 def test_skipped_method_has_recorded_reason(work: Path, tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    # a llama-architecture "merged" model: GGUF export maps qwen3 only -> skipped, not absent
+    # a qwen2-architecture "merged" model: GGUF export maps qwen3 and llama only -> skipped,
+    # not absent
     merged = tmp_path / "merged"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer(work / "merged")), hidden_size=32,
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(load_tokenizer(work / "merged")), hidden_size=32,
                                  intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(merged)
+                                 num_attention_heads=2,
+                                 num_key_value_heads=1)).save_pretrained(merged)
     for f in (work / "merged").iterdir():
         if f.name.startswith(("tokenizer", "chat_template")) or f.name == MERGED_INFO_FILE:
             shutil.copy2(f, merged / f.name)
@@ -227,7 +229,7 @@ def test_skipped_method_has_recorded_reason(work: Path, tmp_path: Path) -> None:
                                     methods=["gguf_q8_0"], keep=KEEP, eval_params=EVAL,
                                     eval_rows=2, enable_thinking=False, seed=0)
     assert metrics["gguf_q8_0"]["status"] == "skipped"
-    assert "qwen3" in metrics["gguf_q8_0"]["reason"]
+    assert "'qwen3' or 'llama' only, got 'qwen2'" in metrics["gguf_q8_0"]["reason"]
     assert io.read_json(tmp_path / "q" / "gguf_q8_0" / QUANT_INFO_FILE)["status"] == "skipped"
     assert metrics["merged"]["status"] == "ok" and metrics["format_ok"] is True
 

@@ -348,3 +348,48 @@ print(json.dumps(s.decode([t for t in out if t not in s.stops])))
     bad = subprocess.run([sys.executable, "-m", "reprotune.deploy.server", "--dtype", "fp8"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
+
+
+REAL_PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
+                [{"role": "user", "content": "计算 12 加 7 等于多少？"}]]
+
+
+@pytest.mark.slow
+def test_real_pretrained_model_serves_like_offline_greedy(smollm2_base: Path,
+                                                          tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (Llama, 9 query / 3 KV heads) as a zero-step full fine-tune's
+    merge output: the server renders its ChatML template (which adds the default system
+    prompt), stops at <|im_end|>, and answers what offline greedy generation answers
+    (streaming and batching are the tiny model's tests above). ~50 CPU-seconds: a model
+    save and copy, one offline load, the server's start, 2 short requests."""
+    from reprotune.deploy.merge import merge_finetuned
+    from reprotune.evaluate.generation import generate_ids
+    from reprotune.modeling import load_model, load_tokenizer
+    from reprotune.train.loading import save_finetuned
+
+    save_finetuned(load_model(smollm2_base), load_tokenizer(smollm2_base), tmp_path / "ft",
+                   method="full", base_dir=smollm2_base, enable_thinking=False)
+    merge_finetuned(tmp_path / "ft", tmp_path / "merged")
+    served = load_served_model(tmp_path / "merged")
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert system in served.tokenizer.decode(served.render(REAL_PROMPTS[0]))
+    assert served.tokenizer.convert_ids_to_tokens(served.stops) == ["<|im_end|>"]
+    want = []
+    for messages in REAL_PROMPTS:
+        out = generate_ids(served.model, [served.render(messages)], stops=served.stops,
+                           pad_id=served.tokenizer.pad_token_id, max_new_tokens=16,
+                           batch_size=1, progress=False)[0]
+        want.append(served.decode([t for t in out if t not in served.stops]))
+    assert want[0] == "The capital of France is Paris."
+    del served
+    proc, url = _start(tmp_path / "merged")
+    try:
+        client = _client(url)
+        for messages, expected in zip(REAL_PROMPTS, want, strict=True):
+            resp = client.chat.completions.create(model="merged", messages=messages,
+                                                  max_tokens=16)
+            assert resp.choices[0].message.content == expected
+        assert resp.usage.prompt_tokens == len(load_tokenizer(smollm2_base).apply_chat_template(
+            REAL_PROMPTS[1], add_generation_prompt=True, tokenize=True)["input_ids"])
+    finally:
+        assert _stop(proc) == 0

@@ -75,6 +75,20 @@ def _string(field: Any) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+def _unmapped_head_dim(path: Path, arch: str) -> int | None:
+    """``{arch}.attention.key_length`` when transformers would not take ``head_dim`` from the
+    file (it maps ``rope.dimension_count`` to it for llama, nothing for qwen3)."""
+    # transformers' own header reader: it skips the vocabulary (gguf's GGUFReader parses all
+    # 49k tokens and merges into objects, seconds per file)
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    meta = read_gguf_metadata(str(path))[0]
+    key_length = meta.get(f"{arch}.attention.key_length")
+    if key_length is None or meta.get(f"{arch}.rope.dimension_count") == key_length:
+        return None
+    return int(key_length)
+
+
 def fix_pre_tokenizer(tokenizer: Any, header: dict[str, Any]) -> None:
     """Give a gpt2-style GGUF vocabulary the pre-tokenizer its ``tokenizer.ggml.pre`` names."""
     import json
@@ -97,17 +111,25 @@ def load_gguf(path: Path, header: dict[str, Any], *, dtype: Any = None) -> tuple
     """(tokenizer, model) from a GGUF file: a plain model whose weights are the dequantised ones.
 
     ``header`` is :func:`inspect_gguf`'s; ``dtype`` defaults to float32 (what the GGUF
-    dequantisation produces).
+    dequantisation produces). transformers 5.23 maps no ``qwen3.attention.key_length`` to
+    ``head_dim``, so a Qwen3 whose head_dim is not its config class default (128) would be
+    rebuilt with the wrong shapes: the file's own value is set on the config first (parsing
+    the header once more, so only where needed).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, file = str(path.parent), path.name
     dtype = dtype or torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype,
-                                                      local_files_only=True)
+        config = None
+        head_dim = _unmapped_head_dim(path, header["architecture"])
+        if head_dim is not None:
+            config = AutoConfig.from_pretrained(folder, gguf_file=file, local_files_only=True)
+            config.head_dim = head_dim
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, config=config,
+                                                      dtype=dtype, local_files_only=True)
     except (ValueError, NotImplementedError, KeyError, OSError) as exc:
         raise ModelSourceError(f"model.name: transformers cannot load {path.name}: "
                                f"{str(exc).splitlines()[0]}") from exc

@@ -22,9 +22,9 @@ def _build(method: str, ctx: BuildContext, out: Path) -> dict[str, Any]:
 
 
 def _load(method: str, path: Path) -> tuple[Any, Any]:
-    from reprotune.deploy.gguf_export import GGUF_FILE, load_gguf
+    from reprotune.deploy.gguf_export import GGUF_FILE, load_exported
 
-    return load_gguf(path / GGUF_FILE)
+    return load_exported(path / GGUF_FILE)
 
 
 def enable_thinking(path: Path) -> bool:
