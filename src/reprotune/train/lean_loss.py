@@ -181,12 +181,18 @@ def _make_function() -> type:
                     # d(sum CE)/d logits = softmax - one_hot, built in place of the logits
                     grad = logits.sub_(lse[:, None]).exp_()
                     grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
-                    low = grad.to(dtype) if need_h or (need_w and grad.is_cuda) else grad
+                    low = grad.to(dtype)
                     if need_h:
                         g_h[s:s + chunk] = (low @ w).to(g_h.dtype)
-                    if need_w:  # accumulated in fp32 across chunks, products included; on
-                        # CPU (no fp32-output bf16 GEMM) from the fp32 gradient itself
-                        g_w = accumulate_fp32(g_w, (low if grad.is_cuda else grad).T, h)
+                    if need_w and (grad.is_cuda or low.dtype == torch.float32):
+                        g_w = accumulate_fp32(g_w, low.T, h)  # fp32 sums, products included
+                    elif need_w:
+                        # CPU has no bf16 GEMM with fp32 output: as in autocast's own linear
+                        # backward, the product (summed in fp32 inside the GEMM) is rounded
+                        # to bf16 once, then chunks add up in fp32. An fp32 GEMM here cost
+                        # as much as the head's two bf16 ones together (SmolLM2, Zen 4).
+                        prod = low.T @ h
+                        g_w = prod.float() if g_w is None else g_w.add_(prod)
                     if need_b:
                         g_b += grad.sum(0)
             ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
