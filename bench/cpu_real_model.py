@@ -367,6 +367,19 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def code_version() -> str | None:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def loadavg() -> list[float] | None:
     path = Path("/proc/loadavg")
     return [float(x) for x in path.read_text().split()[:3]] if path.is_file() else None
@@ -494,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base_info = io.read_json(args.base / "reprotune_base.json")
         report: dict[str, Any] = {
             "benchmark": "cpu_real_model", "command": command, "machine": machine(),
-            "versions": versions(),
+            "versions": versions(), "code": code_version(),
             "model": {"name": base_info.get("name"), "n_params": base_info.get("n_params"),
                       "folder": str(args.base)},
             "data": data_info,
