@@ -203,13 +203,15 @@ def run_stage(method: str, base: Path, splits: tuple[Path, Path], root: Path,
                     checkpoints_dir=d / "ckpt", live_dir=d / "live", cfg=cfg,
                     callbacks=[timer, *callbacks])
     mem, kind = _memory()
-    keys = ("packing", "attention", "attention_note", "loss_impl", "fused_kernels",
+    keys = ("packing", "packing_style", "attention", "attention_note", "loss_impl", "fused_kernels",
             "base_dtype_note", "optim", "torch_compile", "trainable_share", "train_steps",
             "initial_val_loss", "best_val_loss", "budget_fill")
     return {"status": "ok", **timer.steady(args.warmup_steps), "peak_memory_gib": mem,
             "peak_memory_kind": kind, **{k: m.get(k) for k in keys},
-            "batch": (f"packs of <= {args.tokens_per_batch} tokens" if m["packing"] else
-                      f"{args.baseline_batch_size} rows, padded") + f" x {args.grad_accum}"}
+            "batch": {"packs": f"packs of <= {args.tokens_per_batch} tokens",
+                      "padding_free": f"{args.baseline_batch_size} rows, padding-free"}.get(
+                          m["packing_style"], f"{args.baseline_batch_size} rows, padded")
+            + f" x {args.grad_accum}"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from reprotune.params import load_section, load_top
 from reprotune.timing import split_timing, write_timing
 from reprotune.train import distributed, launch
 from reprotune.train.methods import TrainSetupError
-from reprotune.train.packing import resolve_packing
+from reprotune.train.packing import PACKS, resolve_packing
 from reprotune.train.training import RunConfig, train_model
 
 
@@ -39,7 +39,7 @@ def main() -> None:
         try:  # every check that can fail runs before any process starts
             cuda = launch.available_devices()[1].startswith("CUDA")
             packing = resolve_packing(cfg.train.packing, "cuda" if cuda else "cpu",
-                                      cfg.top.method)[0]
+                                      cfg.top.method)[0] == PACKS
             plan = launch.preflight(cfg.train, batch_size=cfg.top.batch_size,
                                     method=cfg.top.method, packing=packing, base_dir=args.base)
             launch.relaunch(plan, __file__, sys.argv[1:])
@@ -65,10 +65,12 @@ def main() -> None:
     write_timing("train", timing)
     io.write_json(args.metrics, metrics)
     distributed.finish()
-    log.info("%s: val loss %s -> %s (%d steps, %.0f s, %s tokens/s; packing %s, attention %s, "
-             "loss %s)", metrics["method"], metrics["initial_val_loss"], metrics["best_val_loss"],
-             metrics["train_steps"], timing.get("wall_time_s", 0), timing.get("tokens_per_s"),
-             metrics["packing"], metrics["attention"], metrics["loss_impl"])
+    log.info("%s: val loss %s -> %s (%d steps, %.0f s in all, %s tokens/s over the training "
+             "steps; mode %s, %s, packing %s, attention %s, loss %s)", metrics["method"],
+             metrics["initial_val_loss"], metrics["best_val_loss"], metrics["train_steps"],
+             timing.get("wall_time_s", 0), timing.get("tokens_per_s"), metrics["mode"],
+             metrics["precision"], metrics["packing_style"], metrics["attention"],
+             metrics["loss_impl"])
 
 
 if __name__ == "__main__":

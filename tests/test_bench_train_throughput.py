@@ -64,7 +64,8 @@ def test_throughput_smoke_on_cpu(tmp_path, repo_root, capsys):
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and r["timed_steps"] == 3 and r["peak_memory_gib"] > 0
         assert r["mfu"] is None  # no bf16 peak known for a CPU
-    assert runs["full"]["packing"] is False and runs["full"]["loss_impl"] == "chunked"
+    assert runs["full"]["packing"] is True and runs["full"]["loss_impl"] == "chunked"
+    assert runs["full"]["batch"] == "4 rows, padding-free x 1"  # the CPU default
     assert runs["full"]["speedup_vs_baseline"] > 0
     # bitsandbytes 4-bit may or may not run on this CPU: either way it is a recorded result
     assert runs["qlora"]["status"] == "ok" or runs["qlora"]["reason"]

@@ -144,8 +144,10 @@ def test_the_lean_loss_under_ddp_equals_the_stock_loss(tmp_path, tiny_base_dir):
     lean, stock = (io.read_json(runs[k] / "train.json") for k in ("chunked", "stock"))
     assert (lean["loss_impl"], stock["loss_impl"]) == ("chunked", "stock")
     assert lean["distributed"]["num_processes"] == 2 and lean["train_steps"] == 8
-    # measured: train losses within 1e-6, grad norms within 1e-5 (relative)
-    assert_same_curves(runs["chunked"] / "live", runs["stock"] / "live", 1e-4)
+    # measured: train losses within 1e-6; grad norms within 1.5e-4 (relative) at step 7:
+    # at lr 1e-2 this tiny model amplifies fp32 rounding (one process, padded or padding-free,
+    # before and after padding-free batches existed: chunked vs stock 1.0e-4 at step 7)
+    assert_same_curves(runs["chunked"] / "live", runs["stock"] / "live", 5e-4)
     assert lean["best_val_loss"] == pytest.approx(stock["best_val_loss"], abs=1e-5)
     assert lean["best_val_loss"] < lean["initial_val_loss"] - 0.05  # it learned
 

@@ -144,11 +144,15 @@ def test_chunked_loss_under_bf16_autocast_stays_close():
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
     for a, b in zip(got_g, ref_g, strict=True):
         assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
-    # the weight gradient summed over 6 chunks in fp32 equals one chunk's: no per-chunk rounding
+    # the weight gradient over 6 chunks against one chunk's: on CPU (no bf16 GEMM with fp32
+    # output) each chunk's product is rounded to bf16 once, as autocast's linear backward
+    # rounds every weight's gradient, and the chunks add up in fp32: each of the 7 products
+    # is within 2**-9 of its own size (8 significant bits); measured 3.8e-3 of the largest
+    # entry, bound 2**-7 (a sum in bf16 across chunks would drift further with every chunk)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         one = chunked_linear_cross_entropy(hidden, weight, labels, chunk=4096)
     (one_w,) = torch.autograd.grad(one, weight)
-    assert (one_w - got_g[1]).abs().max().item() <= 1e-5 * one_w.abs().max().item()
+    assert (one_w - got_g[1]).abs().max().item() <= 2**-7 * one_w.abs().max().item()
 
 
 def test_accumulate_fp32_sums_low_precision_products_in_fp32():

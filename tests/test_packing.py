@@ -15,7 +15,11 @@ from reprotune.train import packed_attention
 from reprotune.train.lean_loss import liger_available
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.packing import (
+    OFF,
+    PACKS,
+    PADDING_FREE,
     PackingCollator,
+    PaddingFreeRows,
     model_inputs,
     pack_rows,
     packed_dataset,
@@ -65,11 +69,28 @@ def test_collator_restarts_positions_and_never_labels_across_a_boundary():
 
 
 def test_packing_auto_follows_the_device_and_soft_prompts_stay_unpacked(caplog):
-    assert resolve_packing("auto", "cpu", "full") == (False, "train.packing: auto on cpu")
-    assert resolve_packing("auto", "cuda", "lora") == (True, "train.packing: auto on cuda")
-    assert resolve_packing(True, "cpu", "qlora")[0] is True
-    on, note = resolve_packing(True, "cuda", "prefix_tuning")
-    assert not on and "training unpacked (padded)" in note and note in caplog.text
+    style, note = resolve_packing("auto", "cpu", "full")
+    assert style == PADDING_FREE and note.startswith("train.packing: auto on cpu: padding-free")
+    assert resolve_packing("auto", "cuda", "lora") == (PACKS, "train.packing: auto on cuda")
+    assert resolve_packing(True, "cpu", "qlora")[0] == PACKS
+    assert resolve_packing("padding_free", "cuda", "full")[0] == PADDING_FREE
+    assert resolve_packing(False, "cpu", "full") == (OFF, "train.packing: False")
+    for setting in ("auto", True, "padding_free"):
+        style, note = resolve_packing(setting, "cpu", "prefix_tuning")
+        assert style == OFF and "training unpacked (padded)" in note and note in caplog.text
+
+
+def test_padding_free_rows_are_the_padded_batch_joined():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+            {"input_ids": [8, 9], "labels": [8, 9]}]
+    items = PaddingFreeRows(rows)
+    assert len(items) == 2 and items[1] == {"samples": [rows[1]]}
+    assert list(items)[0]["samples"] == rows[:1]
+    out = PackingCollator()([items[0], items[1]])  # a batch of batch_size=2 items
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert out["cu_seq_lens_q"].tolist() == [0, 3, 5]
 
 
 # --------------------------------------------------------------------------- the tiny model
@@ -116,6 +137,70 @@ def test_samples_in_a_pack_match_each_sample_alone(tiny_base_dir):
     assert logit_diff <= 1e-4 and loss_diff <= 1e-4, (logit_diff, loss_diff)
     assert naive_diff > 1e-2  # position ids alone leak across samples: the test can tell
     assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def loss_and_grads(model, batch: dict, loss_impl: str, packed: bool) -> tuple[float, dict]:
+    """One forward/backward as the train stage runs it: the loss (mean over the batch's label
+    tokens) and every parameter's gradient."""
+    from reprotune.train import lean_loss
+
+    model.zero_grad(set_to_none=True)
+    previous = packed_attention.enable(model) if packed else None
+    if loss_impl != "stock":
+        lean_loss.install(model, loss_impl)
+    try:
+        loss = model(**model_inputs(batch)).loss
+        loss.backward()
+    finally:
+        lean_loss.uninstall(model)
+        if previous is not None:
+            packed_attention.disable(model, previous)
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def reduction_tolerance(model, tokens: int) -> float:
+    """Relative tolerance for two fp32 computations of the same sums in different orders.
+
+    A sum of n terms computed in any order is within (n - 1) * u * sum|x| of the exact one
+    (u = 2**-24, fp32's unit roundoff; Higham, Accuracy and Stability, 4.2), so two orders
+    differ by at most twice that. The longest sums behind the loss and the weight gradients:
+    per layer, dot products of at most max(hidden, intermediate) terms (projections, MLP) and
+    the weight gradients' sums over every token of the batch; errors of successive layers
+    add up (to first order). So: 2u x (layers x (widest dot product + tokens)).
+    """
+    cfg = model.config
+    widest = max(cfg.hidden_size, cfg.intermediate_size)
+    return 2 * 2.0**-24 * (cfg.num_hidden_layers + 1) * (widest + tokens)
+
+
+def test_padding_free_batch_has_the_padded_loss_and_gradients(tiny_base_dir):
+    """The CPU default (padding_free: per-sample sdpa + the chunked loss) against a padded
+    batch through the model's own forward and loss: the same rows, so the same loss and
+    gradients up to the order in which fp32 sums run (:func:`reduction_tolerance`: 7.1e-5
+    here; measured 7.7e-8 for the loss and 6.1e-7 for the worst gradient tensor, while the
+    row without its boundaries moves them by 7.9e-4 and 1.1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.float32)
+    rows = _samples(model.config.vocab_size, lengths=(7, 19, 3, 30, 12))
+    padded = PaddingCollator(0)(rows)
+    joined = PackingCollator()(list(PaddingFreeRows(rows)))
+    assert padded["input_ids"].numel() == 5 * 30 and joined["input_ids"].numel() == 71
+    ref_loss, ref = loss_and_grads(model, padded, "stock", packed=False)
+    loss, grads = loss_and_grads(model, joined, "chunked", packed=True)
+    tol = reduction_tolerance(model, tokens=71)
+    assert abs(loss - ref_loss) <= tol * abs(ref_loss), (loss, ref_loss, tol)
+    worst = max(((grads[n] - g).norm() / g.norm()).item() for n, g in ref.items() if g.norm() > 0)
+    assert worst <= tol, (worst, tol)
+    # the test can tell: the same row without its boundaries (one causal sequence, so later
+    # samples attend to earlier ones) moves the loss and gradients far beyond the tolerance
+    unbounded = {k: v for k, v in joined.items()
+                 if k not in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                              "max_length_k")}
+    leak_loss, leak = loss_and_grads(model, unbounded, "chunked", packed=False)
+    leak_worst = max(((leak[n] - g).norm() / g.norm()).item() for n, g in ref.items()
+                     if g.norm() > 0)
+    assert abs(leak_loss - ref_loss) > 10 * tol * abs(ref_loss) and leak_worst > 10 * tol
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -181,9 +266,12 @@ def test_packed_and_unpacked_training_give_the_same_loss_curve(tmp_path, tiny_ba
                    packing=False)
     packed = _train(tmp_path, tiny_base_dir, "packed", rows, lr=3e-3, max_steps=20,
                     grad_accum=n_packs, packing=True, tokens_per_batch=64)
-    # the CPU default (chunked loss) against the model's own loss: the same curve too
+    # the CPU defaults (padding-free batches, chunked loss) against padded batches through
+    # the model's own loss: the same curve too
     stock = _train(tmp_path, tiny_base_dir, "stock", rows, lr=3e-3, max_steps=20, grad_accum=3,
                    packing=False, loss_impl="stock")
+    free = _train(tmp_path, tiny_base_dir, "free", rows, lr=3e-3, max_steps=20, grad_accum=3)
+    assert free["packing_style"] == "padding_free" and "packs" not in free
     assert packed["packing"] is True and plain["packing"] is False
     assert plain["attention"] == "sdpa"
     if torch.cuda.is_available():  # train_model takes the GPU where there is one
@@ -202,13 +290,20 @@ def test_packed_and_unpacked_training_give_the_same_loss_curve(tmp_path, tiny_ba
     assert packed["packs"] == n_packs and packed["tokens_per_batch"] == 64
     assert len(plain["curve"]) == len(packed["curve"]) == 20
     assert plain["curve"][-1] < plain["curve"][0] - 2.0  # it learned
-    for other in (packed, stock):
+    for other in (packed, stock, free):
         worst = max(abs(a - b) for a, b in zip(plain["curve"], other["curve"], strict=True))
         assert worst <= tol, (worst, plain["curve"], other["curve"])
         assert other["best_val_loss"] == pytest.approx(plain["best_val_loss"], abs=tol)
     assert stock["loss_impl"] == "stock"
-    assert packed["tokens_seen"] == plain["tokens_seen"]  # real tokens only, no padding
-    assert packed["label_tokens_seen"] == plain["label_tokens_seen"]
+    for other in (packed, free):
+        assert other["tokens_seen"] == plain["tokens_seen"]  # real tokens only, no padding
+        assert other["label_tokens_seen"] == plain["label_tokens_seen"]
+    # tokens/s counts the training steps only: two evaluations (steps 10 and 20) and their
+    # checkpoint saves are in the stage's train time, not in the step time
+    for m in (plain, packed, stock, free):
+        assert 0 < m["step_time_s"] < m["train_time_s"]
+        # (both figures are rounded in the metrics)
+        assert m["tokens_per_s"] * m["step_time_s"] == pytest.approx(m["tokens_seen"], rel=1e-2)
 
 
 def test_prompt_tuning_asked_to_pack_trains_unpacked_and_says_so(tmp_path, tiny_base_dir):

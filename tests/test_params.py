@@ -150,3 +150,14 @@ def test_params_yaml_is_in_the_layout_dvc_writes(repo_root: Path, tmp_path: Path
     changed = [(a, b) for a, b in zip((repo_root / "params.yaml").read_text().splitlines(),
                                       copy.read_text().splitlines(), strict=True) if a != b]
     assert len(changed) == 1 and changed[0][1].startswith("lr: 0.0002")
+
+
+def test_train_mode_and_packing_values(tmp_path: Path) -> None:
+    assert load_section("train", _write(tmp_path, "train:\n  mode: fast\n")).mode == "fast"
+    assert load_section("train", _write(tmp_path, "")).mode == "portable"
+    with pytest.raises(ParamsError, match=r"^train\.mode: 'quick' is not one of portable, fast$"):
+        load_section("train", _write(tmp_path, "train:\n  mode: quick\n"))
+    packing = load_section("train", _write(tmp_path, "train:\n  packing: padding_free\n"))
+    assert packing.packing == "padding_free"
+    with pytest.raises(ParamsError, match=r"^train\.packing: 'padded' is not one of"):
+        load_section("train", _write(tmp_path, "train:\n  packing: padded\n"))

@@ -208,10 +208,12 @@ def test_every_method_learns_and_reloads(tmp_path, tiny_base_dir, method):
     assert m["label_tokens_seen"] == 8 * 8 * 12  # steps x batch x labelled tokens per row
     assert m["tokens_seen"] == 8 * 8 * 16
     assert m["peak_memory_kind"] == "process_peak_rss" and m["peak_memory_mb"] > 0
-    # which paths ran: CPU defaults are unpacked, sdpa, chunked loss where the head allows it
+    # which paths ran: CPU defaults are padding-free batches (sdpa per sample; soft prompts
+    # unpacked, sdpa), chunked loss where the head allows it
     soft = method in ("prompt_tuning", "prefix_tuning")
     assert (m["packing"], m["attention"], m["optim"], m["torch_compile"]) == (
-        False, "sdpa", "adamw_torch_fused", False)
+        not soft, "sdpa" if soft else "sdpa per sample", "adamw_torch_fused", False)
+    assert m["packing_style"] == ("off" if soft else "padding_free") and m["mode"] == "portable"
     assert m["loss_impl"] == ("stock" if soft else "chunked"), m["loss_note"]
     share = m["trainable_share"]
     assert {"full": share == 1.0, "freeze": 0 < share < 1, "lora": 0 < share < 0.5,
@@ -411,7 +413,8 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_base_dir, repo_ro
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from checkpoint ckpt/checkpoint-" in second.stderr
     m = io.read_json(tmp_path / "train.json")
-    assert m["resumed_from_step"] >= 10 and m["train_steps"] == 60 and m["packing"] is packing
+    assert m["resumed_from_step"] >= 10 and m["train_steps"] == 60
+    assert m["packing_style"] == ("packs" if packing else "padding_free")  # the CPU default
     assert m["tokens_seen"] == 60 * 8 * 44  # counters continued across the kill
     assert m["label_tokens_seen"] == 60 * 8 * 40
     steps = [int(r.split("\t")[0]) for r in

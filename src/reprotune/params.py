@@ -168,8 +168,12 @@ class TrainParams:
     max_grad_norm: float = _f(1.0, **_rng(0, None))
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # padding-free packing: auto = on for CUDA, off on CPU (training.py, packing.py)
-    packing: Literal["auto", True, False] = "auto"
+    # portable: bit-reproducible CPU runs (fp32); fast: precision auto = bf16 on a CPU with
+    # native bf16 (results specific to that CPU type); same on CUDA (train/speed.py)
+    mode: Literal["portable", "fast"] = "portable"
+    # auto = packs on CUDA, padding_free on CPU; true = packs of tokens_per_batch tokens;
+    # padding_free = batch_size rows joined without padding (training.py, packing.py)
+    packing: Literal["auto", True, False, "padding_free"] = "auto"
     tokens_per_batch: int = _f(16384, **_rng(16, 10_000_000))
     # auto: liger (CUDA, if installed) > chunked; stock = the model's own logits + loss
     loss_impl: Literal["auto", "stock", "chunked", "liger"] = "auto"
@@ -464,9 +468,11 @@ def _cross_checks(obj: Any, prefix: str) -> None:
     if isinstance(obj, TinyModelParams) and obj.heads % obj.kv_heads:
         raise ParamsError(f"{prefix}.kv_heads: {obj.kv_heads} must divide "
                           f"{prefix}.heads ({obj.heads})")
-    if isinstance(obj, TrainParams) and not (obj.packing == "auto" or isinstance(obj.packing, bool)):
-        # Literal["auto", True, False] would also let 1 and 0 through (1 == True)
-        raise ParamsError(f"{prefix}.packing: {obj.packing!r} is not one of auto, true, false")
+    if isinstance(obj, TrainParams) and not (obj.packing in ("auto", "padding_free")
+                                             or isinstance(obj.packing, bool)):
+        # the Literal would also let 1 and 0 through (1 == True)
+        raise ParamsError(f"{prefix}.packing: {obj.packing!r} is not one of auto, true, false, "
+                          f"padding_free")
     if isinstance(obj, TrainParams):
         if obj.launcher == "python" and obj.num_processes > 1:
             raise ParamsError(f"{prefix}.num_processes: {obj.num_processes} processes need "

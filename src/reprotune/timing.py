@@ -18,7 +18,8 @@ from reprotune import io
 
 TIMING_DIR = Path("metrics/timing")
 TIMING_KEYS = frozenset({
-    "tokens_per_s", "tokens_per_s_steady", "train_time_s", "wall_time_s", "peak_memory_mb", "peak_memory_kind",
+    "tokens_per_s", "tokens_per_s_steady", "train_time_s", "step_time_s", "wall_time_s",
+    "peak_memory_mb", "peak_memory_kind",
     "torch_threads", "load_s", "speedup", "rows_per_s", "elapsed_s",
 })
 

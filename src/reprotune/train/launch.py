@@ -143,7 +143,7 @@ def preflight(train: TrainParams, *, batch_size: int, method: str, packing: bool
         raise TrainSetupError(f"train.accelerate_config: {path} uses {kind.upper()}, which "
                               f"accelerate runs on CUDA GPUs only (on CPU it would quietly run "
                               f"plain data parallelism); use configs/accelerate/ddp.yaml here")
-    precision = resolve_precision(train.precision, "cuda" if cuda else "cpu")
+    precision = resolve_precision(train.precision, "cuda" if cuda else "cpu", train.mode)
     mixed = str(getattr(config, "mixed_precision", "no") or "no")
     if mixed != "no" and mixed != PRECISION_TO_MIXED[precision]:
         raise TrainSetupError(f"train.precision: {train.precision} runs {precision} here, but "

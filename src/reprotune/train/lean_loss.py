@@ -104,28 +104,34 @@ class _OutDtype:
     ok: bool = True  # cleared once if this torch/GPU refuses mm with out_dtype
 
 
-def accumulate_fp32(acc: Any, a: Any, b: Any) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32.
+def accumulate_fp32(acc: Any, a: Any, b: Any) -> Any:
+    """``acc += a @ b`` with ``acc`` fp32 and the product accumulated in fp32; returns ``acc``.
 
     fp32 operands: one ``addmm_``. bf16/fp16 operands on CUDA: the GEMM writes its fp32
     accumulator straight into ``acc`` (``out_dtype``), so no chunk's product is rounded to
     bf16 before it is summed; elsewhere (CPU has no ``out_dtype`` GEMM) the operands are
-    upcast, exact and only slower.
+    upcast, exact and only slower. ``acc`` None on CPU: the first product is the
+    accumulator (no zero-filled buffer, which for a head's weight is vocab x hidden floats).
     """
     import torch
 
-    if a.dtype == acc.dtype:
+    if acc is None and not a.is_cuda:
+        return torch.mm(a.float(), b.float())
+    if acc is None:
+        acc = torch.zeros((a.shape[0], b.shape[1]), dtype=torch.float32, device=a.device)
+    if a.dtype == b.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    if acc.is_cuda and _OutDtype.ok:
+        return acc
+    if acc.is_cuda and _OutDtype.ok and a.dtype == b.dtype:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
+            return acc
         except (RuntimeError, TypeError) as exc:  # older torch or GPU: say so once
             _OutDtype.ok = False
             log.warning("chunked loss: addmm with out_dtype is not available here (%s); "
                         "upcasting the operands instead", str(exc).splitlines()[0][:200])
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    return acc
 
 
 def chunked_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: Any = None, *,
@@ -162,7 +168,7 @@ def _make_function() -> type:
                 need_h, need_w = track and hidden.requires_grad, track and weight.requires_grad
                 need_b = track and bias is not None and bias.requires_grad
                 g_h = torch.zeros_like(h_all) if need_h else None
-                g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+                g_w = None  # fp32, created by the first chunk (accumulate_fp32)
                 g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                 for s in range(0, h_all.shape[0], chunk):
@@ -175,26 +181,38 @@ def _make_function() -> type:
                     # d(sum CE)/d logits = softmax - one_hot, built in place of the logits
                     grad = logits.sub_(lse[:, None]).exp_()
                     grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
+                    low = grad.to(dtype)
                     if need_h:
-                        g_h[s:s + chunk] = (grad.to(dtype) @ w).to(g_h.dtype)
-                    if need_w:  # accumulated in fp32 across chunks, products included
-                        accumulate_fp32(g_w, grad.T.to(dtype), h)
+                        g_h[s:s + chunk] = (low @ w).to(g_h.dtype)
+                    if need_w and (grad.is_cuda or low.dtype == torch.float32):
+                        g_w = accumulate_fp32(g_w, low.T, h)  # fp32 sums, products included
+                    elif need_w:
+                        # CPU has no bf16 GEMM with fp32 output: as in autocast's own linear
+                        # backward, the product (summed in fp32 inside the GEMM) is rounded
+                        # to bf16 once, then chunks add up in fp32. An fp32 GEMM here cost
+                        # as much as the head's two bf16 ones together (SmolLM2, Zen 4).
+                        prod = low.T @ h
+                        g_w = prod.float() if g_w is None else g_w.add_(prod)
                     if need_b:
                         g_b += grad.sum(0)
             ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype,
                                                    None if bias is None else bias.dtype)
+            ctx.done = False
             ctx.save_for_backward(keep, g_h, g_w, g_b)
             return total
 
         @staticmethod
         def backward(ctx, grad_out):
             keep, g_h, g_w, g_b = ctx.saved_tensors
+            if ctx.done:  # the gradients below are scaled in place: one backward only
+                raise RuntimeError("the chunked loss can be back-propagated once")
+            ctx.done = True
             d_h = d_w = d_b = None
             if g_h is not None:
                 d_h = torch.zeros(ctx.shape, dtype=ctx.dtypes[0], device=g_h.device)
                 d_h.index_copy_(0, keep, (g_h * grad_out).to(ctx.dtypes[0]))
-            if g_w is not None:
-                d_w = (g_w * grad_out).to(ctx.dtypes[1])
+            if g_w is not None:  # in place: no second vocab x hidden buffer
+                d_w = g_w.mul_(grad_out).to(ctx.dtypes[1])
             if g_b is not None:
                 d_b = (g_b * grad_out).to(ctx.dtypes[2])
             return d_h, d_w, d_b, None, None, None, None, None

@@ -14,7 +14,10 @@
   - otherwise (CPU, fp32, dropout, no kernel, or the kernel refusing the dtype or shape):
     transformers' own ``sdpa`` attention run sample by sample, i.e. exactly the computation
     of each sample alone. Cost is the sum of the squared sample lengths, not the squared row
-    length;
+    length. On a CPU without AMX, bf16/fp16 queries are computed in fp32 (autocast off, the
+    output cast back): PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32
+    there (forward + backward, 9 heads x 64, 3 kv heads: 12.6 vs 9.5 ms at 256 tokens, 6.2
+    vs 3.3 ms at 128, one thread of an AVX512-BF16 Zen 4), and fp32 is the more exact;
 * any other batch (the padded evaluation batches): transformers' ``sdpa``, unchanged.
 
 What packed rows actually ran, and why, is kept for the train metrics (:func:`report`:
@@ -172,16 +175,35 @@ def _varlen(query: Any, key: Any, value: Any, cu: Any, max_len: int, scaling: fl
     return out.unsqueeze(0)  # [1, T, heads, head_dim], the layout attention functions return
 
 
+def cpu_upcast(query: Any) -> bool:
+    """Whether per-sample attention runs this low-precision CPU call in fp32 (module doc)."""
+    import torch
+
+    from reprotune.train.cpu import cpu_flags
+
+    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+            and "amx_bf16" not in cpu_flags())
+
+
 def _per_sample(module: Any, query: Any, key: Any, value: Any, cu: Any, dropout: float,
                 scaling: float | None, **kwargs: Any) -> Any:
+    import contextlib
+
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    dtype = query.dtype
+    upcast = cpu_upcast(query)
+    if upcast:
+        query, key, value = (t.float() for t in (query, key, value))
     bounds = cu.tolist()  # the CPU path: one sdpa call per sample needs the bounds on the host
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                   None, dropout=dropout, scaling=scaling, **kwargs)[0]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    return torch.cat(outs, dim=1)
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b],
+                                       value[:, :, a:b], None, dropout=dropout, scaling=scaling,
+                                       **kwargs)[0]
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    out = torch.cat(outs, dim=1)
+    return out.to(dtype) if upcast else out
 
 
 def packed_attention_forward(module: Any, query: Any, key: Any, value: Any,

@@ -1,8 +1,19 @@
 """Padding-free packing: samples share one row, attention and labels stay per sample.
 
-With ``train.packing`` on, :func:`pack_rows` groups the (seeded, shuffled) train rows into
-packs of at most ``train.tokens_per_batch`` tokens, and :class:`PackingCollator` turns one
-pack into a single row with no padding at all:
+Two styles (:func:`resolve_packing`):
+
+* ``packs`` (``train.packing: true``; ``auto`` on CUDA): :func:`pack_rows` groups the
+  (seeded, shuffled) train rows into packs of at most ``train.tokens_per_batch`` tokens, one
+  pack per micro-step;
+* ``padding_free`` (``train.packing: padding_free``; ``auto`` on CPU): the Trainer samples
+  ``batch_size`` rows per micro-step exactly as for padded batches (:class:`PaddingFreeRows`
+  makes each row a pack of one), and the collator joins them without padding. Same rows,
+  same steps and schedule: the loss equals the padded batch's up to the order in which
+  floats are summed, and no compute is spent on padding (on CPU, where nothing else hides
+  it, that is most of what packing saves).
+
+Either way :class:`PackingCollator` turns a micro-step's samples into a single row with no
+padding at all:
 
 * ``position_ids`` restart at 0 for every sample, so rotary embeddings see each sample as
   if it were alone;
@@ -42,16 +53,26 @@ log = logging.getLogger(__name__)
 UNPACKABLE_METHODS = ("prompt_tuning", "prefix_tuning")
 
 
-def resolve_packing(setting: bool | str, device: str, method: str) -> tuple[bool, str]:
-    """Whether this run packs, and why (``train.packing``: auto = on for CUDA, off on CPU)."""
-    wanted = device.startswith("cuda") if setting == "auto" else bool(setting)
+OFF, PADDING_FREE, PACKS = "off", "padding_free", "packs"  # the styles a run can take
+
+
+def resolve_packing(setting: bool | str, device: str, method: str) -> tuple[str, str]:
+    """How this run batches its train rows (:data:`OFF`, :data:`PADDING_FREE` or
+    :data:`PACKS`), and why. ``train.packing``: ``auto`` = packs on CUDA, padding-free on
+    CPU; ``true`` = packs; ``padding_free``; ``false`` = padded batches."""
+    if setting == "auto":
+        style = PACKS if device.startswith("cuda") else PADDING_FREE
+    else:
+        style = PADDING_FREE if setting == PADDING_FREE else PACKS if setting else OFF
     why = f"train.packing: {setting}" + (f" on {device}" if setting == "auto" else "")
-    if wanted and method in UNPACKABLE_METHODS:
+    if style != OFF and method in UNPACKABLE_METHODS:
         note = (f"{why}, but method={method} adds per-sample virtual tokens inside peft's "
                 f"forward, which cannot see sample boundaries; training unpacked (padded)")
         log.warning(note)
-        return False, note
-    return wanted, why
+        return OFF, note
+    if style == PADDING_FREE:
+        why += ": padding-free batches (the same batch_size rows as padded batches, joined)"
+    return style, why
 
 
 def row_lengths(rows: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -142,6 +163,24 @@ class PackedRows:
         if not 0 <= k < len(self):
             raise IndexError(f"pack {k} of {len(self)}")
         return {"samples": [self.rows[i] for i in self.order[self.starts[k]:self.starts[k + 1]]]}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[k] for k in range(len(self)))
+
+
+class PaddingFreeRows:
+    """The train split with every row a pack of one (``{"samples": [row]}``): the Trainer
+    samples and batches it as it does the plain rows (same length, so the same seeded order),
+    and :class:`PackingCollator` joins a batch's rows without padding."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return {"samples": [self.rows[k]]}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[k] for k in range(len(self)))

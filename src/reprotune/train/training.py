@@ -55,6 +55,7 @@ from reprotune.params import (
     TrainParams,
 )
 from reprotune.train import curves, distributed
+from reprotune.train.cpu import cpu_bf16
 from reprotune.train.data import (
     PaddingCollator,
     check_sizes,
@@ -190,15 +191,18 @@ def finish_checkpoints(ckpt_dir: Path, state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- environment
-def resolve_precision(name: str, device: str) -> str:
-    """``auto``: bf16 on CUDA that supports it, else fp16 on CUDA; fp32 on CPU."""
+def resolve_precision(name: str, device: str, mode: str = "portable") -> str:
+    """``auto``: bf16 on CUDA that supports it, else fp16 on CUDA; on CPU fp32, or with
+    ``train.mode: fast`` bf16 where the CPU computes in bf16 (:func:`.cpu.cpu_bf16`)."""
     import torch
 
     if device == "cpu":
         if name == "fp16":
             raise TrainSetupError("train.precision: fp16 needs a CUDA GPU; use auto, fp32 or bf16 "
                                   "on CPU")
-        return "fp32" if name == "auto" else name
+        if name == "auto":
+            return "bf16" if mode == "fast" and cpu_bf16() else "fp32"
+        return name
     if name == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return name
@@ -252,7 +256,9 @@ def _callback_classes() -> tuple[type, type, type]:
     class LiveCallback(TrainerCallback):
         """Per-log curves in DVC's plot layout (train/val loss, learning rate, grad norm; see
         :mod:`reprotune.train.curves`); tokens/s of each logging interval is collected in
-        ``rates``, not logged (it varies run to run)."""
+        ``rates``, not logged (it varies run to run). ``step_s`` sums the wall time of the
+        training steps alone: from the end of one step (or of an evaluation or save after
+        it) to the end of the next."""
 
         def __init__(self, live_dir: str | Path, resume: Path | None,
                      main: bool = True) -> None:
@@ -264,9 +270,18 @@ def _callback_classes() -> tuple[type, type, type]:
             self._t: float | None = None
             self._tokens = 0
             self.rates: list[float] = []
+            self.step_s = 0.0
+            self._step_t: float | None = None
 
         def _restart_clock(self, state: Any) -> None:
             self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+            self._step_t = self._t
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            if self._step_t is not None:
+                self.step_s += now - self._step_t
+            self._step_t = now
 
         def on_train_begin(self, args, state, control, **kw):
             self._restart_clock(state)
@@ -368,11 +383,14 @@ def _trainer_class() -> type:
 
 # --------------------------------------------------------------------------- the loop
 def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
-                       precision: str, packing: bool = False) -> Any:
+                       precision: str, packing: bool = False,
+                       padding_free: bool = False) -> Any:
     """TrainingArguments for ``cfg`` (transformers 5 names).
 
     Packed: a train batch is one pack of up to ``train.tokens_per_batch`` tokens (its
     dataset item), so the per-device train batch size is 1; evaluation stays padded.
+    Padding-free: ``batch_size`` rows as unpacked, sampled at random (no length grouping:
+    nothing is padded).
     """
     from transformers import TrainingArguments
 
@@ -400,7 +418,7 @@ def training_arguments(cfg: RunConfig, *, output_dir: str | Path, device: str,
         label_names=["labels"], remove_unused_columns=False, logging_steps=t.logging_steps,
         logging_first_step=True, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy=("group_by_length" if cfg.group_by_length and not packing
-                                 else "random"),
+                                 and not padding_free else "random"),
         dataloader_num_workers=0, dataloader_pin_memory=device != "cpu", disable_tqdm=False,
         # how long a collective waits for the other ranks (NCCL; gloo: distributed.init)
         ddp_timeout=t.collective_timeout_s)
@@ -457,7 +475,15 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
 
     from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
     from reprotune.train import fused, lean_loss, packed_attention
-    from reprotune.train.packing import PackingCollator, pack_stats, packed_dataset, resolve_packing
+    from reprotune.train.packing import (
+        OFF,
+        PACKS,
+        PackingCollator,
+        PaddingFreeRows,
+        pack_stats,
+        packed_dataset,
+        resolve_packing,
+    )
     from reprotune.train.speed import speed_setup
 
     t0 = time.perf_counter()
@@ -465,13 +491,15 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     device = distributed.local_device()  # cuda:<local rank> when several processes share GPUs
     distributed.init(device, cfg.train.collective_timeout_s)
     world = distributed.world_size()
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.train.precision, device, cfg.train.mode)
     n_train, n_val = split_size(train_path), split_size(val_path)
-    packing, packing_note = resolve_packing(cfg.train.packing, device, method)
-    # packed, an optimizer step is grad_accum packs (checked once the rows are packed)
-    check_sizes(n_train, n_val, 1 if packing else cfg.top.batch_size,
-                1 if packing else cfg.train.grad_accum, (str(train_path), str(val_path)),
-                1 if packing else world)
+    style, packing_note = resolve_packing(cfg.train.packing, device, method)
+    # packing: packed rows (either style); packs: one token-budget pack per micro-step
+    packing, packs = style != OFF, style == PACKS
+    # packs: an optimizer step is grad_accum packs (checked once the rows are packed)
+    check_sizes(n_train, n_val, 1 if packs else cfg.top.batch_size,
+                1 if packs else cfg.train.grad_accum, (str(train_path), str(val_path)),
+                1 if packs else world)
     tokenizer = load_tokenizer(base_dir)
     info_file = Path(base_dir) / BASE_INFO_FILE
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -487,8 +515,8 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     log.info("evaluating %d of %d val rows (train.eval_rows: %d)", len(val_eval), len(val_rows),
              cfg.train.eval_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_data: Any = train_rows
-    if packing:
+    train_data: Any = PaddingFreeRows(train_rows) if packing else train_rows
+    if packs:
         train_data = packed_dataset(train_rows, cfg.train.tokens_per_batch, cfg.top.seed,
                                     grad_accum=cfg.train.grad_accum, path=str(train_path),
                                     num_processes=world)
@@ -499,14 +527,14 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
                           gradient_checkpointing=cfg.train.gradient_checkpointing)
     speed = speed_setup(model, cfg.train, method, device, packing,  # may refuse loss_impl
                         precision=precision)
-    speed["packing_note"] = packing_note
-    if packing:
+    speed.update(packing_style=style, packing_note=packing_note)
+    if packs:
         speed.update(pack_stats(train_data, cfg.train.tokens_per_batch))
     # only now, with the LoRA targets, layer counts and fast paths checked: a mistyped param
     # must not clear the checkpoints of an interrupted run before its error is shown
     ckpt_dir = Path(checkpoints_dir)
     args = training_arguments(cfg, output_dir=ckpt_dir, device=device, precision=precision,
-                              packing=packing)
+                              packing=packs, padding_free=packing and not packs)
     if world > 1:
         _ = args.device  # starts the process group (on CUDA: NCCL with train.collective_timeout_s)
     # rank 0 decides (and clears stale checkpoints); every rank resumes from its answer
@@ -532,7 +560,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         data_collator=PackingCollator(
             unpacked=padded, pad_id=pad_id,
             # compiled: one pack shape for the whole run, so no recompilation per pack
-            pad_to=cfg.train.tokens_per_batch if cfg.train.torch_compile else None)
+            pad_to=cfg.train.tokens_per_batch if cfg.train.torch_compile and packs else None)
         if packing else padded,
         callbacks=callbacks)
     trainer.loss_impl = speed["loss_impl"]
@@ -572,9 +600,10 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as exc:
         longest = int(max(train_rows.lengths.max(), val_rows.lengths.max()))
-        raise TrainSetupError(out_of_memory_advice(cfg, method, longest, device, packing=packing,
+        raise TrainSetupError(out_of_memory_advice(cfg, method, longest, device, packing=packs,
                                                    loss_impl=speed["loss_impl"])) from exc
     train_s = time.perf_counter() - t_train
+    step_s = live_cb.step_s  # the training steps alone: no evaluation, save or reload
     state = trainer.state
     if resume is None and world > 1:
         initial = run_state["initial_val_loss"]
@@ -605,9 +634,10 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         "mean_train_loss": _round(mean_logged_loss(state.log_history)),
         # token counts (and so tokens/s) are the Trainer's sums over every rank
         "tokens_seen": state.num_input_tokens_seen, "label_tokens_seen": label_tokens,
-        "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
+        "tokens_per_s": round(session_tokens / step_s, 1) if step_s > 0 else None,
         "tokens_per_s_steady": _steady(live_cb.rates),
-        "train_time_s": round(train_s, 2), "torch_threads": torch.get_num_threads(),
+        "train_time_s": round(train_s, 2), "step_time_s": round(step_s, 2),
+        "torch_threads": torch.get_num_threads(),
         **{k: v for k, v in speed.items() if k not in ("restore_attention", "bf16_frozen")},
         **memory,
     }
@@ -615,7 +645,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
         metrics.update(packed_attention.report(device))
     if cfg.train.launcher != "python" or world > 1:
         metrics["distributed"] = distributed.summary(trainer, cfg.top.batch_size,
-                                                     cfg.train.grad_accum, packing)
+                                                     cfg.train.grad_accum, packs)
     if speed["restore_attention"]:  # the saved model must load without this process's kernels
         packed_attention.disable(trainer.model, speed["restore_attention"])
     lean_loss.uninstall(model)
