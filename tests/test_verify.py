@@ -141,3 +141,28 @@ def test_model_stages_stop_on_a_changed_input(tmp_path: Path, script: str, args:
     assert last.startswith(f"{script}: {folder}: 2 files hash to ")  # no DVC cache to name them
     assert f"dvc checkout --relink --force {folder}" in last and "Traceback" not in proc.stderr
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_make_repro_first_step_stops_only_on_what_dvc_cannot_see(project: Path) -> None:
+    """`make repro` runs `python -m reprotune.verify --before-repro` before `dvc repro`: a
+    flipped bit with its mtime kept stops it in one line; a folder DVC sees changed (or
+    missing) is left to dvc repro, which rebuilds it."""
+    proc = _verify_cli(project, "--before-repro")
+    assert proc.returncode == 0 and proc.stdout == "verify: 1 model folders checked against dvc.lock\n"
+    weights = project / "models" / "m" / "w.bin"
+    _flip_bit_keep_mtime(weights)
+    proc = _verify_cli(project, "--before-repro")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("verify: models/m: w.bin differs from what stage `make` wrote")
+    os.utime(weights)  # now DVC sees the change: dvc repro reruns `make`, nothing to stop
+    assert _verify_cli(project, "--before-repro").returncode == 0
+    subprocess.run(["rm", "-rf", str(project / "models" / "m")], check=True)
+    assert _verify_cli(project, "--before-repro").returncode == 0  # missing: rebuilt too
+
+
+def test_make_repro_checks_params_and_model_folders_before_dvc(repo_root: Path) -> None:
+    recipe = (repo_root / "Makefile").read_text().split("\nrepro: install\n", 1)[1]
+    steps = [line.strip().lstrip("@") for line in recipe.split("\n\n", 1)[0].splitlines()]
+    assert steps == ["$(BIN)/python -m reprotune.params",
+                     "$(BIN)/python -m reprotune.verify --before-repro", "$(BIN)/dvc repro"]
