@@ -149,7 +149,7 @@ def main() -> None:
                                               source=str(args.test), shard=shard)
         general, general_records = ({}, []) if not distributed.is_main() else score_general_text(
             model, tokenizer, load_general_text(cfg.general_text), cfg.batch_size)
-    except (EvalDataError, GeneralTextError) as exc:
+    except (EvalDataError, GeneralTextError, FinetunedLoadError) as exc:
         raise SystemExit(f"evaluate: {exc}") from None
     except NonFiniteLossError as exc:
         raise SystemExit(

@@ -31,7 +31,10 @@ def main() -> None:
         raise SystemExit(f"merge: {exc}") from None
     if str(folder) != args.finetuned:
         verify.check_stage_input(str(folder), log)  # the SFT folder align's pointer names
-    info = merge_finetuned(folder, args.out)
+    try:
+        info = merge_finetuned(folder, args.out)
+    except FinetunedLoadError as exc:  # e.g. pickled weights only: never unpickled
+        raise SystemExit(f"merge: {exc}") from None
     metrics = {k: info[k] for k in ("method", "kind", "merged", "reason", "enable_thinking",
                                     "chat_template_sha256", "max_abs_logit_diff",
                                     "soft_prompt_dir")}

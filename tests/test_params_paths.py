@@ -178,3 +178,33 @@ def test_local_model_with_own_code_or_pickles_is_refused_with_a_fix(tmp_path: Pa
     assert msg.endswith(f"set model.name: {converted}")
     check_paths(read_params(_project(tmp_path, f"model:\n  name: {converted}\n")
                             / "params.yaml"), tmp_path)
+
+
+def test_pickled_finetuned_folder_stops_merge_in_one_line(tmp_path: Path,
+                                                          tiny_base_dir: Path) -> None:
+    """A models/finetuned holding only pytorch_model.bin is never unpickled, and the stage
+    says so in one line (no traceback above it)."""
+    import json
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    finetuned = tmp_path / "models" / "finetuned"
+    shutil.copytree(tiny_base_dir, finetuned)
+    torch.save(load_file(finetuned / "model.safetensors"), finetuned / "pytorch_model.bin")
+    (finetuned / "model.safetensors").unlink()
+    from reprotune.chat_template import template_fingerprint
+
+    template = (finetuned / "chat_template.jinja").read_text(encoding="utf-8")
+    (finetuned / "reprotune_train.json").write_text(json.dumps({
+        "method": "full", "kind": "full", "base_dir": str(tiny_base_dir),
+        "enable_thinking": False, "chat_template_sha256": template_fingerprint(template)}))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "merge.py"), "--finetuned",
+                           "models/finetuned", "--out", "models/merged"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "merge: models/finetuned: no .safetensors weights (pickled weights are not loaded); "
+        "rerun the train stage")
+    assert not (tmp_path / "models" / "merged").exists()

@@ -89,6 +89,13 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def require_safetensors(model_dir: Path) -> None:
+    """A full model folder must hold safetensors weights: pickles are never loaded."""
+    if not any(model_dir.glob("*.safetensors")):
+        raise FinetunedLoadError(f"{model_dir}: no .safetensors weights (pickled weights are "
+                                 f"not loaded); rerun the train stage")
+
+
 def _dtype(dtype: Any) -> Any:
     import torch
 
@@ -118,9 +125,7 @@ def load_finetuned(model_dir: str | Path, *, dtype: Any = None, device: str | No
     dtype = _dtype(dtype)
     tokenizer = load_tokenizer(model_dir)
     if manifest["kind"] == "full":
-        if not any(model_dir.glob("*.safetensors")):
-            raise FinetunedLoadError(f"{model_dir}: no .safetensors weights (pickled weights are "
-                                     f"not loaded); rerun the train stage")
+        require_safetensors(model_dir)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
                                                      use_safetensors=True, local_files_only=True)
         model.to(device)
