@@ -191,6 +191,9 @@ def test_exact_text_of_odd_but_valid_rows() -> None:
     ("scalar.json", "ingest.min_kept_ratio"),
     ("csv_duplicate_header.csv", "column 'output' twice"),
     ("deep_brackets.json", "nested 9999 levels deep"),
+    ("utf16_le_bom_stray_byte.json", "Remove it: truncate -s -1 data/raw/utf16_le_bom_stray_byte"),
+    ("pretty_printed.jsonl", "rename it to .json"),
+    ("kto_trl.jsonl", "top reason unpaired_preference"),
 ])
 def test_stage_stops_with_one_line(tmp_path: Path, name: str, fragment: str) -> None:
     """The read stage of the file, as DVC runs it: exit 1, one line on stderr, no traceback."""
