@@ -196,13 +196,13 @@ def check_stage_input(path: str, log: logging.Logger, *, lock: str | Path = LOCK
 
 
 def dvc_sees_change(stage: str, root: str | Path = ".") -> bool:
-    """Whether ``dvc status`` already reports ``stage`` as changed (so ``dvc repro`` reruns
-    it); asked only for a folder whose bytes differ from dvc.lock, so a second or two of
-    DVC's start-up is spent only then."""
+    """Whether ``dvc status`` already reports ``stage`` or a stage upstream of it as changed
+    (so ``dvc repro`` reruns it); asked only for a folder whose bytes differ from dvc.lock, so
+    a second or two of DVC's start-up is spent only then."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", stage], cwd=root,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps",
+                           stage], cwd=root, capture_output=True, text=True)
     try:
         return proc.returncode != 0 or bool(json.loads(proc.stdout or "{}"))
     except ValueError:

@@ -50,8 +50,9 @@ class TextWindow:
     """The decoded text of a binary stream, held from a moving start: ``buf`` is the text
     from that start to as far as has been read; ``eof`` says whether that is the end."""
 
-    def __init__(self, fh: BinaryIO, encoding: str) -> None:
+    def __init__(self, fh: BinaryIO, encoding: str, chunk: int | None = None) -> None:
         self._fh = fh
+        self._chunk = chunk  # bytes read at least per refill (None: CHUNK)
         self._decoder = codecs.getincrementaldecoder(encoding)()
         self.buf = ""
         self.eof = False
@@ -69,7 +70,7 @@ class TextWindow:
         else:
             self._col += drop
         kept = self.buf[drop:]
-        want = max(CHUNK, 2 * len(kept))
+        want = max(self._chunk or CHUNK, 2 * len(kept))
         while True:
             data = self._fh.read(want)
             text = self._decoder.decode(data, final=not data)
@@ -276,7 +277,7 @@ def first_value_span(win: TextWindow) -> tuple[int, int] | None:
         return None
     newline = win.buf.find("\n", pos)
     try:
-        if newline < 0 or newline - pos > CHUNK:
+        if newline < 0:  # a first line longer than the window: not an object's "{" line
             return None
         JSON_DECODER.decode(win.buf[pos:newline].rstrip("\r"))
         return None  # the first line is a whole value: JSON Lines

@@ -56,6 +56,7 @@ RAW_LIMIT = 500  # characters of an unparseable line kept for the rejected-rows 
 # answers); a longer one stops the file with a message saying so.
 CSV_FIELD_LIMIT = 16 << 20
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+PEEK = 1 << 16  # bytes of a .jsonl read first to tell pretty-printed JSON (grows as needed)
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ def _refuse_pretty_printed(source: str, fh: BinaryIO) -> None:
     encoding, bom = detect(fh.read(4))
     fh.seek(begin + bom)
     try:
-        span = jsonstream.first_value_span(jsonstream.TextWindow(fh, encoding))
+        span = jsonstream.first_value_span(jsonstream.TextWindow(fh, encoding, PEEK))
     except UnicodeDecodeError:  # not text in that encoding: the line reader reports it
         span = None
     fh.seek(begin)
