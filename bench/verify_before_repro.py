@@ -8,7 +8,7 @@ the folders' entries removed (start-up and lock parse only), so the hashing's sh
 Warm page cache (each timed run follows a warm-up run); best of ``--repeats``.
 
     .venv/bin/python bench/verify_before_repro.py --folders /tmp/smol_base:models/base \
-        /tmp/smol_base:models/merged --out bench/results/verify_before_repro_cpu.json
+        /tmp/smol_base:models/merged --out bench/results/verify_before_repro_cpu_smollm2.json
 """
 
 from __future__ import annotations

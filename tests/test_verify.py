@@ -149,16 +149,17 @@ def test_make_repro_first_step_stops_only_on_what_dvc_cannot_see(project: Path) 
     flipped bit with its mtime kept stops it in one line; a folder DVC sees changed (or
     missing) is left to dvc repro, which rebuilds it."""
     proc = _verify_cli(project, "--before-repro")
-    assert proc.returncode == 0 and proc.stdout == "verify: 1 model folders checked against dvc.lock\n"
+    assert proc.returncode == 0 and proc.stdout == "verify: 1 model folders match dvc.lock\n"
     weights = project / "models" / "m" / "w.bin"
     _flip_bit_keep_mtime(weights)
     proc = _verify_cli(project, "--before-repro")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("verify: models/m: w.bin differs from what stage `make` wrote")
     os.utime(weights)  # now DVC sees the change: dvc repro reruns `make`, nothing to stop
-    assert _verify_cli(project, "--before-repro").returncode == 0
+    left = "verify: 0 model folders match dvc.lock; 1 missing or changed, which dvc repro rebuilds\n"
+    assert _verify_cli(project, "--before-repro").stdout == left
     subprocess.run(["rm", "-rf", str(project / "models" / "m")], check=True)
-    assert _verify_cli(project, "--before-repro").returncode == 0  # missing: rebuilt too
+    assert _verify_cli(project, "--before-repro").stdout == left  # missing: rebuilt too
 
 
 def test_make_repro_checks_params_and_model_folders_before_dvc(repo_root: Path) -> None:

@@ -214,16 +214,16 @@ def before_repro(root: str | Path = ".", *, lock: str | Path = LOCK_FILE) -> lis
     entry, unless ``dvc repro`` is going to rebuild it anyway (missing, or its stage already
     changed in DVC's eyes: new params, code or a pulled dvc.lock). What is left is a change
     DVC cannot see (same sizes and times): :class:`IntegrityError` naming it and the fix.
-    Returns the folders checked."""
+    Returns ``(folders that match, folders left to dvc repro)``."""
     root = Path(root)
     outs = locked_outputs(read_lock(root / lock))
-    checked = []
+    match, rebuilt = [], []
     for path in sorted(p for p in outs if p.startswith("models/")):
         why = verify_path(path, outs[path], root)
         if why is not None and why != "missing" and not dvc_sees_change(outs[path].stage, root):
             verify_paths([path], lock=lock, root=root)  # raises, naming the files and the fix
-        checked.append(path)
-    return checked
+        (match if why is None else rebuilt).append(path)
+    return match, rebuilt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--before-repro"]:
         try:
-            checked = before_repro()
+            match, rebuilt = before_repro()
         except IntegrityError as exc:
             print(f"verify: {exc}", file=sys.stderr)
             return 1
-        print(f"verify: {len(checked)} model folders checked against {LOCK_FILE}")
+        left = f"; {len(rebuilt)} missing or changed, which dvc repro rebuilds" if rebuilt else ""
+        print(f"verify: {len(match)} model folders match {LOCK_FILE}{left}")
         return 0
     outs = locked_outputs(read_lock())
     paths = [Path(p).as_posix().rstrip("/") for p in args] or sorted(
