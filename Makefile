@@ -67,7 +67,13 @@ lock:
 	@! grep -lE '^(nvidia-(cu|cudnn|nccl|nvjit|nvtx|cufft|curand|cusolver|cusparse)|triton)' lock/*.txt \
 	    || { echo "make lock: CUDA packages in the lock; resolve against the CPU torch wheel (see Makefile)"; exit 1; }
 
+# Before DVC parses anything: `check` refuses a params.yaml DVC would choke or hang on (an
+# empty file, a missing key, a YAML alias bomb), and the model folders are rehashed against
+# dvc.lock, because `dvc status` trusts sizes and times and would call a flipped byte "up to
+# date" (docs/deploy.md; a folder dvc repro rebuilds anyway is not stopped).
 repro: install
+	@$(BIN)/python -m reprotune.params
+	@$(BIN)/python -m reprotune.verify --before-repro
 	$(BIN)/dvc repro
 
 # The same pipeline with a real pretrained model (SmolLM2-135M-Instruct from its pinned wheel)

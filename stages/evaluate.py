@@ -39,7 +39,7 @@ from reprotune.evaluate.report import plot_confusion, relative_link, render_repo
 from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
 from reprotune.params import load_section
 from reprotune.train import distributed
-from reprotune.train.loading import resolve_model_dir
+from reprotune.train.loading import FinetunedLoadError, resolve_model_dir
 
 DEFAULTS = {
     "base": {"model": "models/base", "metrics": "metrics/eval_base.json",
@@ -109,11 +109,17 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
-    if args.kind == "finetuned":  # align's pass-through holds no weights: follow it
-        args.model = str(resolve_model_dir(args.model))
     log = runtime.setup("evaluate")
     if not launcher.inside_launch():  # once, not in every rank
         verify.check_stage_input(args.model, log)  # a changed byte would be scored silently
+    if args.kind == "finetuned":  # align's pass-through holds no weights: follow it
+        try:
+            folder = str(resolve_model_dir(args.model))
+        except FinetunedLoadError as exc:
+            raise SystemExit(f"evaluate: {exc}") from None
+        if folder != args.model and not launcher.inside_launch():
+            verify.check_stage_input(folder, log)  # the SFT folder the pointer names
+        args.model = folder
     cfg = load_section("eval")
     thinking_param = load_section("format").enable_thinking
     if cfg.num_processes > 1 and not launcher.inside_launch():
@@ -143,7 +149,7 @@ def main() -> None:
                                               source=str(args.test), shard=shard)
         general, general_records = ({}, []) if not distributed.is_main() else score_general_text(
             model, tokenizer, load_general_text(cfg.general_text), cfg.batch_size)
-    except (EvalDataError, GeneralTextError) as exc:
+    except (EvalDataError, GeneralTextError, FinetunedLoadError) as exc:
         raise SystemExit(f"evaluate: {exc}") from None
     except NonFiniteLossError as exc:
         raise SystemExit(

@@ -12,7 +12,7 @@ import argparse
 
 from reprotune import io, runtime, verify
 from reprotune.deploy.merge import directory_size, merge_finetuned
-from reprotune.train.loading import resolve_model_dir
+from reprotune.train.loading import FinetunedLoadError, resolve_model_dir
 
 
 def main() -> None:
@@ -25,7 +25,16 @@ def main() -> None:
     log = runtime.setup("merge")
     verify.check_stage_input(args.finetuned, log)  # dvc status misses a changed byte
     io.clean_stale_temporaries(args.out, args.metrics)
-    info = merge_finetuned(resolve_model_dir(args.finetuned), args.out)
+    try:
+        folder = resolve_model_dir(args.finetuned)
+    except FinetunedLoadError as exc:
+        raise SystemExit(f"merge: {exc}") from None
+    if str(folder) != args.finetuned:
+        verify.check_stage_input(str(folder), log)  # the SFT folder align's pointer names
+    try:
+        info = merge_finetuned(folder, args.out)
+    except FinetunedLoadError as exc:  # e.g. pickled weights only: never unpickled
+        raise SystemExit(f"merge: {exc}") from None
     metrics = {k: info[k] for k in ("method", "kind", "merged", "reason", "enable_thinking",
                                     "chat_template_sha256", "max_abs_logit_diff",
                                     "soft_prompt_dir")}

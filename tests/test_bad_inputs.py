@@ -103,13 +103,26 @@ OUTCOMES: dict[str, dict] = {
     "raw_cr_in_string.jsonl": rows(4, 3, parse_error=1),  # one reject, not two half rows
     "reasoning_and_name.jsonl": rows(3, 3),
     "loss_weight.jsonl": rows(7, 4, invalid_loss_weight=2, no_trained_turn=1),
+    # issue 28: the right fix for the cause, and preference data never read silently
+    "utf16_le_bom_stray_byte.json": error("ends in the middle of a UTF-16-LE character",
+                                          "last byte (0a at offset 302)", "truncate -s -1"),
+    "truncated_in_escape.json": rows(4, 3, parse_error=1),  # cut inside a \u escape
+    "pretty_printed.jsonl": error("line 1: one JSON value spans lines 1-4", "rename it to .json",
+                                  "jq -c ."),
+    "pretty_printed.json": rows(5, 5),  # objects one after another, each over 4 lines
+    "csv_double_bom.csv": rows(2, 2),  # the second U+FEFF is not part of the column name
+    "empty_rejected.jsonl": rows(3, 3),  # dedup drops rows 1 and 3 as empty_answer
+    "kto_trl.jsonl": error("kept 0 of 4 rows", "top reason unpaired_preference",
+                           "TRL's unpaired KTO layout", "Give chosen/rejected pairs"),
+    "kto_llamafactory.jsonl": error("kept 0 of 3 rows", "top reason unpaired_preference",
+                                    "kto_tag true: LLaMA-Factory's unpaired KTO layout"),
 }
 
 
 def test_every_corpus_file_has_an_outcome() -> None:
     files = {p.name for p in CORPUS.iterdir() if p.suffix != ".py"}
     assert files == set(OUTCOMES)
-    assert len(files) >= 59
+    assert len(files) >= 67
 
 
 @pytest.mark.parametrize("name", sorted(OUTCOMES))
@@ -178,6 +191,9 @@ def test_exact_text_of_odd_but_valid_rows() -> None:
     ("scalar.json", "ingest.min_kept_ratio"),
     ("csv_duplicate_header.csv", "column 'output' twice"),
     ("deep_brackets.json", "nested 9999 levels deep"),
+    ("utf16_le_bom_stray_byte.json", "Remove it: truncate -s -1 data/raw/utf16_le_bom_stray_byte"),
+    ("pretty_printed.jsonl", "rename it to .json"),
+    ("kto_trl.jsonl", "top reason unpaired_preference"),
 ])
 def test_stage_stops_with_one_line(tmp_path: Path, name: str, fragment: str) -> None:
     """The read stage of the file, as DVC runs it: exit 1, one line on stderr, no traceback."""
@@ -218,3 +234,80 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     (tmp_path / "keep.json").write_text("{}")
     n = io.clean_stale_temporaries(tmp_path / "out" / "formatted.parquet", tmp_path / "base")
     assert n == 2 and sorted(p.name for p in tmp_path.rglob("*")) == ["keep.json", "out"]
+
+
+def test_issue28_fixes_work_and_rows_are_exact(tmp_path: Path) -> None:
+    """The fix each issue-28 message gives works, and what is read is exactly the file."""
+    # a stray byte after UTF-16 text: `truncate -s -1` as told, then all rows read
+    stray = tmp_path / "stray.json"
+    shutil.copy(CORPUS / "utf16_le_bom_stray_byte.json", stray)
+    with pytest.raises(InputFileError, match=f"Remove it: truncate -s -1 {stray} "):
+        ingest_files([str(stray)])
+    subprocess.run(["truncate", "-s", "-1", str(stray)], check=True)
+    assert ingest_files([str(stray)]).counts["kept"] == 3
+    # a JSON array cut inside a \u escape: its complete rows, then one reject for the tail
+    res = ingest_files([str(CORPUS / "truncated_in_escape.json")])
+    assert [r["messages"][0]["content"] for r in res.records] == [
+        f"问题 {i}：一加一等于几？" for i in (1, 2, 3)]
+    assert res.rejects[0]["line"] == 4 and "truncated (Invalid \\uXXXX escape)" in \
+        res.rejects[0]["detail"]
+    # pretty-printed JSONL: renamed to .json as told, the 5 objects are 5 rows at their lines
+    res = ingest_files([str(CORPUS / "pretty_printed.json")])
+    assert [r["source"].rsplit(":", 1)[1] for r in res.records] == ["1", "5", "9", "13", "17"]
+    assert res.records[4]["messages"][0]["content"] == "问题 4：一加一等于几？"
+    # a second BOM before a CSV header: the column is `instruction`, the text unchanged
+    res = ingest_files([str(CORPUS / "csv_double_bom.csv")])
+    assert [m["content"] for m in res.records[1]["messages"]] == ["问题二", "答案二"]
+
+
+def test_empty_rejected_answer_is_dropped_like_an_empty_chosen_one() -> None:
+    """Ingest keeps empty answers on purpose; dedup's quality filter drops them, for the
+    rejected side of a pair as for the chosen side (reason empty_answer)."""
+    from types import SimpleNamespace
+
+    from reprotune.data import quality
+
+    res = ingest_files([str(CORPUS / "empty_rejected.jsonl")])
+    assert [r["preference"]["rejected"][0]["content"] for r in res.records] == ["", "五。", "七。"]
+    filters = quality.make_filters(SimpleNamespace(min_chars=1, max_chars=10_000,
+                                                   max_repetition=0.5))
+    assert [quality.first_failure(r, filters) for r in res.records] == [
+        "empty_answer", None, "empty_answer"]
+
+
+def test_unpaired_kto_rows_are_rejected_naming_the_layout() -> None:
+    res = ingest_files([str(CORPUS / "kto_trl.jsonl")])
+    assert not res.records
+    assert [(r["line"], r["field"], r["detail"].split(":")[0]) for r in res.rejects] == [
+        (1, "label", "label true"), (2, "label", "label false"), (3, "label", 'label "true"'),
+        (4, "label", 'label "False"')]
+    res = ingest_files([str(CORPUS / "kto_llamafactory.jsonl")])
+    assert [r["field"] for r in res.rejects] == ["kto_tag", "kto_tag", "label"]
+    assert "an unpaired KTO row" in res.rejects[2]["detail"]
+    # a class label that is not true/false stays a label of an ordinary SFT row
+    from reprotune.data.ingest import convert_row
+
+    assert convert_row({"prompt": "q", "completion": "a", "label": "positive"})[1]["label"] == \
+        "positive"
+
+
+def test_symlink_in_raw_pointing_outside_names_a_fix_that_works(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    from reprotune.data.inputs import check_inputs
+
+    outside = tmp_path / "home" / "my.jsonl"
+    outside.parent.mkdir()
+    shutil.copy(CORPUS / "utf8_bom.jsonl", outside)
+    repo = tmp_path / "repo"
+    (repo / "data" / "raw").mkdir(parents=True)
+    (repo / "data" / "raw" / "my.jsonl").symlink_to(outside)
+    monkeypatch.chdir(repo)
+    with pytest.raises(IngestError) as exc:
+        check_inputs(["data/raw/my.jsonl"])
+    msg = str(exc.value)
+    assert f"is a symbolic link to {outside}" in msg
+    fix = msg.split("track it: ", 1)[1].split(" && dvc add")[0]
+    assert fix == f"rm data/raw/my.jsonl && cp {outside} data/raw/my.jsonl"
+    subprocess.run(fix, shell=True, check=True)
+    check_inputs(["data/raw/my.jsonl"])  # now a file inside data/raw/
+    assert not Path("data/raw/my.jsonl").is_symlink()

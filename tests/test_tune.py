@@ -63,6 +63,10 @@ def test_a_good_config_against_this_project(tmp_path: Path) -> None:
     (GOOD.replace("high: 1.0e-2", "high: 1.0e-5"), "space.lr: low (0.0001) must be below high"),
     (GOOD.replace("type: log", "type: loguniform"), "space.lr.type: 'loguniform' is not one of"),
     ("study: 'my study'\n" + GOOD[9:], "study: 'my study': letters, digits, - and _"),
+    # issue 28: Optuna's own traceback said step=0 for these
+    (GOOD + "  epochs: {type: int, low: 1, high: 4, step: 0.5}\n",
+     "space.epochs.step: 0.5: an int param steps by a whole number (1, 2, ...); use type: float"),
+    (GOOD + "  lora: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_configs_fail_in_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(TuneError) as err:

@@ -141,3 +141,67 @@ def test_model_stages_stop_on_a_changed_input(tmp_path: Path, script: str, args:
     assert last.startswith(f"{script}: {folder}: 2 files hash to ")  # no DVC cache to name them
     assert f"dvc checkout --relink --force {folder}" in last and "Traceback" not in proc.stderr
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_make_repro_first_step_stops_only_on_what_dvc_cannot_see(project: Path) -> None:
+    """`make repro` runs `python -m reprotune.verify --before-repro` before `dvc repro`: a
+    flipped bit with its mtime kept stops it in one line; a folder DVC sees changed (or
+    missing) is left to dvc repro, which rebuilds it."""
+    proc = _verify_cli(project, "--before-repro")
+    assert proc.returncode == 0 and proc.stdout == "verify: 1 model folders match dvc.lock\n"
+    weights = project / "models" / "m" / "w.bin"
+    _flip_bit_keep_mtime(weights)
+    proc = _verify_cli(project, "--before-repro")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("verify: models/m: w.bin differs from what stage `make` wrote")
+    os.utime(weights)  # now DVC sees the change: dvc repro reruns `make`, nothing to stop
+    left = "verify: 0 model folders match dvc.lock; 1 missing or changed, which dvc repro rebuilds\n"
+    assert _verify_cli(project, "--before-repro").stdout == left
+    subprocess.run(["rm", "-rf", str(project / "models" / "m")], check=True)
+    assert _verify_cli(project, "--before-repro").stdout == left  # missing: rebuilt too
+
+
+def test_make_repro_checks_params_and_model_folders_before_dvc(repo_root: Path) -> None:
+    recipe = (repo_root / "Makefile").read_text().split("\nrepro: install\n", 1)[1]
+    steps = [line.strip().lstrip("@") for line in recipe.split("\n\n", 1)[0].splitlines()]
+    assert steps == ["$(BIN)/python -m reprotune.params",
+                     "$(BIN)/python -m reprotune.verify --before-repro", "$(BIN)/dvc repro"]
+
+
+def test_a_corrupt_align_pointer_is_one_line(tmp_path: Path) -> None:
+    """models/aligned of align.method none is a pointer file: a byte changed in it (mtime
+    kept) stops evaluate at its verify step naming models/aligned, not models/finetuned; a
+    pointer dvc.lock does not know yet that is not JSON stops merge in one line."""
+    aligned = tmp_path / "models" / "aligned"
+    aligned.mkdir(parents=True)
+    pointer = aligned / "reprotune_align.json"
+    pointer.write_text('{"method": "none", "model": "models/finetuned", "sft_method": "lora"}')
+    md5 = verify.listing_md5(verify.folder_listing(aligned))
+    (tmp_path / "dvc.lock").write_text(
+        f"schema: '2.0'\nstages:\n  align:\n    cmd: x\n    outs:\n    - path: models/aligned\n"
+        f"      hash: md5\n      md5: {md5}\n      nfiles: 1\n")
+    _flip_bit_keep_mtime(pointer, 45)  # "models/finetuned" -> "models/finetunec"
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "--kind",
+                           "finetuned", "--model", "models/aligned"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "evaluate: models/aligned: 1 files hash to ")
+    (tmp_path / "dvc.lock").unlink()
+    pointer.write_bytes(b'{"method": "none", "model": "models/fine\xff')
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "merge.py"), "--finetuned",
+                           "models/aligned"], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("merge: models/aligned/reprotune_align.json: corrupt, not the align "
+                           "stage's record (")
+    assert last.endswith("restore it: dvc checkout models/aligned (or rerun align: dvc repro "
+                         "-f align)")
+    from reprotune.train.loading import FinetunedLoadError, resolve_model_dir
+
+    pointer.write_text('{"method": "none", "model": "models/finetuned"}')
+    with pytest.raises(FinetunedLoadError, match="names 'models/finetuned', which holds no "
+                                                 "fine-tuned model .* run the train stage"):
+        resolve_model_dir(aligned)

@@ -89,7 +89,7 @@ def conversation_fields(messages: Sequence[dict[str, Any]], tools: Sequence[Any]
 
 
 @lru_cache(maxsize=8)
-def _pattern(forbidden: tuple[str, ...]) -> re.Pattern[str]:
+def forbidden_pattern(forbidden: tuple[str, ...]) -> re.Pattern[str]:
     # one alternation, longest first: one pass over each text instead of one per token
     return re.compile("|".join(map(re.escape, forbidden)))
 
@@ -99,7 +99,7 @@ def find_forbidden(messages: Sequence[dict[str, Any]], tools: Sequence[Any] | No
     """The first ``(field, string)`` where a forbidden string occurs, or None if clean."""
     if not forbidden:
         return None
-    pattern = _pattern(tuple(forbidden))
+    pattern = forbidden_pattern(tuple(forbidden))
     for fld, text in conversation_fields(messages, tools):
         hit = pattern.search(text)
         if hit:

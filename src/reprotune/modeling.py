@@ -24,6 +24,7 @@ from reprotune import io
 from reprotune.chat_template import qwen3_template, template_fingerprint
 from reprotune.gguf_import import inspect_gguf, load_gguf
 from reprotune.markup import qwen3_added_tokens
+from reprotune.model_folder import folder_problem
 from reprotune.model_sources import gguf_file_of, sha256_file, uses_gguf
 from reprotune.params import ParamsError, TinyModelParams
 
@@ -243,6 +244,10 @@ def prepare_base(name: str, out_dir: Path, texts: Sequence[str], tiny: TinyModel
         tokenizer, model, extra["gguf"] = _load_gguf_base(name, gguf_file)
     else:
         source, local_only = _resolve_source(name)
+        problem = folder_problem(Path(name).expanduser(), name,
+                                 trust_remote_code=trust_remote_code) if source == "local" else None
+        if problem:
+            raise BaseModelUnavailable(problem)
         log.info("loading base model %s (source: %s, local_files_only=%s)", name, source,
                  local_only)
         try:
@@ -251,6 +256,13 @@ def prepare_base(name: str, out_dir: Path, texts: Sequence[str], tiny: TinyModel
             # dtype="auto": keep the checkpoint's own precision (bf16 for Qwen3) when re-saving
             model = load_model(name, dtype="auto", trust_remote_code=trust_remote_code,
                                local_files_only=local_only)
+        except ValueError as exc:  # transformers refusing a hub model's own code
+            if "trust_remote_code" not in str(exc):
+                raise
+            raise BaseModelUnavailable(
+                f"model.name={name!r}: the model ships its own code, and "
+                f"model.trust_remote_code is false, so it is never run; read that code, and "
+                f"only if you trust it set model.trust_remote_code: true") from None
         except OSError as exc:  # e.g. a cache holding config.json but not the weights
             if source == "local":
                 raise BaseModelUnavailable(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -335,7 +336,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ParamsError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (item_tp,) = get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        for i, v in enumerate(items):  # every list param is a set of names: once each
+            if v in items[:i]:
+                raise ParamsError(f"{key}[{i}]: {v!r} is listed twice (also {key}"
+                                  f"[{items.index(v)}]); list each entry once")
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -519,12 +525,37 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ParamsError(f"{where}not valid YAML: {problem}") from exc
     if not isinstance(raw, dict):
         raise ParamsError("expected a mapping at the top level")
+    if _expanded_size(raw) > MAX_VALUES:
+        # ruamel keeps an alias as a reference; DVC's own loader expands every one of them
+        raise ParamsError(f"its YAML aliases (*name) expand to more than {MAX_VALUES:,} values "
+                          f"(an alias bomb): DVC would hang expanding them; write the values "
+                          f"out without & anchors and * aliases")
     known = set(SECTIONS) | set(TOP_KEYS)
     for k in raw:
         if k not in known:
             raise ParamsError(f"{k}: unknown top-level key{_suggest(str(k), known)}")
     validate_all(raw)
     return raw
+
+
+MAX_VALUES = 100_000  # values params.yaml may hold once its YAML aliases are expanded
+
+
+def _expanded_size(value: Any) -> int:
+    """How many values ``value`` holds with every shared (aliased) node counted at each use,
+    computed without expanding: once per distinct node (an alias is the same object)."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) not in sizes:
+            sizes[id(v)] = 0  # a node holding itself (a recursive alias) counts once
+            items = v.values() if isinstance(v, dict) else v
+            sizes[id(v)] = min(1 + sum(size(x) for x in items), MAX_VALUES + 1)
+        return sizes[id(v)]
+
+    return size(value)
 
 
 def validate_all(raw: dict[str, Any]) -> None:
@@ -549,7 +580,7 @@ def check_paths(raw: dict[str, Any], root: str | Path = ".") -> None:
     if model.gguf_file is not None or is_gguf_name(model.name):
         _check_gguf_path(model.name, model.gguf_file, root)
     elif model.name != "tiny" and model.name not in PRESETS:
-        _check_model_path(model.name, root)
+        _check_model_path(model.name, root, model.trust_remote_code)
     ingest = build(IngestParams, raw.get("ingest"), "ingest")
     for i, entry in enumerate(ingest.inputs):
         path = root / entry
@@ -597,7 +628,7 @@ def _check_gguf_path(name: str, gguf_file: str | None, root: Path) -> None:
                           f"GGUF file{' (that folder has ' + ', '.join(have) + ')' if have else ''}")
 
 
-def _check_model_path(name: str, root: Path) -> None:
+def _check_model_path(name: str, root: Path, trust_remote_code: bool = False) -> None:
     """A ``model.name`` that is a local folder must hold a model (``config.json``); one that
     looks like a path but is no folder is refused; ``owner/name`` that is no local folder is a
     hub id and passes (the base stage fetches or finds it in the HF cache)."""
@@ -608,6 +639,11 @@ def _check_model_path(name: str, root: Path) -> None:
             raise ParamsError(f"model.name: {name!r} is a folder without config.json, so no "
                               f"model; name a model folder (as `hf download` or "
                               f"save_pretrained writes it), a hub id like Qwen/Qwen3-0.6B, or tiny")
+        from reprotune.model_folder import folder_problem
+
+        problem = folder_problem(path, name, trust_remote_code=trust_remote_code)
+        if problem:
+            raise ParamsError(problem)
         return
     parts = Path(name).parts
     if name.startswith((".", "/", "~", "\\")) or len(parts) != 2 or ".." in parts \
@@ -616,6 +652,65 @@ def _check_model_path(name: str, root: Path) -> None:
                           f"the repository root); fix the path, or use a hub id like "
                           f"Qwen/Qwen3-0.6B, a .gguf file, a preset "
                           f"({', '.join(PRESETS)}), or tiny")
+
+
+_INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*\}")
+DVC_FILES = ("dvc.yaml", "data/raw/dvc.yaml")  # the pipeline's stage files, from the root
+
+
+def dvc_params_keys(root: str | Path = ".") -> dict[str, str]:
+    """Every params.yaml key the pipeline's dvc.yaml files make DVC read (a stage's
+    ``params:`` entry or a ``${...}`` interpolation), with the stage that reads it."""
+    keys: dict[str, str] = {}
+    for name in DVC_FILES:
+        path = Path(root) / name
+        if not path.is_file():
+            continue
+        from ruamel.yaml.error import YAMLError
+
+        text = path.read_text(encoding="utf-8")
+        try:
+            stages = (YAML(typ="safe", pure=True).load(text) or {}).get("stages") or {}
+        except (YAMLError, AttributeError):  # DVC reports a broken dvc.yaml itself
+            continue
+        for stage, spec in stages.items():
+            spec = (spec.get("do") or spec) if isinstance(spec, dict) else {}
+            for entry in spec.get("params") or []:
+                if isinstance(entry, str):
+                    keys.setdefault(entry, stage)
+                elif isinstance(entry, dict):
+                    for file, listed in entry.items():
+                        if str(file).endswith("params.yaml") and isinstance(listed, list):
+                            keys.update({str(k): stage for k in listed if str(k) not in keys})
+        for match in _INTERPOLATION.finditer(text):
+            if match.group(1).split(".")[0] not in ("item", "key"):  # foreach's own names
+                keys.setdefault(match.group(1), "(interpolated)")
+    return keys
+
+
+def check_dvc_keys(raw: dict[str, Any], root: str | Path = ".") -> None:
+    """DVC reads each stage's params from params.yaml itself, not from the defaults here:
+    every key dvc.yaml names must be in the file, or ``dvc repro`` fails inside DVC."""
+    missing = {}
+    for key, stage in dvc_params_keys(root).items():
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else _MISSING
+        if node is _MISSING:
+            missing[key] = stage
+    if not missing:
+        return
+    if not raw:
+        raise ParamsError(f"the file is empty, but dvc.yaml has DVC read {len(missing)} keys "
+                          f"from it ({', '.join(list(missing)[:4])}, ...); restore it: git "
+                          f"checkout params.yaml")
+    key, stage = next(iter(missing.items()))
+    raise ParamsError(f"{key}: missing, and dvc.yaml's stage {stage} has DVC read it from this "
+                      f"file (DVC does not know reprotune's defaults); add it (its default is in "
+                      f"docs/params.md; `git show HEAD:params.yaml` has the shipped file)")
+
+
+_MISSING = object()
 
 
 def load_top(path: str | Path = DEFAULT_PARAMS) -> TopParams:
@@ -643,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     path = Path(args[0]) if args else DEFAULT_PARAMS
     try:
-        check_paths(read_params(path), path.parent)
+        raw = read_params(path)
+        check_paths(raw, path.parent)
+        check_dvc_keys(raw, path.parent)
     except ParamsError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1

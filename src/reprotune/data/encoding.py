@@ -82,9 +82,30 @@ def _fix(source: str, head: bytes, sample: bytes) -> str:
             f"iconv -f GBK -t UTF-8 {source} > {out}")
 
 
+def _cut_character(encoding: str, tail: bytes) -> bool:
+    """Whether ``tail``, the last bytes of a file, is the start of one character cut off
+    by the end of the file (a truncated copy, or a stray byte after the last character)."""
+    if not 0 < len(tail) < 4:
+        return False
+    try:
+        return codecs.getincrementaldecoder(encoding)().decode(tail, final=False) == ""
+    except UnicodeDecodeError:
+        return False
+
+
 def _not_text(source: str, encoding: str, offset: int, head: bytes,
               sample: bytes) -> InputFileError:
-    """``head``: the file's first bytes; ``sample``: the bytes from ``offset`` on."""
+    """``head``: the file's first bytes; ``sample``: the bytes from ``offset`` on (to the
+    end of the file when it is shorter than :data:`SAMPLE`)."""
+    if _cut_character(encoding, sample):
+        n = len(sample)
+        last = f"last {n} bytes ({sample.hex(' ')} at offset {offset}) are" if n > 1 else \
+            f"last byte ({sample.hex()} at offset {offset}) is"
+        return InputFileError(
+            f"{source}: ends in the middle of a {encoding.upper()} character: its {last} not a "
+            f"whole character, so the file was cut short or a stray byte was appended. Remove "
+            f"{'them' if n > 1 else 'it'}: truncate -s -{n} {source} (then the rows before it "
+            f"are read; a cut-off last row is reported as one reject)")
     fix = _fix(source, head, sample)
     return InputFileError(
         f"{source}: not {encoding.upper()} text (bytes {sample[:2].hex(' ')} at offset "

@@ -150,6 +150,7 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
         raise RowError("unknown_format", None, "no known format: expected messages, conversations, "
                        f"prompt/completion or instruction/output; got keys {sorted(row)}")
     try:
+        preference.check_unpaired(row)  # never KTO's undesirable answers as SFT targets
         if detected != "alpaca" and MARKERS[detected] not in row:
             raise RowError("missing_field", MARKERS[detected], f"{detected} row has no "
                            f"{MARKERS[detected]!r}")

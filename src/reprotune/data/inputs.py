@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 RAW_DIR = "data/raw"  # where inputs live: DVC-tracked (dvc add / dvc import) or the demo's
 PART_FILES = ("records.jsonl", "rejected.jsonl", "counts.json")
+# the fix a file's top reject reason calls for, when it is not the column mapping
+FIXES = {"unpaired_preference": "Change the rows as the example says"}
 
 
 class IngestError(ValueError):
@@ -58,6 +60,14 @@ def check_inputs(paths: Sequence[str], raw_dir: str | Path = RAW_DIR) -> None:
     for path in paths:
         if not Path(path).resolve().is_relative_to(root):
             name = Path(path).name
+            if Path(path).absolute().is_relative_to(Path(raw_dir).absolute()):
+                # a link inside data/raw/ to a file elsewhere: `cp` onto itself would fail
+                target = Path(path).resolve()
+                raise IngestError(
+                    f"ingest.inputs: {path} is a symbolic link to {target}, outside "
+                    f"{raw_dir}/, so DVC would not see that file change; replace the link "
+                    f"with a copy and track it: rm {path} && cp {target} {path} && dvc add "
+                    f"{path}")
             raise IngestError(
                 f"ingest.inputs: {path} is outside {raw_dir}/, so DVC would not see it change; "
                 f"copy it in and track it: cp {path} {raw_dir}/ && dvc add {raw_dir}/{name} "
@@ -82,8 +92,9 @@ def check_files(res: IngestResult | IngestCounts, paths: Sequence[str], min_kept
             raise IngestError(
                 f"{path}: kept {b['kept']} of {b['rows_in']} rows ({kept_ratio:.0%} < "
                 f"ingest.min_kept_ratio {min_kept_ratio:g}); top reason {reason} ({n} rows), "
-                f"e.g. line {example.get('line')}: {example.get('detail')}. Check ingest.format / "
-                f"ingest.columns, or lower ingest.min_kept_ratio to accept the losses")
+                f"e.g. line {example.get('line')}: {example.get('detail')}. "
+                f"{FIXES.get(reason, 'Check ingest.format / ingest.columns')}, or lower "
+                f"ingest.min_kept_ratio to accept the losses")
 
 
 def iter_input_rows(path: str | Path) -> Iterator[RawRow]:

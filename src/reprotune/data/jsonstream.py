@@ -33,6 +33,7 @@ CHUNK = 1 << 20  # bytes read and decoded per refill of the window
 # -Infinity or a \uXXXX escape cut short is reported at its start): grow and decode again.
 MARGIN = 16
 _WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, as the decoder skips it
+_STRUCTURE = re.compile(r'[\s,\[\]{}:"]')  # what separates or delimits JSON tokens
 
 
 class Item(NamedTuple):
@@ -49,8 +50,9 @@ class TextWindow:
     """The decoded text of a binary stream, held from a moving start: ``buf`` is the text
     from that start to as far as has been read; ``eof`` says whether that is the end."""
 
-    def __init__(self, fh: BinaryIO, encoding: str) -> None:
+    def __init__(self, fh: BinaryIO, encoding: str, chunk: int | None = None) -> None:
         self._fh = fh
+        self._chunk = chunk  # bytes read at least per refill (None: CHUNK)
         self._decoder = codecs.getincrementaldecoder(encoding)()
         self.buf = ""
         self.eof = False
@@ -68,7 +70,7 @@ class TextWindow:
         else:
             self._col += drop
         kept = self.buf[drop:]
-        want = max(CHUNK, 2 * len(kept))
+        want = max(self._chunk or CHUNK, 2 * len(kept))
         while True:
             data = self._fh.read(want)
             text = self._decoder.decode(data, final=not data)
@@ -207,12 +209,20 @@ def iter_array(source: str, win: TextWindow, pos: int, raw_limit: int) -> Iterat
         pos = win.skip_ws(pos + 1)
 
 
+def _last_token(rest: str) -> bool:
+    """Whether the text from a decode error to the end of the file is at most one token
+    cut short (``tru``, ``-``, ``2.``, the ``u4e2`` of a ``\\u`` escape, or nothing): the
+    file simply ends there, so no element after it can be lost."""
+    rest = rest.rstrip()
+    return len(rest) <= MARGIN and not _STRUCTURE.search(rest)
+
+
 def _tail_or_raise(source: str, win: TextWindow, exc: json.JSONDecodeError, start: int,
                    index: int, raw_limit: int) -> Item:
     """The error item for an array cut off inside element ``index + 1`` (starting at
     ``buf[start]``), or :class:`InputFileError` when text follows the error: a break."""
     buf, line = win.buf, win.line_of(start)
-    if not (exc.msg.startswith("Unterminated string") or exc.pos >= len(buf.rstrip())):
+    if not (exc.msg.startswith("Unterminated string") or _last_token(buf[exc.pos:])):
         raise InputFileError(
             f"{source}: line {win.line_of(exc.pos)} column {win.column_of(exc.pos)}: "
             f"{exc.msg} (in array element {index + 1}, which starts on line {line}); the "
@@ -236,6 +246,80 @@ def _after_close(win: TextWindow, pos: int, count: int, raw_limit: int) -> Itera
         rest = 0
     yield Item(count + 1, raw=win.buf[rest:rest + raw_limit],
                error=f"unexpected text after the closing ']' at file line {win.line_of(rest)}")
+
+
+def _next_value(win: TextWindow, pos: int) -> tuple[Any, int, int]:
+    """``(value, its start, its end)`` of the JSON value at ``win.buf[pos]``, growing the
+    window until the value and what follows it are decided; raises ``json.JSONDecodeError``
+    or ``RecursionError`` (too deep) where the text is not a JSON value."""
+    while True:
+        try:
+            obj, end = JSON_DECODER.raw_decode(win.buf, pos)
+        except json.JSONDecodeError as exc:
+            if win.maybe_cut(exc):
+                win.refill(pos)
+                pos = 0
+                continue
+            raise
+        if end >= len(win.buf) and not win.eof:  # a number may go on past the window end
+            win.refill(pos)
+            pos = 0
+            continue
+        return obj, pos, end
+
+
+def first_value_span(win: TextWindow) -> tuple[int, int] | None:
+    """``(first line, last line)`` of the text's first JSON value when its first line alone
+    is not JSON but the value is, ending on a later line: a pretty-printed object (or
+    array) in a file meant to hold one value per line. None otherwise."""
+    pos = win.skip_ws(0)
+    if pos >= len(win.buf) or win.buf[pos] not in "{[":
+        return None
+    newline = win.buf.find("\n", pos)
+    try:
+        if newline < 0:  # a first line longer than the window: not an object's "{" line
+            return None
+        JSON_DECODER.decode(win.buf[pos:newline].rstrip("\r"))
+        return None  # the first line is a whole value: JSON Lines
+    except (json.JSONDecodeError, RecursionError):
+        pass
+    try:
+        _, start, end = _next_value(win, pos)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return win.line_of(start), win.line_of(end - 1)
+
+
+def iter_values(source: str, win: TextWindow, raw_limit: int) -> Iterator[Item]:
+    """Each JSON value of a text holding values one after another (pretty-printed objects
+    in a row), as an :class:`Item` whose line is the file line where the value starts.
+
+    As for an array: a text that ends inside a value yields ONE error item for that tail;
+    a value broken with more text after it is an :class:`InputFileError` (the values after
+    it cannot be told apart or counted)."""
+    pos = win.skip_ws(0)
+    while pos < len(win.buf):
+        try:
+            obj, start, end = _next_value(win, pos)
+        except RecursionError:
+            found, _ = text_depth(win.buf, pos)
+            raise InputFileError(f"{source}: line {win.line_of(pos)}: a value "
+                                 f"{too_deep(found)}; fix or remove it") from None
+        except json.JSONDecodeError as exc:
+            line = win.line_of(pos)
+            if exc.msg.startswith("Unterminated string") or _last_token(win.buf[exc.pos:]):
+                tail = win.buf[pos:]
+                yield Item(line, raw=tail[:raw_limit], error=(
+                    f"the file ends inside the value starting on line {line}: truncated "
+                    f"({exc.msg}); the last {tail.count(chr(10)) + 1} lines were not read"))
+                return
+            raise InputFileError(
+                f"{source}: line {win.line_of(exc.pos)} column {win.column_of(exc.pos)}: "
+                f"{exc.msg} (in the value starting on line {line}); the values after it "
+                f"cannot be read or counted. Fix the file (`jq . {source}` points at the "
+                f"spot)") from exc
+        yield Item(win.line_of(start), obj)
+        pos = win.skip_ws(end)
 
 
 def utf8_copy(fh: BinaryIO, encoding: str) -> BinaryIO:

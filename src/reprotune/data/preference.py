@@ -20,7 +20,9 @@ rejected side is converted the same way, with ``rejected`` in its place):
 
 A pair is rejected (never repaired) when its two answers are identical (``identical_pair``)
 or when the two sides do not share their prompt (``prompt_mismatch``: they differ before
-the first answer turn, or an answer holds a user turn).
+the first answer turn, or an answer holds a user turn). Unpaired KTO rows (a true/false
+``label`` or LLaMA-Factory's ``kto_tag`` marking one answer as desirable or not) are
+rejected as ``unpaired_preference`` (:func:`check_unpaired`), never read as SFT.
 """
 
 from __future__ import annotations
@@ -36,9 +38,36 @@ from reprotune.data.formats import RowError
 log = logging.getLogger(__name__)
 
 PAIR_FIELD = "preference"
-REASONS = ("identical_pair", "prompt_mismatch")
+REASONS = ("identical_pair", "prompt_mismatch", "unpaired_preference")
 # roles an answer may hold: the assistant's turns, its tool calls and their results
 _ANSWER_ROLES = ("assistant", "tool")
+
+
+_NOT_SFT = ("not read yet: as SFT, its undesirable answers would become training targets. "
+            "Give chosen/rejected pairs instead, or remove the {col} column to train on every "
+            "answer as SFT")
+
+
+def check_unpaired(row: Mapping[str, Any]) -> None:
+    """Refuse an unpaired (KTO) preference row instead of reading it as SFT: TRL's
+    ``prompt``/``completion``/``label`` with a true/false label (booleans or strings), or a
+    row with LLaMA-Factory's ``kto_tag`` (or a boolean ``label``, as its KTO demo names it)."""
+    if has_pair(row):
+        return
+    if "kto_tag" in row:
+        raise RowError("unpaired_preference", "kto_tag",
+                       f"kto_tag {json.dumps(row['kto_tag'], default=str)}: LLaMA-Factory's "
+                       f"unpaired KTO layout, {_NOT_SFT.format(col='kto_tag')}")
+    label = row.get("label")
+    text_flag = isinstance(label, str) and label.strip().lower() in ("true", "false") \
+        and "completion" in row
+    if isinstance(label, bool) or text_flag:
+        layout = "TRL's unpaired KTO layout (prompt/completion/label)" if "completion" in row \
+            else "an unpaired KTO row (a true/false label marks a desirable answer)"
+        raise RowError("unpaired_preference", "label",
+                       f"label {json.dumps(label)}: {layout}, {_NOT_SFT.format(col='label')} "
+                       f"(a true/false class label: rename the column and set "
+                       f"ingest.label_field to it)")
 
 
 def has_pair(row: Mapping[str, Any]) -> bool:

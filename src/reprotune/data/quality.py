@@ -7,7 +7,8 @@ why it is dropped. :func:`make_filters` binds the thresholds of the ``dedup`` pa
 What each filter looks at (the "answer" is what the model is trained to produce):
 
 - ``empty_answer``: an assistant turn with blank content and no tool calls (or no assistant
-  turn at all): training on it teaches the model to say nothing.
+  turn at all): training on it teaches the model to say nothing; in a preference pair, the
+  rejected answer's turns too.
 - ``too_short``: the final assistant answer (content plus tool-call JSON) has fewer than
   ``min_chars`` non-blank characters.
 - ``too_long``: all message contents plus tool-call JSON exceed ``max_chars`` characters.
@@ -73,9 +74,19 @@ def _calls_json(message: dict[str, Any]) -> str:
     return json.dumps(calls, ensure_ascii=False, sort_keys=True) if calls else ""
 
 
+def _rejected_answer(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rejected answer's turns of a preference pair ([] without a pair)."""
+    pair = record.get("preference")
+    pair = json.loads(pair) if isinstance(pair, str) else pair
+    return list(pair.get("rejected") or []) if isinstance(pair, dict) else []
+
+
 def empty_answer(record: dict[str, Any]) -> str | None:
-    """Drop rows with an assistant turn that is blank and calls no tool, or no assistant turn."""
-    answers = [m for m in _messages(record) if m.get("role") == "assistant"]
+    """Drop rows with an assistant turn that is blank and calls no tool, or no assistant turn;
+    for a preference pair, in the chosen answer or in the rejected one (a pair against an
+    empty answer teaches only "say something")."""
+    answers = [m for m in _messages(record) + _rejected_answer(record)
+               if m.get("role") == "assistant"]
     if not answers or any(not (m.get("content") or "").strip() and not m.get("tool_calls")
                           for m in answers):
         return "empty_answer"

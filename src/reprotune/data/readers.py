@@ -42,6 +42,7 @@ from reprotune.data.encoding import (
     BOMS,
     InputFileError,
     check_decodes,
+    detect,
     first_error,
     sniff_utf16_32,
 )
@@ -55,6 +56,7 @@ RAW_LIMIT = 500  # characters of an unparseable line kept for the rejected-rows 
 # answers); a longer one stops the file with a message saying so.
 CSV_FIELD_LIMIT = 16 << 20
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+PEEK = 1 << 16  # bytes of a .jsonl read first to tell pretty-printed JSON (grows as needed)
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,16 @@ def _iter_json(source: str, path: Path) -> Iterator[RawRow]:
             yield RawRow(source, 1, error=f"invalid JSON: {found}", raw=win.buf[:RAW_LIMIT])
         if kind != "lines":
             return
+        fh.seek(start)
+        win = jsonstream.TextWindow(fh, encoding)
+        if jsonstream.first_value_span(win) is not None:  # pretty-printed objects in a row
+            logger.info("%s: JSON values one after another, each over several lines", source)
+            fh.seek(start)
+            for item in jsonstream.iter_values(source, jsonstream.TextWindow(fh, encoding),
+                                               RAW_LIMIT):
+                yield (_object_or_error(source, item.line, item.value, None) if item.error is None
+                       else RawRow(source, item.line, error=item.error, raw=item.raw))
+            return
         # Several values in a row (or a broken first one): read it as one object per line,
         # from the text re-encoded as UTF-8 (a UTF-8 file's bytes after any BOM are that).
         logger.info("%s: not a single JSON document, reading one object per line", source)
@@ -248,6 +260,9 @@ def _csv_rows(source: str, reader: Any) -> Iterator[RawRow]:
     except csv.Error as exc:
         raise InputFileError(f"{source}: line 1: malformed CSV header: {exc}") from exc
     header = [h.strip() for h in header]
+    if header and header[0].startswith("\ufeff"):  # a second BOM (a file saved twice with one)
+        logger.info("%s: removed a stray byte-order mark (U+FEFF) before the CSV header", source)
+        header[0] = header[0].lstrip("\ufeff").strip()
     for i, name in enumerate(header):
         if name in header[:i]:  # dict(zip()) would keep the last column's text silently
             raise InputFileError(
@@ -332,4 +347,27 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
         yield from _iter_json(source, p)
         return
     with p.open("rb") as fh:
+        if ext == ".jsonl":
+            _refuse_pretty_printed(source, fh)
         yield from (_iter_lines if ext == ".jsonl" else _iter_csv)(source, fh)
+
+
+def _refuse_pretty_printed(source: str, fh: BinaryIO) -> None:
+    """A ``.jsonl`` file whose first object spans several lines is pretty-printed JSON, not
+    JSON Lines: read line by line, every line would be a reject. Stop with the fix."""
+    begin = fh.tell()
+    encoding, bom = detect(fh.read(4))
+    fh.seek(begin + bom)
+    try:
+        span = jsonstream.first_value_span(jsonstream.TextWindow(fh, encoding, PEEK))
+    except UnicodeDecodeError:  # not text in that encoding: the line reader reports it
+        span = None
+    fh.seek(begin)
+    if span is not None:
+        out = Path(source).with_suffix(".json")
+        raise InputFileError(
+            f"{source}: line {span[0]}: one JSON value spans lines {span[0]}-{span[1]}, so the "
+            f"file is pretty-printed JSON, not JSON Lines (one object per line); rename it to "
+            f".json, which reads pretty-printed objects one after another or one array "
+            f"(mv {source} {out}, dvc add it and list it in ingest.inputs), or write one "
+            f"object per line: jq -c . {source} > {Path(source).with_suffix('.oneline.jsonl')}")

@@ -118,7 +118,7 @@ def merge_finetuned(finetuned_dir: str | Path, out_dir: str | Path) -> dict[str,
     from transformers import AutoConfig, AutoTokenizer
 
     from reprotune.modeling import load_model
-    from reprotune.train.loading import load_finetuned
+    from reprotune.train.loading import load_finetuned, require_safetensors
 
     finetuned_dir, out_dir = Path(finetuned_dir), Path(out_dir)
     train = read_train_manifest(finetuned_dir)
@@ -136,6 +136,7 @@ def merge_finetuned(finetuned_dir: str | Path, out_dir: str | Path) -> dict[str,
     if train["kind"] == "full":
         if (finetuned_dir / ADAPTER_CONFIG).exists():
             raise ValueError(f"{finetuned_dir}: kind=full but it holds {ADAPTER_CONFIG}")
+        require_safetensors(finetuned_dir)  # copied unchanged: pickles would travel along
         info.update(merged=True, peft_type=None,
                     reason="full-weight fine-tune: copied unchanged (nothing to merge)")
         with io.atomic_dir(out_dir) as tmp:

@@ -30,13 +30,26 @@ KNOWN_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "strea
               *IGNORED_KEYS, *NEUTRAL}
 
 
+# line breaks str.splitlines() knows, escaped in error messages so each stays one line
+_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+MAX_BODY_DEPTH = 32  # nesting a request body may have (a chat request needs 5 levels)
+
+
+def _safe(text: str) -> str:
+    """``text`` with any unpaired surrogate written as its escape, so it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ApiError(Exception):
-    """A request the server refuses: HTTP ``status`` and an OpenAI-style error body."""
+    """A request the server refuses: HTTP ``status`` and an OpenAI-style error body whose
+    message is one line (line breaks a client sent are shown escaped)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str = "invalid_request_error") -> None:
+        message = _safe(message).translate(str.maketrans(_BREAKS))
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.code = status, message, code
+        self.param = None if param is None else _safe(param)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.code, "param": self.param,
@@ -53,14 +66,47 @@ class ChatRequest:
     include_usage: bool
 
 
+def _check_values(body: Any) -> None:
+    """Nesting at most :data:`MAX_BODY_DEPTH` and every string real text: JSON lets a client
+    send an unpaired surrogate escape (``"\\ud800"``), which no tokenizer (nor UTF-8) can
+    encode. Walked without recursion, so no body can exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, where, level = stack.pop()
+        if level > MAX_BODY_DEPTH:
+            raise ApiError(400, f"request body is nested more than {MAX_BODY_DEPTH} levels deep "
+                                f"(at {where.lstrip('.')}); a chat request needs about 5")
+        items = value.items() if isinstance(value, dict) else enumerate(value) \
+            if isinstance(value, list) else ()
+        for key, item in items:
+            at = f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"
+            for text in (key, item):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        raise ApiError(400, f"{at.lstrip('.')} holds an unpaired UTF-16 "
+                                            f"surrogate escape ({text[exc.start]!a}), which is "
+                                            f"no character; send the character itself or a "
+                                            f"valid surrogate pair",
+                                       param=at.lstrip(".")) from None
+            if isinstance(item, (dict, list)):
+                stack.append((item, at, level + 1))
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; malformed JSON or a non-object is a 400."""
+    """The JSON object of a request body; malformed JSON, a non-object, nesting deeper than
+    :data:`MAX_BODY_DEPTH` or a string that is no text (a lone surrogate) is a 400."""
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # the decoder recursing through thousands of [ or {
+        raise ApiError(400, f"request body is nested too deeply to parse (more than "
+                            f"{MAX_BODY_DEPTH} levels are refused)") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    _check_values(body)
     return body
 
 

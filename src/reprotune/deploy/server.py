@@ -37,6 +37,7 @@ from reprotune.deploy.openai_api import (
     sse,
     validate_chat,
 )
+from reprotune.deploy.request_guard import SPECIAL_TEXT, prompt_ids
 from reprotune.deploy.served_model import DTYPES, ServedModel, ServeError, load_served_model
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,13 @@ def _finish(tokens: list[int], stops: Sequence[int]) -> tuple[list[int], str]:
 
 
 def build_app(served: ServedModel, *, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-              default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Any:
-    """The FastAPI app serving ``served``; the batching thread runs while the app does."""
+              default_max_tokens: int = DEFAULT_MAX_TOKENS, special_text: str = "refuse") -> Any:
+    """The FastAPI app serving ``served``; the batching thread runs while the app does.
+    ``special_text``: what a control token's text in a request does (request_guard)."""
+    from reprotune.markup import forbidden_strings
+
     state: dict[str, Engine] = {}
+    forbidden = forbidden_strings(served.tokenizer)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -147,7 +152,7 @@ def build_app(served: ServedModel, *, max_tokens_limit: int = MAX_TOKENS_LIMIT,
         req = validate_chat(parse_body(await request.body()), model_id=served.model_id,
                             default_max_tokens=default_max_tokens,
                             max_tokens_limit=max_tokens_limit)
-        ids = served.render(req.messages)
+        ids = prompt_ids(served, req.messages, special_text=special_text, forbidden=forbidden)
         if len(ids) + req.max_tokens > served.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens="
                                 f"{req.max_tokens} that is more than the model's context of "
@@ -216,9 +221,30 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def verify_folders(model_dir: str, info: dict[str, Any]) -> None:
+    """The served folder (and an adapter's base) rehashed against dvc.lock, as evaluate,
+    merge and quantize check theirs: a changed byte stops the start in one line."""
+    from pathlib import Path
+
+    from reprotune.verify import IntegrityError, verify_paths
+
+    folders = [model_dir] + ([str(info["base_dir"])] if info.get("kind") == "adapter" else [])
+    keys = []
+    for folder in folders:
+        try:  # dvc.lock names folders relative to the repository root (here: the cwd)
+            keys.append(Path(folder).resolve().relative_to(Path.cwd().resolve()).as_posix())
+        except ValueError:
+            keys.append(Path(folder).as_posix())  # outside: not in dvc.lock, not verified
+    try:
+        checked = verify_paths(keys)
+    except IntegrityError as exc:
+        raise ServeError(f"{exc}; to serve it as it is: --no-verify") from None
+    log.info("verified against dvc.lock: %s", ", ".join(checked) or "nothing (not DVC outputs)")
+
+
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
           model_id: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-          dtype: str = "float32") -> None:
+          dtype: str = "float32", special_text: str = "refuse", verify: bool = True) -> None:
     """Load ``model_dir`` and serve it until SIGTERM / SIGINT (then drain and stop)."""
     import torch
     import uvicorn
@@ -226,11 +252,13 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
     from reprotune.deploy.served_model import read_serving_manifest
     from reprotune.runtime import usable_cpus
 
-    read_serving_manifest(model_dir)  # a wrong folder fails before the port is taken
+    _, info = read_serving_manifest(model_dir)  # a wrong folder fails before the port is taken
+    if verify:
+        verify_folders(model_dir, info)
     sock = bind(host, port)
     torch.set_num_threads(usable_cpus())  # once, before the batching thread starts
     served = load_served_model(model_dir, model_id=model_id, dtype=dtype)
-    app = build_app(served, max_tokens_limit=max_tokens_limit)
+    app = build_app(served, max_tokens_limit=max_tokens_limit, special_text=special_text)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S,
                             access_log=False)
@@ -244,24 +272,44 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
     log.info("stopped: in-flight requests drained")
 
 
+def _int_option(flag: str, value: str, low: int, high: int | None, what: str) -> int:
+    """An integer option in [low, high], or exit with one line naming it (before loading)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        sys.exit(f"serve: {flag} {value}: not {what}")
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m reprotune.deploy.server",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/merged", help="merge or train output folder")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000, help="0: any free port")
+    ap.add_argument("--port", default="8000", help="0: any free port")
     ap.add_argument("--name", default=None, help="model id clients send (default: folder name)")
-    ap.add_argument("--max-tokens-limit", type=int, default=MAX_TOKENS_LIMIT)
+    ap.add_argument("--max-tokens-limit", default=str(MAX_TOKENS_LIMIT))
     ap.add_argument("--dtype", choices=DTYPES, default="float32",
                     help="float32 (default: answers as evaluate scored them) or bfloat16")
+    ap.add_argument("--special-text", choices=SPECIAL_TEXT, default="refuse",
+                    help="a control token's text in a request (<|im_end|>, <think>): refuse "
+                         "it with a 400 (default) or encode it as plain characters")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="serve a folder whose bytes differ from dvc.lock")
     args = ap.parse_args(argv)
+    port = _int_option("--port", args.port, 0, 65535, "a TCP port: 0-65535 (0: any free port)")
+    limit = _int_option("--max-tokens-limit", args.max_tokens_limit, 1, None,
+                        "the most tokens one answer may have: 1 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        serve(args.model, host=args.host, port=args.port, model_id=args.name,
-              max_tokens_limit=args.max_tokens_limit, dtype=args.dtype)
+        serve(args.model, host=args.host, port=port, model_id=args.name,
+              max_tokens_limit=limit, dtype=args.dtype, special_text=args.special_text,
+              verify=not args.no_verify)
     except ServeError as exc:
         sys.exit(f"serve: {exc}")
 

@@ -129,6 +129,9 @@ def _space(path: Path, key: str, raw: Any) -> ParamSpace:
         raise _fail(path, f"{where}.low", f"a log param needs low > 0, not {low}")
     if step is not None and (not _number(step) or step <= 0 or kind == "log"):
         raise _fail(path, f"{where}.step", f"{step!r}: a positive number, for float/int params only")
+    if kind == "int" and step is not None and not isinstance(step, int):
+        raise _fail(path, f"{where}.step", f"{step!r}: an int param steps by a whole number "
+                                           f"(1, 2, ...); use type: float for a step of {step}")
     if kind == "int" and step is None:
         step = 1
     return ParamSpace(key, kind, low=low, high=high, step=step, grid=grid)
@@ -139,7 +142,15 @@ def load_config(path: str | Path) -> TuneConfig:
     path = Path(path)
     if not path.is_file():
         raise TuneError(f"{path}: file not found (run from the repository root, or pass --config)")
-    raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8")) or {}
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8")) or {}
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise TuneError(f"{path}: {where}not valid YAML: "
+                        f"{getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise TuneError(f"{path}: expected a mapping at the top level")
     _unknown(path, "", raw, TOP_KEYS)

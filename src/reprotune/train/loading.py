@@ -27,11 +27,26 @@ ALIGN_FILE = "reprotune_align.json"
 
 def resolve_model_dir(path: str | Path) -> Path:
     """The folder holding the weights of ``path``: the SFT folder an align pass-through
-    names, else ``path`` itself (an aligned model, or any fine-tuned folder)."""
+    names, else ``path`` itself (an aligned model, or any fine-tuned folder). A pointer
+    that is not align's record, or names no folder, is a :class:`FinetunedLoadError`."""
     pointer = Path(path) / ALIGN_FILE
-    if pointer.is_file() and not (Path(path) / MANIFEST_FILE).is_file():
-        return Path(io.read_json(pointer)["model"])
-    return Path(path)
+    if not pointer.is_file() or (Path(path) / MANIFEST_FILE).is_file():
+        return Path(path)
+    restore = f"restore it: dvc checkout {path} (or rerun align: dvc repro -f align)"
+    try:
+        target = io.read_json(pointer)["model"]
+    except (ValueError, KeyError, TypeError) as exc:  # bad UTF-8 or JSON, no "model"
+        why = str(exc).splitlines()[0] if not isinstance(exc, KeyError) else "no 'model' key"
+        raise FinetunedLoadError(f"{pointer}: corrupt, not the align stage's record ({why}); "
+                                 f"{restore}") from None
+    if not isinstance(target, str) or not target.strip():
+        raise FinetunedLoadError(f"{pointer}: corrupt, its 'model' is {target!r}, not a "
+                                 f"folder; {restore}")
+    if not (Path(target) / MANIFEST_FILE).is_file():
+        raise FinetunedLoadError(f"{pointer}: names {target!r}, which holds no fine-tuned "
+                                 f"model ({MANIFEST_FILE}); if the pointer is right, run the "
+                                 f"train stage (dvc repro train), else {restore}")
+    return Path(target)
 
 
 def save_finetuned(model: Any, tokenizer: Any, out_dir: str | Path, *, method: str,
@@ -74,6 +89,13 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def require_safetensors(model_dir: Path) -> None:
+    """A full model folder must hold safetensors weights: pickles are never loaded."""
+    if not any(model_dir.glob("*.safetensors")):
+        raise FinetunedLoadError(f"{model_dir}: no .safetensors weights (pickled weights are "
+                                 f"not loaded); rerun the train stage")
+
+
 def _dtype(dtype: Any) -> Any:
     import torch
 
@@ -103,9 +125,7 @@ def load_finetuned(model_dir: str | Path, *, dtype: Any = None, device: str | No
     dtype = _dtype(dtype)
     tokenizer = load_tokenizer(model_dir)
     if manifest["kind"] == "full":
-        if not any(model_dir.glob("*.safetensors")):
-            raise FinetunedLoadError(f"{model_dir}: no .safetensors weights (pickled weights are "
-                                     f"not loaded); rerun the train stage")
+        require_safetensors(model_dir)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
                                                      use_safetensors=True, local_files_only=True)
         model.to(device)

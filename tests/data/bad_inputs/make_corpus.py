@@ -37,6 +37,7 @@ def call(name: str, args: object = None) -> dict:
 
 
 GOOD3 = [row(1), row(2), row(3)]
+ESCAPED = json.dumps([row(1), row(2), row(3), row(4, "中文答案")])  # non-ASCII as \uXXXX
 TEXT: dict[str, str | bytes] = {
     # ---- encodings
     "utf8_bom.jsonl": "\ufeff" + jl(GOOD3),
@@ -168,6 +169,28 @@ TEXT: dict[str, str | bytes] = {
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c", "loss_weight": "0"}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "d", "loss_weight": 0}]},
         row(1), row(2)]),
+    # ---- issue 28: misleading messages, silently read preference data
+    "utf16_le_bom_stray_byte.json": "",  # written in main: UTF-16-LE + one stray byte
+    "truncated_in_escape.json": ESCAPED[:ESCAPED.rindex("\\u") + 4],  # ends in `\u68`
+    "pretty_printed.jsonl": "".join(json.dumps(row(i), ensure_ascii=False, indent=2) + "\n"
+                                    for i in range(5)),
+    "pretty_printed.json": "".join(json.dumps(row(i), ensure_ascii=False, indent=2) + "\n"
+                                   for i in range(5)),
+    "csv_double_bom.csv": "\ufeff\ufeffinstruction,output\n问题一,答案一\n问题二,答案二\n",
+    "empty_rejected.jsonl": jl([{"prompt": "一加一？", "chosen": "二。", "rejected": ""},
+                                {"prompt": "二加二？", "chosen": "四。", "rejected": "五。"},
+                                {"prompt": "三加三？", "chosen": "", "rejected": "七。"}]),
+    "kto_trl.jsonl": jl([{"prompt": "一加一？", "completion": "二。", "label": True},
+                         {"prompt": "一加一？", "completion": "三。", "label": False},
+                         {"prompt": "二加二？", "completion": "四。", "label": "true"},
+                         {"prompt": "二加二？", "completion": "五。", "label": "False"}]),
+    "kto_llamafactory.jsonl": jl([
+        {"messages": [{"role": "user", "content": "一加一？"},
+                      {"role": "assistant", "content": "二。"}], "kto_tag": True},
+        {"messages": [{"role": "user", "content": "一加一？"},
+                      {"role": "assistant", "content": "三。"}], "kto_tag": False},
+        {"messages": [{"role": "user", "content": "二加二？"},
+                      {"role": "assistant", "content": "五。"}], "label": False}]),
 }
 ENCODINGS = {"utf16_le_bom.json": "utf-16-le", "utf16_be_bom.jsonl": "utf-16-be",
              "utf16_le_no_bom.jsonl": "utf-16-le", "utf32_le_bom.json": "utf-32-le",
@@ -189,6 +212,8 @@ def main() -> None:
     pq.write_table(pa.table({"instruction": ["q1", "q2", "q3"], "output": [1.5, float("nan"), 2.5]}),
                    HERE / "parquet_nan_answer.parquet")
     (HERE / "not_parquet.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    (HERE / "utf16_le_bom_stray_byte.json").write_bytes(
+        ("\ufeff" + json.dumps(GOOD3, ensure_ascii=False)).encode("utf-16-le") + b"\n")
     (HERE / "gzip.jsonl").write_bytes(gzip.compress(jl(GOOD3).encode(), mtime=0))
     (HERE / "a_directory.jsonl").mkdir(exist_ok=True)  # listed by mistake instead of its files
     (HERE / "a_directory.jsonl" / "rows.jsonl").write_text(jl(GOOD3), encoding="utf-8")
