@@ -80,6 +80,7 @@ repro: install
 # on the assistant demo, as one DVC experiment named after the preset (docs/models.md).
 PRESET ?= configs/presets/smollm2.yaml
 repro-real: install
+	@$(BIN)/python -m reprotune.verify --before-repro
 	$(BIN)/python -m reprotune.team.preset '$(PRESET)'
 
 test: install
