@@ -206,6 +206,7 @@ def _run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_evaluate_stage_base_then_finetuned(tmp_path, repo_root, tiny_base_dir, rows):
     shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(repo_root / "data" / "reference", tmp_path / "data" / "reference")  # eval.general_text
     shutil.copytree(tiny_base_dir, tmp_path / "models" / "base")
     from reprotune.data.formatting import formatted_schema
 

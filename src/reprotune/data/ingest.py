@@ -181,10 +181,19 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
 DROPPED_KEYS = "_dropped_message_keys"  # message key -> how many messages of the row had it
 
 
+def _utf8_safe(text: str) -> str:
+    """``text`` as-is, or with lone surrogates (``"\\ud800"`` in a JSON file) shown as their
+    escapes: they cannot be written as UTF-8, and the rejects file must still be written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _raw_text(raw: RawRow) -> str:
-    if raw.data is None:
-        return (raw.raw or "")[:RAW_LIMIT]
-    return json.dumps(raw.data, ensure_ascii=False, default=str)[:RAW_LIMIT]
+    text = (raw.raw or "") if raw.data is None else json.dumps(raw.data, ensure_ascii=False, default=str)
+    return _utf8_safe(text[:RAW_LIMIT])
 
 
 def _bucket() -> dict[str, Any]:
@@ -320,7 +329,7 @@ def convert_rows(rows: Iterable[RawRow], counts: IngestCounts, *, fmt: str = "au
             detected = exc.format or (
                 "unparsed" if exc.reason == "parse_error" else "unknown")
             reject = {"source": raw.source, "line": raw.line, "field": exc.field,
-                      "reason": exc.reason, "detail": exc.detail, "raw": _raw_text(raw)}
+                      "reason": exc.reason, "detail": _utf8_safe(exc.detail), "raw": _raw_text(raw)}
         else:
             dropped = rec.pop(DROPPED_KEYS, None)
             record = {"source": raw.where, **rec}
