@@ -1,5 +1,6 @@
 # reprotune: two commands do all set-up on a fresh machine.
-#   make repro   create .venv if missing, install, run the whole DVC pipeline
+#   make repro   create .venv if missing, install, run the whole DVC pipeline (SmolLM2-135M;
+#                make repro-tiny: the embedded 2-layer model)
 #   make test    same install, then the test suite
 # Team and review helpers (docs/team.md, docs/experiments.md):
 #   make remote URL=...   make push   make pull   make adopt EXP=...   make exps   make exps-plot   make tune   make report   make plots
@@ -27,7 +28,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install lock repro repro-real test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
+.PHONY: install lock repro repro-tiny test test-fast lint dag check lineage gpu-wheels clean-venv remote push pull adopt exps exps-plot \
         report plots serve verify review review-wins tune
 
 install: $(STAMP)
@@ -76,18 +77,21 @@ repro: install
 	@$(BIN)/python -m reprotune.verify --before-repro
 	$(BIN)/dvc repro
 
-# The same pipeline with a real pretrained model (SmolLM2-135M-Instruct from its pinned wheel)
-# on the assistant demo, as one DVC experiment named after the preset (docs/models.md).
-PRESET ?= configs/presets/smollm2.yaml
-repro-real: install
+# The same pipeline on the embedded 2-layer model (a few minutes), as one DVC experiment
+# named after the preset; PRESET=... runs a preset of your own (docs/models.md).
+PRESET ?= configs/presets/tiny.yaml
+repro-tiny: install
 	@$(BIN)/python -m reprotune.verify --before-repro
 	$(BIN)/python -m reprotune.team.preset '$(PRESET)'
 
+# One pytest-xdist worker per core, at most 4 (a worker with a real model holds ~4 GB), each
+# with one torch thread (tests/conftest.py). TEST_JOBS=0 runs in one process.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .
