@@ -40,3 +40,14 @@ def unexplained_empty(output: str) -> list[str]:
     that can leave a file empty logs "<path> is empty: <why>" (reprotune.io.note_empty)."""
     warned = re.findall(r"WARNING: '([^']+)' is empty\.", output)
     return [p for p in warned if f"{p} is empty: " not in output]
+
+
+TINY_PRESET = Path(__file__).resolve().parents[1] / "configs" / "presets" / "tiny.yaml"
+
+
+def tiny_overrides() -> dict[tuple[str, ...], object]:
+    """The embedded-model preset (configs/presets/tiny.yaml) as {key path: value}: what the
+    end-to-end tests apply to a copy of params.yaml, whose default is the real SmolLM2."""
+    from reprotune.team.preset import load_preset
+
+    return {tuple(k.split(".")): v for k, v in load_preset(TINY_PRESET).items()}

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pipeline_cli import dvc, ran, run
+from pipeline_cli import dvc, ran, run, tiny_overrides
 from ruamel.yaml import YAML
 
 from reprotune import io
@@ -18,7 +18,8 @@ from reprotune import io
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-OVERRIDES = {  # small: a few SFT and DPO steps, a few generated answers
+OVERRIDES = {  # the embedded model, small: a few SFT and DPO steps, a few generated answers
+    **tiny_overrides(),
     ("ingest", "inputs"): ["data/raw/dpo_en_demo.json"],
     ("demo", "rows"): 10,
     ("split", "stratify"): None,
@@ -63,7 +64,10 @@ def project(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
     yaml = YAML()
     params = yaml.load((dst / "params.yaml").read_text())
     for keys, value in OVERRIDES.items():
-        params[keys[0]][keys[1]] = value
+        node = params
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
     with (dst / "params.yaml").open("w") as fh:
         yaml.dump(params, fh)
     _run(["git", "init", "-q", "-b", "main"], dst)

@@ -19,7 +19,7 @@ from pipeline_cli import dvc as _dvc
 from pipeline_cli import env as _env
 from pipeline_cli import ran as _ran
 from pipeline_cli import run as _run
-from pipeline_cli import unexplained_empty
+from pipeline_cli import tiny_overrides, unexplained_empty
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,8 @@ DEMO = "data/raw/dvc.yaml:demo"  # the demo stage, apart so it runs only while a
 # train rows: 92 steps, about 6 s), quantize with one torch and one GGUF artifact
 # (tests/test_quantize.py builds and measures all seven; each costs a fresh measuring process
 # per pipeline run here).
-OVERRIDES = {
+OVERRIDES = {  # the embedded model (params.yaml's default is the real SmolLM2), smaller
+    **tiny_overrides(),
     ("demo", "rows"): 500,
     ("train", "eval_steps"): 5,
     ("eval", "max_rows"): 40,

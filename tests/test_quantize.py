@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from reprotune import io  # noqa: E402
-from reprotune.deploy.artifacts import INT8_METHODS, build_artifact, load_artifact  # noqa: E402
+from reprotune.deploy.artifacts import INT8_METHODS, METHODS, build_artifact, load_artifact  # noqa: E402
 from reprotune.deploy.merge import MERGED_INFO_FILE, merge_finetuned, render_probe  # noqa: E402
 from reprotune.deploy.quant_common import (  # noqa: E402
     QUANT_INFO_FILE,
@@ -241,8 +241,7 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
     yaml = YAML(typ="safe", pure=True)
     params = yaml.load((repo_root / "params.yaml").read_text(encoding="utf-8"))
     params["eval"].update(max_new_tokens=6, batch_size=4)
-    params["quantize"].update(eval_rows=0, methods=list(dict.fromkeys(
-        [*params["quantize"]["methods"], "onnx_fp32", "onnx_int8"])))  # the opt-in ones too
+    params["quantize"].update(eval_rows=0, methods=list(METHODS))  # all seven, the opt-in ones too
     with (tmp_path / "params.yaml").open("w", encoding="utf-8") as fh:
         yaml.dump(params, fh)
     out = tmp_path / "quantized"

@@ -40,7 +40,7 @@ def test_a_good_config_against_this_project(tmp_path: Path) -> None:
                             "  train.warmup_ratio: {type: float, low: 0.0, high: 0.2, step: 0.1}\n")
     cfg = load_config(REPO_ROOT / "tune.yaml")  # the committed config passes the same checks
     _check(tmp_path, (REPO_ROOT / "tune.yaml").read_text())
-    assert cfg.space[0].grid_values() == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert cfg.space[0].grid_values() == [1e-5, 3e-5, 1e-4, 3e-4]
     assert cfg.space[1].grid_values() == [0.0, 0.05, 0.1, 0.15, 0.2]
 
 
