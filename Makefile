@@ -100,11 +100,12 @@ dag: install
 	$(BIN)/dvc dag
 
 # Wheels for a lent GPU machine (Python 3.12, its own torch 2.11; nothing can be fetched
-# there): the pinned versions of what its image lacks or has too old (its tokenizers,
-# huggingface-hub and safetensors already fit), into the git-ignored
+# there): the pinned versions of what its image lacks or has too old, into the git-ignored
 # .whl/ (about 59 MB with liger-kernel: with the ~4 MB tree under the 64 MiB a device call may carry). bench/gpu_check.sh installs
-# them there and runs the CUDA checks; docs/gpu.md "Fast and lean on a GPU".
-GPU_WHEELS := transformers regex ruamel-yaml bitsandbytes peft
+# them there (one at a time; a carried transformers that does not import with the image's
+# huggingface-hub falls back to the image's own) and runs the CUDA checks; docs/gpu.md.
+# regex is not carried: the one cp312-only wheel, and the image's satisfies transformers.
+GPU_WHEELS := transformers ruamel-yaml bitsandbytes peft
 # the gpu extra (pyproject.toml), not in the CPU lock: pinned here (pure Python, 0.9 MB;
 # Triton comes with the image's CUDA torch)
 GPU_EXTRA_PINS := liger-kernel==0.8.5

@@ -81,8 +81,16 @@ def smollm2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         find_preset_wheel(PRESETS[SMOLLM2])
     except ModelSourceError as exc:
         pytest.skip(f"SmolLM2 wheel not fetched (make install does): {exc}")
-    out = tmp_path_factory.mktemp("smollm2") / "base"
-    prepare_base(SMOLLM2, out, [], TinyModelParams(), 0)
+    from filelock import FileLock
+
+    # one conversion per test session: pytest-xdist workers share their base temp's parent,
+    # and the first worker to take the lock writes the folder the others then read
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    out = shared / "smollm2" / "base"
+    with FileLock(str(shared / "smollm2.lock")):
+        if not (out / BASE_INFO_FILE).is_file():
+            prepare_base(SMOLLM2, out, [], TinyModelParams(), 0)
     return out
 
 

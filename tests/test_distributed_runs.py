@@ -132,6 +132,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_base_
     assert val_loss(model, val, 8, tok.pad_token_id) == pytest.approx(m["best_val_loss"], abs=1e-4)
 
 
+@pytest.mark.slow  # > 25 s: make test runs it, make test-fast does not
 def test_the_lean_loss_under_ddp_equals_the_stock_loss(tmp_path, tiny_base_dir):
     """Two gloo processes with the chunked loss (computed inside the DDP-wrapped forward) and
     with the model's own loss: the same curves, so gradients were synchronised either way."""

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reprotune import io
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # > 25 s: make test runs it, make test-fast does not
 def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "GPU_CHECK_CPU": "1", "OUT": str(out), "PYTHON": sys.executable,

@@ -241,7 +241,10 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
     yaml = YAML(typ="safe", pure=True)
     params = yaml.load((repo_root / "params.yaml").read_text(encoding="utf-8"))
     params["eval"].update(max_new_tokens=6, batch_size=4)
-    params["quantize"].update(eval_rows=0, methods=list(METHODS))  # all seven, the opt-in ones too
+    # every method but the ONNX pair, whose export and measurement
+    # test_onnx_fp32_and_int8_run_on_onnxruntime covers (~35 s more here)
+    methods = [m for m in METHODS if not m.startswith("onnx")]
+    params["quantize"].update(eval_rows=0, methods=methods)
     with (tmp_path / "params.yaml").open("w", encoding="utf-8") as fh:
         yaml.dump(params, fh)
     out = tmp_path / "quantized"
@@ -256,28 +259,27 @@ def test_quantize_stage_end_to_end(work: Path, tmp_path: Path, repo_root: Path) 
     assert metrics["format_ok"] is True and metrics["n_eval_rows"] == 4
     assert "tokens_per_s" not in metrics["merged"] and timing["merged"]["tokens_per_s"] > 0
     sha = io.read_json(work / "merged" / MERGED_INFO_FILE)["chat_template_sha256"]
-    for method in params["quantize"]["methods"]:
+    for method in methods:
         row = metrics[method]
         assert row["status"] == "ok", row
         assert (out / method / QUANT_INFO_FILE).is_file()
         assert row["size_mb"] > 0
-        if not method.startswith("onnx"):  # the exported graphs: about 2x the fp32 weights
-            assert row["compression"] > 1.3
+        assert row["compression"] > 1.3
         assert timing[method]["tokens_per_s"] > 0 and timing[method]["speedup"] > 0
         assert row["template_sha256"] == sha and row["template_ok"] is True
-        if method in ("int8_dynamic", "bnb_int8", "gguf_q8_0", "gguf_f16", "onnx_fp32"):
+        if method in ("int8_dynamic", "bnb_int8", "gguf_q8_0", "gguf_f16"):
             assert abs(row["ppl_delta_pct"]) < 2 and row["first_tokens_match"] >= 4
         # 4 test rows: the interval-based gate refuses to call it either way
         assert row["gate"] == "too few rows to tell" and row["gate_rows"] == 4
         assert row["within_target"] is False
-    assert metrics["onnx_int8"]["size_mb"] < 0.8 * metrics["onnx_fp32"]["size_mb"]
-    assert abs(metrics["onnx_int8"]["ppl_delta_pct"]) < 5
     report = (tmp_path / "q.md").read_text(encoding="utf-8")
-    assert report.count("on 4 rows (rouge_l: 4) -> too few rows to tell") == len(INT8_METHODS)
-    assert report.count("| ok |") == 1 + len(params["quantize"]["methods"])
+    assert report.count("on 4 rows (rouge_l: 4) -> too few rows to tell") == len(
+        [m for m in INT8_METHODS if m in methods])
+    assert report.count("| ok |") == 1 + len(methods)
     assert "All artifacts render it identically to training." in report
 
 
+@pytest.mark.slow  # > 25 s: make test runs it, make test-fast does not
 def test_onnx_fp32_and_int8_run_on_onnxruntime(work: Path, float_model, tmp_path: Path) -> None:
     """Exported with torch.onnx (dynamo), quantised by onnxruntime, measured through an ORT
     session: the loaded model holds no torch weights at all."""

@@ -153,6 +153,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+@pytest.mark.slow  # > 25 s: make test runs it, make test-fast does not
 def test_study_trials_are_experiments_failures_and_prunes_recorded(toy: Path) -> None:
     t0 = time.perf_counter()
     out = _tune(toy, "run")
@@ -228,6 +229,7 @@ def test_an_invalid_space_is_refused_before_any_trial(toy: Path) -> None:
     (toy / "bad.yaml").unlink()
 
 
+@pytest.mark.slow  # > 25 s: make test runs it, make test-fast does not
 def test_a_killed_tune_continues_and_never_reruns_a_finished_trial(tmp_path: Path) -> None:
     repo = make_tune_repo(tmp_path / "repo", max_steps=8, pause_steps=50)
     (repo / "tune.yaml").write_text(GRID.format(study="k", pruner="none").replace(
