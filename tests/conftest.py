@@ -108,3 +108,33 @@ def set_nan_weight(model_dir: Path, tensor: str = "model.norm.weight") -> None:
     start = 8 + n + header[tensor]["data_offsets"][0]
     blob[start:start + 4] = struct.pack("<f", float("nan"))
     weights.write_bytes(bytes(blob))
+
+
+# The suite's time budget on the project's 2-core machine (README "Development"): make test
+# <= 20 minutes, make test-fast <= 5. Said at the end of every run with xdist's worker count,
+# so growth past the budget shows in CI's log before it is a problem.
+SUITE_BUDGET_S = {"all": 20 * 60, "not slow": 5 * 60}
+_SESSION_START: list[float] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import time
+
+    _SESSION_START.append(time.monotonic())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    import time
+
+    if not _SESSION_START or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    marks = config.getoption("-m") or "all"
+    budget = SUITE_BUDGET_S.get(marks)
+    whole = [str(a).rstrip("/") for a in config.args] in (["tests"], [str(config.rootpath / "tests")])
+    if budget is None or config.getoption("keyword") or not whole:
+        return  # a selection of the suite: no budget applies
+    took = time.monotonic() - _SESSION_START[0]
+    verdict = "within" if took <= budget else "OVER"
+    terminalreporter.write_line(
+        f"suite time: {took:.0f} s for -m {marks!r} with {config.getoption('numprocesses', None) or 1} "
+        f"worker(s); budget {budget} s on the 2-core machine: {verdict} budget")
