@@ -169,7 +169,7 @@ def test_make_repro_checks_params_and_model_folders_before_dvc(repo_root: Path) 
                      "$(BIN)/python -m reprotune.verify --before-repro", "$(BIN)/dvc repro"]
 
 
-def test_a_corrupt_align_pointer_is_one_line(tmp_path: Path) -> None:
+def test_a_corrupt_align_pointer_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """models/aligned of align.method none is a pointer file: a byte changed in it (mtime
     kept) stops evaluate at its verify step naming models/aligned, not models/finetuned; a
     pointer dvc.lock does not know yet that is not JSON stops merge in one line."""
@@ -202,6 +202,7 @@ def test_a_corrupt_align_pointer_is_one_line(tmp_path: Path) -> None:
     from reprotune.train.loading import FinetunedLoadError, resolve_model_dir
 
     pointer.write_text('{"method": "none", "model": "models/finetuned"}')
+    monkeypatch.chdir(tmp_path)  # the pointer's path is relative: not the checkout's own models/
     with pytest.raises(FinetunedLoadError, match="names 'models/finetuned', which holds no "
                                                  "fine-tuned model .* run the train stage"):
         resolve_model_dir(aligned)
