@@ -85,13 +85,15 @@ repro-tiny: install
 	$(BIN)/python -m reprotune.team.preset '$(PRESET)'
 
 # One pytest-xdist worker per core, at most 4 (a worker with a real model holds ~4 GB), each
-# with one torch thread (tests/conftest.py). TEST_JOBS=0 runs in one process.
+# with one torch thread (tests/conftest.py); a test file stays on one worker, in order (its
+# module fixtures, e.g. one dvc repro, are built once). TEST_JOBS=0 runs in one process.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+XDIST = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 test: install
-	$(BIN)/python -m pytest -n $(TEST_JOBS)
+	$(BIN)/python -m pytest $(XDIST)
 
 test-fast: install
-	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -202,6 +202,7 @@ def test_study_trials_are_experiments_failures_and_prunes_recorded(toy: Path) ->
     assert "4 trials (2 complete, 1 pruned, 1 fail)" in shown
 
 
+@pytest.mark.slow  # reads the study test_study_trials_are_experiments... (slow) wrote
 def test_a_new_study_takes_equal_experiments_results_without_training(toy: Path) -> None:
     """A lost journal costs nothing: the same space in a new study reuses the experiments."""
     before = _experiments(toy)
