@@ -302,8 +302,11 @@ def test_packed_and_unpacked_training_give_the_same_loss_curve(tmp_path, tiny_ba
     # checkpoint saves are in the stage's train time, not in the step time
     for m in (plain, packed, stock, free):
         assert 0 < m["step_time_s"] < m["train_time_s"]
-        # (both figures are rounded in the metrics)
-        assert m["tokens_per_s"] * m["step_time_s"] == pytest.approx(m["tokens_seen"], rel=1e-2)
+        # both figures are rounded in the metrics (0.1 tokens/s, 0.01 s): the product is off
+        # by at most tokens/s x 0.005 + step time x 0.05 (1% is not enough for a step time of
+        # ~0.5 s, as one torch thread per xdist worker gives)
+        bound = m["tokens_per_s"] * 0.005 + m["step_time_s"] * 0.05 + 1e-6
+        assert abs(m["tokens_per_s"] * m["step_time_s"] - m["tokens_seen"]) <= bound, m
 
 
 def test_prompt_tuning_asked_to_pack_trains_unpacked_and_says_so(tmp_path, tiny_base_dir):
