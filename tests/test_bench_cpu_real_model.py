@@ -6,26 +6,15 @@ a minute on 2 busy cores, most of it starting one Python process per arm.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench_scripts import load_bench
 
 from reprotune import io
 from reprotune.train.cpu import cpu_bf16
 
 ARMS = "hf,trl,portable,fast"
-
-
-def load_bench(repo_root: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cpu_real_model",
-                                                  repo_root / "bench" / "cpu_real_model.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -39,7 +28,7 @@ def test_cpu_real_model_runs_every_arm_on_the_same_rows(tmp_path, repo_root, tin
     argv = ["--base", str(tiny_base_dir), "--data", str(data), "--arms", ARMS, "--steps", "2",
             "--warmup-steps", "1", "--repeats", "1", "--max-length", "64", "--val-rows", "4",
             "--threads", "1", "--out", str(out)]
-    load_bench(repo_root).main(argv)
+    load_bench("cpu_real_model").main(argv)
     report = io.read_json(out)
     assert report["command"] == "python bench/cpu_real_model.py " + " ".join(argv)
     assert report["machine"]["cpu"] and "avx512_bf16" in report["machine"]["flags"]
@@ -79,4 +68,4 @@ def test_cpu_real_model_runs_every_arm_on_the_same_rows(tmp_path, repo_root, tin
 
 def test_unknown_arm_is_refused(repo_root):
     with pytest.raises(SystemExit):
-        load_bench(repo_root).parse_args(["--arms", "hf,deepspeed"])
+        load_bench("cpu_real_model").parse_args(["--arms", "hf,deepspeed"])

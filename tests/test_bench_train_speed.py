@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
+from bench_scripts import load_bench
 
 from reprotune import io
 
@@ -13,18 +11,9 @@ TINY = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "
         "--steps", "4", "--batch-size", "2", "--methods", "full,lora"]
 
 
-def load_bench(repo_root: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_speed",
-                                                  repo_root / "bench" / "train_speed.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_speed_reports_every_method(tmp_path, repo_root, capsys):
     out = tmp_path / "train_cpu.json"
-    load_bench(repo_root).main([*TINY, "--out", str(out)])
+    load_bench("train_speed").main([*TINY, "--out", str(out)])
     report = io.read_json(out)
     assert report["command"] == "python bench/train_speed.py " + " ".join(TINY) + f" --out {out}"
     assert report["device"] and {"python", "torch", "transformers", "peft", "bitsandbytes",
@@ -46,7 +35,7 @@ def test_train_speed_reports_every_method(tmp_path, repo_root, capsys):
 
 
 def test_a_failing_method_is_recorded_and_the_rest_run(tmp_path, repo_root):
-    bench = load_bench(repo_root)
+    bench = load_bench("train_speed")
     args = bench.parse_args([*TINY])
     failed = bench.run_method("full", tmp_path, tmp_path / "missing_base",
                               (tmp_path / "t.parquet", tmp_path / "v.parquet"), args)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+from bench_scripts import load_bench
 
 from reprotune import io
 
@@ -17,18 +13,8 @@ TINY = ["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "
         "--tokens-per-batch", "256", "--baseline-batch-size", "4", "--lr", "1e-3"]
 
 
-def load_bench(repo_root: Path) -> ModuleType:
-    sys.path.insert(0, str(repo_root / "bench"))
-    spec = importlib.util.spec_from_file_location("train_throughput",
-                                                  repo_root / "bench" / "train_throughput.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_workload_is_seeded_lognormal_and_clipped(repo_root):
-    bench = load_bench(repo_root)
+    bench = load_bench("train_throughput")
     args = bench.parse_args(["--vocab", "1000", "--seed", "3"])
     rows = bench.workload(4000, args)
     lengths = sorted(len(r["input_ids"]) for r in rows)
@@ -51,7 +37,7 @@ def test_workload_is_seeded_lognormal_and_clipped(repo_root):
 
 def test_throughput_smoke_on_cpu(tmp_path, repo_root, capsys):
     out = tmp_path / "throughput.json"
-    load_bench(repo_root).main([*TINY, "--out", str(out)])
+    load_bench("train_throughput").main([*TINY, "--out", str(out)])
     report = io.read_json(out)
     assert report["command"] == "python bench/train_throughput.py " + " ".join(TINY) + f" --out {out}"
     assert {"torch", "transformers", "peft", "bitsandbytes", "liger_kernel", "cuda"} <= set(
