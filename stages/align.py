@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from reprotune import io, runtime
+from reprotune import io, runtime, scorecard
 from reprotune.data.preference import PairsError, check_pairs
 from reprotune.lineage import run_info, write_run_info
 from reprotune.params import as_dict, load_section, load_top
@@ -38,7 +38,9 @@ def main() -> None:
         check_pairs(cfg.method, cfg.patience, n_train, n_val, args.train)
         if cfg.method == "none":
             info = pass_through(args.finetuned, args.out, args.live_dir)
-            io.write_json(args.metrics, {**info, "train_pairs": n_train, "val_pairs": n_val})
+            record = {**info, "train_pairs": n_train, "val_pairs": n_val}
+            io.write_json(args.metrics, record)
+            scorecard.write(args.metrics, record)
             log.info("align.method none: %s passes through (%d train pairs unused)",
                      args.finetuned, n_train)
             return
@@ -54,6 +56,7 @@ def main() -> None:
     metrics, timing = split_timing(metrics)
     write_timing("align", timing)
     io.write_json(args.metrics, metrics)
+    scorecard.write(args.metrics, metrics)
     if not metrics["val_evaluated"]:
         log.info("align %s (%s): %d steps on %d train pairs; no val pairs, so no val evaluation "
                  "(the last step's weights are kept)", cfg.method, "+".join(metrics["loss_type"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprotune import io, runtime
+from reprotune import io, runtime, scorecard
 from reprotune.data.dedup import dedup_stream
 from reprotune.params import load_section
 
@@ -31,6 +31,7 @@ def main() -> None:
                                 dropped=dropped.write, workers=WORKERS,
                                 progress=sys.stderr.isatty())
     io.write_json(args.metrics, m)
+    scorecard.write(args.metrics, m)
     io.write_json(args.pairs, {"threshold": cfg.threshold, "pairs": pairs})
     log.info("kept %d of %d rows; dropped %s; %d near-duplicate clusters", m["kept"], m["in"],
              ", ".join(f"{k}={v}" for k, v in m["dropped"].items()), m["near_dup_clusters"])

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reprotune import io, launcher, runtime, verify
+from reprotune import io, launcher, runtime, scorecard, verify
 from reprotune.chat_template import template_fingerprint
 from reprotune.evaluate.evaluation import (
     EvalDataError,
@@ -204,10 +204,13 @@ def main() -> None:
             comparison["forgetting"] = gain["forgetting"] = forgetting
         if args.gain:
             io.write_json(args.gain, gain)
+            scorecard.write(args.gain, gain)
     else:
         comparison = compare(metrics, {})
         out = metrics
     io.write_json(args.metrics, out)
+    if args.kind != "base":  # the base model's numbers are compared through the gain
+        scorecard.write(args.metrics, out)
     if args.confusion:
         plot_confusion(confusion, args.confusion)
     if args.report:

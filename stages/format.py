@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reprotune import io, runtime
+from reprotune import io, runtime, scorecard
 from reprotune.chat_template import template_fingerprint
 from reprotune.data import SPLITS
 from reprotune.data.format_stream import format_splits
@@ -87,6 +87,7 @@ def main() -> None:
         log.info("no preference pairs in the data (no row has a chosen and a rejected answer): "
                  "%s/<split>.jsonl are empty", args.pairs_dir)
     io.write_json(args.metrics, stats)
+    scorecard.write(args.metrics, stats)
     log.info("formatted %d/%d rows at max_length %d (%s): %d truncated (%.1f%%), dropped %s, "
              "%d label tokens", stats["rows_out"], stats["rows_in"], stats["max_length"],
              cfg.max_length, stats["truncated"], 100 * stats["truncated_share"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprotune import io, runtime
+from reprotune import io, runtime, scorecard
 from reprotune.data.inputs import IngestError, check_inputs, merge_part_files
 from reprotune.params import load_section
 
@@ -30,6 +30,7 @@ def main() -> None:
         sys.exit(f"ingest: {exc}")
     c = counts.as_dict()
     io.write_json(args.metrics, c)
+    scorecard.write(args.metrics, c)
     reasons = ", ".join(f"{k}={v}" for k, v in c["rejected"].items() if v) or "none"
     log.info("kept %d of %d rows from %d file(s); rejected %d (%s)", c["kept"], c["rows_in"],
              len(cfg.inputs), c["rejected_total"], reasons)

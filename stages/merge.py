@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from reprotune import io, runtime, verify
+from reprotune import io, runtime, scorecard, verify
 from reprotune.deploy.merge import directory_size, merge_finetuned
 from reprotune.train.loading import FinetunedLoadError, resolve_model_dir
 
@@ -40,6 +40,7 @@ def main() -> None:
                                     "soft_prompt_dir")}
     metrics["size_mb"] = round(directory_size(args.out) / 2**20, 4)
     io.write_json(args.metrics, metrics)
+    scorecard.write(args.metrics, metrics)
     if not info["merged"]:
         log.warning("NOT merged: %s", info["reason"])
     log.info("merge output %s: %.3f MiB", args.out, metrics["size_mb"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprotune import io, runtime, verify
+from reprotune import io, runtime, scorecard, verify
 from reprotune.deploy.quant_common import TemplateMismatch
 from reprotune.deploy.quant_measure import set_threads
 from reprotune.deploy.quant_report import report_markdown
@@ -40,6 +40,7 @@ def main() -> None:
         metrics, timing = split_timing(metrics)
         write_timing("quantize", timing)
         io.write_json(args.metrics, metrics)
+        scorecard.write(args.metrics, metrics)
         with io.atomic_path(args.report) as tmp:
             tmp.write_text(report_markdown(metrics, details, cfg.methods), encoding="utf-8")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from reprotune import io, runtime
+from reprotune import io, runtime, scorecard
 from reprotune.data import SPLITS
 from reprotune.data.leakage import conversation_text
 from reprotune.data.spill import DiskTexts
@@ -95,6 +95,7 @@ def main() -> None:
     del rows, texts
     write_parts(args.data, args.out_dir, result.indices, n_rows)
     io.write_json(args.metrics, result.metrics)
+    scorecard.write(args.metrics, result.metrics)
     # every leaking row (ids, split, best match, similarity; text excerpts for the first ones)
     io.write_json(args.leaks, {"threshold": cfg.leakage_threshold, "on_leak": cfg.on_leak,
                                "count": len(result.leaks), "rows": result.leaks})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reprotune import io, runtime
+from reprotune import io, runtime, scorecard
 from reprotune.lineage import run_info, write_run_info
 from reprotune.params import load_section, load_top
 from reprotune.timing import split_timing, write_timing
@@ -64,6 +64,7 @@ def main() -> None:
     metrics, timing = split_timing(metrics)  # speed and memory vary run to run: untracked
     write_timing("train", timing)
     io.write_json(args.metrics, metrics)
+    scorecard.write(args.metrics, metrics)
     distributed.finish()
     log.info("%s: val loss %s -> %s (%d steps, %.0f s in all, %s tokens/s over the training "
              "steps; mode %s, %s, packing %s, attention %s, loss %s)", metrics["method"],

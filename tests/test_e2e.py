@@ -238,7 +238,12 @@ def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:
     assert len(revs) == 2 and "workspace" in revs, revs
     exp = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))["low-lr"]
     assert exp["params"]["params.yaml"]["data"]["lr"] == 1e-4
-    assert exp["metrics"]["metrics/train.json"]["data"]["best_val_loss"] > 0
+    assert exp["metrics"]["metrics/scorecard/train.json"]["data"]["best_val_loss"] > 0
+    # the table a person reads: the compared numbers only (the full records are cached
+    # outputs, not metrics), so `dvc exp show --only-changed` fits a screen
+    header = _dvc(project, "exp", "show", "--only-changed", "--csv").splitlines()[0].split(",")
+    assert "lr" in header and "best_val_loss" in header and len(header) <= 40, header
+    assert not any(c.startswith("attention") or "sha256" in c for c in header), header
 
 
 def test_dedup_threshold_experiment_reruns_from_dedup(project: Path) -> None:
@@ -259,7 +264,7 @@ def test_dedup_threshold_experiment_reruns_from_dedup(project: Path) -> None:
     assert params["dedup"]["threshold"] == 0.6 and params["lr"] == 1e-3
     assert exps["low-lr"]["params"]["params.yaml"]["data"]["dedup"]["threshold"] == 0.85
     for name in ("low-lr", "strict-dedup"):
-        assert "metrics/eval.json" in exps[name]["metrics"], name
+        assert "metrics/scorecard/eval.json" in exps[name]["metrics"], name
 
 
 def test_queued_sweep_stops_at_evaluate_and_the_best_is_promoted(project: Path) -> None:
@@ -274,8 +279,9 @@ def test_queued_sweep_stops_at_evaluate_and_the_best_is_promoted(project: Path) 
              if e["params"]["params.yaml"]["data"]["lr"] in (2e-3, 5e-3)}
     assert len(sweep) == 2
     for e in sweep.values():  # each point trained and evaluated
-        assert e["metrics"]["metrics/eval.json"]["data"]["n_rows"] > 0
-    best = min(sweep, key=lambda n: sweep[n]["metrics"]["metrics/train.json"]["data"]["best_val_loss"])
+        assert e["metrics"]["metrics/scorecard/eval.json"]["data"]["perplexity"] > 0
+    best = min(sweep, key=lambda n: sweep[n]["metrics"]["metrics/scorecard/train.json"]["data"][
+        "best_val_loss"])
     _dvc(project, "exp", "branch", best, "best-lr")
     branch_params = _run(["git", "show", "best-lr:params.yaml"], project)
     assert f"lr: {sweep[best]['params']['params.yaml']['data']['lr']}" in branch_params

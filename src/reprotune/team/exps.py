@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprotune import scorecard
+from reprotune.team import staleness
+
 log = logging.getLogger(__name__)
 
 TRAIN_METRICS = "metrics/train.json"
@@ -38,6 +41,9 @@ HEADLINE = [(TRAIN_METRICS, "best_val_loss"), (EVAL_METRICS, "bleu"), (EVAL_METR
             (EVAL_METRICS, "f1"), (EVAL_METRICS, "perplexity"), (EVAL_METRICS, "accuracy")]
 LOG_X_TEMPLATE = "plots/templates/scatter_logx.json"
 FIRST_PARAMS = ("lr", "method", "batch_size", "epochs")  # shown first when they differ
+STALE = "(stale)"
+STALE_NOTE = (f"{STALE}: the experiment did not rerun the stage that writes this value "
+              "(dvc exp run <target> stopped before it); it is its baseline's")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class ExpRow:
     params: dict[str, Any]   # params.yaml as that revision has it
     metrics: dict[str, Any]  # {metrics file: its data}
     state: str = "success"   # an experiment's run: success, or queued / running / failed
+    stale: frozenset[str] = frozenset()  # outputs of stages that did not rerun (staleness.py)
 
 
 def _label(rev: dict[str, Any]) -> str:
@@ -94,8 +101,14 @@ def lookup(data: dict[str, Any], dotted: str) -> Any:
 
 
 def metric(row: ExpRow, name: str) -> Any:
-    """Value of ``[file:]dotted.key`` in the row's metrics (a bare key: any file)."""
+    """Value of ``[file:]dotted.key`` in the row's metrics (a bare key: any file).
+
+    A stage's full record (``metrics/train.json``) is a cached output, not a DVC metric:
+    its compared keys are read from its scorecard (``metrics/scorecard/train.json``).
+    """
     path, _, key = name.rpartition(":")
+    if path and path not in row.metrics:
+        path = scorecard.path_for(path).as_posix()
     for f in [path] if path else list(row.metrics):
         value = lookup(row.metrics.get(f) or {}, key)
         if value is not None:
@@ -133,7 +146,10 @@ def changed_params(shown: list[ExpRow]) -> list[str]:
 
 def main_eval_metric(shown: list[ExpRow]) -> str:
     """accuracy when a row was evaluated on a labelled (classification) test set, else bleu."""
-    cls = any(lookup(r.metrics.get(EVAL_METRICS) or {}, "settings.classification") for r in shown)
+    cls = any(lookup(r.metrics.get(EVAL_METRICS) or {}, "settings.classification")
+              # the eval scorecard has accuracy only for a labelled test set
+              or lookup(r.metrics.get(scorecard.path_for(EVAL_METRICS).as_posix()) or {},
+                        "accuracy") is not None for r in shown)
     return "accuracy" if cls else "bleu"
 
 
@@ -164,11 +180,19 @@ def table(shown: list[ExpRow], sort_by: str = OBJECTIVE, order: str = "asc"
         v = metric(r, sort_by)
         return (0, sign * v) if _number(v) and not math.isnan(v) else (1, 0.0)
 
+    declared = {f for r in shown for f in r.metrics}
+
+    def value(r: ExpRow, name: str) -> Any:
+        v = metric(r, name)
+        file = _declared(name, declared).rpartition(":")[0]
+        # the stage that writes it did not rerun in this experiment: the baseline's value
+        return f"{_cell(v)} {STALE}" if v is not None and file in r.stale else v
+
     body = []
     for r in sorted(shown, key=key):
         flat = dict(flatten(r.params))
         body.append([r.label, *([r.baseline] if baselines else []), *(flat.get(p) for p in params),
-                     *(metric(r, name) for _, name in metric_cols)])
+                     *(value(r, name) for _, name in metric_cols)])
     return header, body
 
 
@@ -201,18 +225,28 @@ def show_json(scope: list[str] | None = None) -> list[ExpRow]:
     proc = _dvc("exp", "show", "--json", *(scope or []), capture=True)
     if proc.returncode != 0:
         raise SystemExit(f"dvc exp show failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return rows(json.loads(proc.stdout))
+    return [dataclasses.replace(r, stale=frozenset(staleness.stale_outputs(
+        staleness.lock_at(r.rev)))) for r in rows(json.loads(proc.stdout))]
 
 
 def show_command(shown: list[ExpRow], sort_by: str, order: str) -> str:
     """The ``dvc exp show`` call that keeps the same columns (DVC puts metrics first)."""
     cols = [re.escape(p) for p in changed_params(shown)]
+    declared = {f for r in shown for f in r.metrics}
     for _, name in metric_columns(shown, sort_by):
-        path, _, key = name.rpartition(":")
+        path, _, key = _declared(name, declared).rpartition(":")
         # DVC names a column by its key alone, or file:key when several files have the key
         cols.append(f"({re.escape(path)}:)?{re.escape(key)}")
     return (f"dvc exp show --only-changed --drop '.*' --keep '(Experiment|{'|'.join(cols)})$' "
-            f"--sort-by '{sort_by}' --sort-order {order}")
+            f"--sort-by '{_declared(sort_by, declared)}' --sort-order {order}")
+
+
+def _declared(name: str, declared: set[str]) -> str:
+    """``file:key`` as DVC names it: a full record's key is in its scorecard."""
+    path, _, key = name.rpartition(":")
+    if path and path not in declared:
+        return f"{scorecard.path_for(path).as_posix()}:{key}"
+    return name
 
 
 def param_metric_points(shown: list[dict[str, Any]], x: str, y: str) -> list[dict[str, Any]]:
@@ -293,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_command:
         print(show_command(shown, args.sort_by, args.sort_order) + "".join(f" {a}" for a in scope))
         return 0
-    print(render(*table(shown, args.sort_by, args.sort_order), markdown=args.md))
+    header, body = table(shown, args.sort_by, args.sort_order)
+    print(render(header, body, markdown=args.md))
+    if any(isinstance(v, str) and v.endswith(STALE) for r in body for v in r):
+        print(f"\n{STALE_NOTE}")
     return 0
 
 

@@ -45,7 +45,13 @@ def suggest(trial: Any, p: ParamSpace) -> Any:
         return trial.suggest_categorical(p.key, list(p.choices))
     if p.kind == "int":
         return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1))
-    return trial.suggest_float(p.key, p.low, p.high, log=p.kind == "log", step=p.step)
+    value = trial.suggest_float(p.key, p.low, p.high, log=p.kind == "log", step=p.step)
+    if p.step is None:
+        # 4 significant digits, so params.yaml, dvc exp show and make exps read the value as
+        # a person writes it (1e-4, not exp(log(1e-4)) = 0.00010000000000000009); the
+        # rounding is far below any difference the search can measure
+        value = min(max(float(f"{value:.4g}"), p.low), p.high)
+    return value
 
 
 def curve_rows(text: str) -> list[tuple[int, float]]:
