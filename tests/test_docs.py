@@ -25,6 +25,7 @@ What runs where (CI runs `make test` through `.ci/run`, so all of this runs ther
 from __future__ import annotations
 
 import copy
+import fnmatch
 import os
 import re
 import shlex
@@ -334,3 +335,64 @@ def test_numbers_name_their_source_and_docs_speak_to_users(path: Path) -> None:
             assert "bench/" in source or "`" in source, f"{path.name}: no source in {line}"
     prose = _prose(path)
     assert not HISTORY.search(prose), f"{path.name}: {HISTORY.search(prose).group(0)!r}"
+
+
+def _declared_outputs() -> dict[str, set[str]]:
+    """{stage name: every path it declares as an output, metric or plot} (demo included)."""
+    yaml = YAML(typ="safe", pure=True)
+    stages = {**yaml.load((ROOT / "dvc.yaml").read_text())["stages"],
+              **yaml.load((ROOT / DEMO_DVC_YAML).read_text())["stages"]}
+    out: dict[str, set[str]] = {}
+    for name, st in stages.items():
+        body = st.get("do", st)
+        paths = {next(iter(o)) if isinstance(o, dict) else o
+                 for kind in ("outs", "metrics", "plots") for o in body.get(kind) or []}
+        # read@<file>: ${item} is the input's path
+        out[name] = {p.replace("${item}", "<file>") for p in paths}
+    return out
+
+
+def test_design_dag_names_exactly_the_stages() -> None:
+    text = (ROOT / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    dag = text[text.index("## DAG"):]
+    dag = dag[dag.index("```") + 3:]
+    dag = dag[:dag.index("```")]
+    named = set(re.findall(r"[a-z_]+(?:@<file>)?", dag))
+    expected = {f"{n}@<file>" if n == "read" else n for n in _declared_outputs()}
+    assert expected <= named, f"docs/DESIGN.md's DAG lacks {sorted(expected - named)}"
+    words = {w for w in named if "_" in w or "@" in w}  # stage-like words only
+    assert words <= expected | {"review_wins"}, sorted(words - expected)
+
+
+def test_design_files_table_matches_dvc_yaml() -> None:
+    """Each path of DESIGN.md's Files table is declared by the stage said to write it
+    (or lies inside a folder it declares), unless the row says it is not a DVC output."""
+    text = (ROOT / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    table = text[text.index("## Files"):]
+    table = table[:table.index("\n## ")]
+    declared = _declared_outputs()
+    rows = re.findall(r"^\| `([^`]+)`(?:, `[^`]+`)* \| ([^|]+) \| (.*) \|$", table, re.M)
+    assert len(rows) >= 20, len(rows)
+    checked = 0
+    for path, writers, content in rows:
+        if "not a DVC output" in content or "not in dvc.yaml" in content or "shipped" in writers:
+            continue
+        m = re.match(r"(.*)\{([^}]+)\}(.*)", path)
+        paths = [f"{m[1]}{alt}{m[3]}" for alt in m[2].split(",")] if m else [path]
+        stages = [w.split("@")[0] for w in re.findall(r"[a-z_]+(?:@<file>)?", writers)]
+        for stage in stages:
+            assert stage in declared, f"DESIGN.md: {path}: no stage {stage!r} in dvc.yaml"
+
+        def declares(stage: str, p: str) -> bool:
+            p = p.rstrip("/")
+            pattern = re.sub(r"<\w+>", "*", p)  # <stage>, <file>, <method>, * stand for names
+            return any(p == d or p.startswith(d + "/") or fnmatch.fnmatch(d, pattern)
+                       for d in declared[stage])
+
+        for p in paths:  # each path is declared by a stage the row names, and each such
+            assert any(declares(st, p) for st in stages), (  # stage declares one of them
+                f"DESIGN.md: {p} is written by none of {stages} in dvc.yaml")
+            checked += 1
+        for st in stages:
+            assert any(declares(st, p) for p in paths), f"DESIGN.md: {st} declares no {path}"
+    assert checked >= 20, checked
