@@ -9,7 +9,7 @@ chat template and masked by reprotune's format code, cut at ``--max-length``), w
 batch size, steps, learning rate (constant, no warm-up), seed, AdamW (``adamw_torch_fused``),
 gradient clipping, thread count and CPU kernel environment. Each arm runs in its own
 subprocess with one identical environment (``--cpu-env``: ``pinned`` sets what ``import
-reprotune`` sets, ``MKL_CBWR=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2``; ``native`` sets neither,
+reprotune`` sets, ``reprotune.PORTABLE_ENV``; ``native`` sets none of it,
 so MKL and ATen pick this CPU's fastest kernels), so peak RSS is per arm too. Arms:
 
 * ``hf``: plain ``transformers.Trainer``, fp32, padded batches (``DataCollatorForSeq2Seq``),
@@ -70,7 +70,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from reprotune import io  # noqa: E402
+from reprotune import PORTABLE_ENV, io  # noqa: E402
 
 ARMS = {
     "hf": "transformers Trainer, fp32, padded batches, the model's own loss",
@@ -89,10 +89,10 @@ DEFAULT_ARMS = "hf,trl,trl_bf16_padding_free,trl_bf16_packing,portable,fast"
 TARGETS = (("portable", "trl", 1.3), ("fast", "trl", 2.0),
            ("fast", "trl_bf16_padding_free", 1.3), ("fast", "trl_bf16_packing", 1.3))
 VAL_LOSS_TOLERANCE = 0.01  # final val loss within 1% of the paired TRL arm's
-CPU_ENVS = {"pinned": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+CPU_ENVS = {"pinned": dict(PORTABLE_ENV),
             "native": {"REPROTUNE_NATIVE_CPU": "1"}}
 CHILD_ARGS = ("base", "max_length", "batch_size", "steps", "warmup_steps", "lr", "seed", "threads")
-ENV_KEYS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "REPROTUNE_NATIVE_CPU", "OMP_NUM_THREADS",
+ENV_KEYS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "REPROTUNE_NATIVE_CPU", "OMP_NUM_THREADS",
             "MKL_NUM_THREADS")
 
 

@@ -110,6 +110,7 @@ def test_make_lineage_on_a_real_repo(tmp_path: Path, repo_root: Path) -> None:
     assert lines[0] == f"models/m: written by stage `model`; dvc.lock md5 {lock['model']['outs'][0]['md5']}"
     assert lines[1].startswith("  recorded in git commit: ") and lines[1].endswith("first model")
     assert "device: cpu" not in out and "the run (reprotune_lineage.json): device cpu;" in out
+    assert "  CPU kernels: ATen " in out and "MKL_CBWR=COMPATIBLE" in out  # the pinned family
     assert "stray_key" not in out  # only params.yaml keys, as dvc.lock recorded them
     stage_lines = [ln for ln in lines if ln.startswith("  ") and not ln.startswith("   ")]
     assert [ln.split(":")[0].strip() for ln in stage_lines[-3:-1]] == ["model", "prep"]
@@ -128,3 +129,29 @@ def test_make_lineage_on_a_real_repo(tmp_path: Path, repo_root: Path) -> None:
                           cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "make lineage: data/raw/a.txt: no stage in dvc.lock writes it")
+
+
+def test_a_cpu_run_records_its_kernel_family_and_nothing_machine_specific(
+        tmp_path: Path, monkeypatch) -> None:
+    """Under the portable pin the record is the same on every x86-64 machine (the model
+    folder's hash with it); with native kernels it names the CPU its numbers hold on."""
+    import torch
+
+    from reprotune import PORTABLE_ENV
+    from reprotune.cpu_kernels import describe, machine, machine_name
+
+    (tmp_path / "d.txt").write_text("data")
+    for key, value in PORTABLE_ENV.items():
+        monkeypatch.setenv(key, value)
+    info = run_info("train", {}, [tmp_path / "d.txt"], "cpu")
+    assert info["cpu_kernels"] == {"aten_isa": torch.backends.cpu.get_cpu_capability(),
+                                   "mkl_cbwr": "COMPATIBLE", "onednn_max_cpu_isa": "AVX2",
+                                   "portable": True}
+    assert "portable: the same numbers on Intel and AMD" in describe(info["cpu_kernels"])
+    monkeypatch.setenv("MKL_CBWR", "AUTO")
+    native = run_info("train", {}, [tmp_path / "d.txt"], "cpu")["cpu_kernels"]
+    assert native["portable"] is False and native["cpu"] == machine_name() != ""
+    assert "numbers hold on that CPU type" in describe(native)
+    assert "cpu_kernels" not in run_info("train", {}, [tmp_path / "d.txt"], "cuda:0")
+    # where it ran goes to the untracked timing files
+    assert machine()["torch_threads"] == torch.get_num_threads()

@@ -4,7 +4,8 @@ Two sources answer it together:
 
 * a run-info file that the stage writes INTO the model folder
   (``reprotune_lineage.json``, see :func:`run_info`): the params it used, the content hash
-  of every input, the library versions and the device kind. It travels with the model
+  of every input, the library versions, the device kind and, on CPU, the kernel family
+  (``cpu_kernels``: ATen ISA, MKL branch, oneDNN ISA, portable or not). It travels with the model
   through ``dvc push`` / ``dvc pull``, and holds nothing that changes between identical
   runs (no time stamps, no git commit), so the folder's hash stays reproducible;
 * ``dvc.lock`` in git: the stage that wrote the folder, its recorded hash, and upstream
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from reprotune import io
+from reprotune.cpu_kernels import describe as describe_kernels
+from reprotune.cpu_kernels import kernel_family
 
 LINEAGE_FILE = "reprotune_lineage.json"
 CODE_PREFIXES = ("src/", "stages/")
@@ -70,9 +73,12 @@ def versions(packages: Iterable[str] = PACKAGES) -> dict[str, str | None]:
 def run_info(stage: str, params: Mapping[str, Any], inputs: Iterable[str | Path],
              device: str, packages: Iterable[str] = PACKAGES) -> dict[str, Any]:
     """The lineage record a stage writes into its model folder (see the module docstring)."""
-    return {"stage": stage, "params": dict(params),
+    info = {"stage": stage, "params": dict(params),
             "inputs": {str(p): tree_md5(p) for p in inputs},
             "versions": versions(packages), "device": device.split(":")[0]}
+    if info["device"] == "cpu":  # the kernel family the numbers depend on (cpu_kernels.py)
+        info["cpu_kernels"] = kernel_family()
+    return info
 
 
 def write_run_info(out_dir: str | Path, info: Mapping[str, Any]) -> None:
@@ -231,6 +237,8 @@ def describe(folder: str | Path, root: str | Path = ".") -> str:
         lines += _wrap([f"{k} {v}," for k, v in info.get("versions", {}).items() if v],
                        f"  the run ({LINEAGE_FILE}): device {info.get('device')};", "    ")
         lines[-1] = lines[-1].rstrip(",")
+        if info.get("cpu_kernels"):
+            lines += _wrap(describe_kernels(info["cpu_kernels"]).split(), "  CPU kernels:", "    ")
     lines += _wrap(HASHES.split(), "  hashes:", "    ")
     lines.append(f"stages upstream of {rel}, nearest first (params and input hashes from "
                  f"dvc.lock):")

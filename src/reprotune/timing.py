@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reprotune import io
+from reprotune.cpu_kernels import machine
 
 TIMING_DIR = Path("metrics/timing")
 TIMING_KEYS = frozenset({
@@ -46,5 +47,5 @@ def write_timing(stage: str, timing: dict[str, Any], directory: str | Path = TIM
     """Write ``<directory>/<stage>.json`` with a wall-clock stamp; returns its path."""
     path = Path(directory) / f"{stage}.json"
     io.write_json(path, {"stage": stage, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                         **timing})
+                         "machine": machine(), **timing})
     return path

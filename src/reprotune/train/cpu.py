@@ -3,7 +3,8 @@
 ``train.mode: fast`` picks bf16 autocast only where the CPU has bf16 arithmetic
 (:func:`cpu_bf16`: AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32.
 :func:`cpu_kernels` names the kernel settings CPU results depend on (the ATen capability
-and ``MKL_CBWR``, pinned to AVX2 by ``import reprotune`` unless ``REPROTUNE_NATIVE_CPU=1``).
+``MKL_CBWR`` and oneDNN's ISA cap, pinned by ``import reprotune`` unless
+``REPROTUNE_NATIVE_CPU=1``; :mod:`reprotune.cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -40,4 +41,5 @@ def cpu_kernels() -> str:
     import torch
 
     return (f"ATen {torch.backends.cpu.get_cpu_capability()}, "
-            f"MKL_CBWR={os.environ.get('MKL_CBWR', 'unset')}")
+            f"MKL_CBWR={os.environ.get('MKL_CBWR', 'unset')}, "
+            f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")

@@ -26,9 +26,9 @@ yet (docs/gpu.md).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
+from reprotune.cpu_kernels import is_portable
 from reprotune.params import TrainParams
 from reprotune.train import fused, lean_loss, packed_attention
 from reprotune.train.cpu import BF16_FLAGS, cpu_bf16, cpu_kernels
@@ -53,10 +53,10 @@ def mode_summary(mode: str, device: str, precision: str) -> dict[str, str]:
     elif mode == "fast":
         note = (f"train.mode: fast, but precision {precision} (this CPU has none of "
                 f"{', '.join(BF16_FLAGS)}, or train.precision is set), {kernels}")
-    elif "ATen AVX2," in kernels and os.environ.get("MKL_CBWR") == "AVX2":
-        note = f"fp32, {kernels}: the same bytes on any x86-64 CPU with AVX2"
+    elif is_portable():
+        note = f"fp32, {kernels}: the same bytes on Intel and AMD x86-64 CPUs with AVX2"
     else:
-        note = f"fp32, {kernels} (no AVX2 pin): results hold on this CPU type"
+        note = f"fp32, {kernels} (native kernels): results hold on this CPU type"
     return {"mode": mode, "mode_note": note}
 
 
