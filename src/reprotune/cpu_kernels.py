@@ -1,9 +1,9 @@
 """Which CPU kernels computed a run's numbers, and on what machine.
 
 CPU results depend on the kernels torch dispatches to: ATen's vectorised code for an
-instruction-set level, MKL's BLAS branch (``MKL_CBWR``) and oneDNN's ISA. ``import reprotune``
-pins all three to one portable family (:data:`PORTABLE_ENV`, the same on Intel and AMD) unless
-``REPROTUNE_NATIVE_CPU=1``. :func:`kernel_family` names the family a run used and goes into the
+instruction-set level, MKL's BLAS branch (``MKL_CBWR``) and, for bf16, oneDNN's ISA.
+``import reprotune`` pins the first two to one portable family (``reprotune.PORTABLE_ENV``, the
+same on Intel and AMD) unless ``REPROTUNE_NATIVE_CPU=1``. :func:`kernel_family` names the family a run used and goes into the
 model's lineage record: under the portable pin it holds nothing machine-specific, so the
 model folder's hash stays the same on every x86-64 machine; with native kernels it names the
 CPU, because then the numbers hold only there. :func:`machine` (vendor, model, threads) is
