@@ -3,7 +3,8 @@ cannot be converted raises :class:`RowError`. Formats (``ingest.format: auto`` d
 row, first match wins, :func:`detect_format`):
 
 * ``messages``  – OpenAI ``messages`` [{role, content, tool_calls?, reasoning_content?,
-  loss_weight?}], optional ``tools``;
+  loss_weight?}], optional ``tools``; LLaMA-Factory v1 writes ``content`` as typed parts
+  (``text``, ``reasoning``, ``tool_call``: :func:`_content_parts`);
 * ``sharegpt``  – ``conversations`` [{from, value}] with human/gpt/system/function_call/
   observation, optional ``system`` and ``tools``; DPO rows use ``chosen`` as the final answer;
 * ``prompt_completion`` – ``prompt``/``completion`` as strings or lists of messages;
@@ -179,23 +180,49 @@ def _msg(role: str, content: str, src: str, tool_calls: list | None = None) -> d
     return m
 
 
-def _content_parts(parts: list[Any], fld: str) -> str:
-    """OpenAI typed content parts ``[{"type": "text", "text": ...}]`` joined; LLaMA-Factory's
-    v1 format names the field ``value``. Other part types (images, audio) are rejected."""
-    texts = []
+PART_KEYS = frozenset(("type", "text", "value"))
+
+
+def _content_parts(parts: list[Any], fld: str, role: str = "assistant"
+                   ) -> tuple[str, str | None, list[dict[str, Any]] | None]:
+    """Typed content parts → ``(text, reasoning, tool calls)``, each part's text as written.
+
+    OpenAI names a text part's field ``text``; LLaMA-Factory's v1 format names it ``value`` and
+    adds ``reasoning`` parts (the thinking trace, joined into ``reasoning_content``) and
+    ``tool_call`` parts (one ``{"name", "arguments"}`` JSON each, into ``tool_calls``), both on
+    assistant turns only. Text parts are joined with nothing between them, as LLaMA-Factory's
+    Qwen3 rendering joins them (tool calls then follow the text, as the template puts them).
+    Other part types (images, audio) are rejected, naming the part."""
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
     for i, part in enumerate(parts):
         pfld = f"{fld}[{i}]"
         if not isinstance(part, dict):
             raise RowError("wrong_type", pfld, f"{pfld} must be a content part object, "
                            f"got {json_type(part)}")
-        if part.get("type", "text") != "text":
+        kind = part.get("type", "text")
+        if kind not in ("text", "reasoning", "tool_call"):
             raise RowError("wrong_type", f"{pfld}.type", f"{pfld}: content part type "
-                           f"{part.get('type')!r} is not supported (only text)")
+                           f"{kind!r} is not supported (only text, reasoning, tool_call)")
+        if kind != "text" and role != "assistant":
+            raise RowError("wrong_type", f"{pfld}.type", f"{pfld}: a {kind} part on a {role} "
+                           f"turn (only assistant turns reason or call tools)")
         key = "text" if "text" in part else "value" if "value" in part else None
         if key is None:
-            raise RowError("missing_field", f"{pfld}.text", f"{pfld} has neither 'text' nor 'value'")
-        texts.append(_text(part[key], f"{pfld}.{key}"))
-    return "".join(texts)
+            raise RowError("missing_field", f"{pfld}.value", f"{pfld} has neither 'text' nor 'value'")
+        if kind == "tool_call":
+            calls += _tool_calls(part[key], f"{pfld}.{key}")
+        else:
+            (texts if kind == "text" else reasoning).append(_text(part[key], f"{pfld}.{key}"))
+    return "".join(texts), ("".join(reasoning) if reasoning else None), calls or None
+
+
+def _typed_parts(value: Any) -> bool:
+    """A tool turn's content that is a list of typed parts (LLaMA-Factory v1), not a JSON
+    observation to keep as JSON text."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, dict) and "type" in p and p.keys() <= PART_KEYS for p in value)
 
 
 def _loss_weight(turn: Mapping[str, Any], fld: str) -> int:
@@ -271,8 +298,10 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
         if role != "assistant":  # OpenAI: an assistant turn with tool_calls has null content
             raise RowError("missing_field", cfld, f"{fld} has no {content_key!r}")
         content = ""
-    elif isinstance(content, list) and role != "tool":
-        content = _content_parts(content, cfld)
+    elif isinstance(content, list) and (role != "tool" or _typed_parts(content)):
+        content, reasoning, part_calls = _content_parts(content, cfld, role)
+        if reasoning is not None or part_calls:
+            turn = _with_parts(turn, reasoning, part_calls, fld)
     elif role == "tool" and isinstance(content, (dict, list)):
         if depth(content) > MAX_DEPTH:
             raise RowError("parse_error", cfld, f"{cfld} is {too_deep(depth(content))}")
@@ -283,6 +312,22 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
     return _extras(turn, _msg(role, _text(content, cfld), fld,
                               _tool_calls(calls, f"{fld}.tool_calls") if calls else None),
                    known, fld)
+
+
+def _with_parts(turn: Mapping[str, Any], reasoning: str | None,
+                calls: list[dict[str, Any]] | None, fld: str) -> dict[str, Any]:
+    """The turn with its reasoning and tool_call parts moved to ``reasoning_content`` and
+    ``tool_calls`` (a turn giving the same thing both ways is refused, not merged)."""
+    turn = dict(turn)
+    for key, value in ((REASONING, reasoning), ("tool_calls", calls)):
+        if value is None:
+            continue
+        if turn.get(key) is not None:
+            raise RowError("wrong_type", f"{fld}.{key}", f"{fld} has both {key!r} and "
+                           f"{'reasoning' if key == REASONING else 'tool_call'} content parts; "
+                           f"give one of them")
+        turn[key] = value
+    return turn
 
 
 def _turns(value: Any, fld: str, **kw: Any) -> list[dict[str, Any]]:
