@@ -163,3 +163,71 @@ def test_v1_reasoning_part_on_a_user_turn_is_refused() -> None:
                           "content": [_part("reasoning", "y"), _part("text", "a")]}]}
     with pytest.raises(ValueError, match="both 'reasoning_content' and reasoning content parts"):
         convert_row(both)
+
+
+# --------------------------------------------------------------------------- v1 pairs
+def _v1_turn(role: str, *parts: dict) -> dict:
+    return {"role": role, "content": list(parts), "loss_weight": 1.0 if role == "assistant" else 0.0}
+
+
+def _v1_pair_rows() -> list[dict]:
+    """LLaMA-Factory v1's pair converter output: whole conversations, typed parts."""
+    prompt = [_v1_turn("system", _part("text", "简短回答。")), _v1_turn("user", _part("text", "2+2？"))]
+    return [
+        {"chosen_messages": prompt + [_v1_turn("assistant", _part("reasoning", "2+2=4"),
+                                                 _part("text", "4。"))],
+         "rejected_messages": prompt + [_v1_turn("assistant", _part("text", "5。"))]},
+        {"chosen_messages": [_v1_turn("user", _part("text", "Name a colour."))]
+         + [_v1_turn("assistant", _part("text", "Blue."))],
+         "rejected_messages": [_v1_turn("user", _part("text", "Name a colour."))]
+         + [_v1_turn("assistant", _part("text", "Blue."))]},  # identical: rejected
+    ]
+
+
+def _trl_rows() -> list[dict]:
+    """The first pair in TRL's implicit-prompt layout, which ingest already reads."""
+    prompt = [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "2+2？"}]
+    return [{"chosen": prompt + [{"role": "assistant", "content": "4。",
+                                  "reasoning_content": "2+2=4"}],
+             "rejected": prompt + [{"role": "assistant", "content": "5。"}]}]
+
+
+def test_v1_pair_rows_need_no_column_mapping(tmp_path: Path, tok) -> None:
+    from reprotune.data.pairs import format_pairs
+
+    v1 = ingest_files([str(_jsonl(tmp_path / "v1_pairs.jsonl", _v1_pair_rows()))],
+                      fmt="auto")
+    trl = ingest_files([str(_jsonl(tmp_path / "trl.jsonl", _trl_rows()))])
+    c = v1.counts
+    assert (c["rows_in"], c["kept"], c["rejected"]["identical_pair"]) == (2, 1, 1)
+    assert c["rejected"]["unknown_format"] == 0 and c["with_preference"] == 1
+    (rej,) = v1.rejects
+    assert rej["line"] == 2 and rej["field"] == "rejected_messages"
+    assert rej["detail"].startswith("rejected_messages is identical to chosen_messages")
+    got, want = v1.records[0], trl.records[0]
+    assert {k: v for k, v in got.items() if k != "source"} == \
+        {k: v for k, v in want.items() if k != "source"}
+    assert got["preference"] == {"prompt_turns": 2,
+                                 "rejected": [{"role": "assistant", "content": "5。"}]}
+    (row,), stats, drops = format_pairs([got], tok, max_length=512, enable_thinking=False)
+    (row_t,), _, _ = format_pairs([want], tok, max_length=512, enable_thinking=False)
+    assert drops == [] and stats["pairs_out"] == 1
+    for key in ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids"):
+        assert row[key] == row_t[key]
+
+
+def test_v1_pair_errors_name_the_rows_fields() -> None:
+    from reprotune.data.ingest import convert_row
+
+    row = {"chosen_messages": [_v1_turn("user", _part("text", "q")),
+                               _v1_turn("assistant", _part("audio", "a.wav"))],
+           "rejected_messages": [_v1_turn("user", _part("text", "q")),
+                                 _v1_turn("assistant", _part("text", "b"))]}
+    with pytest.raises(ValueError, match=r"chosen_messages\[1\]\.content\[0\]: content part "
+                                         r"type 'audio'") as exc:
+        convert_row(row)
+    assert exc.value.field == "chosen_messages[1].content[0].type"
+    bad_rejected = {"chosen_messages": row["rejected_messages"],
+                    "rejected_messages": row["chosen_messages"]}
+    with pytest.raises(ValueError, match=r"^rejected_messages\[1\]\.content\[0\]: content part"):
+        convert_row(bad_rejected)

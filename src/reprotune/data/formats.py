@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -62,6 +62,13 @@ class RowError(ValueError):
         super().__init__(detail)
         self.reason, self.field, self.detail = reason, fld, detail
         self.format: str | None = None  # the detected format, once known
+
+    def rename(self, name: Callable[[str], str]) -> None:
+        """Rewrite the field names in ``field`` and ``detail`` (a stand-in read in place of
+        the row's own field, e.g. ``messages`` for ``chosen``)."""
+        self.field = name(self.field) if self.field else self.field
+        self.detail = name(self.detail)
+        self.args = (self.detail,)
 
 
 # --------------------------------------------------------------------------- text
@@ -417,6 +424,27 @@ CONVERTERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _f
               "prompt_completion": _from_prompt_completion}
 MARKERS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "prompt",
             "alpaca": "instruction"}
+
+
+V1_PAIR = {"chosen_messages": "chosen", "rejected_messages": "rejected"}
+_V1_SIDE = re.compile(r"\b(chosen|rejected)\b(?!_)")
+
+
+def v1_pair(row: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """LLaMA-Factory v1's preference rows (its ``pair`` converter's output):
+    ``chosen_messages``/``rejected_messages``, each a whole v1 conversation (typed parts)
+    whose common leading turns are the prompt. They are TRL's implicit-prompt layout under
+    other names, so the row is read as ``chosen``/``rejected``; ``(row, True)`` when it was
+    renamed (:func:`v1_names` then names the user's fields in errors)."""
+    if not all(k in row for k in V1_PAIR) or any(v in row for v in V1_PAIR.values()):
+        return row, False
+    out = {k: v for k, v in row.items() if k not in V1_PAIR}
+    return {**out, **{new: row[old] for old, new in V1_PAIR.items()}}, True
+
+
+def v1_names(text: str) -> str:
+    """``chosen``/``rejected`` in an error about a renamed v1 pair row, as the row names them."""
+    return _V1_SIDE.sub(r"\1_messages", text)
 
 
 def detect_format(row: Mapping[str, Any]) -> str | None:

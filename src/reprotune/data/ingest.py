@@ -46,6 +46,8 @@ from reprotune.data.formats import (
     detect_format,
     record_id,
     tools_of,
+    v1_names,
+    v1_pair,
 )
 from reprotune.data.jsonvalues import is_non_finite, json_problem, number_text
 from reprotune.data.readers import RAW_LIMIT, RawRow
@@ -139,7 +141,7 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
                 keep_fields: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
     """One parsed row → ``(format, record without source)``; raises RowError on rejection."""
     meta = _kept(row, keep_fields)
-    row = _remap(row, columns or {})
+    row, v1 = v1_pair(_remap(row, columns or {}))
     detected = detect_format(row) if fmt == "auto" else fmt
     convert = CONVERTERS.get(detected)
     if detected is None and preference.implicit_prompt(row):
@@ -166,6 +168,8 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
             _check(messages[:pair["prompt_turns"]] + pair["rejected"], tools)
     except RowError as exc:
         exc.format = detected
+        if v1:  # name chosen_messages/rejected_messages, the fields the row has
+            exc.rename(v1_names)
         raise
     dropped = [k for m in messages if "_dropped" in m for k in m.pop("_dropped")]
     messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
