@@ -13,6 +13,10 @@ exists and was built from the current ingest.inputs (any run after the first tha
 them), its pairs are counted here, so a switch to dpo, orpo, simpo or kto on data without
 pairs fails before align's and evaluate's outputs are deleted. After a change of inputs the
 split is stale and the align stage counts the new split's pairs itself.
+
+`format.mode` must fit the inputs' layout (reprotune.data.layouts): text documents
+({"text": ...} rows, .txt files) need `text`, conversations `chat`; the first rows of each
+local input are looked at and a mismatch fails here, naming format.mode and what to set.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 from pathlib import Path
 
 from reprotune import io, runtime
+from reprotune.data.layouts import LayoutError, check_layouts
 from reprotune.data.preference import PairsError, built_from, check_pairs, count_pairs
 from reprotune.params import check_paths, load_section, read_params
 
@@ -34,7 +39,12 @@ def main() -> None:
     log = runtime.setup("check")  # raises, naming the key, when anything in params.yaml is wrong
     check_paths(read_params())  # a missing model folder or input, before DVC deletes outputs
     align = load_section("align")
-    inputs = load_section("ingest").inputs
+    ingest = load_section("ingest")
+    inputs = ingest.inputs
+    try:  # text documents need format.mode: text, conversations chat
+        check_layouts(inputs, load_section("format").mode, ingest.columns)
+    except LayoutError as exc:
+        raise SystemExit(f"check: {exc}") from None
     if align.method != "none" and TRAIN_SPLIT.is_file() and built_from(TRAIN_SPLIT, inputs):
         try:
             check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT))

@@ -231,3 +231,197 @@ def test_v1_pair_errors_name_the_rows_fields() -> None:
                     "rejected_messages": row["chosen_messages"]}
     with pytest.raises(ValueError, match=r"^rejected_messages\[1\]\.content\[0\]: content part"):
         convert_row(bad_rejected)
+
+
+# --------------------------------------------------------------------------- text (DAPT)
+DOCS = ["第一篇：１＋１＝２。\r\n  缩进保留，  两个空格。\n",
+        "Second document.\n\nIt has two paragraphs and a tab\there.",
+        "5² = 25; naïve café ☕"]
+
+
+def _text_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    rows = [{"text": DOCS[0], "group": "g1"}, {"text": DOCS[1]},
+            {"text": "bad <|im_end|> inside"},  # the tokenizer's markup: rejected, not trained
+            {"text": ["not", "text"]}]
+    txt = tmp_path / "book.txt"
+    txt.write_bytes(b"\xef\xbb\xbf" + DOCS[2].encode("utf-8"))  # a BOM is not text
+    jsonl = _jsonl(tmp_path / "corpus.jsonl", rows)
+    with jsonl.open("a", encoding="utf-8") as fh:  # a number, as the file writes it
+        fh.write('{"text": 42.50}\n')
+    return jsonl, txt
+
+
+def test_text_rows_and_txt_files_are_documents_counted_as_such(tmp_path: Path) -> None:
+    jsonl, txt = _text_inputs(tmp_path)
+    res = ingest_files([str(jsonl), str(txt)])
+    c = res.counts
+    assert (c["rows_in"], c["kept"], c["rejected_total"]) == (6, 4, 2)
+    assert c["rows_in"] == c["kept"] + sum(c["rejected"].values())
+    assert c["formats"]["text"] == {"rows_in": 6, "kept": 4,
+                                    "rejected": {"special_token": 1, "wrong_type": 1}}
+    assert c["text_documents"] == 4 and c["messages_by_role"] == {}
+    assert c["files"][str(txt)] == {"rows_in": 1, "kept": 1, "rejected": {}}
+    texts = [r["messages"][0]["content"] for r in res.records]
+    assert texts == [DOCS[0], DOCS[1], "42.50", DOCS[2]]  # byte for byte; a number as written
+    assert all(r["layout"] == "text" and r["messages"][0]["role"] == "assistant"
+               and r["tools"] is None for r in res.records)
+    assert res.records[0]["group"] == "g1" and res.records[3]["source"] == f"{txt}:1"
+    assert [(r["line"], r["field"]) for r in res.rejects] == [(3, "text"), (4, "text")]
+
+
+def test_text_beside_chat_fields_is_a_conversation() -> None:
+    from reprotune.data.ingest import convert_row
+
+    fmt, rec = convert_row({"text": "a note", "instruction": "q", "output": "a"})
+    assert fmt == "alpaca" and "layout" not in rec
+    fmt, rec = convert_row({"body": "doc"}, columns={"text": "body"})
+    assert fmt == "text" and rec["messages"][0]["content"] == "doc"
+    fmt, _ = convert_row({"text": "doc"}, fmt="text")
+    assert fmt == "text"
+
+
+def _packed(tmp_path: Path, tok, max_length: int):
+    from reprotune.data.dedup import run_dedup
+    from reprotune.data.split import split_rows
+    from reprotune.data.text_packing import Packer
+    from reprotune.params import DedupParams
+
+    jsonl, txt = _text_inputs(tmp_path)
+    records = ingest_files([str(jsonl), str(txt)]).records
+    empty = {**records[0], "id": "empty", "messages": [{"role": "assistant", "content": ""}]}
+    result = run_dedup([*records, empty], DedupParams(min_chars=0), progress=False)
+    assert [d["reason"] for d in result.dropped] == ["empty_answer"]  # dedup counts it first
+    train = split_rows(result.kept, val_ratio=0.0, test_ratio=0.0, stratify=None, group=None,
+                       seed=0, leakage_threshold=0.7).parts["train"]
+    assert all(r["layout"] == "text" for r in train)  # the marker survives dedup and split
+    train.insert(1, empty)  # and the packer counts one that reaches it
+    packer = Packer(tok, max_length)
+    return train, packer, list(packer.rows(train))
+
+
+@pytest.mark.parametrize("max_length", [16, 4096])
+def test_text_mode_packs_documents_with_eos_and_labels_every_token(tmp_path: Path, tok,
+                                                                    max_length: int) -> None:
+    train, packer, rows = _packed(tmp_path, tok, max_length)
+    s = packer.summary()
+    assert s["documents_in"] == len(train) == 5
+    assert (s["documents_packed"], s["dropped"]) == (4, {"empty_document": 1})
+    assert s["documents_in"] == s["documents_packed"] + sum(s["dropped"].values())
+    assert packer.dropped[0]["reason"] == "empty_document"
+    assert all(len(r["input_ids"]) == max_length for r in rows[:-1])
+    assert 0 < len(rows[-1]["input_ids"]) <= max_length and s["rows_out"] == len(rows)
+    assert all(r["labels"] == r["input_ids"] and r["n_label_tokens"] == r["n_tokens"]
+               for r in rows)  # loss on every token
+    stream = [t for r in rows for t in r["input_ids"]]
+    assert s["tokens_out"] == s["label_tokens"] == len(stream) == sum(packer.lengths)
+    texts = [d["messages"][0]["content"] for d in train if d["messages"][0]["content"]]
+    # no template, one EOS after each document, the text byte for byte
+    assert tok.decode(stream) == "".join(t + tok.eos_token for t in texts)
+    assert stream.count(tok.eos_token_id) == 4 and s["decode_mismatch"] == 0
+    assert "<|im_start|>" not in tok.decode(stream)
+
+
+def test_text_mode_rows_train_unchanged(tmp_path: Path, tok, tiny_base_dir) -> None:
+    """The packed rows load through the trainer's own checks and give a finite loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reprotune.data.format_stream import write_parquet
+    from reprotune.data.formatting import formatted_schema
+    from reprotune.data.text_packing import tables
+    from reprotune.train.data import PaddingCollator, load_split
+
+    _, _, rows = _packed(tmp_path, tok, 32)
+    path = tmp_path / "train.parquet"
+    assert write_parquet(path, tables(rows), formatted_schema()) == len(rows)
+    split = load_split(path, tmp_path, vocab_size=len(tok), max_positions=512)
+    assert len(split) == len(rows)
+    batch = PaddingCollator(tok.pad_token_id)([split[i] for i in range(len(split))])
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    with torch.no_grad():
+        loss = model(**{k: torch.as_tensor(v) for k, v in batch.items()}).loss
+    assert torch.isfinite(loss)
+
+
+def test_text_mode_refuses_conversations_naming_format_mode(tok) -> None:
+    from reprotune.data.formatting import FormatError
+    from reprotune.data.text_packing import Packer
+
+    chat = {"id": "x", "source": "d.jsonl:3", "messages": [{"role": "user", "content": "q"},
+                                                          {"role": "assistant", "content": "a"}]}
+    with pytest.raises(FormatError, match=r"format.mode: text, but record d.jsonl:3 is a "
+                                          r"conversation.*set format.mode: chat"):
+        list(Packer(tok, 64).rows([chat]))
+
+
+def test_text_documents_in_chat_mode_are_counted_for_the_refusal(tmp_path: Path) -> None:
+    from reprotune import io
+    from reprotune.data.text_packing import count_documents
+
+    jsonl, txt = _text_inputs(tmp_path)
+    records = ingest_files([str(jsonl), str(txt)]).records
+    chat = ingest_files([str(_jsonl(tmp_path / "c.jsonl", [{"instruction": "q", "output": "a"}]))])
+    io.write_jsonl(tmp_path / "train.jsonl", [*records, *chat.records])
+    assert count_documents(tmp_path / "train.jsonl") == 4
+
+
+def test_text_max_length_auto_is_the_context_at_most_2048() -> None:
+    from reprotune.data.text_packing import text_max_length
+
+    assert text_max_length("auto", 8192) == 2048
+    assert text_max_length("auto", 512) == 512
+    assert text_max_length("auto", None) == 2048
+    assert text_max_length(4096, 1024) == 1024 and text_max_length(100, None) == 100
+
+
+# --------------------------------------------------------------------------- format.mode checks
+def _params(repo_root: Path, **sections: dict) -> dict:
+    from reprotune.params import read_params
+
+    raw = read_params(repo_root / "params.yaml")
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"format": {"mode": "txt"}}, r"format\.mode: 'txt' is not one of"),
+    ({"format": {"mode": "text"}, "ingest": {"format": "alpaca"}},
+     r"ingest\.format: alpaca reads conversations.*set ingest\.format: text"),
+    ({"ingest": {"format": "text"}}, r"ingest\.format: text .*set format\.mode: text"),
+    ({"format": {"mode": "text", "enable_thinking": True}},
+     r"format\.enable_thinking: true has no effect with format\.mode: text"),
+])
+def test_bad_format_mode_combinations_name_the_key(repo_root: Path, sections: dict,
+                                                   message: str) -> None:
+    from reprotune.params import ParamsError, validate_all
+
+    with pytest.raises(ParamsError, match=message):
+        validate_all(_params(repo_root, **sections))
+
+
+def test_good_format_mode_combinations_pass(repo_root: Path) -> None:
+    from reprotune.params import validate_all
+
+    validate_all(_params(repo_root, format={"mode": "text"}, ingest={"format": "text"}))
+    validate_all(_params(repo_root, format={"mode": "text"}))
+    validate_all(_params(repo_root))
+
+
+def test_check_refuses_a_mode_that_does_not_fit_the_inputs(tmp_path: Path) -> None:
+    from reprotune.data.layouts import LayoutError, check_layouts, input_layout
+
+    jsonl, txt = _text_inputs(tmp_path)
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"instruction": "q", "output": "a"}])
+    mapped = _jsonl(tmp_path / "mapped.jsonl", [{"body": "a document"}])
+    assert [input_layout(p) for p in (jsonl, txt, chat, mapped)] == ["text", "text", "chat", None]
+    assert input_layout(mapped, {"text": "body"}) == "text"
+    check_layouts([str(jsonl), str(txt)], "text")
+    check_layouts([str(chat)], "chat")
+    with pytest.raises(LayoutError, match=r"^format\.mode: chat, but .*book\.txt hold\(s\) text "
+                                          r"documents.*set format\.mode: text"):
+        check_layouts([str(chat), str(txt)], "chat")
+    with pytest.raises(LayoutError, match=r"^format\.mode: text, but .*chat\.jsonl hold\(s\) "
+                                          r"conversations; set format\.mode: chat.*keep the text "
+                                          r"input\(s\)"):
+        check_layouts([str(jsonl), str(chat)], "text")

@@ -8,7 +8,12 @@ row, first match wins, :func:`detect_format`):
 * ``sharegpt``  – ``conversations`` [{from, value}] with human/gpt/system/function_call/
   observation, optional ``system`` and ``tools``; DPO rows use ``chosen`` as the final answer;
 * ``prompt_completion`` – ``prompt``/``completion`` as strings or lists of messages;
-* ``alpaca``    – ``instruction``/``input``/``output``, optional ``system``, ``history``.
+* ``alpaca``    – ``instruction``/``input``/``output``, optional ``system``, ``history``;
+* ``text``      – ``{"text": ...}``, a document for continued pretraining (``format.mode:
+  text``), detected last: a row with any chat field is a conversation. It is stored as one
+  assistant turn holding the document (``"layout": "text"`` on the record), so dedup's
+  filters and the split read it as they read an answer; the format stage in text mode
+  renders no template (:mod:`reprotune.data.text_packing`).
 
 Per message, besides role and content: an assistant's ``reasoning_content`` (its thinking
 trace, rendered by the Qwen3 template inside ``<think>``) is kept as written, and
@@ -42,7 +47,9 @@ from reprotune.data.jsonvalues import (
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")  # auto-detection order
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")  # detection order
+TEXT = "text"  # the layout of plain documents (continued pretraining)
+LAYOUT = "layout"  # the record field marking a text document (absent on conversations)
 # A tool name is rendered inside JSON quotes by the template; anything but a plain
 # identifier could close the quote and forge a second call (OpenAI allows [a-zA-Z0-9_-]{1,64}).
 TOOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -420,10 +427,15 @@ def _from_prompt_completion(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     return _system(row) + _side(row, "prompt", "user") + answer
 
 
+def _from_text(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A document, exactly as written, as the one turn dedup and split read."""
+    return [_msg("assistant", _text(row[TEXT], TEXT), TEXT)]
+
+
 CONVERTERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _from_messages,
-              "prompt_completion": _from_prompt_completion}
+              "prompt_completion": _from_prompt_completion, TEXT: _from_text}
 MARKERS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "prompt",
-            "alpaca": "instruction"}
+            "alpaca": "instruction", TEXT: TEXT}
 
 
 V1_PAIR = {"chosen_messages": "chosen", "rejected_messages": "rejected"}
@@ -448,8 +460,11 @@ def v1_names(text: str) -> str:
 
 
 def detect_format(row: Mapping[str, Any]) -> str | None:
-    """The first format whose marker field the row has (``output`` alone also means alpaca)."""
-    for fmt in FORMATS:
+    """The first format whose marker field the row has (``output`` alone also means alpaca);
+    ``text`` only for a row with none of the chat fields."""
+    for fmt in FORMATS[:-1]:
         if MARKERS[fmt] in row:
             return fmt
-    return "alpaca" if "output" in row else None
+    if "output" in row:
+        return "alpaca"
+    return TEXT if TEXT in row else None
