@@ -425,3 +425,12 @@ def test_check_refuses_a_mode_that_does_not_fit_the_inputs(tmp_path: Path) -> No
                                           r"conversations; set format\.mode: chat.*keep the text "
                                           r"input\(s\)"):
         check_layouts([str(jsonl), str(chat)], "text")
+
+
+def test_evaluate_refuses_packed_text_rows_pointing_at_merge() -> None:
+    from reprotune.evaluate.evaluation import EvalDataError, parse_row
+
+    row = {"id": "p1", "messages": None, "input_ids": [1, 2], "labels": [1, 2]}
+    with pytest.raises(EvalDataError, match=r"test.parquet: row 1 \(id p1\): a packed text row "
+                                            r"\(format.mode: text.*dvc repro merge"):
+        parse_row(row, 0, "test.parquet")
