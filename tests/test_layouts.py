@@ -434,3 +434,45 @@ def test_evaluate_refuses_packed_text_rows_pointing_at_merge() -> None:
     with pytest.raises(EvalDataError, match=r"test.parquet: row 1 \(id p1\): a packed text row "
                                             r"\(format.mode: text.*dvc repro merge"):
         parse_row(row, 0, "test.parquet")
+
+
+# --------------------------------------------------------------------------- docs/data.md table
+def _doc_layouts() -> list[tuple[str, str, str]]:
+    """(layout, one-line row, read as) of docs/data.md's layouts table."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    table = text.split("<!-- layouts:start -->")[1].split("<!-- layouts:end -->")[0]
+    out = []
+    for line in table.strip().splitlines()[2:]:
+        name, row, read_as = (c.strip() for c in line.strip("|").split(" | "))
+        out.append((name, row.strip("`"), read_as))
+    return out
+
+
+@pytest.mark.parametrize(("name", "row", "read_as"), _doc_layouts(), ids=lambda v: str(v)[:30])
+def test_every_documented_layout_line_ingests_as_documented(tmp_path: Path, name: str, row: str,
+                                                            read_as: str) -> None:
+    path = tmp_path / "one.jsonl"
+    path.write_text(row + "\n", encoding="utf-8")
+    res = ingest_files([str(path)])
+    assert (res.counts["rows_in"], res.counts["kept"]) == (1, 1), res.rejects
+    fmt, _, pair = read_as.partition(" + ")
+    assert list(res.counts["formats"]) == [fmt]
+    rec = res.records[0]
+    assert (rec.get("preference") is not None) == (pair == "pair")
+    assert rec["messages"][-1]["role"] == "assistant"
+    if fmt == "text":
+        assert rec["layout"] == "text"
+        assert rec["messages"][0]["content"] == json.loads(row)["text"]
+    if name.startswith("LLaMA-Factory v1 typed"):
+        msgs = rec["messages"]
+        assert msgs[1]["reasoning_content"] == "Call the tool."
+        assert msgs[1]["tool_calls"][0]["function"] == {"name": "weather",
+                                                        "arguments": {"city": "Paris"}}
+        assert msgs[2] == {"role": "tool", "content": "18°C"}
+
+
+def test_the_layouts_table_covers_every_format() -> None:
+    from reprotune.data.formats import FORMATS
+
+    read_as = {r.partition(" + ")[0] for _, _, r in _doc_layouts()}
+    assert read_as == set(FORMATS)
