@@ -6,6 +6,10 @@ LLaMA-Factory v1 typed content parts (text, reasoning, tool_call), v1 preference
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ def _official() -> Path | None:
 
 
 OFFICIAL = _official()
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -476,3 +481,73 @@ def test_the_layouts_table_covers_every_format() -> None:
 
     read_as = {r.partition(" + ")[0] for _, _, r in _doc_layouts()}
     assert read_as == set(FORMATS)
+
+
+# --------------------------------------------------------------------------- the stages, text mode
+def _stage(root: Path, name: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py"), *args], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _set(root: Path, **values: str) -> None:
+    path = root / "params.yaml"
+    text = path.read_text(encoding="utf-8")
+    for old, new in values.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+
+
+def test_text_mode_through_the_stages(tmp_path: Path) -> None:
+    """check → read → ingest → dedup → split → base → format with format.mode: text, as
+    dvc.yaml runs them; then the refusals of a mode that does not fit."""
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "project"
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"))
+    rng = random.Random(0)
+    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ri", "so", "tu") for b in
+             ("ban", "cor", "dil", "fen", "gus", "hap", "jet", "kim", "lun", "mop")]
+    docs = [f"Document {i}: " + " ".join(rng.choice(words) for _ in range(30 + i))
+            for i in range(40)]
+    _jsonl(root / "data" / "raw" / "corpus.jsonl", [{"text": d} for d in docs])
+    (root / "data" / "raw" / "book.txt").write_text("第一章\n\n纯文本。\n", encoding="utf-8")
+    inputs = ["data/raw/corpus.jsonl", "data/raw/book.txt"]
+    _set(root, **{"  - data/raw/demo.jsonl\n": "".join(f"  - {i}\n" for i in inputs),
+                  "name: smollm2-135m-instruct": "name: tiny",
+                  "  max_length: auto  ": "  max_length: 64    "})
+    refused = _stage(root, "check", "--out", "metrics/params_ok.json")
+    assert refused.returncode != 0
+    assert "format.mode: chat, but data/raw/corpus.jsonl, data/raw/book.txt hold(s) text " \
+           "documents" in refused.stderr and "set format.mode: text" in refused.stderr
+    _set(root, **{"  mode: chat  ": "  mode: text  "})
+    steps = [("check", "--out", "metrics/params_ok.json"),
+             *[("read", "--input", i, "--out", f"data/interim/read/{i}") for i in inputs],
+             ("ingest",), ("dedup",), ("split",),
+             ("base", "--data", "data/interim/splits/train.jsonl", "--out", "models/base"),
+             ("format",)]
+    for name, *args in steps:
+        proc = _stage(root, name, *args)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    ingest = json.loads((root / "metrics" / "ingest.json").read_text())
+    assert (ingest["rows_in"], ingest["kept"], ingest["text_documents"]) == (41, 41, 41)
+    fmt = json.loads((root / "metrics" / "format.json").read_text())
+    dedup = json.loads((root / "metrics" / "dedup.json").read_text())
+    assert fmt["mode"] == "text" and fmt["max_length"] == 64
+    assert fmt["documents_in"] == fmt["documents_packed"] + sum(fmt["dropped"].values())
+    assert fmt["documents_in"] == dedup["kept"] == sum(
+        sum(1 for _ in (root / "data/interim/splits" / f"{n}.jsonl").open()) for n in
+        ("train", "val", "test"))
+    assert fmt["tokens_out"] == fmt["label_tokens"] and fmt["decode_mismatch"] == 0
+    train = pq.read_table(root / "data" / "processed" / "train.parquet").to_pylist()
+    assert len(train) == fmt["splits"]["train"]["rows_out"]
+    assert all(r["labels"] == r["input_ids"] for r in train)
+    assert all(r["n_tokens"] == 64 for r in train[:-1])
+    assert (root / "data" / "processed" / "pairs" / "train.jsonl").read_text() == ""
+    # a split holding documents with format.mode: chat stops the format stage, naming the key
+    _set(root, **{"  mode: text  ": "  mode: chat  "})
+    proc = _stage(root, "format")
+    assert proc.returncode != 0
+    assert "format: format.mode: chat, but the splits hold text documents" in proc.stderr
