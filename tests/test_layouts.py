@@ -432,13 +432,32 @@ def test_check_refuses_a_mode_that_does_not_fit_the_inputs(tmp_path: Path) -> No
         check_layouts([str(jsonl), str(chat)], "text")
 
 
-def test_evaluate_refuses_packed_text_rows_pointing_at_merge() -> None:
+def test_generation_eval_refuses_packed_text_rows_pointing_at_merge() -> None:
     from reprotune.evaluate.evaluation import EvalDataError, parse_row
 
     row = {"id": "p1", "messages": None, "input_ids": [1, 2], "labels": [1, 2]}
     with pytest.raises(EvalDataError, match=r"test.parquet: row 1 \(id p1\): a packed text row "
-                                            r"\(format.mode: text.*dvc repro merge"):
+                                            r"\(format.mode: text.*dvc repro evaluate merge"):
         parse_row(row, 0, "test.parquet")
+
+
+def test_text_rows_are_evaluated_by_perplexity(tmp_path: Path, tok, tiny_base_dir) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from reprotune.evaluate.text_eval import evaluate_text, is_packed_text
+
+    _, _, rows = _packed(tmp_path, tok, 32)
+    assert is_packed_text(rows) and not is_packed_text([{"messages": "[]", "input_ids": [1]}])
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    cfg = SimpleNamespace(max_rows=0, batch_size=4, max_new_tokens="auto")
+    metrics, records = evaluate_text(model, tok, rows, cfg, progress=False)
+    assert metrics["n_rows"] == len(records) == len(rows) and metrics["settings"]["mode"] == "text"
+    assert metrics["perplexity"] > 1 and not metrics["cap_warning"]
+    # every token but each row's first is predicted (the labels shift by one)
+    assert [r["n_tokens"] for r in records] == [len(r["input_ids"]) - 1 for r in rows]
+    assert metrics["ppl_tokens"] == sum(r["n_tokens"] for r in records)
 
 
 # --------------------------------------------------------------------------- docs/data.md table

@@ -72,9 +72,10 @@ def parse_row(row: dict[str, Any], index: int, source: str) -> Example:
     where = f"{source}: row {index + 1} (id {row.get('id', '?')})"
     if row.get("messages") is None and row.get("input_ids") is not None:
         raise EvalDataError(f"{where}: a packed text row (format.mode: text, continued "
-                            f"pretraining): there is no question and answer to generate and "
-                            f"score. Run the pretraining up to its merged model with `dvc repro "
-                            f"merge`, then fine-tune on conversations from it (docs/training.md, "
+                            f"pretraining) has no question and answer to generate and score "
+                            f"(the eval stages score text rows by perplexity); run the "
+                            f"pretraining up to `dvc repro evaluate merge`, then fine-tune on "
+                            f"conversations from the merged model (docs/training.md, "
                             f"\"Continued pretraining, then SFT\")")
     messages = _json_field(row, "messages", where)
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
