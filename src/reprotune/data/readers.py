@@ -52,7 +52,8 @@ from reprotune.data.jsonvalues import decode, depth, json_problem, json_type
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+ROW_FILES = (".json", ".jsonl", ".csv", ".parquet")  # files of rows
+SUPPORTED = (*ROW_FILES, ".txt")  # .txt: one document per file
 RAW_LIMIT = 500  # characters of an unparseable line kept for the rejected-rows file
 # Longest CSV cell read (the csv module's own default, 131,072, is shorter than real long
 # answers); a longer one stops the file with a message saying so.
