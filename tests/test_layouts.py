@@ -279,6 +279,9 @@ def test_text_beside_chat_fields_is_a_conversation() -> None:
 
     fmt, rec = convert_row({"text": "a note", "instruction": "q", "output": "a"})
     assert fmt == "alpaca" and "layout" not in rec
+    pair = _trl_rows()[0]
+    fmt, rec = convert_row({**pair, "text": "a summary column"})  # a pair, not a document
+    assert fmt == "messages" and rec["preference"]["prompt_turns"] == 2
     fmt, rec = convert_row({"body": "doc"}, columns={"text": "body"})
     assert fmt == "text" and rec["messages"][0]["content"] == "doc"
     fmt, _ = convert_row({"text": "doc"}, fmt="text")

@@ -10,10 +10,10 @@ row, first match wins, :func:`detect_format`):
 * ``prompt_completion`` – ``prompt``/``completion`` as strings or lists of messages;
 * ``alpaca``    – ``instruction``/``input``/``output``, optional ``system``, ``history``;
 * ``text``      – ``{"text": ...}``, a document for continued pretraining (``format.mode:
-  text``), detected last: a row with any chat field is a conversation. It is stored as one
-  assistant turn holding the document (``"layout": "text"`` on the record), so dedup's
-  filters and the split read it as they read an answer; the format stage in text mode
-  renders no template (:mod:`reprotune.data.text_packing`).
+  text``), detected last: a row with any chat field or a chosen/rejected pair is a
+  conversation. It is stored as one assistant turn holding the document (``"layout":
+  "text"`` on the record), so dedup's filters and the split read it as they read an answer;
+  the format stage in text mode renders no template (:mod:`reprotune.data.text_packing`).
 
 Per message, besides role and content: an assistant's ``reasoning_content`` (its thinking
 trace, rendered by the Qwen3 template inside ``<think>``) is kept as written, and
@@ -224,7 +224,7 @@ def _content_parts(parts: list[Any], fld: str, role: str = "assistant"
                            f"turn (only assistant turns reason or call tools)")
         key = "text" if "text" in part else "value" if "value" in part else None
         if key is None:
-            raise RowError("missing_field", f"{pfld}.value", f"{pfld} has neither 'text' nor 'value'")
+            raise RowError("missing_field", f"{pfld}.text", f"{pfld} has neither 'text' nor 'value'")
         if kind == "tool_call":
             calls += _tool_calls(part[key], f"{pfld}.{key}")
         else:
@@ -461,10 +461,10 @@ def v1_names(text: str) -> str:
 
 def detect_format(row: Mapping[str, Any]) -> str | None:
     """The first format whose marker field the row has (``output`` alone also means alpaca);
-    ``text`` only for a row with none of the chat fields."""
+    ``text`` only for a row with none of the chat fields (nor a ``chosen``/``rejected``)."""
     for fmt in FORMATS[:-1]:
         if MARKERS[fmt] in row:
             return fmt
     if "output" in row:
         return "alpaca"
-    return TEXT if TEXT in row else None
+    return TEXT if TEXT in row and "chosen" not in row and "rejected" not in row else None
