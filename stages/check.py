@@ -8,15 +8,15 @@ passing the check reruns nothing downstream. It also checks that the params nami
 folders (model.name as a local path, ingest.inputs, train.accelerate_config) name existing
 ones, which the other stages' own loading does not (they may run from elsewhere).
 
+`format.mode` must fit the inputs' layout (reprotune.data.layouts): text documents
+({"text": ...} rows, .txt files) need `text`, conversations `chat`; the first rows of each
+local input are looked at and a mismatch fails here, naming format.mode and what to set.
+
 Every `align.method` but none also needs preference pairs in the train split: when the split
 exists and was built from the current ingest.inputs (any run after the first that keeps
 them), its pairs are counted here, so a switch to dpo, orpo, simpo or kto on data without
 pairs fails before align's and evaluate's outputs are deleted. After a change of inputs the
 split is stale and the align stage counts the new split's pairs itself.
-
-`format.mode` must fit the inputs' layout (reprotune.data.layouts): text documents
-({"text": ...} rows, .txt files) need `text`, conversations `chat`; the first rows of each
-local input are looked at and a mismatch fails here, naming format.mode and what to set.
 """
 
 from __future__ import annotations
@@ -39,17 +39,16 @@ def main() -> None:
     log = runtime.setup("check")  # raises, naming the key, when anything in params.yaml is wrong
     check_paths(read_params())  # a missing model folder or input, before DVC deletes outputs
     align = load_section("align")
-    ingest = load_section("ingest")
-    inputs = ingest.inputs
-    try:  # text documents need format.mode: text, conversations chat
-        check_layouts(inputs, load_section("format").mode, ingest.columns)
-    except LayoutError as exc:
-        raise SystemExit(f"check: {exc}") from None
+    inputs = load_section("ingest").inputs
     if align.method != "none" and TRAIN_SPLIT.is_file() and built_from(TRAIN_SPLIT, inputs):
         try:
             check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT))
         except PairsError as exc:
             raise SystemExit(f"check: {exc}") from None
+    try:  # text documents need format.mode: text, conversations chat
+        check_layouts(inputs, load_section("format").mode, load_section("ingest").columns)
+    except LayoutError as exc:
+        raise SystemExit(f"check: {exc}") from None
     io.write_json(args.out, {"params.yaml": "valid"})
     log.info("params.yaml is valid")
 

@@ -186,12 +186,12 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
     messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
     rec = {"id": record_id(messages, tools), "messages": messages, "tools": tools,
            "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
-    if detected == TEXT:
-        rec[LAYOUT] = TEXT
     if dropped:  # popped by convert_rows into the counts; never written
         rec[DROPPED_KEYS] = dict(Counter(dropped))
     if pair is not None:  # SFT keeps training on chosen (messages); the pair rides along
         rec[preference.PAIR_FIELD] = preference.strip_sources(pair)
+    if detected == TEXT:  # a document for continued pretraining (format.mode: text)
+        rec[LAYOUT] = TEXT
     return detected, rec
 
 
@@ -227,8 +227,9 @@ class IngestCounts:
 
     FIRST = 5
     _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers",
+             "text_documents",
              "with_reasoning", "loss_weight_zero_turns",
-             "with_preference", "text_documents")
+             "with_preference")
 
     def __init__(self) -> None:
         self.files: dict[str, dict[str, Any]] = {}
