@@ -188,10 +188,10 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
            "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
     if dropped:  # popped by convert_rows into the counts; never written
         rec[DROPPED_KEYS] = dict(Counter(dropped))
-    if pair is not None:  # SFT keeps training on chosen (messages); the pair rides along
-        rec[preference.PAIR_FIELD] = preference.strip_sources(pair)
     if detected == TEXT:  # a document for continued pretraining (format.mode: text)
         rec[LAYOUT] = TEXT
+    if pair is not None:  # SFT keeps training on chosen (messages); the pair rides along
+        rec[preference.PAIR_FIELD] = preference.strip_sources(pair)
     return detected, rec
 
 
