@@ -8,6 +8,10 @@ passing the check reruns nothing downstream. It also checks that the params nami
 folders (model.name as a local path, ingest.inputs, train.accelerate_config) name existing
 ones, which the other stages' own loading does not (they may run from elsewhere).
 
+`format.mode` must fit the inputs' layout (reprotune.data.layouts): text documents
+({"text": ...} rows, .txt files) need `text`, conversations `chat`; the first rows of each
+local input are looked at and a mismatch fails here, naming format.mode and what to set.
+
 Every `align.method` but none also needs preference pairs in the train split: when the split
 exists and was built from the current ingest.inputs (any run after the first that keeps
 them), its pairs are counted here, so a switch to dpo, orpo, simpo or kto on data without
@@ -21,6 +25,7 @@ import argparse
 from pathlib import Path
 
 from reprotune import io, runtime
+from reprotune.data.layouts import LayoutError, check_layouts
 from reprotune.data.preference import PairsError, built_from, check_pairs, count_pairs
 from reprotune.params import check_paths, load_section, read_params
 
@@ -40,6 +45,10 @@ def main() -> None:
             check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT))
         except PairsError as exc:
             raise SystemExit(f"check: {exc}") from None
+    try:  # text documents need format.mode: text, conversations chat
+        check_layouts(inputs, load_section("format").mode, load_section("ingest").columns)
+    except LayoutError as exc:
+        raise SystemExit(f"check: {exc}") from None
     io.write_json(args.out, {"params.yaml": "valid"})
     log.info("params.yaml is valid")
 

@@ -36,6 +36,7 @@ from reprotune.evaluate.paired import compare_records, intervals_file
 from reprotune.evaluate.preference import gain as preference_gain
 from reprotune.evaluate.preference import preference_metrics, report_section
 from reprotune.evaluate.report import plot_confusion, relative_link, render_report, write_report
+from reprotune.evaluate.text_eval import evaluate_text, is_packed_text
 from reprotune.modeling import BASE_INFO_FILE, load_model, load_tokenizer
 from reprotune.params import load_section
 from reprotune.train import distributed
@@ -143,10 +144,16 @@ def main() -> None:
     runtime.seed_everything(args.seed)
     try:
         rows = load_test_rows(args.test)
+        text = is_packed_text(rows)
         model, tokenizer, enable_thinking, info = _load(args.kind, args.model, thinking_param, log)
-        metrics, predictions = evaluate_model(model, tokenizer, rows, cfg,
-                                              enable_thinking=enable_thinking, seed=args.seed,
-                                              source=str(args.test), shard=shard)
+        if text:  # format.mode: text: packed documents, scored by perplexity alone
+            metrics, predictions = evaluate_text(model, tokenizer, rows, cfg,
+                                                 source=str(args.test), shard=shard)
+        else:
+            metrics, predictions = evaluate_model(model, tokenizer, rows, cfg,
+                                                  enable_thinking=enable_thinking,
+                                                  seed=args.seed, source=str(args.test),
+                                                  shard=shard)
         general, general_records = ({}, []) if not distributed.is_main() else score_general_text(
             model, tokenizer, load_general_text(cfg.general_text), cfg.batch_size)
     except (EvalDataError, GeneralTextError, FinetunedLoadError) as exc:
@@ -191,7 +198,7 @@ def main() -> None:
     if args.base_metrics:
         comparison = compare(metrics, io.read_json(args.base_metrics))
         out, gain = metrics_file(metrics, comparison)
-        if base_preds is not None:  # fine-tuned (b) vs base (a), paired by row id
+        if base_preds is not None and not text:  # fine-tuned (b) vs base (a), by row id
             comparison["paired"] = compare_records(base_preds, predictions)
             gain["intervals"] = intervals_file(comparison["paired"])
         if preference is not None:
@@ -214,16 +221,16 @@ def main() -> None:
     if args.confusion:
         plot_confusion(confusion, args.confusion)
     if args.report:
-        text = render_report(comparison, metrics["settings"], predictions,
-                             examples=cfg.report_examples, confusion=confusion,
+        report = render_report(comparison, metrics["settings"], [] if text else predictions,
+                             examples=0 if text else cfg.report_examples, confusion=confusion,
                              confusion_png=(relative_link(args.confusion, args.report)
                                             if args.confusion else None),
-                             base_predictions=base_preds)
+                             base_predictions=None if text else base_preds)
         if preference is not None:
-            text += report_section(preference)
+            report += report_section(preference)
         if "forgetting" in comparison:
-            text += forgetting_section(comparison["forgetting"])
-        write_report(args.report, text)
+            report += forgetting_section(comparison["forgetting"])
+        write_report(args.report, report)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                         if isinstance(v, float) and k in ("bleu", "rouge_l", "f1", "accuracy",
                                                           "perplexity"))

@@ -4,23 +4,31 @@ It runs after split, on train/val/test separately: ``format.max_length: auto`` c
 train split's lengths and applies to all three. Rows go through Hugging Face `datasets`
 (Arrow on disk, a batched map over `data.num_proc` processes) and are written in bounded
 Parquet row groups: no stage-wide Python rows (reprotune.data.format_stream).
+
+With ``format.mode: text`` (continued pretraining) the splits hold text documents instead:
+no template, EOS after each document, packed into rows of ``format.max_length`` tokens, every
+token labelled (reprotune.data.text_packing); the pair files are written empty.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from reprotune import io, runtime, scorecard
 from reprotune.chat_template import template_fingerprint
 from reprotune.data import SPLITS
-from reprotune.data.format_stream import format_splits
-from reprotune.data.formatting import FormatError, combine_stats
+from reprotune.data.format_stream import format_splits, write_parquet
+from reprotune.data.formatting import FormatError, combine_stats, formatted_schema
 from reprotune.data.pairs import combine as combine_pairs
 from reprotune.data.pairs import emptied_splits, format_pairs, pair_records
+from reprotune.data.text_packing import Packer, count_documents, tables, text_max_length
+from reprotune.data.text_packing import combine as combine_text
 from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
 from reprotune.params import load_section
 from reprotune.plots import histogram
@@ -54,6 +62,15 @@ def main() -> None:
         raise SystemExit(f"{args.base}: tokenizer chat template {sha[:12]} differs from the one "
                          f"recorded in {BASE_INFO_FILE} ({base_info['chat_template_sha256'][:12]}); "
                          f"rerun the base stage")
+    if cfg.mode == "text":
+        _format_text(args, cfg, tokenizer, datas, outs, pairs, pairs_dropped, sha)
+        return
+    documents = {s: n for s in SPLITS if (n := count_documents(datas[s]))}
+    if documents:  # a document through the chat template would train as an assistant answer
+        raise SystemExit(f"format: format.mode: chat, but the splits hold text documents "
+                         f"({documents}; {{\"text\": ...}} rows or .txt inputs); set "
+                         f"format.mode: text to continue pretraining on them, or remove those "
+                         f"inputs (DAPT then SFT: two experiments, docs/training.md)")
     try:
         plans = format_splits(
             datas, tokenizer, outs=outs, dropped=args.dropped, max_length=cfg.max_length,
@@ -96,6 +113,42 @@ def main() -> None:
     if stats["truncation_warning"]:
         log.warning("SUMMARY: %.1f%% of rows truncated (more than format.warn_truncated=%g)",
                     100 * stats["truncated_share"], cfg.warn_truncated)
+
+
+def _format_text(args: argparse.Namespace, cfg: Any, tokenizer: Any, datas: dict[str, Path],
+                 outs: dict[str, Path], pairs: dict[str, Path], pairs_dropped: Path,
+                 sha: str) -> None:
+    """``format.mode: text``: each split's documents packed (reprotune.data.text_packing)."""
+    log = logging.getLogger("format")
+    model_limit = context_length(args.base)
+    limit = text_max_length(cfg.max_length, model_limit)
+    packers, drops = {}, []
+    try:
+        for name in SPLITS:
+            packers[name] = Packer(tokenizer, limit)
+            write_parquet(outs[name], tables(packers[name].rows(io.iter_jsonl(datas[name]))),
+                          formatted_schema())
+            drops += [{**d, "split": name} for d in packers[name].dropped]
+    except FormatError as exc:
+        raise SystemExit(f"format: {exc}") from None
+    if not packers["train"].stats["rows_out"]:
+        raise SystemExit(f"format: {datas['train']}: no train rows left after packing: "
+                         f"{packers['train'].stats['dropped']}")
+    io.write_jsonl(args.dropped, drops)
+    for path in (*pairs.values(), pairs_dropped):  # no conversations, no preference pairs
+        io.write_jsonl(path, [])
+    lengths = np.concatenate([np.asarray(p.lengths, dtype=np.int64) for p in packers.values()])
+    stats = combine_text({s: p.summary() for s, p in packers.items()}, lengths,
+                         setting=cfg.max_length, model_limit=model_limit)
+    stats["chat_template_sha256"] = sha
+    histogram(lengths, args.plot, title="Tokens per document, all splits (before packing)",
+              xlabel="tokens", vline=stats["max_length"])
+    io.write_json(args.metrics, stats)
+    log.info("packed %d of %d documents into %d rows of at most %d tokens (%s): %d tokens, "
+             "all labelled; dropped %s", stats["documents_packed"], stats["documents_in"],
+             stats["rows_out"], stats["max_length"], cfg.max_length, stats["tokens_out"],
+             {k: v for k, v in stats["dropped"].items() if v})
+    io.note_empty(args.dropped, "no document was dropped")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,9 @@ def test_missing_file_names_file_and_param(tmp_path: Path) -> None:
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
-    p = tmp_path / "d.txt"
+    p = tmp_path / "d.xml"  # (.txt is a document: tests/test_layouts.py)
     p.write_text("hello", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'.*ingest\.inputs"):
+    with pytest.raises(ValueError, match=r"unsupported file type '\.xml'.*ingest\.inputs"):
         list(iter_rows(p))
 
 

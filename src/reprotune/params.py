@@ -71,7 +71,7 @@ class DemoParams:
 class IngestParams:
     # files under data/raw/; a hub dataset is a `*.hub.yaml` manifest (reprotune.data.hub)
     inputs: list[str] = _f([DEMO_INPUT])
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
     columns: dict[str, str] = _f({})
     label_field: str | None = "label"
     group_field: str | None = "group"
@@ -137,6 +137,10 @@ class FormatParams:
     # label the think blocks (reasoning_content) the chat template renders; false: the
     # model sees the reasoning as context and learns only the answers
     train_reasoning: bool = True
+    # chat: conversations through the chat template, assistant turns labelled; text: plain
+    # documents for continued pretraining (no template, EOS between documents, packed to
+    # max_length, every token labelled; reprotune.data.text_packing)
+    mode: Literal["chat", "text"] = "chat"
 
 
 @dataclass(frozen=True)
@@ -562,11 +566,27 @@ def validate_all(raw: dict[str, Any]) -> None:
     """Validate every section (used by tests and `python -m reprotune.params`)."""
     build(TopParams, {k: raw[k] for k in TOP_KEYS if k in raw}, "")
     built = {name: build(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+    _check_mode(built["format"], built["ingest"])
     order_by, kept = built["split"].order_by, built["ingest"].keep_fields
     if order_by and order_by not in kept:
         # the split stage only sees what ingest kept: say so before any stage runs
         raise ParamsError(f"split.order_by: {order_by!r} is not kept by ingest; add it to "
                           f"ingest.keep_fields (now {kept})")
+
+
+def _check_mode(fmt: FormatParams, ingest: IngestParams) -> None:
+    """``format.mode`` against the keys that only make sense for the other mode."""
+    if fmt.mode == "text" and ingest.format not in ("auto", "text"):
+        raise ParamsError(f"ingest.format: {ingest.format} reads conversations, but format.mode "
+                          f"is text (continued pretraining on {{\"text\": ...}} rows or .txt "
+                          f"files); set ingest.format: text (or auto), or format.mode: chat")
+    if fmt.mode == "chat" and ingest.format == "text":
+        raise ParamsError("ingest.format: text reads documents for continued pretraining; set "
+                          "format.mode: text to train on them, or ingest.format: auto for "
+                          "conversations")
+    if fmt.mode == "text" and fmt.enable_thinking:
+        raise ParamsError("format.enable_thinking: true has no effect with format.mode: text "
+                          "(no chat template is applied); set it to false")
 
 
 def check_paths(raw: dict[str, Any], root: str | Path = ".") -> None:
@@ -588,7 +608,7 @@ def check_paths(raw: dict[str, Any], root: str | Path = ".") -> None:
             continue
         if path.is_dir():
             raise ParamsError(f"ingest.inputs[{i}]: {entry!r} is a folder; list the files in "
-                              f"it (.json .jsonl .csv .parquet or a .hub.yaml manifest) one by one")
+                              f"it (.json .jsonl .csv .parquet .txt or a .hub.yaml manifest) one by one")
         if not path.is_file():
             raise ParamsError(f"ingest.inputs[{i}]: {entry!r}: no such file; fix the path "
                               f"(relative to the repository root) or remove the entry")

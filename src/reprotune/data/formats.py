@@ -3,11 +3,17 @@ cannot be converted raises :class:`RowError`. Formats (``ingest.format: auto`` d
 row, first match wins, :func:`detect_format`):
 
 * ``messages``  – OpenAI ``messages`` [{role, content, tool_calls?, reasoning_content?,
-  loss_weight?}], optional ``tools``;
+  loss_weight?}], optional ``tools``; LLaMA-Factory v1 writes ``content`` as typed parts
+  (``text``, ``reasoning``, ``tool_call``: :func:`_content_parts`);
 * ``sharegpt``  – ``conversations`` [{from, value}] with human/gpt/system/function_call/
   observation, optional ``system`` and ``tools``; DPO rows use ``chosen`` as the final answer;
 * ``prompt_completion`` – ``prompt``/``completion`` as strings or lists of messages;
-* ``alpaca``    – ``instruction``/``input``/``output``, optional ``system``, ``history``.
+* ``alpaca``    – ``instruction``/``input``/``output``, optional ``system``, ``history``;
+* ``text``      – ``{"text": ...}``, a document for continued pretraining (``format.mode:
+  text``), detected last: a row with any chat field or a chosen/rejected pair is a
+  conversation. It is stored as one assistant turn holding the document (``"layout":
+  "text"`` on the record), so dedup's filters and the split read it as they read an answer;
+  the format stage in text mode renders no template (:mod:`reprotune.data.text_packing`).
 
 Per message, besides role and content: an assistant's ``reasoning_content`` (its thinking
 trace, rendered by the Qwen3 template inside ``<think>``) is kept as written, and
@@ -24,7 +30,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -41,7 +47,9 @@ from reprotune.data.jsonvalues import (
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")  # auto-detection order
+FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")  # detection order
+TEXT = "text"  # the layout of plain documents (continued pretraining)
+LAYOUT = "layout"  # the record field marking a text document (absent on conversations)
 # A tool name is rendered inside JSON quotes by the template; anything but a plain
 # identifier could close the quote and forge a second call (OpenAI allows [a-zA-Z0-9_-]{1,64}).
 TOOL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -61,6 +69,13 @@ class RowError(ValueError):
         super().__init__(detail)
         self.reason, self.field, self.detail = reason, fld, detail
         self.format: str | None = None  # the detected format, once known
+
+    def rename(self, name: Callable[[str], str]) -> None:
+        """Rewrite the field names in ``field`` and ``detail`` (a stand-in read in place of
+        the row's own field, e.g. ``messages`` for ``chosen``)."""
+        self.field = name(self.field) if self.field else self.field
+        self.detail = name(self.detail)
+        self.args = (self.detail,)
 
 
 # --------------------------------------------------------------------------- text
@@ -179,23 +194,49 @@ def _msg(role: str, content: str, src: str, tool_calls: list | None = None) -> d
     return m
 
 
-def _content_parts(parts: list[Any], fld: str) -> str:
-    """OpenAI typed content parts ``[{"type": "text", "text": ...}]`` joined; LLaMA-Factory's
-    v1 format names the field ``value``. Other part types (images, audio) are rejected."""
-    texts = []
+PART_KEYS = frozenset(("type", "text", "value"))
+
+
+def _content_parts(parts: list[Any], fld: str, role: str = "assistant"
+                   ) -> tuple[str, str | None, list[dict[str, Any]] | None]:
+    """Typed content parts → ``(text, reasoning, tool calls)``, each part's text as written.
+
+    OpenAI names a text part's field ``text``; LLaMA-Factory's v1 format names it ``value`` and
+    adds ``reasoning`` parts (the thinking trace, joined into ``reasoning_content``) and
+    ``tool_call`` parts (one ``{"name", "arguments"}`` JSON each, into ``tool_calls``), both on
+    assistant turns only. Text parts are joined with nothing between them, as LLaMA-Factory's
+    Qwen3 rendering joins them (tool calls then follow the text, as the template puts them).
+    Other part types (images, audio) are rejected, naming the part."""
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
     for i, part in enumerate(parts):
         pfld = f"{fld}[{i}]"
         if not isinstance(part, dict):
             raise RowError("wrong_type", pfld, f"{pfld} must be a content part object, "
                            f"got {json_type(part)}")
-        if part.get("type", "text") != "text":
+        kind = part.get("type", "text")
+        if kind not in ("text", "reasoning", "tool_call"):
             raise RowError("wrong_type", f"{pfld}.type", f"{pfld}: content part type "
-                           f"{part.get('type')!r} is not supported (only text)")
+                           f"{kind!r} is not supported (only text, reasoning, tool_call)")
+        if kind != "text" and role != "assistant":
+            raise RowError("wrong_type", f"{pfld}.type", f"{pfld}: a {kind} part on a {role} "
+                           f"turn (only assistant turns reason or call tools)")
         key = "text" if "text" in part else "value" if "value" in part else None
         if key is None:
             raise RowError("missing_field", f"{pfld}.text", f"{pfld} has neither 'text' nor 'value'")
-        texts.append(_text(part[key], f"{pfld}.{key}"))
-    return "".join(texts)
+        if kind == "tool_call":
+            calls += _tool_calls(part[key], f"{pfld}.{key}")
+        else:
+            (texts if kind == "text" else reasoning).append(_text(part[key], f"{pfld}.{key}"))
+    return "".join(texts), ("".join(reasoning) if reasoning else None), calls or None
+
+
+def _typed_parts(value: Any) -> bool:
+    """A tool turn's content that is a list of typed parts (LLaMA-Factory v1), not a JSON
+    observation to keep as JSON text."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, dict) and "type" in p and p.keys() <= PART_KEYS for p in value)
 
 
 def _loss_weight(turn: Mapping[str, Any], fld: str) -> int:
@@ -271,8 +312,10 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
         if role != "assistant":  # OpenAI: an assistant turn with tool_calls has null content
             raise RowError("missing_field", cfld, f"{fld} has no {content_key!r}")
         content = ""
-    elif isinstance(content, list) and role != "tool":
-        content = _content_parts(content, cfld)
+    elif isinstance(content, list) and (role != "tool" or _typed_parts(content)):
+        content, reasoning, part_calls = _content_parts(content, cfld, role)
+        if reasoning is not None or part_calls:
+            turn = _with_parts(turn, reasoning, part_calls, fld)
     elif role == "tool" and isinstance(content, (dict, list)):
         if depth(content) > MAX_DEPTH:
             raise RowError("parse_error", cfld, f"{cfld} is {too_deep(depth(content))}")
@@ -283,6 +326,22 @@ def _openai_turn(turn: Any, fld: str, *, role_key: str = "role", content_key: st
     return _extras(turn, _msg(role, _text(content, cfld), fld,
                               _tool_calls(calls, f"{fld}.tool_calls") if calls else None),
                    known, fld)
+
+
+def _with_parts(turn: Mapping[str, Any], reasoning: str | None,
+                calls: list[dict[str, Any]] | None, fld: str) -> dict[str, Any]:
+    """The turn with its reasoning and tool_call parts moved to ``reasoning_content`` and
+    ``tool_calls`` (a turn giving the same thing both ways is refused, not merged)."""
+    turn = dict(turn)
+    for key, value in ((REASONING, reasoning), ("tool_calls", calls)):
+        if value is None:
+            continue
+        if turn.get(key) is not None:
+            raise RowError("wrong_type", f"{fld}.{key}", f"{fld} has both {key!r} and "
+                           f"{'reasoning' if key == REASONING else 'tool_call'} content parts; "
+                           f"give one of them")
+        turn[key] = value
+    return turn
 
 
 def _turns(value: Any, fld: str, **kw: Any) -> list[dict[str, Any]]:
@@ -368,15 +427,44 @@ def _from_prompt_completion(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     return _system(row) + _side(row, "prompt", "user") + answer
 
 
+def _from_text(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A document, exactly as written, as the one turn dedup and split read."""
+    return [_msg("assistant", _text(row[TEXT], TEXT), TEXT)]
+
+
 CONVERTERS = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _from_messages,
-              "prompt_completion": _from_prompt_completion}
+              "prompt_completion": _from_prompt_completion, TEXT: _from_text}
 MARKERS = {"messages": "messages", "sharegpt": "conversations", "prompt_completion": "prompt",
-            "alpaca": "instruction"}
+            "alpaca": "instruction", TEXT: TEXT}
+
+
+V1_PAIR = {"chosen_messages": "chosen", "rejected_messages": "rejected"}
+_V1_SIDE = re.compile(r"\b(chosen|rejected)\b(?!_)")
+
+
+def v1_pair(row: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """LLaMA-Factory v1's preference rows (its ``pair`` converter's output):
+    ``chosen_messages``/``rejected_messages``, each a whole v1 conversation (typed parts)
+    whose common leading turns are the prompt. They are TRL's implicit-prompt layout under
+    other names, so the row is read as ``chosen``/``rejected``; ``(row, True)`` when it was
+    renamed (:func:`v1_names` then names the user's fields in errors)."""
+    if not all(k in row for k in V1_PAIR) or any(v in row for v in V1_PAIR.values()):
+        return row, False
+    out = {k: v for k, v in row.items() if k not in V1_PAIR}
+    return {**out, **{new: row[old] for old, new in V1_PAIR.items()}}, True
+
+
+def v1_names(text: str) -> str:
+    """``chosen``/``rejected`` in an error about a renamed v1 pair row, as the row names them."""
+    return _V1_SIDE.sub(r"\1_messages", text)
 
 
 def detect_format(row: Mapping[str, Any]) -> str | None:
-    """The first format whose marker field the row has (``output`` alone also means alpaca)."""
-    for fmt in FORMATS:
+    """The first format whose marker field the row has (``output`` alone also means alpaca);
+    ``text`` only for a row with none of the chat fields (nor a ``chosen``/``rejected``)."""
+    for fmt in FORMATS[:-1]:
         if MARKERS[fmt] in row:
             return fmt
-    return "alpaca" if "output" in row else None
+    if "output" in row:
+        return "alpaca"
+    return TEXT if TEXT in row and "chosen" not in row and "rejected" not in row else None

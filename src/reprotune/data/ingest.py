@@ -41,11 +41,15 @@ from reprotune.data import preference
 from reprotune.data.formats import (
     CONVERTERS,
     FORMATS,
+    LAYOUT,
     MARKERS,
+    TEXT,
     RowError,
     detect_format,
     record_id,
     tools_of,
+    v1_names,
+    v1_pair,
 )
 from reprotune.data.jsonvalues import is_non_finite, json_problem, number_text
 from reprotune.data.readers import RAW_LIMIT, RawRow
@@ -53,7 +57,7 @@ from reprotune.data.readers import RAW_LIMIT, RawRow
 logger = logging.getLogger(__name__)
 
 CANONICAL_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations",
-                     "messages", "prompt", "completion", "chosen", "rejected", "tools")
+                     "messages", "prompt", "completion", "chosen", "rejected", "tools", "text")
 REASONS = ("parse_error", "unknown_format", "missing_field", "wrong_type", "non_finite_number",
            "unknown_role", "no_assistant_turn", "ends_on_non_assistant", "role_order",
            markup.REASON, "invalid_tool_call", "invalid_tools", "invalid_loss_weight",
@@ -70,8 +74,13 @@ class IngestResult:
 
 
 # --------------------------------------------------------------------------- validation
-def _check(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
-    """Role order, final assistant turn and the special-token injection guard."""
+def _check(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+           text: bool = False) -> None:
+    """Role order, final assistant turn and the special-token injection guard (a text
+    document: the guard only)."""
+    if text:
+        _check_markup(messages, tools)
+        return
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("no_assistant_turn", None, "conversation has no assistant turn")
     prev: dict[str, Any] | None = None
@@ -92,6 +101,10 @@ def _check(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -
         raise RowError("no_trained_turn", messages[-1]["_src"] + ".loss_weight",
                        "every assistant turn has loss_weight 0, so the row trains nothing; "
                        "set loss_weight 1 on the turns to learn")
+    _check_markup(messages, tools)
+
+
+def _check_markup(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
     hit = markup.find_forbidden(messages, tools, markup.default_forbidden())
     if hit is not None:
         where, tok = hit
@@ -139,7 +152,7 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
                 keep_fields: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
     """One parsed row → ``(format, record without source)``; raises RowError on rejection."""
     meta = _kept(row, keep_fields)
-    row = _remap(row, columns or {})
+    row, v1 = v1_pair(_remap(row, columns or {}))
     detected = detect_format(row) if fmt == "auto" else fmt
     convert = CONVERTERS.get(detected)
     if detected is None and preference.implicit_prompt(row):
@@ -148,7 +161,7 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
         row = {**row, "messages": row["chosen"]}
     if detected is None:
         raise RowError("unknown_format", None, "no known format: expected messages, conversations, "
-                       f"prompt/completion or instruction/output; got keys {sorted(row)}")
+                       f"prompt/completion, instruction/output or text; got keys {sorted(row)}")
     try:
         preference.check_unpaired(row)  # never KTO's undesirable answers as SFT targets
         if detected != "alpaca" and MARKERS[detected] not in row:
@@ -161,11 +174,13 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
                                 "rejected": pair and pair["rejected"]})
         if problem:
             raise RowError("parse_error", None, problem)
-        _check(messages, tools)
+        _check(messages, tools, text=detected == TEXT)
         if pair is not None:  # the rejected conversation passes the same checks
             _check(messages[:pair["prompt_turns"]] + pair["rejected"], tools)
     except RowError as exc:
         exc.format = detected
+        if v1:  # name chosen_messages/rejected_messages, the fields the row has
+            exc.rename(v1_names)
         raise
     dropped = [k for m in messages if "_dropped" in m for k in m.pop("_dropped")]
     messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
@@ -173,6 +188,8 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
            "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
     if dropped:  # popped by convert_rows into the counts; never written
         rec[DROPPED_KEYS] = dict(Counter(dropped))
+    if detected == TEXT:  # a document for continued pretraining (format.mode: text)
+        rec[LAYOUT] = TEXT
     if pair is not None:  # SFT keeps training on chosen (messages); the pair rides along
         rec[preference.PAIR_FIELD] = preference.strip_sources(pair)
     return detected, rec
@@ -210,6 +227,7 @@ class IngestCounts:
 
     FIRST = 5
     _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers",
+             "text_documents",
              "with_reasoning", "loss_weight_zero_turns",
              "with_preference")
 
@@ -250,12 +268,16 @@ class IngestCounts:
             return
         self.kept += 1
         msgs, last = record["messages"], record["messages"][-1]
-        self.roles.update(m["role"] for m in msgs)
-        self.sums["tool_calls"] += sum(len(m.get("tool_calls", [])) for m in msgs)
-        self.sums["with_tools"] += record["tools"] is not None
         self.sums["with_label"] += record["label"] is not None
         self.sums["with_group"] += record["group"] is not None
         self.sums["with_meta"] += record.get("meta") is not None
+        if record.get(LAYOUT) == TEXT:  # a document: no roles, tools or turns to count
+            self.sums["text_documents"] += 1
+            self.sums["empty_answers"] += not last["content"]
+            return
+        self.roles.update(m["role"] for m in msgs)
+        self.sums["tool_calls"] += sum(len(m.get("tool_calls", [])) for m in msgs)
+        self.sums["with_tools"] += record["tools"] is not None
         self.sums["empty_answers"] += not last["content"] and not last.get("tool_calls")
         if len(msgs) != sum(len(m) == 2 for m in msgs):  # some message has more than role/content
             self.sums["with_reasoning"] += any("reasoning_content" in m for m in msgs)

@@ -17,6 +17,9 @@ rejected side is converted the same way, with ``rejected`` in its place):
 * TRL's ``prompt``/``chosen``/``rejected``, plain strings or message lists (conversational);
 * TRL's implicit prompt: only ``chosen``/``rejected``, each a whole OpenAI message list
   whose common leading turns are the prompt.
+* LLaMA-Factory v1's ``chosen_messages``/``rejected_messages`` (typed content parts): the
+  implicit-prompt layout under other names (:func:`reprotune.data.formats.v1_pair`); errors
+  name the row's own fields.
 
 A pair is rejected (never repaired) when its two answers are identical (``identical_pair``)
 or when the two sides do not share their prompt (``prompt_mismatch``: they differ before
@@ -86,7 +89,11 @@ def implicit_converter(messages: Callable[[Mapping[str, Any]], list]
     """A converter reading a whole OpenAI conversation from ``chosen`` with the ``messages``
     converter ``messages`` (errors name ``chosen[i]``)."""
     def convert(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        turns = messages({**row, "messages": row["chosen"]})
+        try:
+            turns = messages({**row, "messages": row["chosen"]})
+        except RowError as exc:
+            exc.rename(lambda s: s.replace("messages", "chosen", 1))
+            raise
         for m in turns:
             m["_src"] = m["_src"].replace("messages", "chosen", 1)
         return turns
@@ -135,7 +142,11 @@ def convert_pair(row: Mapping[str, Any], converter: Callable[[Mapping[str, Any]]
                  messages: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``preference`` field of a pair row whose chosen side ``converter`` gave as
     ``messages``: the rejected side is converted with ``rejected`` in place of ``chosen``."""
-    rejected = converter({**row, "chosen": row["rejected"]})
+    try:
+        rejected = converter({**row, "chosen": row["rejected"]})
+    except RowError as exc:
+        exc.rename(lambda s: s.replace("chosen", "rejected", 1))
+        raise
     for m in rejected:  # name the user's field in errors, not the stand-in
         m["_src"] = m["_src"].replace("chosen", "rejected", 1)
     k, answer = split_pair(messages, rejected)

@@ -1,4 +1,5 @@
-"""Row readers for .json, .jsonl, .csv and .parquet files, with 1-based line numbers.
+"""Row readers for .json, .jsonl, .csv and .parquet files, with 1-based line numbers, and
+.txt files: one document each, the row ``{"text": <the whole file>}`` (line 1).
 
 Every reader yields :class:`RawRow` objects and never raises on a bad row: a line that is
 not valid JSON (or not a JSON object, or not valid UTF-8) becomes a row carrying ``error``
@@ -42,6 +43,7 @@ from reprotune.data.encoding import (
     BOMS,
     InputFileError,
     check_decodes,
+    decode_text,
     detect,
     first_error,
     sniff_utf16_32,
@@ -50,7 +52,8 @@ from reprotune.data.jsonvalues import decode, depth, json_problem, json_type
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = (".json", ".jsonl", ".csv", ".parquet")
+ROW_FILES = (".json", ".jsonl", ".csv", ".parquet")  # files of rows
+SUPPORTED = (*ROW_FILES, ".txt")  # .txt: one document per file
 RAW_LIMIT = 500  # characters of an unparseable line kept for the rejected-rows file
 # Longest CSV cell read (the csv module's own default, 131,072, is shorter than real long
 # answers); a longer one stops the file with a message saying so.
@@ -342,6 +345,9 @@ def iter_rows(path: str | Path) -> Iterator[RawRow]:
                              f"and *.hub.yaml manifests of hub datasets{unpack}")
     if ext == ".parquet":
         yield from _iter_parquet(source, p)
+        return
+    if ext == ".txt":  # one document: the whole file, as written (a BOM is not text)
+        yield RawRow(source, 1, data={"text": decode_text(source, p.read_bytes())})
         return
     if ext == ".json":
         yield from _iter_json(source, p)

@@ -70,6 +70,13 @@ def reference_text(message: dict[str, Any]) -> str:
 def parse_row(row: dict[str, Any], index: int, source: str) -> Example:
     """One test row -> :class:`Example`; errors name ``source``, the 1-based row and field."""
     where = f"{source}: row {index + 1} (id {row.get('id', '?')})"
+    if row.get("messages") is None and row.get("input_ids") is not None:
+        raise EvalDataError(f"{where}: a packed text row (format.mode: text, continued "
+                            f"pretraining) has no question and answer to generate and score "
+                            f"(the eval stages score text rows by perplexity); run the "
+                            f"pretraining up to `dvc repro evaluate merge`, then fine-tune on "
+                            f"conversations from the merged model (docs/training.md, "
+                            f"\"Continued pretraining, then SFT\")")
     messages = _json_field(row, "messages", where)
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise EvalDataError(f"{where}: field 'messages' must be a list of message objects")

@@ -127,7 +127,9 @@ TEXT: dict[str, str | bytes] = {
         "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
         "tools": json.dumps([{"name": "get_weather", "parameters": {
             "type": "object", "required": ["city", "unit"], "properties": {"city": {}, "unit": {}}}}])}]),
-    "unsupported.txt": "instruction,output\n",
+    "unsupported.xml": "<rows><row>instruction,output</row></rows>\n",
+    # a .txt file is one text document (continued pretraining), whatever it holds
+    "csv_named_txt.txt": "instruction,output\n",
     # ---- issue 18: nesting, CSV headers and cells, numbers, misleading messages
     "deep_nesting.jsonl": jl([row(1), row(2), '{"instruction": "q", "output": ' + "[" * 10_000
                               + "]" * 10_000 + "}", row(3)]),

@@ -45,7 +45,7 @@ from reprotune.data.hub.manifest import (
     pin_command,
     repo_dir,
 )
-from reprotune.data.readers import SUPPORTED, InputFileError, RawRow
+from reprotune.data.readers import ROW_FILES, InputFileError, RawRow
 from reprotune.data.readers import iter_rows as read_file
 
 __all__ = ["KEYS", "SHA", "SUFFIX", "HubError", "HubSource", "cached_ref", "check", "hub_cache",
@@ -149,9 +149,10 @@ def _raw_rows(builder: Any, split: str) -> Iterator[RawRow]:
     """The split's rows, file by file. Files of a type ingest reads (.json, .jsonl, .csv,
     .parquet) go through :func:`reprotune.data.readers.iter_rows` exactly as local files do
     (a malformed line is one rejected row, Parquet is read in bounded batches); other types
-    (.arrow, compressed, ...) are streamed by ``datasets`` in Arrow batches."""
+    (.arrow, compressed, .txt: one row per line, ``datasets``' text builder, ...) are
+    streamed by ``datasets`` in Arrow batches."""
     files = [str(f) for f in builder.config.data_files[split]]
-    if all(Path(f).suffix.lower() in SUPPORTED for f in files):
+    if all(Path(f).suffix.lower() in ROW_FILES for f in files):
         for f in files:
             yield from read_file(f)
         return
