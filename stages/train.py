@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from reprotune import io, runtime, scorecard
+from reprotune.cpu_kernels import use_native_kernels
 from reprotune.lineage import run_info, write_run_info
 from reprotune.params import load_section, load_top
 from reprotune.timing import split_timing, write_timing
@@ -46,6 +47,8 @@ def main() -> None:
         except TrainSetupError as exc:
             raise SystemExit(f"train: {exc}") from None
         return
+    if cfg.train.mode == "fast":  # speed over cross-machine bytes: the CPU's own kernels
+        use_native_kernels()     # (before the first torch op; lineage records which ran)
     runtime.seed_everything(cfg.top.seed)
     if distributed.is_main():
         io.clean_stale_temporaries(args.out, args.metrics)

@@ -39,6 +39,14 @@ def is_portable() -> bool:
             and all(os.environ.get(k) == v for k, v in PORTABLE_ENV.items()))
 
 
+def use_native_kernels() -> None:
+    """Lift the portable pin for this process (``train.mode: fast`` on CPU): MKL and ATen
+    read these variables at their first use, so this must run before the first torch op."""
+    for key, value in PORTABLE_ENV.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+
+
 def kernel_family() -> dict[str, Any]:
     """The settings CPU numbers depend on: ATen's ISA level in use, MKL's branch, oneDNN's
     ISA cap, and whether they are the portable pin (the CPU's name when they are not)."""
