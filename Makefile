@@ -127,6 +127,13 @@ DIR ?= models/finetuned
 lineage: install
 	@$(BIN)/python -m reprotune.lineage '$(DIR)'
 
+# rows to review before training on them: suspect labels (cleanlab on k-fold class
+# probabilities) and the fine-tuned model's loss outliers on its own training rows, in
+# reports/audit/; nothing is deleted (split.exclude_ids drops reviewed rows; docs/data.md)
+.PHONY: audit
+audit: install
+	@$(BIN)/python -m reprotune.evaluate.audit $(AUDIT_ARGS)
+
 # rehash the model folders (or PATHS=...) against dvc.lock: a changed byte that `dvc status`
 # misses (it trusts sizes and times) stops here naming the folder (docs/deploy.md)
 .PHONY: verify

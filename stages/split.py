@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +29,33 @@ from reprotune.data.split import SplitError, check_fields, split_rows
 from reprotune.params import load_section
 
 
-def read_rows(src: str, cfg: Any) -> tuple[list[dict[str, Any]], DiskTexts]:
-    """The fields the split reads of every record of ``src``, and their conversation texts."""
+def read_rows(src: str, cfg: Any) -> tuple[list[dict[str, Any]], DiskTexts, list[int]]:
+    """The fields the split reads of every record of ``src`` but those ``split.exclude_ids``
+    names, their conversation texts, and the positions (in ``src``) of the excluded ones."""
     wanted = {"id", "source", cfg.stratify, cfg.group} - {None}
     if cfg.order_by:
         wanted.add("meta")
+    exclude = set(cfg.exclude_ids)
     rows: list[dict[str, Any]] = []
     texts = DiskTexts()
     keys: set[str] = set()
-    for rec in io.iter_jsonl(src):
+    excluded: list[int] = []
+    for pos, rec in enumerate(io.iter_jsonl(src)):
+        if rec.get("id") in exclude:
+            excluded.append(pos)
+            continue
         keys.update(rec)
         rows.append({k: rec[k] for k in wanted if k in rec})
         texts.append(conversation_text(rec))
     check_fields(keys, stratify=cfg.stratify, group=cfg.group)
-    return rows, texts
+    return rows, texts, excluded
 
 
-def write_parts(src: str, out_dir: str, indices: dict[str, list[int]], n_rows: int) -> None:
+def write_parts(src: str, out_dir: str, indices: dict[str, list[int]], n_rows: int,
+                excluded: Sequence[int] = ()) -> None:
     """Each split's lines of ``src``, in input order and byte for byte, as
-    ``<out_dir>/<split>.jsonl`` (rows the leakage check dropped go nowhere)."""
+    ``<out_dir>/<split>.jsonl`` (rows the leakage check dropped and the ``excluded``
+    positions of ``src`` go nowhere; ``indices`` count the other rows)."""
     dest = np.full(n_rows, -1, dtype=np.int8)
     for k, name in enumerate(SPLITS):
         dest[indices[name]] = k
@@ -55,15 +64,20 @@ def write_parts(src: str, out_dir: str, indices: dict[str, list[int]], n_rows: i
                 for n in SPLITS]
         for fh in outs:
             stack.callback(fh.close)  # closed before atomic_path renames (LIFO)
+        skip = set(excluded)
         with open(src, "rb") as fh:
-            row = 0
+            pos = row = 0
             for line in fh:
                 if not line.strip():
                     continue  # io.iter_jsonl skips blank lines too: row numbers agree
+                if pos in skip:
+                    pos += 1
+                    continue
                 k = int(dest[row])
                 if k >= 0:
                     outs[k].write(line if line.endswith(b"\n") else line + b"\n")
                 row += 1
+                pos += 1
 
 
 def main() -> None:
@@ -79,7 +93,7 @@ def main() -> None:
     io.clean_stale_temporaries(args.out_dir, args.metrics, args.leaks)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     try:
-        rows, texts = read_rows(args.data, cfg)
+        rows, texts, excluded = read_rows(args.data, cfg)
         result = split_rows(rows, texts=texts, val_ratio=cfg.val_ratio, test_ratio=cfg.test_ratio,
                             stratify=cfg.stratify, group=cfg.group, seed=cfg.seed,
                             leakage_threshold=cfg.leakage_threshold, order_by=cfg.order_by,
@@ -93,7 +107,13 @@ def main() -> None:
         sys.exit(f"split: {exc}")
     n_rows = len(rows)
     del rows, texts
-    write_parts(args.data, args.out_dir, result.indices, n_rows)
+    write_parts(args.data, args.out_dir, result.indices, n_rows, excluded)
+    if cfg.exclude_ids:  # rows in = split rows + excluded; ids that matched nothing named
+        missing = len(cfg.exclude_ids) - len(excluded)
+        result.metrics["excluded"] = {"ids": len(cfg.exclude_ids), "rows": len(excluded),
+                                      "ids_not_found": missing}
+        log.info("split.exclude_ids: %d rows left out (%d ids matched no row of %s)",
+                 len(excluded), missing, args.data)
     io.write_json(args.metrics, result.metrics)
     scorecard.write(args.metrics, result.metrics)
     # every leaking row (ids, split, best match, similarity; text excerpts for the first ones)

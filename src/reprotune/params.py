@@ -155,6 +155,9 @@ class SplitParams:
     # a kept raw field (ingest.keep_fields): oldest rows train, newest test; null = seeded
     order_by: str | None = None
     seed: int = _f(0, **_rng(0, 2**32 - 1))
+    # record ids (the `id` of data/interim/*.jsonl) left out after a review (make audit):
+    # counted in metrics/split.json, never deleted from the data
+    exclude_ids: list[str] = _f([])
 
 
 @dataclass(frozen=True)
