@@ -33,7 +33,7 @@ KEYS: dict[str, list[str]] = {
     "split": ["counts.train", "counts.val", "counts.test"],
     "format": ["tokens_out", "truncated"],
     "train": ["best_val_loss", "final_train_loss", "train_steps", "tokens_seen"],
-    "align": ["best_val_loss", "val_accuracy", "train_pairs"],
+    "align": ["best_val_loss", "val_accuracy.ratio", "train_pairs"],
     "eval": _EVAL,
     "eval_gain": [f"gain.{m}" for m in ("accuracy", "bleu")]
     + [f"intervals.{m}.{k}" for m in ("accuracy", "bleu") for k in ("low", "high", "verdict")]
