@@ -1,0 +1,267 @@
+"""PII detection: Microsoft Presidio's analyzer with pattern recognizers only (no NER model).
+
+Types (:data:`reprotune.params.PII_TYPES`), each a Presidio recognizer in one
+``RecognizerRegistry``:
+
+* ``ID_CARD``  -- Chinese resident ID (GB 11643-1999): 18 characters, a known province prefix
+  (first two digits), a real birth date 1900-2099, and the ISO 7064 MOD 11-2 check character.
+  15-digit first-generation numbers are not detected.
+* ``PHONE``    -- Presidio's ``PhoneRecognizer`` (libphonenumber, leniency VALID) with region
+  CN: Chinese mobiles (1[3-9]x, with +86/0086 or not, spaced or not), landlines with an area
+  code (010-8888 6666, (0755) ...), and any international number written with ``+``/``00``
+  and its country code. Numbers must be *valid* for their country, not only well-formed.
+* ``EMAIL``    -- local@domain.tld (letters-only TLD of 2-24 characters).
+* ``BANK_CARD`` -- 13-19 digits (spaces/dashes every 4 allowed) on a card network prefix
+  (UnionPay 62, Visa 4, Mastercard 51-55/2221-2720, Amex 34/37, JCB 35, Discover 6011/65) at a
+  length that network issues, passing the Luhn check; an 18-digit number laid out like a
+  resident ID (region + date) is never a card.
+* ``IP``       -- IPv4 (dotted quad, not after ``v``/``version``/``版本``) and IPv6 (validated
+  by :mod:`ipaddress`, at least two groups with a digit).
+* ``SECRET``   -- API keys by their documented prefixes (OpenAI/Anthropic ``sk-``, GitHub
+  ``ghp_``/``github_pat_``, AWS ``AKIA``, Google ``AIza``, Slack ``xox?-``, Hugging Face
+  ``hf_``, Stripe ``sk_live_``), JWTs, ``Bearer`` tokens, the value of ``password=``/
+  ``api_key:``/``密码：``-style assignments, and the password of ``scheme://user:pass@host``.
+
+Person names and postal addresses need an NER model (spaCy), which this project does not
+load: Presidio runs with its ``NoOpNlpEngine`` (no tokens, no entities), so those are NOT
+detected (docs/data.md). Overlapping detections are resolved by :func:`resolve`: the longer
+span wins, then the higher score, then the earlier start -- deterministic, order-free.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import regex
+from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
+from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
+from presidio_analyzer.nlp_engine import NoOpNlpEngine
+from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+from reprotune.params import PII_TYPES
+
+logger = logging.getLogger(__name__)
+
+LANG = "xx"  # spaCy's code for "any language": the recognizers are not language-specific
+FLAGS = regex.DOTALL | regex.MULTILINE  # case-sensitive unless a pattern says (?i)
+# A text can hold PII only if it has a digit, an @ (e-mail), :// (URL password) or a secret
+# keyword: texts without any skip the analyzer entirely (measured: bench/pii_bench.py).
+MAY_HOLD = regex.compile(r"\d|@|://|(?i:key|token|secret|pass|pwd|bearer|密码|口令)")
+_NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z_])"
+_NOT_ALNUM_AFTER = r"(?![0-9A-Za-z_])"
+
+# GB/T 2260 province-level codes (the first two digits of a resident ID)
+PROVINCES = frozenset({11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43,
+                       44, 45, 46, 50, 51, 52, 53, 54, 61, 62, 63, 64, 65, 71, 81, 82, 83, 91})
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """One detected entity: ``text[start:end]`` is a ``type``."""
+
+    start: int
+    end: int
+    type: str
+    score: float = 1.0
+
+
+def id_check_char(first17: str) -> str:
+    """The GB 11643 check character of the first 17 digits (ISO 7064 MOD 11-2)."""
+    return _ID_CHECK[sum(int(d) * w for d, w in zip(first17, _ID_WEIGHTS, strict=True)) % 11]
+
+
+def id_layout_ok(s: str) -> bool:
+    """Province prefix and a real birth date (``s`` is 18 characters)."""
+    if int(s[:2]) not in PROVINCES:
+        return False
+    try:
+        datetime.date(int(s[6:10]), int(s[10:12]), int(s[12:14]))
+    except ValueError:
+        return False
+    return True
+
+
+def valid_resident_id(s: str) -> bool:
+    """18-character resident ID with a known province, a real date and the right check char."""
+    return (len(s) == 18 and s[:17].isdigit() and id_layout_ok(s)
+            and id_check_char(s[:17]) == s[17].upper())
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def card_network_ok(d: str) -> bool:
+    """Whether ``d`` (digits only) has a card network's prefix at a length it issues."""
+    n = len(d)
+    if d.startswith("4"):
+        return n in (13, 16, 19)
+    if d[:2] in ("34", "37"):
+        return n == 15
+    if "51" <= d[:2] <= "55" or "2221" <= d[:4] <= "2720":
+        return n == 16
+    if d.startswith(("62", "35", "6011", "65")):
+        return 16 <= n <= 19
+    return False
+
+
+class ResidentIdRecognizer(PatternRecognizer):
+    def __init__(self) -> None:
+        pat = (_NOT_ALNUM_BEFORE + r"[1-9]\d{5}(?:19|20)\d{2}(?:0[1-9]|1[0-2])"
+               r"(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx]" + _NOT_ALNUM_AFTER)
+        super().__init__("ID_CARD", name="ResidentIdRecognizer", supported_language=LANG,
+                         patterns=[Pattern("cn_resident_id", pat, 0.5)], global_regex_flags=FLAGS)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        return valid_resident_id(pattern_text)
+
+
+class BankCardRecognizer(PatternRecognizer):
+    def __init__(self) -> None:
+        pat = _NOT_ALNUM_BEFORE + r"\d{4}(?:[ -]?\d{4}){2}[ -]?\d{1,4}(?:[ -]?\d{1,3})?" \
+            + _NOT_ALNUM_AFTER
+        super().__init__("BANK_CARD", name="BankCardRecognizer", supported_language=LANG,
+                         patterns=[Pattern("card_number", pat, 0.3)], global_regex_flags=FLAGS)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        d = pattern_text.replace(" ", "").replace("-", "")
+        if not 13 <= len(d) <= 19 or not card_network_ok(d) or not luhn_ok(d):
+            return False
+        return not (len(d) == 18 and id_layout_ok(d))  # a resident ID, check digit or not
+
+
+class EmailRecognizer(PatternRecognizer):
+    def __init__(self) -> None:
+        # not the user:password@ of a URL (the password is a SECRET, a user@host no address)
+        pat = (r"(?<![A-Za-z0-9_.%+-])(?<!://[^/\s@]*)[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
+               r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
+               + _NOT_ALNUM_AFTER)
+        super().__init__("EMAIL", name="EmailRecognizer", supported_language=LANG,
+                         patterns=[Pattern("email", pat, 1.0)], global_regex_flags=FLAGS)
+
+
+class IpRecognizer(PatternRecognizer):
+    def __init__(self) -> None:
+        octet = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+        v4 = (r"(?<![0-9A-Za-z_.])(?<!(?:\b(?i:version|ver|v)|版本号?)\s*[:：=]?\s*)"
+              rf"{octet}(?:\.{octet}){{3}}(?![0-9A-Za-z_]|\.\d)")
+        v6 = r"(?<![0-9A-Za-z_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z_:])"
+        super().__init__("IP", name="IpRecognizer", supported_language=LANG,
+                         patterns=[Pattern("ipv4", v4, 0.6), Pattern("ipv6", v6, 0.3)],
+                         global_regex_flags=FLAGS)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        if ":" not in pattern_text:
+            return True  # the IPv4 pattern only matches valid dotted quads
+        try:
+            ipaddress.IPv6Address(pattern_text)
+        except ValueError:
+            return False
+        groups = [g for g in pattern_text.split(":") if g]
+        return len(groups) >= 2 and sum(any(c.isdigit() for c in g) for g in groups) >= 2
+
+
+_B, _E = _NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER
+_SECRET_PATTERNS = [
+    ("openai_anthropic", _B + r"sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}" + _E),
+    ("stripe", _B + r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,}" + _E),
+    ("github", _B + r"(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,})" + _E),
+    ("aws_access_key", _B + r"(?:AKIA|ASIA)[0-9A-Z]{16}" + _E),
+    ("google_api_key", _B + r"AIza[0-9A-Za-z_-]{35}" + _E),
+    ("slack", _B + r"xox[abposr]-[A-Za-z0-9-]{10,}" + _E),
+    ("huggingface", _B + r"hf_[A-Za-z0-9]{30,}" + _E),
+    ("jwt", _B + r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}" + _E),
+    ("bearer", r"(?<=(?i:bearer)\s+)[A-Za-z0-9._~+/-]{16,}=*"),
+    # the value after password= / api_key: / 密码：, quoted or not (only the value is masked;
+    # an already masked <TYPE> placeholder is left alone)
+    ("assignment", r"(?<=(?i:\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token"
+                   r"|auth[_-]?token|password|passwd|pwd)|密码|口令)[\"']?\s*(?:[:=：]|是)\s*[\"']?)"
+                   r"(?!<[A-Z_]+>)[^\s\"'，。,;；&<>]{6,}"),
+    # scheme://user:PASSWORD@host (only the password is masked)
+    ("url_password", r"(?<=[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]{1,64}:)[^/\s@]{1,128}(?=@)"),
+]
+
+
+class SecretRecognizer(PatternRecognizer):
+    def __init__(self) -> None:
+        super().__init__("SECRET", name="SecretRecognizer", supported_language=LANG,
+                         patterns=[Pattern(n, p, 1.0) for n, p in _SECRET_PATTERNS],
+                         global_regex_flags=FLAGS)
+
+
+class GatedPhoneRecognizer(PhoneRecognizer):
+    """Presidio's ``PhoneRecognizer`` (libphonenumber's matcher, region CN), run only on texts
+    with 7+ digits in a phone-like run: the matcher costs ~0.3 ms per text with any digit."""
+
+    RUN = regex.compile(r"\d(?:[\s().-]{0,2}\d){6,}")
+
+    def __init__(self) -> None:
+        super().__init__(supported_language=LANG, supported_entity="PHONE",
+                         supported_regions=("CN",), leniency=1, name="PhoneRecognizer")
+
+    def analyze(self, text, entities, nlp_artifacts=None):  # noqa: ANN001, ANN201
+        if not self.RUN.search(text):
+            return []
+        return super().analyze(text, entities, nlp_artifacts)
+
+
+def recognizers() -> list:
+    return [ResidentIdRecognizer(), GatedPhoneRecognizer(), EmailRecognizer(),
+            BankCardRecognizer(), IpRecognizer(), SecretRecognizer()]
+
+
+@lru_cache(maxsize=1)
+def analyzer() -> AnalyzerEngine:
+    """Presidio's AnalyzerEngine over this module's recognizers, without an NLP model:
+    ``NoOpNlpEngine`` (presidio's own engine for pattern-only set-ups) loads nothing."""
+    registry = RecognizerRegistry(supported_languages=[LANG])
+    for rec in recognizers():
+        registry.add_recognizer(rec)
+    nlp = NoOpNlpEngine(models=[{"lang_code": LANG, "model_name": "none"}])
+    return AnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=[LANG],
+                          context_aware_enhancer=_NoContext())
+
+
+class _NoContext(ContextAwareEnhancer):
+    """No context-word boost: the lemma enhancer needs tokens, which the no-op engine lacks,
+    and a validated pattern decides here, not nearby words."""
+
+    def __init__(self) -> None:
+        super().__init__(context_similarity_factor=0, min_score_with_context_similarity=0,
+                         context_prefix_count=0, context_suffix_count=0)
+
+    def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers,  # noqa: ANN001, ANN201
+                              context=None):  # noqa: ANN001
+        return raw_results
+
+
+def resolve(spans: Sequence[Span]) -> list[Span]:
+    """Non-overlapping spans in text order: the longest first, then the highest score,
+    then the earliest start, then the type name (so the result never depends on input order)."""
+    chosen: list[Span] = []
+    for s in sorted(spans, key=lambda s: (-(s.end - s.start), -s.score, s.start, s.type)):
+        if all(s.end <= c.start or s.start >= c.end for c in chosen):
+            chosen.append(s)
+    return sorted(chosen)
+
+
+def find(text: str, types: Sequence[str] = PII_TYPES) -> list[Span]:
+    """The PII spans of ``text`` (non-overlapping, in order), of the given types."""
+    if not text or not MAY_HOLD.search(text):
+        return []
+    found = analyzer().analyze(text, language=LANG, entities=list(types), score_threshold=0.0)
+    return resolve([Span(r.start, r.end, r.entity_type, round(float(r.score), 4))
+                    for r in found if r.end > r.start])
