@@ -39,8 +39,13 @@ def main() -> None:
             counts, seconds = redact_stream(io.iter_jsonl(args.data), cfg, kept=kept.write,
                                             dropped=dropped.write, review=review.write,
                                             progress=sys.stderr.isatty())
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"redact: {args.data}: {type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"redact: cannot read {args.data}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a line that is not JSON: io.iter_jsonl names file and line
+        raise SystemExit(f"redact: {exc}") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"redact: {args.data}: a row is not a canonical record (written by "
+                         f"dedup): {type(exc).__name__} {exc}") from None
     io.write_json(args.metrics, counts.metrics(cfg.enabled))
     io.write_json(args.report, counts.report(cfg, seconds))
     log.info("kept %d of %d rows (%d with PII masked); dropped %d; wrote %s",

@@ -37,7 +37,7 @@ FOUND = [
     ("addr fe80::1ff:fe23:4567:890a here", [("IP", "fe80::1ff:fe23:4567:890a")]),
     ("OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstuvwx123456",
      [("SECRET", "sk-proj-abcdefghijklmnopqrstuvwx123456")]),
-    ("key AKIAIOSFODNN7EXAMPLE leaked", [("SECRET", "AKIAIOSFODNN7EXAMPLE")]),
+    ("key AKIAZ3MHQ7TN4KD2WXPL leaked", [("SECRET", "AKIAZ3MHQ7TN4KD2WXPL")]),
     ("git clone https://bob:hunter2pw@github.com/x/y.git", [("SECRET", "hunter2pw")]),
     ("password: Secr3t!pass;", [("SECRET", "Secr3t!pass")]),
     ("数据库密码：abc12345，别外传", [("SECRET", "abc12345")]),

@@ -11,10 +11,10 @@ Types (:data:`reprotune.params.PII_TYPES`), each a Presidio recognizer in one
   code (010-8888 6666, (0755) ...), and any international number written with ``+``/``00``
   and its country code. Numbers must be *valid* for their country, not only well-formed.
 * ``EMAIL``    -- local@domain.tld (letters-only TLD of 2-24 characters).
-* ``BANK_CARD`` -- 13-19 digits (spaces/dashes every 4 allowed) on a card network prefix
-  (UnionPay 62, Visa 4, Mastercard 51-55/2221-2720, Amex 34/37, JCB 35, Discover 6011/65) at a
+* ``BANK_CARD`` -- 15-19 digits (spaces/dashes every 4 allowed) on a card network prefix
+  (UnionPay 62, Visa 4 (16/19 digits), Mastercard 51-55/2221-2720, Amex 34/37, JCB 35, Discover 6011/65) at a
   length that network issues, passing the Luhn check; an 18-digit number laid out like a
-  resident ID (region + date) is never a card.
+  resident ID (province + birth year) is never a card.
 * ``IP``       -- IPv4 (dotted quad, not after ``v``/``version``/``版本``) and IPv6 (validated
   by :mod:`ipaddress`, at least two groups with a digit).
 * ``SECRET``   -- API keys by their documented prefixes (OpenAI/Anthropic ``sk-``, GitHub
@@ -88,6 +88,12 @@ def id_layout_ok(s: str) -> bool:
     return True
 
 
+def id_shaped(s: str) -> bool:
+    """18 digits laid out like a resident ID (province, then a birth year 1900-2099), valid
+    or not: card networks issue 18-digit numbers rarely, resident IDs always have 18."""
+    return int(s[:2]) in PROVINCES and s[6:8] in ("19", "20")
+
+
 def valid_resident_id(s: str) -> bool:
     """18-character resident ID with a known province, a real date and the right check char."""
     return (len(s) == 18 and s[:17].isdigit() and id_layout_ok(s)
@@ -108,7 +114,7 @@ def card_network_ok(d: str) -> bool:
     """Whether ``d`` (digits only) has a card network's prefix at a length it issues."""
     n = len(d)
     if d.startswith("4"):
-        return n in (13, 16, 19)
+        return n in (16, 19)  # 13-digit Visa numbers are no longer issued
     if d[:2] in ("34", "37"):
         return n == 15
     if "51" <= d[:2] <= "55" or "2221" <= d[:4] <= "2720":
@@ -140,7 +146,7 @@ class BankCardRecognizer(PatternRecognizer):
         d = pattern_text.replace(" ", "").replace("-", "")
         if not 13 <= len(d) <= 19 or not card_network_ok(d) or not luhn_ok(d):
             return False
-        return not (len(d) == 18 and id_layout_ok(d))  # a resident ID, check digit or not
+        return not (len(d) == 18 and id_shaped(d))  # a resident ID, valid or not
 
 
 class EmailRecognizer(PatternRecognizer):
@@ -148,7 +154,7 @@ class EmailRecognizer(PatternRecognizer):
         # not the user:password@ of a URL (the password is a SECRET, a user@host no address)
         pat = (r"(?<![A-Za-z0-9_.%+-])(?<!://[^/\s@]*)[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
                r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
-               + _NOT_ALNUM_AFTER)
+               + _NOT_ALNUM_AFTER + r"(?!:[\w~/])")  # user@host:path is an SSH remote
         super().__init__("EMAIL", name="EmailRecognizer", supported_language=LANG,
                          patterns=[Pattern("email", pat, 1.0)], global_regex_flags=FLAGS)
 
@@ -156,8 +162,11 @@ class EmailRecognizer(PatternRecognizer):
 class IpRecognizer(PatternRecognizer):
     def __init__(self) -> None:
         octet = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-        v4 = (r"(?<![0-9A-Za-z_.])(?<!(?:\b(?i:version|ver|v)|版本号?)\s*[:：=]?\s*)"
-              rf"{octet}(?:\.{octet}){{3}}(?![0-9A-Za-z_]|\.\d)")
+        # not a version (v1.2.3.4, 版本 1.0.0.2, FBF-3.6.0.0-x.zip), not a netmask (255.x),
+        # not an outline number at the start of a line (1.2.3.1 <heading>)
+        v4 = (r"(?<![0-9A-Za-z_.-])(?<!(?:\b(?i:version|ver|v)|版本号?)\s*[:：=]?\s*)"
+              r"(?!255\.|0\.)(?!(?<=^[ \t]*)\d\.\d\.\d\.\d[ \t])"
+              rf"{octet}(?:\.{octet}){{3}}(?![0-9A-Za-z_]|\.\d|-\w)")
         v6 = r"(?<![0-9A-Za-z_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z_:])"
         super().__init__("IP", name="IpRecognizer", supported_language=LANG,
                          patterns=[Pattern("ipv4", v4, 0.6), Pattern("ipv6", v6, 0.3)],
@@ -175,6 +184,9 @@ class IpRecognizer(PatternRecognizer):
 
 
 _B, _E = _NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER
+# a password/key value: up to white space, quotes, brackets, '&', CJK text or punctuation; a
+# last '.' or ':' ends the sentence, not the value
+_VALUE = r"[^\s\"'`“”‘’，。、；：！？,;&<>()\[\]{}\p{Han}]"
 _SECRET_PATTERNS = [
     ("openai_anthropic", _B + r"sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}" + _E),
     ("stripe", _B + r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,}" + _E),
@@ -184,18 +196,35 @@ _SECRET_PATTERNS = [
     ("slack", _B + r"xox[abposr]-[A-Za-z0-9-]{10,}" + _E),
     ("huggingface", _B + r"hf_[A-Za-z0-9]{30,}" + _E),
     ("jwt", _B + r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}" + _E),
-    ("bearer", r"(?<=(?i:bearer)\s+)[A-Za-z0-9._~+/-]{16,}=*"),
+    ("bearer", r"(?<=(?i:bearer)\s+)[A-Za-z0-9._~+/-]{15,}[A-Za-z0-9_~+/-]=*"),
     # the value after password= / api_key: / 密码：, quoted or not (only the value is masked;
     # an already masked <TYPE> placeholder is left alone)
     ("assignment", r"(?<=(?i:\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token"
                    r"|auth[_-]?token|password|passwd|pwd)|密码|口令)[\"']?\s*(?:[:=：]|是)\s*[\"']?)"
-                   r"(?!<[A-Z_]+>)[^\s\"'，。,;；&<>]{6,}"),
+                   r"(?!<[A-Z_]+>)(?=" + _VALUE + r"{6})" + _VALUE + r"+?(?=[.:]?(?!" + _VALUE
+                   + r"))(?![(\[])"),  # up to a sentence's end; not a call or an index (code)
     # scheme://user:PASSWORD@host (only the password is masked)
-    ("url_password", r"(?<=[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]{1,64}:)[^/\s@]{1,128}(?=@)"),
+    ("url_password", r"(?<=[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]{1,64}:)(?=[^/\s@]*[A-Za-z0-9])"
+                     r"[^/\s@]{1,128}(?=@)"),
 ]
 
 
+# what code samples and docs put where a secret goes: not a secret
+PLACEHOLDER = regex.compile(r"(?i)your|_here\b|example|placeholder|xxxx|\*{3}|\.\.\.|^<.*>$"
+                            r"|(?-i:^\$\{?(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*)\}?$)"  # $VAR, ${var}
+                            r"|^\{.*\}$|^(?:password|passwd|secret|token|api_?key|none|null|"
+                            r"changeme|test)$|^(?:self|this|os|config|settings|cfg|args|env)\."
+                            r"|(?-i:^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$)")  # a CONSTANT_NAME
+
+
+def is_placeholder(value: str) -> bool:
+    return bool(PLACEHOLDER.search(value))
+
+
 class SecretRecognizer(PatternRecognizer):
+    def invalidate_result(self, pattern_text: str) -> bool:
+        return is_placeholder(pattern_text)
+
     def __init__(self) -> None:
         super().__init__("SECRET", name="SecretRecognizer", supported_language=LANG,
                          patterns=[Pattern(n, p, 1.0) for n, p in _SECRET_PATTERNS],
@@ -212,10 +241,29 @@ class GatedPhoneRecognizer(PhoneRecognizer):
         super().__init__(supported_language=LANG, supported_entity="PHONE",
                          supported_regions=("CN",), leniency=1, name="PhoneRecognizer")
 
+    MOBILE_2 = ("13", "14", "15", "16", "17", "18", "19")
+    DECIMAL = regex.compile(r"\d+\.\d+")
+
     def analyze(self, text, entities, nlp_artifacts=None):  # noqa: ANN001, ANN201
         if not self.RUN.search(text):
             return []
-        return super().analyze(text, entities, nlp_artifacts)
+        return [r for r in super().analyze(text, entities, nlp_artifacts)
+                if self._plausible(text, r.start, r.end)]
+
+    def _plausible(self, text: str, start: int, end: int) -> bool:
+        """Not part of a decimal (``3.1415926535``) or a sum, and without a country code
+        written in the Chinese national format: an 11-digit mobile or an area code with its
+        trunk 0."""
+        raw = text[start:end]
+        if self.DECIMAL.fullmatch(raw) or regex.search(r"\d\.$", text[max(0, start - 2):start]) \
+                or regex.match(r"\.\d", text[end:end + 2]):
+            return False
+        if text[max(0, start - 1):start] in ("-", "−") or not regex.match(r"\+?\(?\d", raw):
+            return False  # a negative number; '+ 62...' in a sum
+        if raw.startswith(("+", "00")):
+            return True
+        digits = regex.sub(r"\D", "", raw)
+        return digits[:1] == "0" or (len(digits) == 11 and digits[:2] in self.MOBILE_2)
 
 
 def recognizers() -> list:

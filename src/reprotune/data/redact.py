@@ -82,7 +82,8 @@ class Found:
 
 def _detect(text: str, fld: str, key: str | None, out: list[Found]) -> list[pii.Span]:
     spans = pii.find(text)
-    if key is not None and SECRET_KEY.match(key) and text.strip():
+    if key is not None and SECRET_KEY.match(key) and text.strip() \
+            and not pii.is_placeholder(text):
         spans = pii.resolve([*spans, pii.Span(0, len(text), "SECRET")])
     if spans:
         out.append(Found(fld, text, spans))
