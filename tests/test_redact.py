@@ -226,3 +226,37 @@ def test_stage_end_to_end(tmp_path: Path, repo_root: Path) -> None:
                           timeout=300)
     assert proc.returncode != 0 and "redact.policy.IDCARD: unknown PII type" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _stage_main(tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch,
+                params: str) -> str:
+    """stages/redact.py's main() in this process (the analyzer is already built): its exit
+    message."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("redact_stage", repo_root / "stages/redact.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["redact.py", "--data", "in.jsonl", "--out", "o.jsonl",
+                                      "--dropped", "d.jsonl", "--review", "r.jsonl",
+                                      "--metrics", "m.json", "--report", "p.json"])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # runtime.setup replaces it
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    return str(exc.value.code)
+
+
+def test_stage_stops_in_one_line(tmp_path: Path, repo_root: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    io.write_jsonl(tmp_path / "in.jsonl", [_rec(("user", "ID 110101199003074514"),
+                                                ("assistant", "ok"))])
+    msg = _stage_main(tmp_path, repo_root, monkeypatch, "redact:\n  policy: {ID_CARD: drop}\n")
+    assert msg.startswith("redact: no rows kept out of 1 from in.jsonl") and "ID_CARD" in msg
+    with (tmp_path / "in.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write("{not json\n")
+    msg = _stage_main(tmp_path, repo_root, monkeypatch, "redact: {}\n")
+    assert msg.startswith("redact: in.jsonl:2: invalid JSON")
+    with pytest.raises(ParamsError, match=r"redact\.enabeld: unknown key .*'enabled'"):
+        build(RedactParams, {"enabeld": True}, "redact")
