@@ -184,9 +184,9 @@ class IpRecognizer(PatternRecognizer):
 
 
 _B, _E = _NOT_ALNUM_BEFORE, _NOT_ALNUM_AFTER
-# a password/key value: up to white space, quotes, brackets, '&', CJK text or punctuation; a
-# last '.' or ':' ends the sentence, not the value
-_VALUE = r"[^\s\"'`“”‘’，。、；：！？,;&<>()\[\]{}\p{Han}]"
+# a character of a password/key value: not white space, quotes, brackets, CJK text or
+# punctuation, nor the '&' that starts a URL's next query parameter (&user=...)
+_VALUE = r"(?:[^\s\"'`“”‘’，。、；：！？,;&<>()\[\]{}\p{Han}]|&(?![A-Za-z_]\w*=))"
 _SECRET_PATTERNS = [
     ("openai_anthropic", _B + r"sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}" + _E),
     ("stripe", _B + r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,}" + _E),
@@ -202,7 +202,7 @@ _SECRET_PATTERNS = [
     ("assignment", r"(?<=(?i:\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token"
                    r"|auth[_-]?token|password|passwd|pwd)|密码|口令)[\"']?\s*(?:[:=：]|是)\s*[\"']?)"
                    r"(?!<[A-Z_]+>)(?=" + _VALUE + r"{6})" + _VALUE + r"+?(?=[.:]?(?!" + _VALUE
-                   + r"))(?![(\[])"),  # up to a sentence's end; not a call or an index (code)
+                   + r"))(?![(\[])"),  # a last '.'/':' ends the sentence; not a call or index
     # scheme://user:PASSWORD@host (only the password is masked)
     ("url_password", r"(?<=[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]{1,64}:)(?=[^/\s@]*[A-Za-z0-9])"
                      r"[^/\s@]{1,128}(?=@)"),
@@ -214,7 +214,9 @@ PLACEHOLDER = regex.compile(r"(?i)your|_here\b|example|placeholder|xxxx|\*{3}|\.
                             r"|(?-i:^\$\{?(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*)\}?$)"  # $VAR, ${var}
                             r"|^\{.*\}$|^(?:password|passwd|secret|token|api_?key|none|null|"
                             r"changeme|test)$|^(?:self|this|os|config|settings|cfg|args|env)\."
-                            r"|(?-i:^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$)")  # a CONSTANT_NAME
+                            r"|(?-i:^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$)"  # a CONSTANT_NAME
+                            r"|^[a-z]+(?:_[a-z]+)*_(?:password|passwd|secret|token|key)$"
+                            r"|^(?:password|secret|token)_[a-z_]+$")  # db_password, token_value
 
 
 def is_placeholder(value: str) -> bool:
