@@ -31,12 +31,11 @@ from functools import lru_cache
 from typing import Any
 
 import regex
-from presidio_analyzer import RecognizerResult
-from presidio_anonymizer import AnonymizerEngine
-from presidio_anonymizer.entities import OperatorConfig
 from tqdm.auto import tqdm
 
+# presidio's classes come through pii, which imports presidio without transformers (it says why)
 from reprotune.data import pii
+from reprotune.data.pii import AnonymizerEngine, OperatorConfig, RecognizerResult
 from reprotune.params import PII_TYPES, RedactParams
 
 logger = logging.getLogger(__name__)
