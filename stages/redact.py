@@ -46,7 +46,7 @@ def main() -> None:
     except (KeyError, TypeError, AttributeError) as exc:
         raise SystemExit(f"redact: {args.data}: a row is not a canonical record (written by "
                          f"dedup): {type(exc).__name__} {exc}") from None
-    io.write_json(args.metrics, counts.metrics(cfg.enabled))
+    io.write_json(args.metrics, counts.metrics())
     io.write_json(args.report, counts.report(cfg, seconds))
     log.info("kept %d of %d rows (%d with PII masked); dropped %d; wrote %s",
              counts.kept, counts.rows_in, counts.rows_masked, sum(counts.dropped.values()),

@@ -157,7 +157,7 @@ def test_drop_and_keep_policies_count_up() -> None:
     assert c.dropped == {"PHONE": 1, "ID_CARD": 1} and c.rows_masked == 0
     assert kept == rows[2:]  # kept e-mail as is; the clean row untouched
     assert c.found == {"PHONE": 1, "ID_CARD": 1, "EMAIL": 2} and sum(c.masked.values()) == 0
-    m = c.metrics(True)
+    m = c.metrics()
     assert m["in"] == m["kept"] + m["dropped"] and set(m["found"]) == set(PII_TYPES)
     assert len(review) == 4 and all("[[<" in r["context"] for r in review)
 

@@ -175,15 +175,15 @@ class RedactCounts:
     masked: Counter = field(default_factory=Counter)  # spans replaced, kept rows
     by_field: dict[str, Counter] = field(default_factory=dict)
 
-    def metrics(self, enabled: bool) -> dict[str, Any]:
+    def metrics(self) -> dict[str, Any]:
         """The small metrics file (dvc exp show stays narrow): rows and spans per type."""
-        return {"enabled": enabled, "in": self.rows_in, "kept": self.kept,
+        return {"in": self.rows_in, "kept": self.kept,
                 "dropped": sum(self.dropped.values()), "rows_masked": self.rows_masked,
                 "found": {t: self.found[t] for t in PII_TYPES}}
 
     def report(self, cfg: RedactParams, seconds: float) -> dict[str, Any]:
         """The detail: drops by reason, spans masked, spans per field and type."""
-        return {"in": self.rows_in, "kept": self.kept,
+        return {"enabled": cfg.enabled, "in": self.rows_in, "kept": self.kept,
                 "dropped": {t: self.dropped[t] for t in PII_TYPES},
                 "policy": {t: cfg.action(t) for t in PII_TYPES},
                 "found": {t: self.found[t] for t in PII_TYPES},
