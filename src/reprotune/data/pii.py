@@ -12,8 +12,8 @@ Types (:data:`reprotune.params.PII_TYPES`), each a Presidio recognizer in one
   and its country code. Numbers must be *valid* for their country, not only well-formed.
 * ``EMAIL``    -- local@domain.tld (letters-only TLD of 2-24 characters).
 * ``BANK_CARD`` -- 15-19 digits (spaces/dashes every 4 allowed) on a card network prefix
-  (UnionPay 62, Visa 4 (16/19 digits), Mastercard 51-55/2221-2720, Amex 34/37, JCB 35, Discover 6011/65) at a
-  length that network issues, passing the Luhn check; an 18-digit number laid out like a
+  (UnionPay 62, Visa 4 (16/19 digits), Mastercard 51-55/2221-2720, Amex 34/37, JCB 35,
+  Discover 6011/65) at a length that network issues, passing the Luhn check; an 18-digit number laid out like a
   resident ID (province + birth year) is never a card.
 * ``IP``       -- IPv4 (dotted quad, not after ``v``/``version``/``版本``) and IPv6 (validated
   by :mod:`ipaddress`, at least two groups with a digit).
@@ -31,7 +31,6 @@ span wins, then the higher score, then the earlier start -- deterministic, order
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ipaddress
 import logging
 import sys
@@ -41,6 +40,16 @@ from functools import lru_cache
 
 import regex
 
+from reprotune.data.pii_checks import (
+    PROVINCES,
+    card_network_ok,
+    id_check_char,
+    id_layout_ok,
+    id_shaped,
+    is_placeholder,
+    luhn_ok,
+    valid_resident_id,
+)
 from reprotune.params import PII_TYPES
 
 
@@ -75,7 +84,9 @@ with _without_transformers():
     from presidio_anonymizer import AnonymizerEngine  # noqa: E402
     from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
 
-__all__ = ["AnonymizerEngine", "OperatorConfig", "RecognizerResult", "Span", "find", "resolve"]
+__all__ = ["PROVINCES", "AnonymizerEngine", "OperatorConfig", "RecognizerResult", "Span",
+           "card_network_ok", "find", "id_check_char", "id_layout_ok", "id_shaped",
+           "is_placeholder", "luhn_ok", "resolve", "valid_resident_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +98,6 @@ MAY_HOLD = regex.compile(r"\d|@|://|(?i:key|token|secret|pass|pwd|bearer|密码|
 _NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z_])"
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z_])"
 
-# GB/T 2260 province-level codes (the first two digits of a resident ID)
-PROVINCES = frozenset({11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43,
-                       44, 45, 46, 50, 51, 52, 53, 54, 61, 62, 63, 64, 65, 71, 81, 82, 83, 91})
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-
 
 @dataclass(frozen=True, order=True)
 class Span:
@@ -103,57 +108,6 @@ class Span:
     type: str
     score: float = 1.0
 
-
-def id_check_char(first17: str) -> str:
-    """The GB 11643 check character of the first 17 digits (ISO 7064 MOD 11-2)."""
-    return _ID_CHECK[sum(int(d) * w for d, w in zip(first17, _ID_WEIGHTS, strict=True)) % 11]
-
-
-def id_layout_ok(s: str) -> bool:
-    """Province prefix and a real birth date (``s`` is 18 characters)."""
-    if int(s[:2]) not in PROVINCES:
-        return False
-    try:
-        datetime.date(int(s[6:10]), int(s[10:12]), int(s[12:14]))
-    except ValueError:
-        return False
-    return True
-
-
-def id_shaped(s: str) -> bool:
-    """18 digits laid out like a resident ID (province, then a birth year 1900-2099), valid
-    or not: card networks issue 18-digit numbers rarely, resident IDs always have 18."""
-    return int(s[:2]) in PROVINCES and s[6:8] in ("19", "20")
-
-
-def valid_resident_id(s: str) -> bool:
-    """18-character resident ID with a known province, a real date and the right check char."""
-    return (len(s) == 18 and s[:17].isdigit() and id_layout_ok(s)
-            and id_check_char(s[:17]) == s[17].upper())
-
-
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def card_network_ok(d: str) -> bool:
-    """Whether ``d`` (digits only) has a card network's prefix at a length it issues."""
-    n = len(d)
-    if d.startswith("4"):
-        return n in (16, 19)  # 13-digit Visa numbers are no longer issued
-    if d[:2] in ("34", "37"):
-        return n == 15
-    if "51" <= d[:2] <= "55" or "2221" <= d[:4] <= "2720":
-        return n == 16
-    if d.startswith(("62", "35", "6011", "65")):
-        return 16 <= n <= 19
-    return False
 
 
 class ResidentIdRecognizer(PatternRecognizer):
@@ -239,20 +193,6 @@ _SECRET_PATTERNS = [
     ("url_password", r"(?<=[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]{1,64}:)(?=[^/\s@]*[A-Za-z0-9])"
                      r"[^/\s@]{1,128}(?=@)"),
 ]
-
-
-# what code samples and docs put where a secret goes: not a secret
-PLACEHOLDER = regex.compile(r"(?i)your|_here\b|example|placeholder|xxxx|\*{3}|\.\.\.|^<.*>$"
-                            r"|(?-i:^\$\{?(?:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*)\}?$)"  # $VAR, ${var}
-                            r"|^\{.*\}$|^(?:password|passwd|secret|token|api_?key|none|null|"
-                            r"changeme|test)$|^(?:self|this|os|config|settings|cfg|args|env)\."
-                            r"|(?-i:^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$)"  # a CONSTANT_NAME
-                            r"|^[a-z]+(?:_[a-z]+)*_(?:password|passwd|secret|token|key)$"
-                            r"|^(?:password|secret|token)_[a-z_]+$")  # db_password, token_value
-
-
-def is_placeholder(value: str) -> bool:
-    return bool(PLACEHOLDER.search(value))
 
 
 class SecretRecognizer(PatternRecognizer):
