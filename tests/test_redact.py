@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,18 @@ def test_stage_stops_in_one_line(tmp_path: Path, repo_root: Path,
     assert msg.startswith("redact: in.jsonl:2: invalid JSON")
     with pytest.raises(ParamsError, match=r"redact\.enabeld: unknown key .*'enabled'"):
         build(RedactParams, {"enabeld": True}, "redact")
+
+
+def test_bench_labelled_set_smoke() -> None:
+    """bench/pii_bench.py: planted spans are where the labels say, and found (300 rows)."""
+    from bench_scripts import load_bench
+
+    bench = load_bench("pii_bench")
+    r = random.Random(3)
+    for _ in range(50):
+        text, spans = bench.labelled_text(r)
+        for start, end, kind in spans:
+            assert (start, end, kind) in {(s.start, s.end, s.type) for s in pii.find(text)}
+    res = bench.quality(300, seed=1)
+    assert res["look_alikes_planted"] > 50
+    assert all(v["recall"] == 1.0 and v["precision"] == 1.0 for v in res["per_type"].values())
