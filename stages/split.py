@@ -2,7 +2,7 @@
 
 It runs before base and format, so the embedded tokenizer is trained on the train split only
 and ``format.max_length: auto`` is resolved from train lengths: no val/test text shapes the
-model's inputs. Each split is written as the deduplicated file's own lines, byte for byte.
+model's inputs. Each split is written as the redacted file's own lines, byte for byte.
 
 Memory: one pass keeps per row only the fields the split reads (id, source, the
 ``split.stratify`` / ``split.group`` fields, and ``meta`` when ``split.order_by`` is set);
@@ -82,7 +82,7 @@ def write_parts(src: str, out_dir: str, indices: dict[str, list[int]], n_rows: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", default="data/interim/deduped.jsonl")
+    ap.add_argument("--data", default="data/interim/redacted.jsonl")
     ap.add_argument("--out-dir", default="data/interim/splits")
     ap.add_argument("--metrics", default="metrics/split.json")
     ap.add_argument("--leaks", default="metrics/split_leakage.json")

@@ -95,8 +95,8 @@ def test_repro_then_noop(project: Path) -> None:
     assert "WARNING: 'data/processed/pairs/test.jsonl' is empty." in out
     assert "data/processed/pairs/test.jsonl is empty: no preference pairs" in out
     assert not unexplained_empty(out), out[-6000:]
-    assert {"check", DEMO, "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
-            "split", "train"} <= _ran(out)
+    assert {"check", DEMO, "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "redact",
+            "format", "split", "train"} <= _ran(out)
     m = lambda name: json.loads((project / "metrics" / f"{name}.json").read_text())  # noqa: E731
 
     ingest = m("ingest")
@@ -106,12 +106,14 @@ def test_repro_then_noop(project: Path) -> None:
     assert dedup["in"] == ingest["kept"]
     assert dedup["in"] == dedup["kept"] + sum(dedup["dropped"].values())
     assert dedup["dropped"]["exact_duplicate"] > 0 and dedup["dropped"]["near_duplicate"] > 0
+    redact = m("redact")  # the demo holds no PII: every row passes
+    assert redact["in"] == dedup["kept"] == redact["kept"] + redact["dropped"]
     split = m("split")
     fmt = m("format")
     # every kept row is in a split or dropped from val/test as a near-copy of train, and
     # format sees exactly the split rows, split by split
     assert sum(split["counts"].values()) + sum(split["leakage"]["dropped"].values()) \
-        == dedup["kept"] == split["rows"]
+        == redact["kept"] == split["rows"]
     assert {s: v["rows_in"] for s, v in fmt["splits"].items()} == split["counts"]
     assert fmt["rows_in"] == fmt["rows_out"] + sum(fmt["dropped"].values())
     train = m("train")
@@ -137,7 +139,8 @@ def test_repro_then_noop(project: Path) -> None:
     assert "data/raw/demo.jsonl" in lineage and "(from stage `demo`)" in lineage
     assert "<- data/processed/train.parquet " in lineage and "transformers 5." in lineage
     # every stage upstream of the model, each with the params dvc.lock recorded for it
-    for upstream in ("format:", "base: [model] name=tiny", "split: [split]", "dedup: [dedup]",
+    for upstream in ("format:", "base: [model] name=tiny", "split: [split]", "redact: [redact]",
+                     "dedup: [dedup]",
                      "ingest: ingest.inputs=", "read@data/raw/demo.jsonl:", "demo: [demo]"):
         assert f"\n  {upstream}" in lineage, upstream
     assert "group_by_length" not in lineage and len(lineage.splitlines()) <= 50
@@ -212,7 +215,7 @@ def test_teammate_pulls_and_recomputes_nothing(project: Path, tmp_path: Path) ->
         # the new input is read, and what is downstream of it reruns (up to split here, to
         # keep the test short); nothing upstream does
         assert _ran(_dvc(project, "repro", "split")) == {
-            "check", "read@data/raw/extra.jsonl", "ingest", "dedup", "split"}
+            "check", "read@data/raw/extra.jsonl", "ingest", "dedup", "redact", "split"}
         assert json.loads((project / "metrics" / "ingest.json").read_text())["files"][
             "data/raw/extra.jsonl"] == {"rows_in": 1, "kept": 1, "rejected": {}}
     finally:
@@ -227,7 +230,7 @@ def test_lr_experiment_reruns_only_training_onward(project: Path) -> None:
     out = _dvc(project, "exp", "run", "-S", "lr=1e-4", "-n", "low-lr")
     ran = _ran(out)
     assert {"train", "evaluate", "merge", "quantize"} <= ran
-    assert not ran & {DEMO, "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "format",
+    assert not ran & {DEMO, "read@data/raw/demo.jsonl", "ingest", "base", "dedup", "redact", "format",
                       "split", "eval_base"}
     diff = _dvc(project, "metrics", "diff", "--json")
     changed = json.loads(diff)

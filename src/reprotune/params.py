@@ -104,6 +104,24 @@ class ModelParams:
     tiny: TinyModelParams = field(default_factory=TinyModelParams)
 
 
+# the PII types the redact stage detects (reprotune.data.pii), in the order a row dropped for
+# several of them is counted under the first
+PII_TYPES = ("ID_CARD", "BANK_CARD", "PHONE", "EMAIL", "IP", "SECRET")
+PII_ACTIONS = ("mask", "drop", "keep")
+
+
+@dataclass(frozen=True)
+class RedactParams:
+    enabled: bool = True
+    # per type: mask (replace with <TYPE>), drop (the whole row) or keep; types left out: mask
+    policy: dict[str, Literal["mask", "drop", "keep"]] = _f({t: "mask" for t in PII_TYPES})
+    # masked spans written per type to the review file (with context), first ones in input order
+    review_per_type: int = _f(20, **_rng(0, 100_000))
+
+    def action(self, pii_type: str) -> str:
+        return self.policy.get(pii_type, "mask")
+
+
 @dataclass(frozen=True)
 class DedupParams:
     threshold: float = _f(0.85, **_rng(0, 1, lo_open=True))
@@ -296,6 +314,7 @@ SECTIONS: dict[str, type] = {
     "ingest": IngestParams,
     "model": ModelParams,
     "dedup": DedupParams,
+    "redact": RedactParams,
     "data": DataParams,
     "format": FormatParams,
     "split": SplitParams,
@@ -468,6 +487,11 @@ def _check_hub_entries(inputs: Any, key: str) -> None:
 
 def _cross_checks(obj: Any, prefix: str) -> None:
     """Constraints that involve more than one key of a section."""
+    if isinstance(obj, RedactParams):
+        for key in obj.policy:
+            if key not in PII_TYPES:
+                raise ParamsError(f"{prefix}.policy.{key}: unknown PII type"
+                                  f"{_suggest(key, PII_TYPES)}; known: {', '.join(PII_TYPES)}")
     if isinstance(obj, DedupParams):
         if obj.ngram_min > obj.ngram_max:
             raise ParamsError(f"{prefix}.ngram_min: {obj.ngram_min} must be <= "
