@@ -13,9 +13,10 @@ import argparse
 import logging
 import sys
 
-from reprotune import io, runtime
+from reprotune import io, runtime, scorecard
 from reprotune.data.redact import redact_stream
 from reprotune.params import load_section
+from reprotune.timing import write_timing
 
 
 def main() -> None:
@@ -46,8 +47,12 @@ def main() -> None:
     except (KeyError, TypeError, AttributeError) as exc:
         raise SystemExit(f"redact: {args.data}: a row is not a canonical record (written by "
                          f"dedup): {type(exc).__name__} {exc}") from None
-    io.write_json(args.metrics, counts.metrics())
-    io.write_json(args.report, counts.report(cfg, seconds))
+    record = counts.metrics()
+    io.write_json(args.metrics, record)
+    scorecard.write(args.metrics, record)
+    io.write_json(args.report, counts.report(cfg))
+    write_timing("redact", {"elapsed_s": round(seconds, 2),  # varies run to run: untracked
+                            "rows_per_s": round(counts.rows_in / seconds, 1) if seconds else None})
     log.info("kept %d of %d rows (%d with PII masked); dropped %d; wrote %s",
              counts.kept, counts.rows_in, counts.rows_masked, sum(counts.dropped.values()),
              args.out)

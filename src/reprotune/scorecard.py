@@ -30,10 +30,11 @@ _EVAL = ["accuracy", "bleu", "rouge_l", "perplexity", "general_perplexity"]
 KEYS: dict[str, list[str]] = {
     "ingest": ["rows_in", "rejected_total"],
     "dedup": ["kept"],
+    "redact": ["rows_masked", "dropped"],
     "split": ["counts.train", "counts.val", "counts.test"],
     "format": ["tokens_out", "truncated"],
-    "train": ["best_val_loss", "final_train_loss", "train_steps", "tokens_seen"],
-    "align": ["best_val_loss", "val_accuracy.ratio", "train_pairs"],
+    "train": ["best_val_loss", "final_train_loss", "train_steps"],
+    "align": ["best_val_loss", "val_accuracy.ratio"],
     "eval": _EVAL,
     "eval_gain": [f"gain.{m}" for m in ("accuracy", "bleu")]
     + [f"intervals.{m}.{k}" for m in ("accuracy", "bleu") for k in ("low", "high", "verdict")]

@@ -181,15 +181,14 @@ class RedactCounts:
                 "dropped": sum(self.dropped.values()), "rows_masked": self.rows_masked,
                 "found": {t: self.found[t] for t in PII_TYPES}}
 
-    def report(self, cfg: RedactParams, seconds: float) -> dict[str, Any]:
+    def report(self, cfg: RedactParams) -> dict[str, Any]:
         """The detail: drops by reason, spans masked, spans per field and type."""
         return {"enabled": cfg.enabled, "in": self.rows_in, "kept": self.kept,
                 "dropped": {t: self.dropped[t] for t in PII_TYPES},
                 "policy": {t: cfg.action(t) for t in PII_TYPES},
                 "found": {t: self.found[t] for t in PII_TYPES},
                 "masked": {t: self.masked[t] for t in PII_TYPES},
-                "by_field": {f: dict(sorted(c.items())) for f, c in sorted(self.by_field.items())},
-                "seconds": round(seconds, 2)}
+                "by_field": {f: dict(sorted(c.items())) for f, c in sorted(self.by_field.items())}}
 
 
 def redact_stream(rows: Iterable[dict[str, Any]], cfg: RedactParams, *,
