@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# The prepared device check for a session that is lent an H100/H200: one call, ~7.5 minutes
-# with the installs (caps below); what fails can be rerun alone in the time left.
+# The prepared device check for a session that is lent an H100/H200: one call, under 7 minutes
+# with the installs (caps below, 380 s); what fails can be rerun alone in the time left.
 #
 #   here:   make gpu-wheels            # pinned wheels the GPU image lacks -> .whl/ (56.4 MiB)
 #   device: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=480)
 #
 # It installs the carried wheels beside the image's own torch (2.11, CUDA), then, each step
-# fail-soft (a failing step or configuration prints its error and the rest still run):
-#   1. the CUDA equality tests (packing with varlen_attn, the lean losses) and the align
-#      tests on CUDA (dpo/orpo/simpo/kto, full and LoRA SFT) -> cuda_tests.log
+# fail-soft (a failing step or configuration prints its error and the rest still run), each
+# under `timeout -k 10 <cap>`, its time in timings.txt:
+#   1. the CUDA equality tests (packing with varlen_attn, the lean losses, the packed-vs-
+#      padded curve) -> cuda_tests.log/.xml
 #   2. bench/train_throughput.py, baseline / full / lora / qlora at the default settings
 #      -> throughput_default.json/.log
 #   3. the same at the lean settings (gradient checkpointing, the same tokens per step)
 #      -> throughput_lean.json/.log
-#   4. torch profiler, top 15 CUDA kernels of full -> profile_full.json/.txt/.log
-#   5. bench/gpu_summary.py: gpu_check.json (GPU, versions, commands, every figure, the
-#      targets met or missed) and gpu_check.md (the table for docs/gpu.md)
+#   4. torch profiler, top 15 CUDA kernels of full (written after every profiled step)
+#      -> profile_full.json/.txt/.log
+#   5. the align tests on CUDA (dpo/orpo/simpo/kto, full and LoRA SFT) -> align_tests.log/.xml
+#   6. bench/gpu_summary.py: gpu_check.json (GPU, versions, commands, every figure, the
+#      targets met or missed, tests passed/failed, fast-path fallbacks, step timings) and
+#      gpu_check.md (the table for docs/gpu.md)
 # Everything goes to $OUT (bench/results/gpu_check/ when run by hand). Commit the JSON as
 # bench/results/gpu_<gpu>.json and the table in docs/gpu.md.
 #
-# GPU_CHECK_CPU=1 runs the same python steps on a tiny model on CPU, without wheels or GPU
-# (tests/test_gpu_check.py: a typo must not waste a GPU run).
+# GPU_CHECK_CPU=1 runs the same python steps on a tiny model on CPU, without wheels or GPU,
+# packed like the GPU (tests/test_gpu_check.py: a typo must not waste a GPU run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
@@ -48,35 +52,64 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
 
 if [ -n "$CPU" ]; then
-    # bench/train_throughput.py's tiny CPU shape (its docstring)
+    # bench/train_throughput.py's tiny CPU shape (its docstring). --packing true: the GPU's
+    # default (auto = packs on CUDA), so the stand-in runs the packed path the GPU runs
+    # (PackingCollator -> reprotune_packed attention, sdpa per sample here -> chunked loss)
     SHAPE=(--layers 1 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 --head-dim 16
-           --vocab 512 --max-len 64 --median 24 --min-len 4 --baseline-batch-size 4 --lr 1e-3)
+           --vocab 512 --max-len 64 --median 24 --min-len 4 --baseline-batch-size 4 --lr 1e-3
+           --packing true)
     DEFAULT=(--steps 4 --warmup-steps 1 --tokens-per-batch 256)
     LEAN=(--steps 3 --warmup-steps 1 --tokens-per-batch 256 --gradient-checkpointing)
-    PROFILE=(--steps 5 --warmup-steps 1 --profile-steps 2 --tokens-per-batch 256)
+    PROFILE=(--steps 3 --warmup-steps 1 --profile-steps 2 --tokens-per-batch 256)
     TESTS=(--collect-only)  # the selection must name real tests; they need a GPU to run
-    T_TESTS=120 T_RUN=240 T_LEAN=240 T_PROFILE=120
+    T_CUDA=120 T_RUN=240 T_LEAN=240 T_PROFILE=120 T_ALIGN=120 T_SUMMARY=30
 else
     SHAPE=()
     # 16,384 real tokens per optimizer step either way (train_throughput's defaults)
     DEFAULT=(--steps 15 --warmup-steps 5)
     LEAN=(--steps 10 --warmup-steps 4 --gradient-checkpointing)
-    PROFILE=(--steps 9 --warmup-steps 5 --profile-steps 3)
+    PROFILE=(--steps 8 --warmup-steps 5 --profile-steps 3)
     TESTS=()
-    # caps, 415 s in all (+ ~20 s wheels and versions, + the machine's start): ~7.5 minutes,
-    # so a second full run does not fit in 15 minutes of device time; rerun single steps
-    T_TESTS=120 T_RUN=135 T_LEAN=105 T_PROFILE=45
+    # Caps (GPU_CAPS below), each = its fixed cost + its GPU compute, x ~1.5:
+    #  * fixed cost: the step's CPU-stand-in time (GPU_CHECK_CPU=1, docs/gpu.md: there the
+    #    model is tiny, so nearly all of it is imports, Trainer setup, evaluations and the
+    #    profiler), taken as it is on the GPU machine (its 16 cores are no slower than 2
+    #    shared ones), plus the 0.6B model's own fixed cost: ~10 s to build and save it once
+    #    per script (random init of 596 M parameters) and ~3 s to load it per run;
+    #  * GPU compute: optimizer steps x seconds per step estimated from FLOPs (~4.0 GFLOP
+    #    per real token, train_throughput.flops_per_token; 16,384 tokens: 66 TFLOP a step)
+    #    at 25% of the H100's 989 TFLOP/s: 0.27 s for full, 0.2 s for lora, 0.5 s for qlora
+    #    (dequantisation), ~1.5 s for the baseline (padded rows: ~2.5x the real tokens, the
+    #    full logits); x 1.3 with gradient checkpointing; 3 profiled steps x ~2 s of
+    #    profiler overhead and table building;
+    #  * the tests: each CUDA test is a few forward/backward passes of the tiny model; the
+    #    align tests train the tiny model for tens of steps each (316 s together on 2 busy
+    #    CPU cores; on the GPU the steps are launch-bound, so CPU-like): they run last, so
+    #    hitting their cap loses nothing else, and every result is printed as it happens.
+    # The caps sum to 380 s (tests/test_gpu_check.py checks docs/gpu.md against this), +
+    # ~20 s wheels and versions: one run fits 7 minutes; `-k 10` can add 10 s to a step
+    # that ignores SIGTERM. Rerun single steps with the time left.
+    T_CUDA=45 T_RUN=120 T_LEAN=75 T_PROFILE=45 T_ALIGN=85 T_SUMMARY=10
 fi
 
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, never stop the script
-    local name=$1 limit=$2
+    local name=$1 limit=$2 t0=$SECONDS
     shift 2
-    echo "gpu_check: $name"
-    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    echo "gpu_check: $name (cap ${limit}s)"
+    # -k 10: a step that ignores SIGTERM at its cap is killed 10 s later
+    timeout -k 10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
     local rc=$?
-    [ $rc -eq 0 ] || echo "gpu_check: $name FAILED (exit $rc; 124 = over its ${limit}s); see $OUT/$name.log"
+    echo "$name cap=${limit}s took=$((SECONDS - t0))s exit=$rc" >> "$OUT/timings.txt"
+    [ $rc -eq 0 ] || echo "gpu_check: $name FAILED (exit $rc; 124/137 = over its ${limit}s); see $OUT/$name.log"
     return 0
 }
+
+# pytest prints every test's result and each failure's traceback as it happens (a step cut
+# by its cap keeps them in its log), -rfE the failures again at the end, and a JUnit XML per
+# step for bench/gpu_summary.py; no cache folder
+PYTEST=(env "PYTHONPATH=$PWD/bench/pytest_plugins:$PYTHONPATH" $PY -m pytest -p live_failures
+        -p no:cacheprovider -o console_output_style=classic -v --tb=short -rfE --durations=10)
+: > "$OUT/timings.txt"
 
 {
     if [ -z "$CPU" ]; then
@@ -104,18 +137,20 @@ fi
 
 # 1. Equality on CUDA: packed == alone (varlen_attn), chunked/liger loss == stock; the
 #    packed-vs-padded training curve (device-aware: it asserts the CUDA path on CUDA)
-#    and preference tuning on CUDA (dpo full + lora, every method; their asserted values)
-step cuda_tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
-    tests/test_packing.py tests/test_lean_loss.py tests/test_align.py \
-    -k "cuda or same_loss_curve or test_reward_accuracy or lora_sft_adapter"
+step cuda_tests "$T_CUDA" "${PYTEST[@]}" --junitxml="$OUT/cuda_tests.xml" "${TESTS[@]}" \
+    tests/test_packing.py tests/test_lean_loss.py -k "cuda or same_loss_curve"
 # 2./3. Throughput and peak memory against a plain HF Trainer (each config fail-soft inside)
 step throughput_default "$T_RUN" $PY bench/train_throughput.py "${SHAPE[@]}" "${DEFAULT[@]}" \
     --out "$OUT/throughput_default.json"
 step throughput_lean "$T_LEAN" $PY bench/train_throughput.py "${SHAPE[@]}" "${LEAN[@]}" \
     --out "$OUT/throughput_lean.json"
-# 4. Where full's time goes
+# 4. Where full's time goes (the table is rewritten after every profiled step)
 step profile_full "$T_PROFILE" $PY bench/kernel_profile.py "${SHAPE[@]}" "${PROFILE[@]}" \
     --methods full --out "$OUT/profile_full.json" --table "$OUT/profile_full.txt"
-# 5. One JSON, one table, the targets
-step summary 10 $PY bench/gpu_summary.py "$OUT"
+# 5. Preference tuning on CUDA (dpo full + lora, every method; their asserted values): last,
+#    the longest and least certain step
+step align_tests "$T_ALIGN" "${PYTEST[@]}" --junitxml="$OUT/align_tests.xml" "${TESTS[@]}" \
+    tests/test_align.py -k "test_reward_accuracy or lora_sft_adapter"
+# 6. One JSON, one table, the targets, the tests, the fast-path fallbacks, the timings
+step summary "$T_SUMMARY" $PY bench/gpu_summary.py "$OUT"
 echo "gpu_check: done; results in $OUT"

@@ -13,7 +13,8 @@ random token ids. The model is random-init Qwen3-0.6B-shaped (``bench/train_spee
   the workload's mean length: 5 x 8 rows for the defaults); both counts are in the JSON
   (``tokens_per_step``, and each run's measured ``tokens_per_step``);
 * ``full``, ``lora``, ``qlora``: :func:`reprotune.train.training.train_model`, the train stage's own
-  code, with ``--packing``/``--tokens-per-batch``/``--loss-impl``/``--gradient-checkpointing``.
+  code, with ``--packing``/``--tokens-per-batch``/``--loss-impl``/``--gradient-checkpointing``;
+  without checkpoints or the final model folder (no figure here includes saving).
 
 For each: steady real tokens/s (non-padding tokens over the wall time of optimizer steps
 after ``--warmup-steps``, CUDA synchronised, intervals with an evaluation or a save left
@@ -54,6 +55,7 @@ from train_speed import add_shape_args, build_base, environment  # noqa: E402  (
 
 from reprotune import io  # noqa: E402
 from reprotune.params import LoraParams, TopParams, TrainParams  # noqa: E402
+from reprotune.train import training  # noqa: E402
 from reprotune.train.training import RunConfig, train_model  # noqa: E402
 
 # dense bf16 peak, FLOP/s, by a substring of torch.cuda.get_device_name() (first match)
@@ -135,6 +137,19 @@ def _timer_class() -> type:
                     "tokens_per_step": round(toks / len(spans), 1)}
 
     return StepTimer
+
+
+def _no_save_class() -> type:
+    from transformers import TrainerCallback
+
+    class NoSave(TrainerCallback):
+        """No checkpoint (a full fine-tune's is model + AdamW state: 7.2 GB at 0.6B): the
+        figures leave saves out anyway, and the GPU check's time is short."""
+
+        def on_step_end(self, args, state, control, **kw):
+            control.should_save = False
+
+    return NoSave
 
 
 def _memory() -> dict[str, Any]:
@@ -239,7 +254,7 @@ def run_stage(method: str, base: Path, splits: tuple[Path, Path], root: Path,
     d = root / method
     m = train_model(train_path=splits[0], val_path=splits[1], base_dir=base, out_dir=d / "out",
                     checkpoints_dir=d / "ckpt", live_dir=d / "live", cfg=cfg,
-                    callbacks=[timer, *callbacks])
+                    callbacks=[timer, _no_save_class()(), *callbacks])
     keys = ("packing", "packing_style", "attention", "attention_note", "loss_impl", "fused_kernels",
             "base_dtype_note", "optim", "torch_compile", "trainable_share", "train_steps",
             "initial_val_loss", "best_val_loss", "budget_fill", "fast_path_fallbacks")
@@ -286,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         versions["liger_kernel"] = None
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # nor the final model folder (2.4 GB for a full fine-tune): not part of any figure here
+    training.save_finetuned = lambda *a, **k: None
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
         root = Path(tmp)
