@@ -135,7 +135,7 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
         "runs": runs, "targets": targets(runs, on_gpu),
         "profile_top": (profile or {}).get("top"),
         "profile_complete": (profile or {}).get("complete"),
-        "tests": {name: tests(out / f"{name}.xml") for name in ("cuda_tests", "align_tests")},
+        "tests": {name: tests(out / f"{name}.xml") for name in ("cuda_tests", "training_tests")},
         "fast_path_fallbacks": fallbacks(runs, profile),
         "timings": timings(out / "timings.txt"),
     }

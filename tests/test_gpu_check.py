@@ -28,7 +28,7 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     assert "gpu_check: done" in done.stdout
     assert "varlen: torch " in (out / "env.txt").read_text()
     # the CUDA test selections name the real tests (collected here, run on a GPU)
-    tests = (out / "cuda_tests.log").read_text() + (out / "align_tests.log").read_text()
+    tests = (out / "cuda_tests.log").read_text() + (out / "training_tests.log").read_text()
     for name in ("test_cuda_pack_matches_alone", "test_cuda_lean_losses_match_stock",
                  "test_packed_and_unpacked_training_give_the_same_loss_curve",
                  "test_dpo_raises_test_reward_accuracy_and_writes_curves",
@@ -38,14 +38,17 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     # every step ran under its cap, and its time was kept
     steps = [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()]
     assert steps == ["cuda_tests", "throughput_default", "throughput_lean", "profile_full",
-                     "align_tests", "summary"]
+                     "training_tests", "summary"]
     default, lean = (io.read_json(out / f"throughput_{s}.json") for s in ("default", "lean"))
-    assert list(default["runs"]) == list(lean["runs"]) == ["baseline", "full", "lora", "qlora"]
+    assert list(default["runs"]) == ["baseline", "full", "lora", "qlora"]
+    assert list(lean["runs"]) == ["full", "lora", "qlora"]  # the memory targets
     assert default["settings"]["gradient_checkpointing"] is False
     assert lean["settings"]["gradient_checkpointing"] is True
     assert lean["settings"]["tokens_per_batch"] == default["settings"]["tokens_per_batch"] == 256
     for report in (default, lean):
         for name in ("baseline", "full", "lora"):
+            if name not in report["runs"]:
+                continue
             assert report["runs"][name]["status"] == "ok", report["runs"][name]
             assert report["runs"][name]["tokens_per_s"] > 0
             assert report["runs"][name]["peak_reserved_gib"] == "n/a"  # CUDA only
@@ -54,11 +57,11 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
             run = report["runs"][name]
             assert run["packing_style"] == "packs" and run["attention"] == "sdpa per sample"
             assert run["loss_impl"] == "chunked" and run["fast_path_fallbacks"] == {}
-        # the baseline trains about the stage's real tokens per optimizer step
-        budget = report["tokens_per_step"]
-        assert budget["stage_budget"] == 256 and budget["baseline_grad_accum"] >= 2
-        assert report["runs"]["baseline"]["grad_accum"] == budget["baseline_grad_accum"]
-        assert 0.6 * 256 <= report["runs"]["baseline"]["tokens_per_step"] <= 1.5 * 256
+    # the baseline trains about the stage's real tokens per optimizer step
+    budget = default["tokens_per_step"]
+    assert budget["stage_budget"] == 256 and budget["baseline_grad_accum"] >= 2
+    assert default["runs"]["baseline"]["grad_accum"] == budget["baseline_grad_accum"]
+    assert 0.6 * 256 <= default["runs"]["baseline"]["tokens_per_step"] <= 1.5 * 256
     profile = io.read_json(out / "profile_full.json")
     assert profile["method"] == "full" and profile["device_kernels"] is False
     assert 5 <= len(profile["top"]) <= 15 and profile["profiled_steps"] == 2
@@ -76,7 +79,7 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     assert summary["targets"]["full_tokens_per_s"]["met"] is None  # not measured on a CPU
     assert summary["targets"]["lean_full_peak_gib"]["value"] is None  # RSS is not GPU memory
     md = (out / "gpu_check.md").read_text().splitlines()
-    assert len(md) == 2 + 8 and md[2].startswith("| default | baseline |")
+    assert len(md) == 2 + 7 and md[2].startswith("| default | baseline |")
 
 
 def test_summary_says_which_steps_are_missing(tmp_path):
@@ -101,7 +104,7 @@ def _gpu_caps() -> dict[str, int]:
 
 def test_the_caps_fit_seven_minutes_and_the_docs_say_their_sum():
     caps = _gpu_caps()
-    assert set(caps) == {"T_CUDA", "T_RUN", "T_LEAN", "T_PROFILE", "T_ALIGN", "T_SUMMARY"}
+    assert set(caps) == {"T_CUDA", "T_RUN", "T_LEAN", "T_PROFILE", "T_TRAIN", "T_SUMMARY"}
     total = sum(caps.values())
     # one run with ~20 s of wheels and versions fits 7 minutes of device time
     assert total + 20 <= 7 * 60
@@ -207,7 +210,7 @@ def test_summary_counts_tests_fallbacks_and_timings(tmp_path):
     summary = gpu_summary.summarize(tmp_path)
     assert summary["tests"]["cuda_tests"] == {"tests": 3, "failed": 1, "skipped": 1, "passed": 1,
                                               "failed_tests": ["tests.test_packing::test_b"]}
-    assert summary["tests"]["align_tests"] is None
+    assert summary["tests"]["training_tests"] is None
     assert summary["fast_path_fallbacks"] == {
         "count": 1, "runs": {"default/full": {"varlen": "RuntimeError: no"}}}
     assert summary["steps"]["profile"].startswith("partial (1 of 3 profiled steps")
