@@ -18,7 +18,7 @@ Each profiled step is its own profiler session; after each one the table (``--ta
 the JSON (``--out``, ``"complete": false`` until the last step) are rewritten with the
 kernels so far, so a timeout loses at most the step it cut. After the last profiled step the
 run stops without evaluating or saving: no checkpoint and no model folder are written (the
-train stage's ``save_finetuned`` is replaced by a no-op in this process).
+train stage's ``save_finetuned`` is a no-op while it runs: ``train_throughput.no_model_folder``).
 
     python bench/kernel_profile.py --out bench/results/gpu_check/profile_full.json
 """
@@ -37,7 +37,6 @@ import train_throughput as tt  # noqa: E402  (sets HF offline and the src path)
 from train_speed import build_base  # noqa: E402
 
 from reprotune import io  # noqa: E402
-from reprotune.train import training  # noqa: E402
 
 DEVICE_TYPES = ("CUDA", "PrivateUse1", "MTIA", "XPU")  # as torch's table counts device time
 
@@ -176,9 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"kernel_profile: {done} of {own.profile_steps} steps profiled", flush=True)
 
     # the profile needs no model folder: the stage's final save (a full fine-tune of the
-    # 0.6B model writes gigabytes) is skipped in this process
-    training.save_finetuned = lambda *a, **k: None
-    with tempfile.TemporaryDirectory(prefix="kernel_profile_") as tmp:
+    # 0.6B model writes gigabytes) is skipped while it runs
+    with tempfile.TemporaryDirectory(prefix="kernel_profile_") as tmp, tt.no_model_folder():
         root = Path(tmp)
         build_base(root / "base", args)
         per_step = args.tokens_per_batch * args.grad_accum

@@ -38,6 +38,7 @@ Tiny on CPU (the smoke test): ``--layers 1 --hidden 64 --intermediate 128 --head
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import random
@@ -46,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,19 @@ def _no_save_class() -> type:
             control.should_save = False
 
     return NoSave
+
+
+@contextlib.contextmanager
+def no_model_folder() -> Iterator[None]:
+    """Inside: the train stage writes no final model folder (2.4 GB for a full fine-tune of
+    the 0.6B model; no figure here includes saving). Restored on the way out, so a test
+    that calls :func:`main` in its process leaves ``train_model`` as it was."""
+    saved = training.save_finetuned
+    training.save_finetuned = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        training.save_finetuned = saved
 
 
 def _memory() -> dict[str, Any]:
@@ -301,10 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         versions["liger_kernel"] = None
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    # nor the final model folder (2.4 GB for a full fine-tune): not part of any figure here
-    training.save_finetuned = lambda *a, **k: None
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp, no_model_folder():
         root = Path(tmp)
         shape = build_base(root / "base", args)
         # enough rows that no run sees a row twice: steps x the larger step size
