@@ -7,17 +7,24 @@ random token ids. The model is random-init Qwen3-0.6B-shaped (``bench/train_spee
 
 * ``baseline``: a plain ``transformers.Trainer`` (full fine-tuning, padded batches of
   ``--baseline-batch-size`` rows through ``DataCollatorForSeq2Seq``, the model's own loss,
-  the same precision as the stage: fp32 master weights with bf16 autocast on CUDA);
+  the same precision as the stage: fp32 master weights with bf16 autocast on CUDA), with
+  gradient accumulation so that an optimizer step trains about the stage's real tokens per
+  step (``--tokens-per-batch`` x ``--grad-accum`` over ``--baseline-batch-size`` rows of
+  the workload's mean length: 5 x 8 rows for the defaults); both counts are in the JSON
+  (``tokens_per_step``, and each run's measured ``tokens_per_step``);
 * ``full``, ``lora``, ``qlora``: :func:`reprotune.train.training.train_model`, the train stage's own
-  code, with ``--packing``/``--tokens-per-batch``/``--loss-impl``/``--gradient-checkpointing``.
+  code, with ``--packing``/``--tokens-per-batch``/``--loss-impl``/``--gradient-checkpointing``;
+  without checkpoints or the final model folder (no figure here includes saving).
 
 For each: steady real tokens/s (non-padding tokens over the wall time of optimizer steps
 after ``--warmup-steps``, CUDA synchronised, intervals with an evaluation or a save left
 out), MFU (6N + causal attention FLOPs per real token, over the GPU's dense bf16 peak; N
 counts every matmul weight, the output head included; LoRA/QLoRA need no gradients for the
 frozen weights, about 4N, so for them this convention compares throughput rather than
-measuring hardware utilisation), and peak memory (``torch.cuda.max_memory_allocated``, reset per run). Printed as a
-table and written as JSON (``--out``) with the GPU name and versions.
+measuring hardware utilisation), and peak memory, reset per run: ``torch.cuda.max_memory_allocated``
+(``peak_memory_gib``), ``max_memory_reserved``, the CUDA context and their sum, what the GPU
+needed (:func:`_memory`; "n/a" on CPU). Printed as a table and written as JSON (``--out``)
+with the GPU name and versions.
 
 On a GPU machine (figures: docs/gpu.md):
 
@@ -31,6 +38,7 @@ Tiny on CPU (the smoke test): ``--layers 1 --hidden 64 --intermediate 128 --head
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import random
@@ -39,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,6 +57,7 @@ from train_speed import add_shape_args, build_base, environment  # noqa: E402  (
 
 from reprotune import io  # noqa: E402
 from reprotune.params import LoraParams, TopParams, TrainParams  # noqa: E402
+from reprotune.train import training  # noqa: E402
 from reprotune.train.training import RunConfig, train_model  # noqa: E402
 
 # dense bf16 peak, FLOP/s, by a substring of torch.cuda.get_device_name() (first match)
@@ -131,14 +141,71 @@ def _timer_class() -> type:
     return StepTimer
 
 
-def _memory() -> tuple[float | None, str]:
+def _no_save_class() -> type:
+    from transformers import TrainerCallback
+
+    class NoSave(TrainerCallback):
+        """No checkpoint (a full fine-tune's is model + AdamW state: 7.2 GB at 0.6B): the
+        figures leave saves out anyway, and the GPU check's time is short."""
+
+        def on_step_end(self, args, state, control, **kw):
+            control.should_save = False
+
+    return NoSave
+
+
+@contextlib.contextmanager
+def no_model_folder() -> Iterator[None]:
+    """Inside: the train stage writes no final model folder (2.4 GB for a full fine-tune of
+    the 0.6B model; no figure here includes saving). Restored on the way out, so a test
+    that calls :func:`main` in its process leaves ``train_model`` as it was."""
+    saved = training.save_finetuned
+    training.save_finetuned = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        training.save_finetuned = saved
+
+
+def _memory() -> dict[str, Any]:
+    """Peak memory of the run just ended (the counters are reset before each run).
+
+    ``peak_memory_gib`` stays ``max_memory_allocated`` (the tensors; what the memory targets
+    are about). Beside it: ``max_memory_reserved`` (the caching allocator's peak, blocks
+    held whether used or not), the CUDA context (driver, kernels, cuBLAS workspaces: what
+    the device has in use, ``total - free`` from ``torch.cuda.mem_get_info``, less what
+    the allocator holds now) and ``device_peak_gib`` = peak reserved + context, what the GPU
+    needed at most for this run (other processes on the GPU count in the context). On CPU
+    these are "n/a" and ``peak_memory_gib`` is the process's peak RSS.
+    """
     import resource
 
     import torch
 
-    if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2), "cuda_max_memory_allocated"
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "process_peak_rss"
+    gib = 2**30
+    if not torch.cuda.is_available():
+        rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        return {"peak_memory_gib": rss, "peak_memory_kind": "process_peak_rss",
+                **{k: "n/a" for k in ("peak_allocated_gib", "peak_reserved_gib",
+                                      "cuda_context_gib", "device_peak_gib")}}
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    context = (total - free) - torch.cuda.memory_reserved()
+    allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    return {"peak_memory_gib": round(allocated / gib, 2),
+            "peak_memory_kind": "cuda_max_memory_allocated",
+            "peak_allocated_gib": round(allocated / gib, 2),
+            "peak_reserved_gib": round(reserved / gib, 2),
+            "cuda_context_gib": round(context / gib, 2),
+            "device_peak_gib": round((reserved + context) / gib, 2)}
+
+
+def baseline_accumulation(rows: list[dict[str, list[int]]], args: argparse.Namespace) -> int:
+    """Micro-batches per baseline optimizer step so that it trains about the stage's real
+    tokens per step (``tokens_per_batch x grad_accum``): the stage's budget over the rows
+    of ``--baseline-batch-size`` rows of the workload's mean length."""
+    mean = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    return max(1, round(args.tokens_per_batch * args.grad_accum / (mean * args.baseline_batch_size)))
 
 
 def _reset() -> None:
@@ -162,12 +229,14 @@ def run_baseline(base: Path, rows: list, root: Path, args: argparse.Namespace) -
     )
 
     cuda = torch.cuda.is_available()
+    accum = baseline_accumulation(rows, args)
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     timer = _timer_class()()
     targs = TrainingArguments(
         output_dir=str(root / "baseline"), report_to="none", max_steps=args.steps,
-        per_device_train_batch_size=args.baseline_batch_size, learning_rate=args.lr,
+        per_device_train_batch_size=args.baseline_batch_size, gradient_accumulation_steps=accum,
+        learning_rate=args.lr,
         bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, save_strategy="no",
         eval_strategy="no", logging_steps=max(1, args.steps // 10), seed=args.seed,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
@@ -176,10 +245,9 @@ def run_baseline(base: Path, rows: list, root: Path, args: argparse.Namespace) -
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True),
                       callbacks=[timer])
     trainer.train()
-    mem, kind = _memory()
-    out = {"status": "ok", **timer.steady(args.warmup_steps), "peak_memory_gib": mem,
-           "peak_memory_kind": kind, "packing": False, "loss_impl": "stock (transformers)",
-           "batch": f"{args.baseline_batch_size} rows, padded"}
+    out = {"status": "ok", **timer.steady(args.warmup_steps), **_memory(), "packing": False,
+           "loss_impl": "stock (transformers)", "grad_accum": accum,
+           "batch": f"{args.baseline_batch_size} rows, padded x {accum}"}
     del trainer, model
     return out
 
@@ -201,13 +269,12 @@ def run_stage(method: str, base: Path, splits: tuple[Path, Path], root: Path,
     d = root / method
     m = train_model(train_path=splits[0], val_path=splits[1], base_dir=base, out_dir=d / "out",
                     checkpoints_dir=d / "ckpt", live_dir=d / "live", cfg=cfg,
-                    callbacks=[timer, *callbacks])
-    mem, kind = _memory()
+                    callbacks=[timer, _no_save_class()(), *callbacks])
     keys = ("packing", "packing_style", "attention", "attention_note", "loss_impl", "fused_kernels",
             "base_dtype_note", "optim", "torch_compile", "trainable_share", "train_steps",
-            "initial_val_loss", "best_val_loss", "budget_fill")
-    return {"status": "ok", **timer.steady(args.warmup_steps), "peak_memory_gib": mem,
-            "peak_memory_kind": kind, **{k: m.get(k) for k in keys},
+            "initial_val_loss", "best_val_loss", "budget_fill", "fast_path_fallbacks")
+    return {"status": "ok", **timer.steady(args.warmup_steps), **_memory(),
+            **{k: m.get(k) for k in keys}, "grad_accum": args.grad_accum,
             "batch": {"packs": f"packs of <= {args.tokens_per_batch} tokens",
                       "padding_free": f"{args.baseline_batch_size} rows, padding-free"}.get(
                           m["packing_style"], f"{args.baseline_batch_size} rows, padded")
@@ -250,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         versions["liger_kernel"] = None
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp, no_model_folder():
         root = Path(tmp)
         shape = build_base(root / "base", args)
         # enough rows that no run sees a row twice: steps x the larger step size
@@ -272,6 +339,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "steps", "warmup_steps", "baseline_batch_size", "tokens_per_batch",
                       "grad_accum", "packing", "loss_impl", "gradient_checkpointing",
                       "torch_compile", "lr")},
+                  # real tokens per optimizer step: the stage's budget, and the baseline's
+                  # micro-batches accumulated to about the same (each run's measured
+                  # tokens_per_step is in its entry)
+                  "tokens_per_step": {
+                      "stage_budget": args.tokens_per_batch * args.grad_accum,
+                      "baseline_expected": round(sum(lengths) / len(lengths)
+                                                 * args.baseline_batch_size
+                                                 * baseline_accumulation(rows, args)),
+                      "baseline_grad_accum": baseline_accumulation(rows, args)},
                   "peak_bf16_flops": peak, "runs": results}
         for name in names:
             _reset()
@@ -288,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_rate = (results.get("baseline") or {}).get("tokens_per_s")
     print(f"device: {device}; model {shape['n_params']:,} params; {len(rows)} rows, length "
           f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}; {fpt / 1e9:.2f} GFLOP/token")
-    print(f"{'run':9s} {'tokens/s':>10s} {'x base':>7s} {'MFU':>6s} {'peak GiB':>9s}  batch")
+    print(f"{'run':9s} {'tokens/s':>10s} {'x base':>7s} {'MFU':>6s} {'tok/step':>9s} "
+          f"{'alloc GiB':>9s} {'reserved':>9s} {'device':>7s}  batch")
     for name, r in results.items():
         if r["status"] != "ok":
             print(f"{name:9s} FAILED {r['reason'][:300]}")
@@ -297,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["speedup_vs_baseline"] = round(rate / base_rate, 2) if rate and base_rate else None
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         print(f"{name:9s} {rate or 0:>10,.0f} {r['speedup_vs_baseline'] or '-':>7} {mfu:>6s} "
-              f"{r['peak_memory_gib']:>9} {r['batch']}")
+              f"{r.get('tokens_per_step') or '-':>9} {r['peak_memory_gib']:>9} "
+              f"{r.get('peak_reserved_gib'):>9} {r.get('device_peak_gib'):>7} {r['batch']}")
     print(f"command: {command}")
     if args.out:
         io.write_json(args.out, report)

@@ -55,5 +55,14 @@ def test_throughput_smoke_on_cpu(tmp_path, repo_root, capsys):
     assert runs["full"]["speedup_vs_baseline"] > 0
     # bitsandbytes 4-bit may or may not run on this CPU: either way it is a recorded result
     assert runs["qlora"]["status"] == "ok" or runs["qlora"]["reason"]
+    # the baseline accumulates to about the stage's real tokens per optimizer step (256)
+    assert report["tokens_per_step"]["stage_budget"] == 256
+    assert runs["baseline"]["grad_accum"] == report["tokens_per_step"]["baseline_grad_accum"] >= 2
+    assert 0.6 * 256 <= runs["baseline"]["tokens_per_step"] <= 1.5 * 256
+    assert runs["baseline"]["peak_reserved_gib"] == runs["full"]["device_peak_gib"] == "n/a"
+    # the stage's final save was skipped only inside main()
+    from reprotune.train import loading, training
+
+    assert training.save_finetuned is loading.save_finetuned
     printed = capsys.readouterr().out
     assert "baseline" in printed and "command: python bench/train_throughput.py" in printed

@@ -215,6 +215,7 @@ def test_every_method_learns_and_reloads(tmp_path, tiny_base_dir, method):
         not soft, "sdpa" if soft else "sdpa per sample", "adamw_torch_fused", False)
     assert m["packing_style"] == ("off" if soft else "padding_free") and m["mode"] == "portable"
     assert m["loss_impl"] == ("stock" if soft else "chunked"), m["loss_note"]
+    assert m["fast_path_fallbacks"] == {}  # every fast path that was tried ran
     share = m["trainable_share"]
     assert {"full": share == 1.0, "freeze": 0 < share < 1, "lora": 0 < share < 0.5,
             "qlora": 0 < share < 0.5, "prompt_tuning": 0 < share < 0.05,

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from reprotune.train import fallbacks
 from reprotune.train import packed_attention as pa
 from reprotune.train.packing import PackingCollator, model_inputs
 
@@ -154,6 +155,7 @@ def test_a_refusing_kernel_falls_back_per_sample_and_says_so(tiny_base_dir, monk
     batch.pop("labels")
     monkeypatch.setattr(pa, "installed_varlen", lambda: (refuses, SIGS["2.13"][1], "fake"))
     monkeypatch.setattr(pa._Ran, "refused", None)
+    fallbacks.reset()
     real_refusal = pa.refusal
     monkeypatch.setattr(pa, "refusal", lambda q, d, p: pa._Ran.refused)
     previous = pa.enable(model)
@@ -167,7 +169,11 @@ def test_a_refusing_kernel_falls_back_per_sample_and_says_so(tiny_base_dir, monk
     assert rep["attention"] == pa.PER_SAMPLE
     assert rep["attention_note"] == ("varlen_attn refused the call (RuntimeError: FlashAttention "
                                      "only supports Ampere GPUs or newer.)")
-    assert caplog.text.count("varlen_attn refused the call") == 1
+    # one warning, naming the failed fast path and its reason (reprotune.train.fallbacks)
+    assert caplog.text.count("fast path varlen failed (RuntimeError: FlashAttention only") == 1
+    assert fallbacks.report() == {"varlen": "RuntimeError: FlashAttention only supports Ampere "
+                                            "GPUs or newer."}
+    fallbacks.reset()
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([samples[0]["input_ids"]])).logits[0]
     assert (packed[:4] - alone).abs().max().item() <= 1e-4

@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from reprotune.train import fallbacks
+
 log = logging.getLogger(__name__)
 
 LIGER_KERNELS = ("rope", "rms_norm", "swiglu")
@@ -51,7 +53,8 @@ def apply_liger(model: Any, device: str) -> tuple[list[str], str]:
     try:
         from liger_kernel import transformers as liger
     except Exception as exc:  # noqa: BLE001 - a broken optional install is a note, not a crash
-        return [], f"liger-kernel does not import ({type(exc).__name__}: {exc}); eager layers"
+        fallbacks.record("liger_kernels", exc, "eager RMSNorm, RoPE and SwiGLU")
+        return [], f"liger-kernel does not import ({fallbacks.reason(exc)}); eager layers"
     fn = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
     if fn is None:
         return [], f"liger-kernel has no kernels for model type {model_type!r}; eager layers"
@@ -62,8 +65,8 @@ def apply_liger(model: Any, device: str) -> tuple[list[str], str]:
     try:
         fn(**wanted, **off, model=base)
     except Exception as exc:  # noqa: BLE001 - refused: keep the eager layers, say why
-        log.warning("liger-kernel refused %s: %s; eager layers", model_type, exc)
-        return [], f"liger-kernel refused {model_type} ({type(exc).__name__}: {exc}); eager layers"
+        fallbacks.record("liger_kernels", exc, f"eager layers for {model_type}")
+        return [], f"liger-kernel refused {model_type} ({fallbacks.reason(exc)}); eager layers"
     try:
         version = metadata.version("liger-kernel")
     except metadata.PackageNotFoundError:

@@ -30,6 +30,7 @@ import types
 from typing import Any
 
 from reprotune.constants import IGNORE_INDEX
+from reprotune.train import fallbacks
 from reprotune.train.fused import liger_available
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,7 @@ def accumulate_fp32(acc: Any, a: Any, b: Any) -> Any:
             return acc
         except (RuntimeError, TypeError) as exc:  # older torch or GPU: say so once
             _OutDtype.ok = False
-            log.warning("chunked loss: addmm with out_dtype is not available here (%s); "
-                        "upcasting the operands instead", str(exc).splitlines()[0][:200])
+            fallbacks.record("addmm_out_dtype", exc, "the chunked loss upcasts the operands")
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
     return acc
 
@@ -256,6 +256,10 @@ def liger_linear_cross_entropy(hidden: Any, weight: Any, labels: Any, bias: Any 
               None if bias is None else bias.to(dtype)).float()
 
 
+class _LigerLoss:
+    failed: bool = False  # set once if liger's fused loss raised: chunked from then on
+
+
 def causal_lm_loss(model: Any, inputs: dict[str, Any], impl: str,
                    num_items_in_batch: Any = None) -> Any:
     """The batch's loss with ``impl`` (``chunked`` or ``liger``), stock normalisation."""
@@ -270,8 +274,17 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any], impl: str,
     # IGNORE_INDEX at every sample start, so no target crosses a sample boundary)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
-    fused = liger_linear_cross_entropy if impl == "liger" else chunked_linear_cross_entropy
-    total = fused(h, head.weight, y, head.bias)
+    total = None
+    if impl == "liger" and not _LigerLoss.failed:
+        try:
+            total = liger_linear_cross_entropy(h, head.weight, y, head.bias)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a refusing kernel: the chunked loss, said loudly
+            _LigerLoss.failed = True
+            fallbacks.record("liger_loss", exc, "the chunked loss for the rest of this process")
+    if total is None:
+        total = chunked_linear_cross_entropy(h, head.weight, y, head.bias)
     if num_items_in_batch is not None:
         return total / torch.as_tensor(num_items_in_batch, device=total.device)
     return total / (y != IGNORE_INDEX).sum().clamp(min=1)

@@ -17,7 +17,9 @@
     length. On a CPU without AMX, bf16/fp16 queries are computed in fp32 (autocast off, the
     output cast back): PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32
     there (forward + backward, 9 heads x 64, 3 kv heads: 12.6 vs 9.5 ms at 256 tokens, 6.2
-    vs 3.3 ms at 128, one thread of an AVX512-BF16 Zen 4), and fp32 is the more exact;
+    vs 3.3 ms at 128, one thread of an AVX512-BF16 Zen 4), and fp32 is the more exact.
+    A kernel that raises is a failed fast path (:mod:`reprotune.train.fallbacks`: one
+    warning, ``fast_path_fallbacks: {"varlen": reason}`` in the metrics);
 * any other batch (the padded evaluation batches): transformers' ``sdpa``, unchanged.
 
 What packed rows actually ran, and why, is kept for the train metrics (:func:`report`:
@@ -35,6 +37,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from reprotune.train import fallbacks
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +231,11 @@ def packed_attention_forward(module: Any, query: Any, key: Any, value: Any,
         try:
             out = _varlen(query, key, value, cu, int(max_len), scaling, dtype)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
-            # a kernel that refuses this GPU, dtype or shape: say so once, then per sample
-            why = _Ran.refused = f"varlen_attn refused the call ({type(exc).__name__}: " \
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
-            log.warning("packed attention: %s; packed rows run %s from now on", why, PER_SAMPLE)
+            # a kernel that refuses this GPU, dtype or shape: say so once (a warning and
+            # fast_path_fallbacks in the metrics), then per sample
+            why = _Ran.refused = (f"varlen_attn refused the call "
+                                  f"({fallbacks.reason(exc)[:200]})")
+            fallbacks.record("varlen", exc, f"packed rows run {PER_SAMPLE} from now on")
         else:
             _Ran.varlen = True
             return out, None
@@ -266,6 +271,8 @@ def enable(model: Any) -> str:
     """Switch ``model`` to packed attention; returns the implementation to restore later."""
     register()
     _Ran.varlen, _Ran.fallback = False, None
+    if _Ran.refused:  # refused earlier in this process: this run is slow too, and says so
+        fallbacks.record("varlen", _Ran.refused, f"packed rows run {PER_SAMPLE}")
     base = _base(model)
     previous = base.config._attn_implementation
     if previous not in ("sdpa", "eager", NAME):

@@ -30,7 +30,7 @@ from typing import Any
 
 from reprotune.cpu_kernels import is_portable
 from reprotune.params import TrainParams
-from reprotune.train import fused, lean_loss, packed_attention
+from reprotune.train import fallbacks, fused, lean_loss, packed_attention
 from reprotune.train.cpu import BF16_FLAGS, cpu_bf16, cpu_kernels
 from reprotune.train.lean_loss import resolve_loss_impl
 from reprotune.train.methods import decoder_layers
@@ -95,10 +95,37 @@ def keep_freed_memory() -> str:
 
 
 def compile_layers(model: Any) -> int:
-    """``torch.compile`` every decoder layer in place; returns how many."""
+    """``torch.compile`` every decoder layer in place; returns how many.
+
+    Compilation happens at a layer's first call. Where it fails (no working compiler, a
+    graph dynamo cannot take), every layer goes back to eager for the rest of the run and
+    the failure is a recorded fast-path fallback (:mod:`reprotune.train.fallbacks`); out of
+    memory is not a compilation failure and is raised as it is.
+    """
+    import torch
+
     layers = decoder_layers(model)
+
+    def back_to_eager() -> None:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
     for layer in layers:
         layer.compile()
+        compiled = layer._compiled_call_impl
+
+        def guarded(*args: Any, _compiled: Any = compiled, _layer: Any = layer,
+                    **kwargs: Any) -> Any:
+            try:
+                return _compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: eager, said loudly
+                fallbacks.record("torch_compile", exc, "eager decoder layers")
+                back_to_eager()
+                return _layer._call_impl(*args, **kwargs)
+
+        layer._compiled_call_impl = guarded
     log.info("train.torch_compile: compiled %d decoder layers (the first steps include "
              "compilation)", len(layers))
     return len(layers)

@@ -25,7 +25,9 @@
   NaN/inf stops with one line naming the folder or ``lr``;
 * the fast paths (:mod:`reprotune.train.speed`): padding-free packing of the train split
   (:mod:`reprotune.train.packing`, ``train.packing``), a loss without the batch's full logits
-  (:mod:`reprotune.train.lean_loss`, ``train.loss_impl``), fused AdamW, optional compilation.
+  (:mod:`reprotune.train.lean_loss`, ``train.loss_impl``), fused AdamW, optional compilation;
+  a fast path that fails is logged once and named in ``fast_path_fallbacks``
+  (:mod:`reprotune.train.fallbacks`), never silently slow.
   The metrics record which ran.
 """
 
@@ -474,7 +476,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     from transformers import AutoConfig, EarlyStoppingCallback, set_seed
 
     from reprotune.modeling import BASE_INFO_FILE, load_tokenizer
-    from reprotune.train import fused, lean_loss, packed_attention
+    from reprotune.train import fallbacks, fused, lean_loss, packed_attention
     from reprotune.train.packing import (
         OFF,
         PACKS,
@@ -487,6 +489,7 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     from reprotune.train.speed import speed_setup
 
     t0 = time.perf_counter()
+    fallbacks.reset()  # this run's failed fast paths (fast_path_fallbacks in the metrics)
     method = check_method(cfg.top.method)
     device = distributed.local_device()  # cuda:<local rank> when several processes share GPUs
     distributed.init(device, cfg.train.collective_timeout_s)
@@ -643,6 +646,8 @@ def _train(*, train_path: str | Path, val_path: str | Path, base_dir: str | Path
     }
     if packing:  # what packed rows ran (a kernel may have refused them midway), and why
         metrics.update(packed_attention.report(device))
+    # every fast path that raised and fell back to a slower one ({} when none did)
+    metrics["fast_path_fallbacks"] = fallbacks.report()
     if cfg.train.launcher != "python" or world > 1:
         metrics["distributed"] = distributed.summary(trainer, cfg.top.batch_size,
                                                      cfg.train.grad_accum, packs)
