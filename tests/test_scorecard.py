@@ -121,3 +121,44 @@ def test_tune_writes_a_drawn_float_as_a_person_would(drawn: float, written: floa
     space = ParamSpace("lr", "log", low=1e-5, high=1e-3)
     value = suggest(optuna.trial.FixedTrial({"lr": drawn}), space)
     assert value == written and repr(value) == repr(written)
+
+
+def test_an_experiment_stopped_at_a_target_shows_later_stages_stale(tmp_path: Path) -> None:
+    """Real DVC: `dvc exp run <first stage>` commits the second stage's old metrics; the
+    experiment's dvc.lock says so, and make exps marks the value."""
+    import os
+
+    from toy_repos import dvc, run
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "params.yaml").write_text("lr: 1\n")
+    (root / "a.py").write_text("from pathlib import Path\n"
+                               "Path('a.txt').write_text(Path('params.yaml').read_text()[4:])\n")
+    (root / "b.py").write_text("import json\nfrom pathlib import Path\n"
+                               "json.dump({'bleu': float(Path('a.txt').read_text()),"
+                               " 'best_val_loss': 1.0}, open('metrics/b.json', 'w'))\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  a:\n    cmd: python a.py\n    deps: [a.py]\n    params: [lr]\n"
+        "    outs: [a.txt]\n  b:\n    cmd: python b.py\n    deps: [b.py, a.txt]\n"
+        "    metrics:\n      - metrics/b.json: {cache: false}\n")
+    (root / "metrics").mkdir()
+    run(["git", "init", "-q", "-b", "main"], root)
+    dvc(root, "init", "-q")
+    dvc(root, "repro", "-q")
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "baseline"], root)
+    dvc(root, "exp", "run", "-q", "-S", "lr=2", "-n", "only-a", "a")
+    dvc(root, "exp", "run", "-q", "-S", "lr=3", "-n", "both")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        shown = {r.label: r for r in exps.show_json()}
+    finally:
+        os.chdir(cwd)
+    assert shown["only-a"].stale == {"metrics/b.json"}  # b did not run on lr=2's a.txt
+    assert shown["both"].stale == frozenset() and shown["main"].stale == frozenset()
+    _, body = exps.table([shown["only-a"], shown["both"]], sort_by="metrics/b.json:bleu")
+    cells = {r[0]: r for r in body}
+    assert cells["only-a"][-1] == f"1 {exps.STALE}"  # the baseline's value, marked
+    assert cells["both"][-1] == 3.0
