@@ -17,6 +17,10 @@ exists and was built from the current ingest.inputs (any run after the first tha
 them), its pairs are counted here, so a switch to dpo, orpo, simpo or kto on data without
 pairs fails before align's and evaluate's outputs are deleted. After a change of inputs the
 split is stale and the align stage counts the new split's pairs itself.
+
+Unpaired KTO rows (a desirable/undesirable flag) are trained on by `align.method: kto`
+only: with any other method (none included, where SFT would learn the desirable answers
+and nothing the undesirable ones) the check refuses, saying to set align.method: kto.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ from pathlib import Path
 
 from reprotune import io, runtime
 from reprotune.data.layouts import LayoutError, check_layouts
-from reprotune.data.preference import PairsError, built_from, check_pairs, count_pairs
+from reprotune.data.preference import (
+    PairsError,
+    built_from,
+    check_pairs,
+    check_unpaired,
+    count_pairs,
+    count_unpaired,
+)
 from reprotune.params import check_paths, load_section, read_params
 
 TRAIN_SPLIT = Path("data/interim/splits/train.jsonl")
@@ -40,9 +51,13 @@ def main() -> None:
     check_paths(read_params())  # a missing model folder or input, before DVC deletes outputs
     align = load_section("align")
     inputs = load_section("ingest").inputs
-    if align.method != "none" and TRAIN_SPLIT.is_file() and built_from(TRAIN_SPLIT, inputs):
+    if TRAIN_SPLIT.is_file() and built_from(TRAIN_SPLIT, inputs):
         try:
-            check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT))
+            unpaired = count_unpaired(TRAIN_SPLIT)
+            check_unpaired(align.method, unpaired, str(TRAIN_SPLIT))
+            if align.method != "none":
+                check_pairs(align.method, 0, count_pairs(TRAIN_SPLIT), None, str(TRAIN_SPLIT),
+                            unpaired_train=sum(unpaired.values()))
         except PairsError as exc:
             raise SystemExit(f"check: {exc}") from None
     try:  # text documents need format.mode: text, conversations chat

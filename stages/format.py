@@ -26,7 +26,14 @@ from reprotune.data import SPLITS
 from reprotune.data.format_stream import format_splits, write_parquet
 from reprotune.data.formatting import FormatError, combine_stats, formatted_schema
 from reprotune.data.pairs import combine as combine_pairs
-from reprotune.data.pairs import emptied_splits, format_pairs, pair_records
+from reprotune.data.pairs import (
+    combine_unpaired,
+    emptied_splits,
+    format_pairs,
+    format_unpaired,
+    pair_records,
+    unpaired_records,
+)
 from reprotune.data.text_packing import Packer, count_documents, tables, text_max_length
 from reprotune.data.text_packing import combine as combine_text
 from reprotune.modeling import BASE_INFO_FILE, context_length, load_tokenizer
@@ -43,7 +50,8 @@ def main() -> None:
     ap.add_argument("--metrics", default="metrics/format.json")
     ap.add_argument("--plot", default="metrics/plots/token_lengths.png")
     ap.add_argument("--pairs-dir", default="data/processed/pairs",
-                    help="preference pairs per split (<split>.jsonl) and dropped.jsonl")
+                    help="preference pairs per split (<split>.jsonl), unpaired KTO rows "
+                         "(unpaired_<split>.jsonl) and dropped.jsonl")
     args = ap.parse_args()
 
     log = runtime.setup("format")
@@ -52,9 +60,10 @@ def main() -> None:
     datas = {s: Path(args.data_dir) / f"{s}.jsonl" for s in SPLITS}
     outs = {s: Path(args.out_dir) / f"{s}.parquet" for s in SPLITS}
     pairs = {s: Path(args.pairs_dir) / f"{s}.jsonl" for s in SPLITS}
+    unpaired = {s: Path(args.pairs_dir) / f"unpaired_{s}.jsonl" for s in SPLITS}
     pairs_dropped = Path(args.pairs_dir) / "dropped.jsonl"
     io.clean_stale_temporaries(*outs.values(), args.dropped, args.metrics, args.plot,
-                               *pairs.values(), pairs_dropped)
+                               *pairs.values(), *unpaired.values(), pairs_dropped)
     tokenizer = load_tokenizer(args.base)
     base_info = io.read_json(Path(args.base) / BASE_INFO_FILE)
     sha = template_fingerprint(tokenizer.chat_template or "")
@@ -93,7 +102,19 @@ def main() -> None:
             enable_thinking=cfg.enable_thinking)
         io.write_jsonl(pairs[name], rows)
         pair_drops += [{**d, "split": name} for d in drops]
+    unpaired_stats = {}
+    for name in SPLITS:  # unpaired KTO rows (empty files when the data has none)
+        rows, unpaired_stats[name], drops = format_unpaired(
+            unpaired_records(datas[name]), tokenizer, max_length=stats["max_length"],
+            enable_thinking=cfg.enable_thinking)
+        io.write_jsonl(unpaired[name], rows)
+        pair_drops += [{**d, "split": name} for d in drops]
     io.write_jsonl(pairs_dropped, pair_drops)
+    if any(s["rows_in"] for s in unpaired_stats.values()):
+        stats["unpaired"] = combine_unpaired(unpaired_stats)
+        log.info("unpaired KTO rows: %d of %d kept (%d desirable, %d undesirable)",
+                 stats["unpaired"]["rows_out"], stats["unpaired"]["rows_in"],
+                 stats["unpaired"]["desirable"], stats["unpaired"]["undesirable"])
     if any(s["pairs_in"] for s in pair_stats.values()):  # data without pairs: format.json as before
         stats["preference"] = combine_pairs(pair_stats)
         log.info("preference pairs: %d of %d kept, dropped %s", stats["preference"]["pairs_out"],

@@ -362,14 +362,13 @@ def test_reference_free_trainers_train_on_formats_ids(pair_files):
 
 
 def test_kto_unpairs_each_pair_into_both_answers_in_a_seeded_mixed_order(pair_files):
-    from reprotune.train.align_methods import _unpaired
+    from reprotune.train.align_methods import kto_examples
 
     rows = io.read_jsonl(pair_files / "train.jsonl")
-    items = _unpaired(rows, 0)
+    items = [(e["id"], e["label"]) for e in kto_examples(rows, 0)]
     assert len(items) == 64 and sum(label for _, label in items) == 32
-    assert sorted((r["id"], lab) for r, lab in items) == sorted(
-        (r["id"], lab) for r in rows for lab in (True, False))
-    assert [(r["id"], lab) for r, lab in items] == [(r["id"], lab) for r, lab in _unpaired(rows, 0)]
+    assert sorted(items) == sorted((r["id"], lab) for r in rows for lab in (True, False))
+    assert items == [(e["id"], e["label"]) for e in kto_examples(rows, 0)]
     assert all(0 < sum(lab for _, lab in items[i:i + 16]) < 16 for i in range(0, 64, 16))
 
 
@@ -465,13 +464,15 @@ def test_every_method_without_pairs_names_align_method(method):
 
 # --------------------------------------------------------------------------- val metrics
 def test_pair_weighted_mean_of_batch_means():
-    from reprotune.train.align_methods import batch_sizes, pair_weighted
+    from reprotune.train.align_methods import batch_sizes, pair_counts, pair_weighted
 
     assert batch_sizes(26, 8) == [8, 8, 8, 2] and batch_sizes(16, 8) == [8, 8]
     # issue 29's case: 14 of 26 pairs right read 0.53125 as a mean of the 4 batch means
     per_batch = [4 / 8, 5 / 8, 4 / 8, 1 / 2]
     assert sum(per_batch) / 4 == 0.53125
     assert pair_weighted(per_batch, batch_sizes(26, 8)) == pytest.approx(14 / 26)
+    assert pair_counts(per_batch, batch_sizes(26, 8)) == {"eval_pairs_correct": 14,
+                                                          "eval_pairs_total": 26}
     with pytest.raises(ValueError, match="3 batch means for 4 batches"):
         pair_weighted(per_batch[:3], batch_sizes(26, 8))
 
@@ -517,6 +518,11 @@ def test_val_reward_accuracy_counts_pairs_not_batches(pair_files, method):
     right = [x > 0 for x in margins]
     assert (sum(right[:8]), sum(right[8:])) == (6, 1), margins
     assert m["final_val"]["rewards/accuracies"] == pytest.approx(0.7, abs=1e-6)
+    # issue 29: pair-level counts over the whole split, equal to the recomputation above
+    assert m["val_accuracy"] == {"correct": sum(right), "total": len(pairs),
+                                 "ratio": round(sum(right) / len(pairs), 6)} == \
+        {"correct": 7, "total": 10, "ratio": 0.7}
+    assert m["initial_val_accuracy"]["total"] == 10
 
 
 @pytest.mark.slow

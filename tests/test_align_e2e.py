@@ -78,7 +78,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
 
 def test_real_pairs_through_dvc_repro_then_a_beta_experiment(project: Path) -> None:
     out = _dvc(project, "repro")
-    assert {"ingest", "format", "train", "align", "evaluate", "merge"} <= _ran(out)
+    assert {"ingest", "format", "train", "ref_logps", "align", "evaluate", "merge"} <= _ran(out)
     m = lambda name: json.loads((project / "metrics" / f"{name}.json").read_text())  # noqa: E731
     ingest = m("ingest")
     assert ingest["rows_in"] == 300 == ingest["kept"] + ingest["rejected_total"]
@@ -104,6 +104,7 @@ def test_real_pairs_through_dvc_repro_then_a_beta_experiment(project: Path) -> N
     align = m("align")
     assert align["method"] == "dpo" and align["train_steps"] == 2
     assert align["train_pairs"] == len(rows["train"]) and "train_time_s" not in align
+    assert align["ref_logps_cached"]  # the ref_logps stage's, not recomputed
     ev, gain = m("eval"), m("eval_gain")
     assert ev["preference"]["pairs"] == len(rows["test"])
     assert ev["preference"]["sft"]["reward_accuracy"] == 0.5
@@ -117,4 +118,5 @@ def test_real_pairs_through_dvc_repro_then_a_beta_experiment(project: Path) -> N
     _run(["git", "commit", "-qm", "baseline"], project)
     ran = _ran(_dvc(project, "exp", "run", "-S", "align.beta=0.3", "-n", "beta"))
     assert {"align", "evaluate", "merge"} <= ran
-    assert not ran & {"ingest", "format", "train", "eval_base", "split", "base"}
+    # the reference log-probs do not depend on beta: computed once, read back
+    assert not ran & {"ingest", "format", "train", "eval_base", "split", "base", "ref_logps"}

@@ -114,10 +114,9 @@ OUTCOMES: dict[str, dict] = {
     "pretty_printed.json": rows(5, 5),  # objects one after another, each over 4 lines
     "csv_double_bom.csv": rows(2, 2),  # the second U+FEFF is not part of the column name
     "empty_rejected.jsonl": rows(3, 3),  # dedup drops rows 1 and 3 as empty_answer
-    "kto_trl.jsonl": error("kept 0 of 4 rows", "top reason unpaired_preference",
-                           "TRL's unpaired KTO layout", "Give chosen/rejected pairs"),
-    "kto_llamafactory.jsonl": error("kept 0 of 3 rows", "top reason unpaired_preference",
-                                    "kto_tag true: LLaMA-Factory's unpaired KTO layout"),
+    # unpaired KTO rows are read as such (issue 29), never as SFT
+    "kto_trl.jsonl": rows(4, 4),
+    "kto_llamafactory.jsonl": rows(3, 3),
 }
 
 
@@ -195,7 +194,6 @@ def test_exact_text_of_odd_but_valid_rows() -> None:
     ("deep_brackets.json", "nested 9999 levels deep"),
     ("utf16_le_bom_stray_byte.json", "Remove it: truncate -s -1 data/raw/utf16_le_bom_stray_byte"),
     ("pretty_printed.jsonl", "rename it to .json"),
-    ("kto_trl.jsonl", "top reason unpaired_preference"),
 ])
 def test_stage_stops_with_one_line(tmp_path: Path, name: str, fragment: str) -> None:
     """The read stage of the file, as DVC runs it: exit 1, one line on stderr, no traceback."""
@@ -277,15 +275,13 @@ def test_empty_rejected_answer_is_dropped_like_an_empty_chosen_one() -> None:
         "empty_answer", None, "empty_answer"]
 
 
-def test_unpaired_kto_rows_are_rejected_naming_the_layout() -> None:
+def test_unpaired_kto_rows_are_read_with_their_flag() -> None:
     res = ingest_files([str(CORPUS / "kto_trl.jsonl")])
-    assert not res.records
-    assert [(r["line"], r["field"], r["detail"].split(":")[0]) for r in res.rejects] == [
-        (1, "label", "label true"), (2, "label", "label false"), (3, "label", 'label "true"'),
-        (4, "label", 'label "False"')]
+    assert [r["kto"]["desirable"] for r in res.records] == [True, False, True, False]
+    assert all(r["label"] is None for r in res.records)  # the flag is not a class label
     res = ingest_files([str(CORPUS / "kto_llamafactory.jsonl")])
-    assert [r["field"] for r in res.rejects] == ["kto_tag", "kto_tag", "label"]
-    assert "an unpaired KTO row" in res.rejects[2]["detail"]
+    assert [r["kto"] for r in res.records] == [{"prompt_turns": 1, "desirable": d}
+                                                for d in (True, False, False)]
     # a class label that is not true/false stays a label of an ordinary SFT row
     from reprotune.data.ingest import convert_row
 

@@ -226,8 +226,8 @@ BAD_ROWS = [  # (line content, reason, field)
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "other q"}, {"role": "assistant", "content": "b"}]},
      "prompt_mismatch", "chosen[0]"),
-    ({"prompt": "q", "completion": "a wrong answer", "label": False}, "unpaired_preference",
-     "label"),
+    ({"prompt": "q", "completion": "a wrong answer", "kto_tag": "maybe"}, "invalid_kto_row",
+     "kto_tag"),
 ]
 
 

@@ -26,6 +26,7 @@ from reprotune.data.rendering import (
     CANONICAL_FIELDS,
     DROP_TEMPLATE,
     DROP_TURNS,
+    DROP_UNDESIRABLE,
     IGNORE_INDEX,
     Renderer,
 )
@@ -33,7 +34,7 @@ from reprotune.data.rendering import (
 log = logging.getLogger(__name__)
 
 DROP_TRUNCATED = "no_label_tokens_after_truncation"
-DROP_REASONS = (markup.REASON, DROP_TEMPLATE, DROP_TURNS, DROP_TRUNCATED)
+DROP_REASONS = (markup.REASON, DROP_TEMPLATE, DROP_TURNS, DROP_TRUNCATED, DROP_UNDESIRABLE)
 # the per-row columns the plan reads (small: no text, no tokens)
 SUMMARY_FIELDS = ("id", "source", "reason", "detail", "n_full", "first_label",
                   "decode_mismatch", "span_mismatch", "turns", "masked_turns")

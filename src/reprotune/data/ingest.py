@@ -163,12 +163,13 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
         raise RowError("unknown_format", None, "no known format: expected messages, conversations, "
                        f"prompt/completion, instruction/output or text; got keys {sorted(row)}")
     try:
-        preference.check_unpaired(row)  # never KTO's undesirable answers as SFT targets
+        kto = preference.unpaired_flag(row)  # (column, desirable) of a KTO row
         if detected != "alpaca" and MARKERS[detected] not in row:
             raise RowError("missing_field", MARKERS[detected], f"{detected} row has no "
                            f"{MARKERS[detected]!r}")
         messages = convert(row)
         pair = preference.convert_pair(row, convert, messages) if preference.has_pair(row) else None
+        prompt_turns = preference.split_unpaired(messages, kto[0]) if kto else None
         tools = tools_of(row)
         problem = json_problem({"messages": messages, "tools": tools,  # JSON text in cells too
                                 "rejected": pair and pair["rejected"]})
@@ -185,13 +186,16 @@ def convert_row(row: dict[str, Any], *, fmt: str = "auto", columns: Mapping[str,
     dropped = [k for m in messages if "_dropped" in m for k in m.pop("_dropped")]
     messages = [{k: v for k, v in m.items() if k != "_src"} for m in messages]
     rec = {"id": record_id(messages, tools), "messages": messages, "tools": tools,
-           "label": _meta(row, label_field), "group": _meta(row, group_field), "meta": meta}
+           "label": _meta(row, label_field) if not kto or kto[0] != label_field else None,
+           "group": _meta(row, group_field), "meta": meta}
     if dropped:  # popped by convert_rows into the counts; never written
         rec[DROPPED_KEYS] = dict(Counter(dropped))
     if detected == TEXT:  # a document for continued pretraining (format.mode: text)
         rec[LAYOUT] = TEXT
     if pair is not None:  # SFT keeps training on chosen (messages); the pair rides along
         rec[preference.PAIR_FIELD] = preference.strip_sources(pair)
+    if kto:  # the flag judges the trailing answer; format keeps undesirable ones out of SFT
+        rec[preference.KTO_FIELD] = {"prompt_turns": prompt_turns, "desirable": kto[1]}
     return detected, rec
 
 
@@ -229,7 +233,7 @@ class IngestCounts:
     _SUMS = ("tool_calls", "with_tools", "with_label", "with_group", "with_meta", "empty_answers",
              "text_documents",
              "with_reasoning", "loss_weight_zero_turns",
-             "with_preference")
+             "with_preference", "kto_desirable", "kto_undesirable")
 
     def __init__(self) -> None:
         self.files: dict[str, dict[str, Any]] = {}
@@ -283,6 +287,8 @@ class IngestCounts:
             self.sums["with_reasoning"] += any("reasoning_content" in m for m in msgs)
             self.sums["loss_weight_zero_turns"] += sum(m.get("loss_weight") == 0 for m in msgs)
         self.sums["with_preference"] += record.get(preference.PAIR_FIELD) is not None
+        if kto := record.get(preference.KTO_FIELD):
+            self.sums["kto_desirable" if kto["desirable"] else "kto_undesirable"] += 1
 
     def add_counts(self, counts: Mapping[str, Any]) -> None:
         """Add the :meth:`as_dict` of another run (one file's part). Extra keys of a file's

@@ -13,6 +13,11 @@ compare the model on half an answer against a whole one.
 Output rows (``data/processed/pairs/<split>.jsonl``): ``id``, ``source``, ``prompt``,
 ``chosen``, ``rejected`` (canonical messages, text as written), ``tools``, and the token
 ids ``prompt_ids``/``chosen_ids``/``rejected_ids`` the align and evaluate stages use.
+
+Unpaired (KTO) records are rendered the same way, one answer each, as TRL's ``KTOTrainer``
+tokenises them, and written to ``data/processed/pairs/unpaired_<split>.jsonl``: ``id``,
+``source``, ``prompt``, ``completion``, ``label`` (true: desirable), ``tools``,
+``prompt_ids``, ``completion_ids``; dropped when too long, like pairs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from reprotune.data.preference import PAIR_FIELD, sides
+from reprotune.data.preference import KTO_FIELD, PAIR_FIELD, sides, unpaired_sides
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +64,75 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict], chosen: list[dict], reject
     return {"prompt_ids": p[:n], "chosen_ids": c[n:], "rejected_ids": r[n:]}
 
 
-def pair_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The records of a canonical JSONL file that carry a pair; other lines are not parsed
-    (most SFT data has none, and a million-row split should not be decoded for nothing)."""
-    marker = f'"{PAIR_FIELD}":'.encode()
+def pair_records(path: str | Path, field: str = PAIR_FIELD) -> Iterator[dict[str, Any]]:
+    """The records of a canonical JSONL file that carry a pair (``field``: or an unpaired KTO
+    answer); other lines are not parsed (most SFT data has none, and a million-row split
+    should not be decoded for nothing)."""
+    marker = f'"{field}":'.encode()
     with Path(path).open("rb") as fh:
         for line in fh:
             if marker in line:
                 rec = json.loads(line)
-                if rec.get(PAIR_FIELD):
+                if rec.get(field):
                     yield rec
+
+
+def unpaired_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The unpaired (KTO) records of a canonical JSONL file."""
+    return pair_records(path, KTO_FIELD)
+
+
+def format_unpaired(records: Iterable[dict[str, Any]], tokenizer: Any, *, max_length: int,
+                    enable_thinking: bool) -> tuple[Iterator[dict[str, Any]], dict[str, Any],
+                                                    list[dict[str, Any]]]:
+    """Unpaired KTO rows of ``records``, as :func:`format_pairs` (``stats`` counts rows per
+    flag: ``rows_in``, ``rows_out``, ``desirable``, ``undesirable``, ``dropped``)."""
+    stats: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "desirable": 0, "undesirable": 0,
+                             "dropped": dict.fromkeys(DROP_REASONS, 0), "tokens_out": 0}
+    dropped: list[dict[str, Any]] = []
+
+    def rows() -> Iterator[dict[str, Any]]:
+        from jinja2.exceptions import TemplateError
+
+        for rec in records:
+            parts = unpaired_sides(rec)
+            if parts is None:
+                continue
+            stats["rows_in"] += 1
+            prompt, completion, desirable = parts
+            tools = rec.get("tools") or None
+            kw = {"enable_thinking": enable_thinking}
+            try:
+                p = _ids(tokenizer, prompt, tools, add_generation_prompt=True, **kw)
+                c = _ids(tokenizer, prompt + completion, tools, **kw)
+            except TemplateError as exc:
+                reason, detail = DROP_TEMPLATE, f"chat template: {exc}"
+            else:
+                n = _common(p, c)
+                if len(c) <= max_length:
+                    stats["rows_out"] += 1
+                    stats["desirable" if desirable else "undesirable"] += 1
+                    stats["tokens_out"] += len(c)
+                    yield {"id": rec["id"], "source": rec.get("source"), "prompt": prompt,
+                           "completion": completion, "label": desirable, "tools": tools,
+                           "prompt_ids": p[:n], "completion_ids": c[n:]}
+                    continue
+                reason = DROP_TOO_LONG
+                detail = (f"prompt + answer = {len(c)} tokens > format.max_length "
+                          f"{max_length}: dropped, not truncated")
+            stats["dropped"][reason] += 1
+            dropped.append({"id": rec["id"], "source": rec.get("source"), "reason": reason,
+                            "detail": detail, "unpaired": True})
+    return rows(), stats, dropped
+
+
+def combine_unpaired(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``unpaired`` block of ``metrics/format.json``: totals per flag and per split."""
+    keys = ("rows_in", "rows_out", "desirable", "undesirable", "tokens_out")
+    return {**{k: sum(s[k] for s in stats.values()) for k in keys},
+            "dropped": {r: sum(s["dropped"][r] for s in stats.values()) for r in DROP_REASONS},
+            "splits": {name: {k: s[k] for k in ("rows_in", "desirable", "undesirable")}
+                       for name, s in stats.items()}}
 
 
 def format_pairs(records: Iterable[dict[str, Any]], tokenizer: Any, *, max_length: int,

@@ -23,9 +23,14 @@ rejected side is converted the same way, with ``rejected`` in its place):
 
 A pair is rejected (never repaired) when its two answers are identical (``identical_pair``)
 or when the two sides do not share their prompt (``prompt_mismatch``: they differ before
-the first answer turn, or an answer holds a user turn). Unpaired KTO rows (a true/false
-``label`` or LLaMA-Factory's ``kto_tag`` marking one answer as desirable or not) are
-rejected as ``unpaired_preference`` (:func:`check_unpaired`), never read as SFT.
+the first answer turn, or an answer holds a user turn).
+
+Unpaired KTO rows (:func:`unpaired_flag`: a true/false ``label`` or LLaMA-Factory's
+``kto_tag`` marking one answer as desirable or not) become records whose ``messages`` are
+the prompt and the judged answer, with ``"kto": {"prompt_turns": k, "desirable": bool}``.
+An undesirable answer is never an SFT target: format drops it from the SFT splits
+(``kto_undesirable``) and writes it, with the desirable ones, to the unpaired files align's
+KTO trains on; only ``align.method: kto`` accepts such data (:func:`check_pairs`).
 """
 
 from __future__ import annotations
@@ -41,36 +46,63 @@ from reprotune.data.formats import RowError
 log = logging.getLogger(__name__)
 
 PAIR_FIELD = "preference"
-REASONS = ("identical_pair", "prompt_mismatch", "unpaired_preference")
+REASONS = ("identical_pair", "prompt_mismatch", "invalid_kto_row")
 # roles an answer may hold: the assistant's turns, its tool calls and their results
 _ANSWER_ROLES = ("assistant", "tool")
 
 
-_NOT_SFT = ("not read yet: as SFT, its undesirable answers would become training targets. "
-            "Give chosen/rejected pairs instead, or remove the {col} column to train on every "
-            "answer as SFT")
+KTO_FIELD = "kto"  # an unpaired (KTO) record: {"prompt_turns": k, "desirable": bool}
+_FLAGS = {"true": True, "false": False}
 
 
-def check_unpaired(row: Mapping[str, Any]) -> None:
-    """Refuse an unpaired (KTO) preference row instead of reading it as SFT: TRL's
-    ``prompt``/``completion``/``label`` with a true/false label (booleans or strings), or a
-    row with LLaMA-Factory's ``kto_tag`` (or a boolean ``label``, as its KTO demo names it)."""
+def _flag(value: Any, col: str) -> bool:
+    """A desirable/undesirable flag: a boolean or the text true/false (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _FLAGS:
+        return _FLAGS[value.strip().lower()]
+    raise RowError("invalid_kto_row", col, f"{col} {json.dumps(value, default=str)}: a KTO "
+                   f"flag must be true (desirable answer) or false (undesirable)")
+
+
+def unpaired_flag(row: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """``(column, desirable)`` of an unpaired KTO row, None for any other row: LLaMA-Factory's
+    ``kto_tag``, a boolean ``label`` (TRL's prompt/completion/label, LLaMA-Factory's
+    messages + label) or a "true"/"false" text label beside a ``completion``. Any other
+    label (a class name) stays an ordinary label."""
     if has_pair(row):
-        return
+        return None
     if "kto_tag" in row:
-        raise RowError("unpaired_preference", "kto_tag",
-                       f"kto_tag {json.dumps(row['kto_tag'], default=str)}: LLaMA-Factory's "
-                       f"unpaired KTO layout, {_NOT_SFT.format(col='kto_tag')}")
+        return "kto_tag", _flag(row["kto_tag"], "kto_tag")
     label = row.get("label")
-    text_flag = isinstance(label, str) and label.strip().lower() in ("true", "false") \
-        and "completion" in row
-    if isinstance(label, bool) or text_flag:
-        layout = "TRL's unpaired KTO layout (prompt/completion/label)" if "completion" in row \
-            else "an unpaired KTO row (a true/false label marks a desirable answer)"
-        raise RowError("unpaired_preference", "label",
-                       f"label {json.dumps(label)}: {layout}, {_NOT_SFT.format(col='label')} "
-                       f"(a true/false class label: rename the column and set "
-                       f"ingest.label_field to it)")
+    if isinstance(label, bool) or (isinstance(label, str) and "completion" in row
+                                   and label.strip().lower() in _FLAGS):
+        return "label", _flag(label, "label")
+    return None
+
+
+def split_unpaired(messages: list[dict[str, Any]], col: str) -> int:
+    """The prompt turns of an unpaired row's conversation: its trailing answer turns (the
+    last assistant turn, with its tool calls and results) are the completion."""
+    k = len(messages)
+    while k and messages[k - 1]["role"] in _ANSWER_ROLES:
+        k -= 1
+    if k == len(messages):
+        raise RowError("invalid_kto_row", col, f"a KTO row ({col}) must end with the assistant "
+                       f"answer its flag judges; the last turn is a {messages[-1]['role']} turn"
+                       if messages else f"a KTO row ({col}) has no turns")
+    if not k:
+        raise RowError("invalid_kto_row", col, f"a KTO row ({col}) needs a prompt before its answer")
+    return k
+
+
+def unpaired_sides(record: Mapping[str, Any]) -> tuple[list[dict], list[dict], bool] | None:
+    """``(prompt, completion, desirable)`` of a canonical unpaired record, None otherwise."""
+    kto = record.get(KTO_FIELD)
+    if not kto:
+        return None
+    k = kto["prompt_turns"]
+    return record["messages"][:k], record["messages"][k:], bool(kto["desirable"])
 
 
 def has_pair(row: Mapping[str, Any]) -> bool:
@@ -194,9 +226,34 @@ def built_from(path: str | Path, inputs: list[str]) -> bool:
                for entry in inputs)
 
 
-def check_pairs(method: str, patience: int, n_train: int, n_val: int | None, where: str) -> None:
+def count_unpaired(path: str | Path) -> dict[str, int]:
+    """``{"desirable": n, "undesirable": m}``: the unpaired (KTO) records of a canonical JSONL
+    file; lines without the field's name are not parsed."""
+    marker, out = f'"{KTO_FIELD}":'.encode(), {"desirable": 0, "undesirable": 0}
+    with Path(path).open("rb") as fh:
+        for line in fh:
+            if marker in line and (kto := json.loads(line).get(KTO_FIELD)):
+                out["desirable" if kto["desirable"] else "undesirable"] += 1
+    return out
+
+
+def check_unpaired(method: str, counts: Mapping[str, int], where: str) -> None:
+    """Unpaired (KTO) rows are trained on by ``align.method: kto`` only: with any other
+    method the desirable ones would be SFT targets and the undesirable ones ignored."""
+    n = sum(counts.values())
+    if n and method != "kto":
+        raise PairsError(f"{where} has {n} unpaired KTO rows ({counts.get('desirable', 0)} "
+                         f"desirable, {counts.get('undesirable', 0)} undesirable) that only KTO "
+                         f"trains on; set align.method: kto (align.method: {method} would "
+                         f"ignore them), or remove them from ingest.inputs")
+
+
+def check_pairs(method: str, patience: int, n_train: int, n_val: int | None, where: str,
+                unpaired_train: int = 0, unpaired_val: int = 0) -> None:
     """``align.method`` other than none needs pairs in train (and, to stop early, in val:
-    without val pairs align trains without evaluation)."""
+    without val pairs align trains without evaluation); kto also trains on unpaired rows."""
+    if method == "kto":  # each pair is two KTO examples
+        n_train, n_val = n_train + unpaired_train, None if n_val is None else n_val + unpaired_val
     if method != "none" and n_train == 0:
         raise PairsError(f"align.method: {method} needs preference pairs, but the train split "
                          f"has 0 ({where}); add rows with chosen and rejected to ingest.inputs "

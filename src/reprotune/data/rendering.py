@@ -47,11 +47,14 @@ from jinja2.exceptions import TemplateError
 
 from reprotune import markup
 from reprotune.constants import IGNORE_INDEX
+from reprotune.data.preference import KTO_FIELD
 
 log = logging.getLogger(__name__)
 
 DROP_TEMPLATE = "template_error"
 DROP_TURNS = "assistant_turn_mismatch"
+# a KTO row flagged undesirable: never an SFT target (align.method: kto trains on it)
+DROP_UNDESIRABLE = "kto_undesirable"
 CANONICAL_FIELDS = ("id", "source", "messages", "tools", "label", "group", "meta")
 # per rendered row, after the canonical fields (see Renderer.__call__)
 RENDERED_FIELDS = ("text", "input_ids", "labels", "n_full", "first_label", "reason", "detail",
@@ -227,6 +230,10 @@ class Renderer:
                  ) -> tuple[str, list[tuple[int, int]], int] | dict[str, Any]:
         """``(text, spans to label, turns masked by loss_weight)``, or the drop
         ``{reason, detail}`` of an unusable row."""
+        kto = rec.get(KTO_FIELD)
+        if kto and not kto["desirable"]:
+            return {"reason": DROP_UNDESIRABLE, "detail": "an undesirable KTO answer is never an "
+                    "SFT target (align.method: kto trains on it from data/processed/pairs)"}
         messages, tools = rec["messages"], rec.get("tools") or None
         n_assistant = sum(m["role"] == "assistant" for m in messages)
         hit = markup.find_forbidden(messages, tools, self.forbidden)

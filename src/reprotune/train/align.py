@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from reprotune import io
-from reprotune.data.preference import PairsError, check_pairs
+from reprotune.data.preference import PairsError, check_pairs, check_unpaired
 from reprotune.params import AlignParams, as_dict
 from reprotune.train import align_methods, curves
+from reprotune.train import ref_logps as ref
 from reprotune.train.loading import ALIGN_FILE, read_manifest, save_finetuned
 from reprotune.train.methods import TrainSetupError
 from reprotune.train.training import (
@@ -141,6 +142,20 @@ def _callbacks(live_dir: Path, resume: Path | None) -> list[Any]:
     return [Curves(), Complete()]
 
 
+def _flags(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Unpaired rows per flag."""
+    n = sum(bool(r["label"]) for r in rows)
+    return {"desirable": n, "undesirable": len(rows) - n}
+
+
+def _accuracy(logs: dict[str, Any]) -> dict[str, Any] | None:
+    """``{correct, total, ratio}``: the pairs an evaluation ranked right, of all val pairs."""
+    if "eval_pairs_total" not in logs:
+        return None
+    correct, total = int(logs["eval_pairs_correct"]), int(logs["eval_pairs_total"])
+    return {"correct": correct, "total": total, "ratio": round(correct / total, 6)}
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 
@@ -156,12 +171,38 @@ def evaluation_arguments(cfg: AlignParams, has_val: bool) -> dict[str, Any]:
             "metric_for_best_model": "eval_loss", "greater_is_better": False}
 
 
+def unpaired_path(pairs: str | Path) -> Path:
+    """The unpaired (KTO) rows format wrote beside a split's pairs file."""
+    pairs = Path(pairs)
+    return pairs.with_name(f"unpaired_{pairs.name}")
+
+
+def training_arguments(cfg: AlignParams, ckpt_dir: Path, seed: int, device: str, precision: str,
+                       has_val: bool) -> dict[str, Any]:
+    """The TrainingArguments every method shares (the ref_logps stage builds the same)."""
+    return dict(
+        output_dir=str(ckpt_dir), seed=seed, data_seed=seed, report_to=[],
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        # transformers 5: a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="cosine", warmup_steps=min(cfg.warmup_ratio, 0.999999),
+        optim="adamw_torch_fused", restore_callback_states_from_checkpoint=True,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.eval_steps,
+        save_total_limit=2, **evaluation_arguments(cfg, has_val),
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
+        dataloader_num_workers=0, disable_tqdm=True)
+
+
 def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: str | Path,
                 out_dir: str | Path, checkpoints_dir: str | Path, live_dir: str | Path,
                 cfg: AlignParams, seed: int, qlora: Any = None,
-                callbacks: list[Any] | None = None) -> dict[str, Any]:
+                callbacks: list[Any] | None = None,
+                ref_logps: str | Path | None = None) -> dict[str, Any]:
     """Run ``cfg.method`` on the SFT model and write the aligned folder; returns the metrics
-    (``train_time_s``/``wall_time_s`` are timings: the stage keeps them untracked)."""
+    (``train_time_s``/``wall_time_s`` are timings: the stage keeps them untracked). KTO
+    also trains on the unpaired rows beside the pairs (:func:`unpaired_path`). ``ref_logps``:
+    the folder the ref_logps stage wrote (:mod:`reprotune.train.ref_logps`); its reference
+    log-probs are used when they were computed from these inputs, instead of recomputing."""
     import torch
     from transformers import EarlyStoppingCallback, set_seed
 
@@ -173,10 +214,15 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
     manifest = read_manifest(finetuned)
     enable_thinking = bool(manifest.get("enable_thinking", False))
     train_rows, val_rows = read_pairs(train_pairs), read_pairs(val_pairs)
+    train_unpaired = read_pairs(unpaired_path(train_pairs))
+    val_unpaired = read_pairs(unpaired_path(val_pairs))
     try:
-        check_pairs(cfg.method, cfg.patience, len(train_rows), len(val_rows), str(train_pairs))
+        check_unpaired(cfg.method, _flags(train_unpaired), str(unpaired_path(train_pairs)))
+        check_pairs(cfg.method, cfg.patience, len(train_rows), len(val_rows), str(train_pairs),
+                    len(train_unpaired), len(val_unpaired))
     except PairsError as exc:
         raise TrainSetupError(str(exc)) from None
+    has_val = bool(val_rows or (cfg.method == "kto" and val_unpaired))
     device = distributed.local_device()
     precision = resolve_precision("auto", device)
     tokenizer = load_tokenizer(finetuned)
@@ -184,19 +230,14 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
     model = _policy(finetuned, manifest, device, qlora)
     ckpt_dir = Path(checkpoints_dir)
     precompute = align_methods.precomputes_ref(cfg, manifest["kind"])
-    common = dict(
-        output_dir=str(ckpt_dir), seed=seed, data_seed=seed, report_to=[],
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        # transformers 5: a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type="cosine", warmup_steps=min(cfg.warmup_ratio, 0.999999),
-        optim="adamw_torch_fused", restore_callback_states_from_checkpoint=True,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.eval_steps,
-        save_total_limit=2, **evaluation_arguments(cfg, bool(val_rows)),
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
-        dataloader_num_workers=0, disable_tqdm=True)
-    resume, run_state = resume_point(ckpt_dir, fingerprint(
-        cfg, seed, [Path(train_pairs), Path(val_pairs)], finetuned))
+    common = training_arguments(cfg, ckpt_dir, seed, device, precision, has_val)
+    inputs = [Path(train_pairs), Path(val_pairs)] + [
+        p for p in (unpaired_path(train_pairs), unpaired_path(val_pairs)) if p.is_file()]
+    cached = None
+    if precompute and ref_logps is not None:
+        cached = ref.load(ref_logps, ref.fingerprint(cfg, seed, inputs, finetuned, device,
+                                                     precision))
+    resume, run_state = resume_point(ckpt_dir, fingerprint(cfg, seed, inputs, finetuned))
     resume_step = step_of(resume) if resume else None
     cbs = [*_callbacks(Path(live_dir), resume), *(callbacks or [])]
     if cfg.patience > 0:
@@ -204,9 +245,12 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
     trainer = align_methods.build_trainer(
         cfg, model=model, tokenizer=tokenizer, common=common, precompute=precompute,
         train_rows=train_rows, val_rows=val_rows, enable_thinking=enable_thinking, seed=seed,
-        callbacks=cbs)
+        callbacks=cbs, train_unpaired=train_unpaired, val_unpaired=val_unpaired,
+        ref_cache=cached)
     if resume is None:
-        initial = trainer.evaluate() if val_rows else {}
+        initial = trainer.evaluate() if has_val else {}
+        # evaluate() returns the Trainer's metrics; the pair counts went to the log only
+        initial.update(getattr(trainer, "pair_counts", {}) if has_val else {})
         run_state["initial"] = {k: v for k, v in initial.items() if k.startswith("eval_")}
         io.write_json(ckpt_dir / RUN_STATE_FILE, run_state)
     t_train = time.perf_counter()
@@ -235,8 +279,10 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
         **info, "device": device.split(":")[0], "precision": precision,
         "reference": align_methods.reference(cfg, manifest["kind"]),
         "train_pairs": len(train_rows), "val_pairs": len(val_rows),
+        **({"train_unpaired": _flags(train_unpaired), "val_unpaired": _flags(val_unpaired)}
+           if train_unpaired or val_unpaired else {}),
         # without val pairs nothing was evaluated: no val numbers, the last step's weights
-        "val_evaluated": bool(val_rows),
+        "val_evaluated": has_val,
         "train_steps": state.global_step, "max_steps": state.max_steps,
         "stopped_early": state.global_step < state.max_steps,
         "resumed_from_step": resume_step or 0, "best_step": state.best_global_step,
@@ -244,6 +290,47 @@ def align_model(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: st
         "best_val_loss": _round(state.best_metric),
         "final_val": {k[5:]: _round(v) for k, v in last_eval.items()
                       if k.startswith("eval_") and k[5:] in CURVES},
+        # pair-level counts over the whole val split (dpo, orpo, simpo: KTO ranks no pairs)
+        **({"initial_val_accuracy": _accuracy(initial), "val_accuracy": _accuracy(last_eval)}
+           if "eval_pairs_total" in last_eval else {}),
         "torch_threads": torch.get_num_threads(),
+        # whether the reference log-probs came from the ref_logps stage (no recomputation)
+        "ref_logps_cached": cached is not None,
         "train_time_s": round(train_s, 2), "wall_time_s": round(time.perf_counter() - t0, 2),
     }
+
+
+def reference_trainer(*, train_pairs: str | Path, val_pairs: str | Path, finetuned: str | Path,
+                      cfg: AlignParams, seed: int) -> tuple[Any, str, str, str]:
+    """The trainer :func:`align_model` builds for these inputs (a full fine-tune, dpo or
+    kto), its reference log-probs computed by TRL in its constructor; with the fingerprint
+    of the inputs (:func:`reprotune.train.ref_logps.fingerprint`), the device and precision.
+    The ref_logps stage writes its log-probs (:func:`reprotune.train.ref_logps.write`)."""
+    import tempfile
+
+    from transformers import set_seed
+
+    from reprotune.modeling import load_tokenizer
+    from reprotune.train import distributed
+
+    finetuned = Path(finetuned)
+    manifest = read_manifest(finetuned)
+    rows = {s: read_pairs(p) for s, p in (("train", train_pairs), ("val", val_pairs))}
+    unpaired = {s: read_pairs(unpaired_path(p)) if cfg.method == "kto" else []
+                for s, p in (("train", train_pairs), ("val", val_pairs))}
+    inputs = [Path(train_pairs), Path(val_pairs)] + [
+        p for p in (unpaired_path(train_pairs), unpaired_path(val_pairs)) if p.is_file()]
+    device = distributed.local_device()
+    precision = resolve_precision("auto", device)
+    set_seed(seed)  # as align_model, before the model is loaded
+    model = _policy(finetuned, manifest, device, None)
+    with tempfile.TemporaryDirectory(prefix="ref_logps.") as tmp:
+        trainer = align_methods.build_trainer(
+            cfg, model=model, tokenizer=load_tokenizer(finetuned),
+            common=training_arguments(cfg, Path(tmp), seed, device, precision,
+                                      bool(rows["val"] or unpaired["val"])),
+            precompute=True, train_rows=rows["train"], val_rows=rows["val"],
+            enable_thinking=bool(manifest.get("enable_thinking", False)), seed=seed,
+            callbacks=[], train_unpaired=unpaired["train"], val_unpaired=unpaired["val"])
+    return trainer, ref.fingerprint(cfg, seed, inputs, finetuned, device, precision), device, \
+        precision

@@ -6,7 +6,8 @@ method   TRL trainer                                     reference model
 dpo      ``trl.DPOTrainer``                              SFT model (adapter ``ref`` copy,
                                                          precomputed log-probs or a copy)
 kto      ``trl.KTOTrainer`` (each pair unpaired into a   as dpo
-         desirable and an undesirable answer)
+         desirable and an undesirable answer, plus
+         format's unpaired rows)
 orpo     ``trl.experimental.orpo.ORPOTrainer``           none (reference-free)
 simpo    ``trl.experimental.cpo.CPOTrainer``,            none (reference-free)
          ``loss_type="simpo"``
@@ -38,10 +39,10 @@ from reprotune.train.methods import TrainSetupError
 log = logging.getLogger(__name__)
 
 REFERENCE_FREE = ("orpo", "simpo")
-# a method's (trainer class, its config, pair rows -> TRL dataset, pair rows -> the
-# (pair id, {column: ids}) TRL's prepared dataset must hold, in its order)
-Builder = tuple[type, Any, Callable[[list[dict[str, Any]]], Any],
-                Callable[[list[dict[str, Any]]], list[tuple[str, dict[str, list[int]]]]]]
+# a method's (trainer class, its config, split -> TRL dataset, split -> the
+# (row id, {column: ids}) TRL's prepared dataset must hold, in its order)
+Builder = tuple[type, Any, Callable[[str], Any],
+                Callable[[str], list[tuple[str, dict[str, list[int]]]]]]
 
 
 def losses(cfg: AlignParams) -> list[str]:
@@ -92,24 +93,32 @@ def _dpo(cfg: AlignParams, common: dict[str, Any], precompute: bool,
                      max_length=None,  # format dropped every pair over format.max_length
                      precompute_ref_log_probs=precompute)
 
-    def dataset(rows: list[dict[str, Any]]) -> Any:
+    def dataset(split: str) -> Any:
         return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"],
                                    "rejected": r["rejected"], **_conversational(r, data["thinking"])}
-                                  for r in rows])
+                                  for r in data[split]])
 
-    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
+    def expected(split: str) -> list[tuple[str, dict[str, list[int]]]]:
         return [(r["id"], {k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
-                for r in rows]
+                for r in data[split]]
 
     return DPOTrainer, args, dataset, expected
 
 
 # --------------------------------------------------------------------------- kto
-def _unpaired(rows: list[dict[str, Any]], seed: int) -> list[tuple[dict[str, Any], bool]]:
-    """Each pair as a desirable (chosen, True) and an undesirable (rejected, False) answer,
-    in a seeded order: KTO samples sequentially (its KL term pairs each prompt with its batch
-    neighbour's answer), so without the shuffle a batch would hold one kind only."""
-    items = [(r, label) for r in rows for label in (True, False)]
+def kto_examples(rows: list[dict[str, Any]], seed: int,
+                 unpaired: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """KTO's examples: each pair as a desirable (chosen) and an undesirable (rejected) answer,
+    then format's unpaired rows (``label`` true: desirable), in a seeded order: KTO samples
+    sequentially (its KL term pairs each prompt with its batch neighbour's answer), so
+    without the shuffle a batch would hold one kind only."""
+    items = [{"id": r["id"], "prompt": r["prompt"], "tools": r["tools"], "label": label,
+              "completion": r["chosen"] if label else r["rejected"],
+              "prompt_ids": r["prompt_ids"],
+              "completion_ids": r["chosen_ids"] if label else r["rejected_ids"]}
+             for r in rows for label in (True, False)]
+    items += [{k: r[k] for k in ("id", "prompt", "tools", "label", "completion", "prompt_ids",
+                                 "completion_ids")} for r in unpaired]
     random.Random(seed).shuffle(items)
     return items
 
@@ -126,17 +135,18 @@ def _kto(cfg: AlignParams, common: dict[str, Any], precompute: bool,
                      desirable_weight=cfg.desirable_weight,
                      undesirable_weight=cfg.undesirable_weight,
                      max_length=None, precompute_ref_log_probs=precompute)
+    examples = {split: kto_examples(data[split], data["seed"], data[f"{split}_unpaired"])
+                for split in ("train", "val")}
 
-    def dataset(rows: list[dict[str, Any]]) -> Any:
-        return Dataset.from_list([{"prompt": r["prompt"], "label": label,
-                                   "completion": r["chosen"] if label else r["rejected"],
-                                   **_conversational(r, data["thinking"])}
-                                  for r, label in _unpaired(rows, data["seed"])])
+    def dataset(split: str) -> Any:
+        return Dataset.from_list([{"prompt": e["prompt"], "label": e["label"],
+                                   "completion": e["completion"],
+                                   **_conversational(e, data["thinking"])}
+                                  for e in examples[split]])
 
-    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
-        return [(r["id"], {"prompt_ids": r["prompt_ids"],
-                           "completion_ids": r["chosen_ids"] if label else r["rejected_ids"]})
-                for r, label in _unpaired(rows, data["seed"])]
+    def expected(split: str) -> list[tuple[str, dict[str, list[int]]]]:
+        return [(e["id"], {"prompt_ids": e["prompt_ids"], "completion_ids": e["completion_ids"]})
+                for e in examples[split]]
 
     return KTOTrainer, args, dataset, expected
 
@@ -181,13 +191,13 @@ def _reference_free(cfg: AlignParams, common: dict[str, Any], precompute: bool,
     # The collator passes every column through: remove_unused_columns must be off
     args = Config(**common, **knobs, max_length=longest, remove_unused_columns=False)
 
-    def dataset(rows: list[dict[str, Any]]) -> Any:
+    def dataset(split: str) -> Any:
         return Dataset.from_list([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                                  for r in rows])
+                                  for r in data[split]])
 
-    def expected(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[int]]]]:
+    def expected(split: str) -> list[tuple[str, dict[str, list[int]]]]:
         return [(r["id"], {k: v for k, v in format_ids_row(r).items() if "attention" not in k})
-                for r in rows]
+                for r in data[split]]
 
     return Trainer, args, dataset, expected
 
@@ -210,6 +220,17 @@ def pair_weighted(per_batch: list[float], sizes: list[int]) -> float:
     return sum(float(v) * n for v, n in zip(per_batch, sizes, strict=True)) / sum(sizes)
 
 
+def pair_counts(per_batch: list[float], sizes: list[int]) -> dict[str, int]:
+    """``eval_pairs_correct`` / ``eval_pairs_total``: how many of the split's pairs the model
+    ranks right, from TRL's per-batch accuracy means (each mean is right pairs / batch size,
+    so mean x size is a whole count up to float rounding)."""
+    if len(per_batch) != len(sizes):
+        raise ValueError(f"{len(per_batch)} batch means for {len(sizes)} batches")
+    return {"eval_pairs_correct": sum(round(float(v) * n) for v, n in zip(per_batch, sizes,
+                                                                           strict=True)),
+            "eval_pairs_total": sum(sizes)}
+
+
 def pair_weighted_eval(cls: type) -> type:
     """``cls`` whose val metrics are means over pairs. TRL averages its per-batch means, so a
     short last batch weighs as much as a full one (26 val pairs in batches of 8: 14 right
@@ -223,6 +244,10 @@ def pair_weighted_eval(cls: type) -> type:
                 # DPOTrainer keeps {name: per-batch values} by mode; ORPO/CPO {eval_name: ...}
                 store, prefix = ((self._metrics["eval"], "") if hasattr(self, "_metrics")
                                  else (self._stored_metrics["eval"], "eval_"))
+                accuracies = store.get(prefix + "rewards/accuracies")
+                if accuracies:  # pair-level counts: right pairs of all the split's pairs
+                    self.pair_counts = pair_counts([float(v) for v in accuracies], sizes)
+                    logs = {**logs, **self.pair_counts}
                 for name in PAIR_MEANS:
                     values = store.get(prefix + name)
                     if values:
@@ -233,23 +258,57 @@ def pair_weighted_eval(cls: type) -> type:
     return PairWeighted
 
 
+# --------------------------------------------------------------------------- cached reference
+def cached_precompute(cls: type, cache: dict[str, Any], keys: dict[str, list[str]]) -> type:
+    """``cls`` (DPOTrainer or KTOTrainer) whose ``_precompute_ref_logps`` returns the
+    cached columns beside the dataset, as TRL's own returns the ones it computed."""
+    class Cached(cls):  # type: ignore[misc, valid-type]
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            from datasets import Dataset, Features, concatenate_datasets
+
+            split = "train" if name == "train" else "val"
+            table = cache.get(split)
+            if table is None or table.column("key").to_pylist() != keys[split]:
+                raise TrainSetupError(f"align: the cached reference log-probs of the {split} "
+                                      f"split do not match its examples; rerun `dvc repro "
+                                      f"ref_logps`")
+            table = table.drop(["key"])
+            cols = Dataset.from_dict(table.to_pydict(),
+                                     features=Features.from_arrow_schema(table.schema))
+            return concatenate_datasets([dataset, cols], axis=1)
+
+    Cached.__name__ = Cached.__qualname__ = cls.__name__
+    return Cached
+
+
 BUILDERS = {"dpo": _dpo, "kto": _kto, "orpo": _reference_free, "simpo": _reference_free}
 
 
 def build_trainer(cfg: AlignParams, *, model: Any, tokenizer: Any, common: dict[str, Any],
                   precompute: bool, train_rows: list[dict[str, Any]],
                   val_rows: list[dict[str, Any]], enable_thinking: bool, seed: int,
-                  callbacks: list[Any]) -> Any:
-    """The TRL trainer of ``cfg.method`` on the pairs, its training ids checked against
-    format's. ``common`` holds the TrainingArguments every method shares."""
-    data = {"train": train_rows, "val": val_rows, "thinking": enable_thinking, "seed": seed}
+                  callbacks: list[Any], train_unpaired: list[dict[str, Any]] = (),
+                  val_unpaired: list[dict[str, Any]] = (),
+                  ref_cache: dict[str, Any] | None = None) -> Any:
+    """The TRL trainer of ``cfg.method`` on the pairs (kto: and the unpaired rows), its
+    training ids checked against format's. ``common`` holds the TrainingArguments every
+    method shares. ``ref_cache``: the ref_logps stage's reference log-probs
+    (:mod:`reprotune.train.ref_logps`), handed to TRL instead of computing them."""
+    data = {"train": train_rows, "val": val_rows, "thinking": enable_thinking, "seed": seed,
+            "train_unpaired": list(train_unpaired), "val_unpaired": list(val_unpaired)}
+    has_val = bool(val_rows or (cfg.method == "kto" and val_unpaired))
     cls, args, dataset, expected = BUILDERS[cfg.method](cfg, common, precompute, data)
     if cfg.method != "kto":  # KTO logs no pair accuracy; its means are per kind of answer
         cls = pair_weighted_eval(cls)
-    trainer = cls(model=model, args=args, train_dataset=dataset(train_rows),
-                  eval_dataset=dataset(val_rows) if val_rows else None,
+    # the row id of each example in TRL's order (the ref_logps cache's keys)
+    keys = {s: [pid for pid, _ in expected(s)] for s in ("train", "val")}
+    if ref_cache is not None and precompute:
+        cls = cached_precompute(cls, ref_cache, keys)
+    trainer = cls(model=model, args=args, train_dataset=dataset("train"),
+                  eval_dataset=dataset("val") if has_val else None,
                   processing_class=tokenizer, callbacks=callbacks)
-    _check(trainer.train_dataset, expected(train_rows), "train")
-    if val_rows:
-        _check(trainer.eval_dataset, expected(val_rows), "val")
+    _check(trainer.train_dataset, expected("train"), "train")
+    if has_val:
+        _check(trainer.eval_dataset, expected("val"), "val")
+    trainer.reprotune_keys = keys
     return trainer
