@@ -103,6 +103,9 @@ def main() -> None:
             io.write_json(args.leaks, {"threshold": cfg.leakage_threshold, "on_leak": cfg.on_leak,
                                        "count": len(exc.leaks), "rows": exc.leaks})
         sys.exit(f"split: {args.data}: {exc}")
+    except OSError as exc:  # no input: the stage before it has not run
+        sys.exit(f"split: cannot read {args.data}: {exc.strerror or exc} (run `dvc repro "
+                 f"redact` first)")
     except ValueError as exc:  # a line of the input is not JSON (io.iter_jsonl names it)
         sys.exit(f"split: {exc}")
     n_rows = len(rows)

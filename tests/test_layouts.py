@@ -522,7 +522,7 @@ def _set(root: Path, **values: str) -> None:
 
 
 def test_text_mode_through_the_stages(tmp_path: Path) -> None:
-    """check → read → ingest → dedup → split → base → format with format.mode: text, as
+    """check → read → ingest → dedup → redact → split → base → format with format.mode: text, as
     dvc.yaml runs them; then the refusals of a mode that does not fit."""
     import pyarrow.parquet as pq
 
@@ -547,7 +547,7 @@ def test_text_mode_through_the_stages(tmp_path: Path) -> None:
     _set(root, **{"  mode: chat  ": "  mode: text  "})
     steps = [("check", "--out", "metrics/params_ok.json"),
              *[("read", "--input", i, "--out", f"data/interim/read/{i}") for i in inputs],
-             ("ingest",), ("dedup",), ("split",),
+             ("ingest",), ("dedup",), ("redact",), ("split",),
              ("base", "--data", "data/interim/splits/train.jsonl", "--out", "models/base"),
              ("format",)]
     for name, *args in steps:
