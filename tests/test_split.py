@@ -164,18 +164,24 @@ def test_split_stage_keeps_small_rows_and_texts_on_disk(tmp_path) -> None:
     recs = [{"source": f"f:{i}", **r, "messages": json.loads(r["messages"]), "tools": None,
              "meta": {"t": i}} for i, r in enumerate(_rows(50, groups=5))]
     io.write_jsonl(tmp_path / "d.jsonl", recs)
-    rows, texts = stage.read_rows(str(tmp_path / "d.jsonl"),
-                                  SimpleNamespace(stratify="label", group=None, order_by=None))
+    rows, texts, excluded = stage.read_rows(
+        str(tmp_path / "d.jsonl"),
+        SimpleNamespace(stratify="label", group=None, order_by=None, exclude_ids=[]))
+    assert excluded == []
     assert rows == [{k: r[k] for k in ("id", "source", "label")} for r in recs]
     assert list(texts) == [conversation_text(r) for r in recs]
-    rows, _ = stage.read_rows(str(tmp_path / "d.jsonl"),
-                              SimpleNamespace(stratify=None, group="group", order_by="t"))
+    rows, _, _ = stage.read_rows(
+        str(tmp_path / "d.jsonl"),
+        SimpleNamespace(stratify=None, group="group", order_by="t", exclude_ids=[recs[0]["id"]]))
+    assert len(rows) == 49 and rows[0]["id"] == recs[1]["id"]  # the excluded row is not read
+    rows = [recs[0], *rows]
     assert sorted(rows[3]) == ["group", "id", "meta", "source"] and rows[3]["meta"] == {"t": 3}
     with pytest.raises(SplitError, match=r"^split\.group: field 'topic' is not a column of the "
                                          r"data; available: group, id, label, messages, meta, "
                                          r"source, tools "):
         stage.read_rows(str(tmp_path / "d.jsonl"),
-                        SimpleNamespace(stratify=None, group="topic", order_by=None))
+                        SimpleNamespace(stratify=None, group="topic", order_by=None,
+                                        exclude_ids=[]))
 
 
 def test_split_stage_writes_each_split_as_the_input_lines(tmp_path) -> None:

@@ -82,7 +82,8 @@ def machine() -> dict[str, Any]:
 
 def describe(family: dict[str, Any]) -> str:
     """One line for ``make lineage``."""
-    where = ("portable: the same numbers on Intel and AMD x86-64" if family.get("portable")
-             else f"native kernels of {family.get('cpu', 'this CPU')}: numbers hold on that CPU type")
-    return (f"ATen {family.get('aten_isa')}, MKL_CBWR={family.get('mkl_cbwr')}, "
-            f"ONEDNN_MAX_CPU_ISA={family.get('onednn_max_cpu_isa')} ({where})")
+    where = ("portable: same numbers on Intel and AMD" if family.get("portable")
+             else f"native: numbers hold on {family.get('cpu', 'this CPU')} only")
+    onednn = family.get("onednn_max_cpu_isa")
+    return (f"ATen {family.get('aten_isa')}, MKL_CBWR={family.get('mkl_cbwr')}"
+            f"{f', ONEDNN_MAX_CPU_ISA={onednn}' if onednn else ''} ({where})")
