@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "am
                                 reason="the pin applies to x86-64 only")
 
 
+@pytest.mark.slow  # > 5 s: make test runs it, make test-fast does not
 def test_cpu_kernels_bench_reports_both_settings_and_their_ratio(tmp_path: Path,
                                                                  tiny_base_dir: Path) -> None:
     out = tmp_path / "k.json"

@@ -84,6 +84,7 @@ def test_same_sum_as_the_explicit_pin() -> None:
     assert _run({})[3] == _run(dict(PORTABLE_ENV))[3]
 
 
+@pytest.mark.slow  # > 5 s: make test runs it, make test-fast does not
 def test_portable_fingerprint_is_the_reference_on_any_thread_count() -> None:
     one, two = _fingerprint(1, {}), _fingerprint(2, {})
     assert one == two == REFERENCE, (
@@ -91,6 +92,7 @@ def test_portable_fingerprint_is_the_reference_on_any_thread_count() -> None:
         f"measured on AMD Zen 4; if this machine is Intel, the cross-vendor claim fails here")
 
 
+@pytest.mark.slow  # > 5 s: make test runs it, make test-fast does not
 def test_the_fingerprint_sees_a_different_kernel_path() -> None:
     """Native kernels (AVX-512/AMX where the CPU has them, MKL's own branch) round
     differently: the fingerprint would catch a pin that stopped taking effect."""

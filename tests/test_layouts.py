@@ -521,6 +521,7 @@ def _set(root: Path, **values: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+@pytest.mark.slow  # > 5 s: make test runs it, make test-fast does not
 def test_text_mode_through_the_stages(tmp_path: Path) -> None:
     """check → read → ingest → dedup → redact → split → base → format with format.mode: text, as
     dvc.yaml runs them; then the refusals of a mode that does not fit."""

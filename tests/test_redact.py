@@ -192,6 +192,7 @@ def test_real_chinese_row_without_pii_is_unchanged() -> None:
     pytest.fail("no row without PII in the first 40 rows")
 
 
+@pytest.mark.slow  # > 5 s: make test runs it, make test-fast does not
 def test_stage_end_to_end(tmp_path: Path, repo_root: Path) -> None:
     rows = [_rec(("user", f"row {i}: 手机1381234{i:04d}" if i % 3 == 0 else f"row {i}"),
                  ("assistant", "身份证110101199003074514" if i == 4 else "ok"))

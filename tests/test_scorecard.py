@@ -123,6 +123,7 @@ def test_tune_writes_a_drawn_float_as_a_person_would(drawn: float, written: floa
     assert value == written and repr(value) == repr(written)
 
 
+@pytest.mark.slow  # > 5 s: make test runs it, make test-fast does not
 def test_an_experiment_stopped_at_a_target_shows_later_stages_stale(tmp_path: Path) -> None:
     """Real DVC: `dvc exp run <first stage>` commits the second stage's old metrics; the
     experiment's dvc.lock says so, and make exps marks the value."""
