@@ -30,6 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from cpu_real_model import default_base  # noqa: E402  (bench/ is the script's folder)
+
 from reprotune import PORTABLE_ENV, io  # noqa: E402
 
 SETTINGS = {"portable": {}, "native": {"REPROTUNE_NATIVE_CPU": "1"}}
@@ -61,17 +63,6 @@ def child(base: str, batch: int, length: int, steps: int, threads: int) -> dict[
             "env": {k: os.environ.get(k) for k in (*PORTABLE_ENV, "REPROTUNE_NATIVE_CPU")}}
 
 
-def default_base(tmp: Path) -> str:
-    from reprotune.modeling import BASE_INFO_FILE, prepare_base
-    from reprotune.params import TinyModelParams
-
-    prebuilt = os.environ.get("REPROTUNE_SMOLLM2_DIR")
-    if prebuilt and (Path(prebuilt) / BASE_INFO_FILE).is_file():
-        return prebuilt
-    prepare_base("smollm2-135m-instruct", tmp / "base", [], TinyModelParams(), 0)
-    return str(tmp / "base")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(child(args.child, args.batch, args.length, args.steps, args.threads)))
         return {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = args.base or default_base(Path(tmp))
+        # the same SmolLM2 folder bench/cpu_real_model.py trains ($REPROTUNE_SMOLLM2_DIR or
+        # the pinned wheel's GGUF)
+        base = args.base or str(default_base(Path(tmp)))
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
         for _ in range(args.rounds):
             for name, extra in SETTINGS.items():
