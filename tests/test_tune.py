@@ -16,6 +16,7 @@ import pytest
 from ruamel.yaml import YAML
 from toy_repos import REPO_ROOT, dvc, env, make_tune_repo, run
 
+from reprotune.team import dvc_locks
 from reprotune.team.tune import make_sampler
 from reprotune.team.tune_space import TuneError, check_against_project, load_config
 from reprotune.team.tune_trial import CurveWatch, error_line, fmt
@@ -130,6 +131,49 @@ def _study(repo: Path, name: str) -> optuna.Study:
         optuna.storages.journal.JournalFileBackend(path)))
 
 
+def _set_child_subreaper(on: bool) -> None:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants become this process's children."""
+    import ctypes
+
+    assert ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) == 0
+
+
+def _zombies() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+
+
+def _reap(pids: list[int]) -> None:
+    for pid in pids:
+        os.waitpid(pid, 0)
+
+
+def test_release_dead_drops_zombie_and_gone_pids_and_keeps_live_ones(tmp_path: Path) -> None:
+    """A zombie (exited, not reaped) and a gone pid lose their entries; a live one keeps its."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while not dvc_locks.is_dead(zombie.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = os.getpid()
+    info = {p: {"pid": p, "cmd": f"dvc exp run ({p})"} for p in (zombie.pid, gone.pid, live)}
+    path = tmp_path / ".dvc" / "tmp" / "rwlock"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({
+        "read": {"/r/params.yaml": [info[zombie.pid], info[live]], "/r/train.py": [info[gone.pid]]},
+        "write": {"/r/metrics/train.json": info[zombie.pid], "/r/out": info[live]}}))
+    try:
+        assert dvc_locks.release_dead(path) == sorted([zombie.pid, gone.pid])
+    finally:
+        zombie.wait()
+    assert json.loads(path.read_text()) == {"read": {"/r/params.yaml": [info[live]]},
+                                            "write": {"/r/out": info[live]}}
+    assert dvc_locks.release_dead(path) == [] and not dvc_locks.is_dead(live)
+    assert dvc_locks.release_dead(tmp_path / "none") == []
+
+
 def _experiments(repo: Path) -> dict[str, float]:
     """{experiment name: lr} of every finished experiment of HEAD (not a failed run's entry)."""
     found = {}
@@ -237,6 +281,10 @@ def test_a_killed_tune_continues_and_never_reruns_a_finished_trial(tmp_path: Pat
         "1.0e-2, 1.0e-3, 3.0e-4, 0.5", "3.0e-4, 3.0e-3, 1.0e-2"))
     run(["git", "add", "tune.yaml"], repo)
     run(["git", "commit", "-qm", "tune config"], repo)
+    # As in a container whose PID 1 does not reap orphans (the CI runner's): this process
+    # adopts them and does not reap them until the end, so the killed dvc stays a zombie,
+    # which DVC's own stale-lock check counts as alive
+    _set_child_subreaper(True)
     proc = subprocess.Popen([sys.executable, "-m", "reprotune.team.tune", "run"], cwd=repo,
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -256,7 +304,13 @@ def test_a_killed_tune_continues_and_never_reruns_a_finished_trial(tmp_path: Pat
     done = [t for t in first if t.state.name == "COMPLETE"]
     assert len(done) == 1 and [t.state.name for t in first].count("RUNNING") == 1, first
     exps_before = _experiments(repo)
-    _tune(repo, "run")
+    try:
+        assert _zombies(), "the killed dvc was expected to stay a zombie"
+        resumed = _tune(repo, "run")
+    finally:
+        _set_child_subreaper(False)
+        _reap(_zombies())
+    assert "released the DVC locks of killed processes" in resumed.stderr
     trials = _study(repo, "k").trials
     assert trials[done[0].number].datetime_complete == done[0].datetime_complete  # not rerun
     complete = [t for t in trials if t.state.name == "COMPLETE"]

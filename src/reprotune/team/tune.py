@@ -38,6 +38,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from reprotune.params import ParamsError
+from reprotune.team import dvc_locks
 from reprotune.team.tune_space import (
     TuneConfig,
     TuneError,
@@ -189,6 +190,9 @@ def run_study(config: str | Path, *, study_name: str | None = None, poll_s: floa
     with _exclusive(cfg.study):
         study = open_study(cfg)
         _recover(study)
+        released = dvc_locks.release_dead()
+        if released:  # a killed run's dvc left its stage locked (see dvc_locks)
+            log.info("released the DVC locks of killed processes %s", released)
         remaining = cfg.n_trials - len(done_trials(study))
         if cfg.sampler == "grid":
             size = math.prod(len(p.grid_values()) for p in cfg.space)
