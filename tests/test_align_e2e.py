@@ -1,6 +1,8 @@
 """End to end with a real preference file: `dvc repro` in a fresh copy of the repository on
 ../shared/data/dpo_en_demo.json (sharegpt + chosen/rejected objects), SFT then DPO, then a
-`dvc exp run -S align.beta=...` that reruns only align onward. Skips without ../shared."""
+`dvc exp run -S align.beta=...` that reruns only align onward. Skips without ../shared.
+Targets `evaluate merge`: quantize (downstream of merge, covered by tests/test_e2e.py and
+tests/test_quantize.py) would add two runs that assert nothing about alignment."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def _dvc(cwd: Path, *args: str) -> str:
 
 
 _ran = ran
+TARGETS = ("evaluate", "merge")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
 
 
 def test_real_pairs_through_dvc_repro_then_a_beta_experiment(project: Path) -> None:
-    out = _dvc(project, "repro")
+    out = _dvc(project, "repro", *TARGETS)
     assert {"ingest", "format", "train", "ref_logps", "align", "evaluate", "merge"} <= _ran(out)
     m = lambda name: json.loads((project / "metrics" / f"{name}.json").read_text())  # noqa: E731
     ingest = m("ingest")
@@ -113,10 +116,10 @@ def test_real_pairs_through_dvc_repro_then_a_beta_experiment(project: Path) -> N
     assert "## Preference pairs" in (project / "reports/eval.md").read_text(encoding="utf-8")
     assert (project / "metrics/align_curves/plots/metrics/val_rewards_accuracies.tsv").is_file()
 
-    assert _ran(_dvc(project, "repro")) == set()  # a second run is a no-op
+    assert _ran(_dvc(project, "repro", *TARGETS)) == set()  # a second run is a no-op
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "baseline"], project)
-    ran = _ran(_dvc(project, "exp", "run", "-S", "align.beta=0.3", "-n", "beta"))
+    ran = _ran(_dvc(project, "exp", "run", "-S", "align.beta=0.3", "-n", "beta", *TARGETS))
     assert {"align", "evaluate", "merge"} <= ran
     # the reference log-probs do not depend on beta: computed once, read back
     assert not ran & {"ingest", "format", "train", "eval_base", "split", "base", "ref_logps"}
