@@ -74,18 +74,22 @@ def task_metrics(rows: Sequence[Mapping[str, Any]], *, tokenize: str, classify: 
     return out
 
 
+def compare_by_task(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]
+                    ) -> dict[str, dict[str, Any]]:
+    """Per task, :func:`~reprotune.evaluate.paired.compare_records` of ``b`` against ``a`` on
+    the task's rows (those ``b`` gives the task, paired by id with ``a``'s)."""
+    out = {}
+    for task, recs in by_task(b).items():
+        ids = {str(r["id"]) for r in recs}
+        out[task] = compare_records([r for r in a if str(r.get("id")) in ids], list(recs))
+    return out
+
+
 def task_intervals(base: Sequence[dict[str, Any]], finetuned: Sequence[dict[str, Any]]
                    ) -> dict[str, dict[str, Any]]:
     """Per task, the paired bootstrap of the fine-tuned (b) against the base (a) predictions
-    on the task's shared rows, as :func:`~reprotune.evaluate.paired.intervals_file` writes
-    it (a task's rows are those the fine-tuned predictions give it)."""
-    base_ids = {str(r["id"]) for r in base}
-    out = {}
-    for task, recs in by_task(finetuned).items():
-        ids = {str(r["id"]) for r in recs} & base_ids
-        out[task] = intervals_file(compare_records([r for r in base if str(r["id"]) in ids],
-                                                   list(recs)))
-    return out
+    on the task's shared rows, as :func:`~reprotune.evaluate.paired.intervals_file` writes it."""
+    return {t: intervals_file(c) for t, c in compare_by_task(base, finetuned).items()}
 
 
 def gain_record(gains: Mapping[str, Any], intervals: Mapping[str, Any]
