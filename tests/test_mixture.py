@@ -4,6 +4,9 @@ task, and the weighted train sampling (reprotune.data.mixture)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -187,3 +190,36 @@ def test_write_lines_copies_the_sampled_lines_byte_for_byte(tmp_path: Path) -> N
     src.write_bytes(b'{"a": "\xef\xbc\x8c"}\n\n{"b": 2}\n{"c": 3}')
     assert mixture.write_lines(src, [2, 0, 2], tmp_path / "out.jsonl") == 3
     assert (tmp_path / "out.jsonl").read_bytes() == b'{"c": 3}\n{"a": "\xef\xbc\x8c"}\n{"c": 3}\n'
+
+
+# --------------------------------------------------------------------------- stages
+def _stage(project: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "stages" / script), *args], cwd=project,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root / "src")})
+
+
+def test_check_stage_refuses_a_non_positive_weight_naming_the_key(tmp_path: Path) -> None:
+    io.write_jsonl(tmp_path / A, [{"instruction": "q", "output": "a"}])
+    (tmp_path / "params.yaml").write_text(
+        f"ingest:\n  inputs: [{A}]\n  mixture:\n    tasks: {{en: {{inputs: [{A}], weight: -2}}}}\n",
+        encoding="utf-8")
+    proc = _stage(tmp_path, "check.py", "--out", "ok.json")
+    assert proc.returncode != 0 and not (tmp_path / "ok.json").exists()
+    assert "ingest.mixture.tasks.en.weight: -2.0 must be > 0" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_ingest_stage_refuses_a_task_whose_inputs_kept_no_row(tmp_path: Path) -> None:
+    io.write_jsonl(tmp_path / A, [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)])
+    io.write_jsonl(tmp_path / B, [{"question": "no known format"}] * 2)
+    (tmp_path / "params.yaml").write_text(
+        f"ingest:\n  inputs: [{A}, {B}]\n  min_kept_ratio: 0\n  mixture:\n    tasks:\n"
+        f"      en: {{inputs: [{A}]}}\n      zh: {{inputs: [{B}]}}\n", encoding="utf-8")
+    for path in (A, B):
+        proc = _stage(tmp_path, "read.py", "--input", path, "--out", f"data/interim/read/{path}")
+        assert proc.returncode == 0, proc.stderr
+    proc = _stage(tmp_path, "ingest.py")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"ingest: ingest.mixture.tasks.zh: its inputs ({B}) kept no row of 2")

@@ -149,3 +149,36 @@ def test_two_task_mixture_from_ingest_to_per_task_evaluation(tmp_path: Path) -> 
     assert "| english | 16 | perplexity (reduction) |" in report
     # the scorecard stays the pooled columns
     assert "tasks" not in json.loads((project / "metrics/scorecard/eval_gain.json").read_text())
+
+
+def check_real_mixture(shared: Path, project: Path) -> None:
+    """English alpaca and Chinese medical rows from ../shared/data as two tasks, through read,
+    ingest and split: counts per task, every task in every part, the text byte for byte."""
+    en = json.loads((shared / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:150]
+    zh_lines = (shared / "data" / "medical_sft_1K_format.jsonl").read_bytes().splitlines(True)[:60]
+    io.write_jsonl(project / "data/raw/en.json", en)
+    (project / ZH).parent.mkdir(parents=True, exist_ok=True)
+    (project / ZH).write_bytes(b"".join(zh_lines))
+    (project / "params.yaml").write_text(
+        "ingest:\n  inputs: [data/raw/en.json, data/raw/zh.jsonl]\n  mixture:\n    tasks:\n"
+        "      en: {inputs: [data/raw/en.json]}\n      zh: {inputs: [data/raw/zh.jsonl], weight: 2}\n",
+        encoding="utf-8")
+    for path in ("data/raw/en.json", ZH):
+        _stage(project, "read.py", "--input", path, "--out", f"data/interim/read/{path}")
+    _stage(project, "ingest.py")
+    tasks = io.read_json(project / "metrics/ingest.json")["tasks"]
+    assert {t: c["kept"] for t, c in tasks.items()} == {"en": 150, "zh": 60}
+    recs = io.read_jsonl(project / "data/interim/ingested.jsonl")
+    zh = [r for r in recs if r["task"] == "zh"]
+    raw = [json.loads(line) for line in zh_lines]
+    assert [r["messages"][-1]["content"] for r in zh] == [x["conversations"][-1]["value"] for x in raw]
+    assert any("，" in r["messages"][-1]["content"] for r in zh)  # full-width punctuation kept
+    _stage(project, "split.py", "--data", "data/interim/ingested.jsonl", "--out-dir", "splits",
+           "--metrics", "metrics/split.json", "--leaks", "metrics/split_leakage.json")
+    parts = io.read_json(project / "metrics/split.json")["tasks"]
+    assert all(n > 0 for split in parts.values() for n in split.values()), parts
+    assert parts["test"]["zh"] == parts["val"]["zh"] == 6  # 10% of 60, stratified
+
+
+def test_real_two_task_mixture_through_ingest_and_split(shared_dir: Path, tmp_path: Path) -> None:
+    check_real_mixture(shared_dir, tmp_path)
