@@ -16,6 +16,7 @@ from typing import Any
 
 from reprotune import io, launcher, runtime, scorecard, verify
 from reprotune.chat_template import template_fingerprint
+from reprotune.evaluate import tasks
 from reprotune.evaluate.evaluation import (
     EvalDataError,
     compare,
@@ -201,6 +202,9 @@ def main() -> None:
         if base_preds is not None and not text:  # fine-tuned (b) vs base (a), by row id
             comparison["paired"] = compare_records(base_preds, predictions)
             gain["intervals"] = intervals_file(comparison["paired"])
+        if "tasks" in metrics:  # a mixture: each task's gain and paired intervals
+            gain["tasks"] = tasks.gain_record(comparison.get("tasks", {}), tasks.task_intervals(
+                base_preds, predictions) if base_preds is not None else {})
         if preference is not None:
             gain["preference"] = preference_gain(preference)
         if args.base_general:
@@ -226,6 +230,9 @@ def main() -> None:
                              confusion_png=(relative_link(args.confusion, args.report)
                                             if args.confusion else None),
                              base_predictions=None if text else base_preds)
+        if args.base_metrics and "tasks" in metrics:
+            report += tasks.report_section(metrics, io.read_json(args.base_metrics),
+                                           gain["tasks"])
         if preference is not None:
             report += report_section(preference)
         if "forgetting" in comparison:

@@ -5,6 +5,10 @@ train split's lengths and applies to all three. Rows go through Hugging Face `da
 (Arrow on disk, a batched map over `data.num_proc` processes) and are written in bounded
 Parquet row groups: no stage-wide Python rows (reprotune.data.format_stream).
 
+With a mixture (``ingest.mixture.tasks``) each row keeps its ``task`` as a column, and the
+train split is resampled to the task weights before rendering (``strategy: interleave``,
+reprotune.data.mixture); metrics/format.json counts rows per task under ``mixture``.
+
 With ``format.mode: text`` (continued pretraining) the splits hold text documents instead:
 no template, EOS after each document, packed into rows of ``format.max_length`` tokens, every
 token labelled (reprotune.data.text_packing); the pair files are written empty.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ import numpy as np
 
 from reprotune import io, runtime, scorecard
 from reprotune.chat_template import template_fingerprint
-from reprotune.data import SPLITS
+from reprotune.data import SPLITS, mixture
 from reprotune.data.format_stream import format_splits, write_parquet
 from reprotune.data.formatting import FormatError, combine_stats, formatted_schema
 from reprotune.data.pairs import combine as combine_pairs
@@ -74,6 +79,7 @@ def main() -> None:
     if cfg.mode == "text":
         _format_text(args, cfg, tokenizer, datas, outs, pairs, pairs_dropped, sha)
         return
+    Path(outs["train"]).parent.mkdir(parents=True, exist_ok=True)
     documents = {s: n for s in SPLITS if (n := count_documents(datas[s]))}
     if documents:  # a document through the chat template would train as an assistant answer
         raise SystemExit(f"format: format.mode: chat, but the splits hold text documents "
@@ -81,12 +87,18 @@ def main() -> None:
                          f"format.mode: text to continue pretraining on them, or remove those "
                          f"inputs (DAPT then SFT: two experiments, docs/training.md)")
     try:
-        plans = format_splits(
-            datas, tokenizer, outs=outs, dropped=args.dropped, max_length=cfg.max_length,
-            enable_thinking=cfg.enable_thinking, model_limit=context_length(args.base),
-            warn_truncated=cfg.warn_truncated, num_proc=num_proc, progress=sys.stderr.isatty(),
-            train_reasoning=cfg.train_reasoning)
-    except FormatError as exc:
+        # a mixture (ingest.mixture): the train rows resampled to the task weights, in a
+        # scratch file beside the outputs; val, test and the preference pairs stay natural
+        with tempfile.TemporaryDirectory(prefix=".train.mixed.", suffix=".tmp",
+                                         dir=outs["train"].parent) as scratch:
+            rendered, mix = mixture.mix_train(datas, load_section("ingest").mixture, scratch)
+            plans = format_splits(
+                rendered, tokenizer, outs=outs, dropped=args.dropped, max_length=cfg.max_length,
+                enable_thinking=cfg.enable_thinking, model_limit=context_length(args.base),
+                warn_truncated=cfg.warn_truncated, num_proc=num_proc,
+                progress=sys.stderr.isatty(), train_reasoning=cfg.train_reasoning,
+                tasks=mix is not None)
+    except (FormatError, mixture.MixtureError) as exc:
         raise SystemExit(f"format: {exc}") from None
     lengths = np.concatenate([p.lengths for p in plans.values()])
     stats = combine_stats({s: p.stats for s, p in plans.items()}, lengths, limit_from="train",
@@ -94,6 +106,8 @@ def main() -> None:
     histogram(lengths, args.plot, title="Tokens per conversation, all splits (before truncation)",
               xlabel="tokens", vline=stats["max_length"])
     stats["chat_template_sha256"] = sha
+    if mix is not None:  # rows per task: sampled train, natural val/test, and after formatting
+        stats["mixture"] = {**mix, "rows_out": {s: mixture.parquet_tasks(outs[s]) for s in SPLITS}}
     # preference pairs, cut to the same limit: dropped when too long, never truncated
     pair_stats, pair_drops = {}, []
     for name in SPLITS:

@@ -24,6 +24,7 @@ import numpy as np
 from reprotune import io, runtime, scorecard
 from reprotune.data import SPLITS
 from reprotune.data.leakage import conversation_text
+from reprotune.data.mixture import TASK_FIELD
 from reprotune.data.spill import DiskTexts
 from reprotune.data.split import SplitError, check_fields, split_rows
 from reprotune.params import load_section
@@ -31,8 +32,9 @@ from reprotune.params import load_section
 
 def read_rows(src: str, cfg: Any) -> tuple[list[dict[str, Any]], DiskTexts, list[int]]:
     """The fields the split reads of every record of ``src`` but those ``split.exclude_ids``
-    names, their conversation texts, and the positions (in ``src``) of the excluded ones."""
-    wanted = {"id", "source", cfg.stratify, cfg.group} - {None}
+    names (with a mixture's ``task``), their conversation texts, and the positions (in
+    ``src``) of the excluded ones."""
+    wanted = {"id", "source", cfg.stratify, cfg.group, TASK_FIELD} - {None}
     if cfg.order_by:
         wanted.add("meta")
     exclude = set(cfg.exclude_ids)

@@ -19,6 +19,7 @@ from reprotune.team.review import (
     plot_files,
     predictions_markdown,
     significance_markdown,
+    tasks_markdown,
 )
 
 DIFF = {
@@ -106,6 +107,28 @@ def test_significance_markdown_leads_with_real_changes() -> None:
     assert all("**worse**" in ln for ln in lines[4:])
     same = significance_markdown(compare_records(old, old), "main")
     assert "| bleu | 100 | 100 | 0 | [0, 0] | no detectable change |" in same
+
+
+def test_tasks_markdown_shows_one_task_gaining_and_another_losing() -> None:
+    """A mixture after a weight change: English got better, Chinese worse; pooled, the two
+    cancel out, per task both show (issue 32)."""
+    ref = {"en": "the answer is {i}", "zh": "答案是 {i}"}
+    old, new = [], []
+    for i in range(40):
+        for task, gained in (("en", True), ("zh", False)):
+            r = {"id": f"{task}{i}", "task": task, "prompt": f"q{i}",
+                 "reference": ref[task].format(i=i)}
+            old.append({**r, "prediction": r["reference"] if not gained else "wrong"})
+            new.append({**r, "prediction": r["reference"] if gained else "wrong"})
+    md = tasks_markdown(old, new, "main")
+    lines = md.splitlines()
+    assert lines[2] == "| task | rows | metric | `main` | this change | change | 95% CI | verdict |"
+    assert "| en | 40 | f1 | 0 | 1 | 1 | [1, 1] | **better** |" in lines
+    assert "| zh | 40 | f1 | 1 | 0 | -1 | [-1, -1] | **worse** |" in lines
+    pooled = significance_markdown(compare_records(old, new), "main")
+    assert "| f1 | 0.5 | 0.5 | 0 | [-0.225, 0.225] | no detectable change |" in pooled
+    untagged = [{k: v for k, v in r.items() if k != "task"} for r in new]
+    assert tasks_markdown(old, untagged, "main") == ""  # no mixture: no section
 
 
 def test_plot_files_from_the_project_dvc_yaml(repo_root: Path) -> None:

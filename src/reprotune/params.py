@@ -68,6 +68,26 @@ class DemoParams:
 
 
 @dataclass(frozen=True)
+class TaskParams:
+    """One task of a mixture: the ingest.inputs files that hold its rows, and its weight."""
+
+    inputs: list[str] = _f([])
+    # the task's share of the train rows under strategy interleave (relative to the others)
+    weight: float = _f(1.0, **_rng(0, None, lo_open=True))
+
+
+@dataclass(frozen=True)
+class MixtureParams:
+    # concat: every train row once (tasks only label the rows, for the split and evaluation);
+    # interleave: the train split resampled so each task's share follows its weight
+    # (reprotune.data.mixture, docs/data.md "Mixtures")
+    strategy: Literal["concat", "interleave"] = "concat"
+    seed: int = _f(0, **_rng(0, 2**32 - 1))
+    # task name -> {inputs, weight}; empty: no mixture (records carry no task)
+    tasks: dict[str, TaskParams] = _f({})
+
+
+@dataclass(frozen=True)
 class IngestParams:
     # files under data/raw/; a hub dataset is a `*.hub.yaml` manifest (reprotune.data.hub)
     inputs: list[str] = _f([DEMO_INPUT])
@@ -79,6 +99,8 @@ class IngestParams:
     min_kept_ratio: float = _f(0.5, **_rng(0, 1))
     # raw fields kept verbatim in each record's `meta` (e.g. a timestamp for split.order_by)
     keep_fields: list[str] = _f([])
+    # tasks and weights of the inputs (a separate mapping: `read` iterates over inputs)
+    mixture: MixtureParams = field(default_factory=MixtureParams)
 
 
 @dataclass(frozen=True)
@@ -528,8 +550,38 @@ def _cross_checks(obj: Any, prefix: str) -> None:
                               f"{prefix}.method {obj.method} ("
                               + ("its loss always includes the NLL of chosen" if obj.method == "orpo"
                                  else "TRL's KTO has no SFT term") + "); set it to 0")
+    if isinstance(obj, IngestParams) and obj.mixture.tasks:
+        _check_mixture(obj.mixture, obj.inputs, f"{prefix}.mixture")
     if isinstance(obj, LoraParams) and not obj.target_modules:
         raise ParamsError(f"{prefix}.target_modules: must name at least one module")
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def _check_mixture(mix: MixtureParams, inputs: list[str], key: str) -> None:
+    """Every task names files of ``ingest.inputs``, each file belongs to exactly one task,
+    and task names are plain words (they become metric keys and ``-S`` paths)."""
+    owner: dict[str, str] = {}
+    for name, task in mix.tasks.items():
+        if not TASK_NAME.fullmatch(name):
+            raise ParamsError(f"{key}.tasks.{name}: a task name is letters, digits, _ and - "
+                              f"(at most 64, no dots: it becomes a metric key)")
+        if not task.inputs:
+            raise ParamsError(f"{key}.tasks.{name}.inputs: lists no file, so the task has no "
+                              f"rows; name its files of ingest.inputs, or remove the task")
+        for i, path in enumerate(task.inputs):
+            if path not in inputs:
+                raise ParamsError(f"{key}.tasks.{name}.inputs[{i}]: {path!r} is not in "
+                                  f"ingest.inputs{_suggest(path, inputs)}; list it there too")
+            if path in owner:
+                raise ParamsError(f"{key}.tasks.{name}.inputs[{i}]: {path!r} already belongs "
+                                  f"to task {owner[path]!r}; a file's rows have one task")
+            owner[path] = name
+    for i, path in enumerate(inputs):
+        if path not in owner:
+            raise ParamsError(f"ingest.inputs[{i}]: {path!r} is in no task of {key}.tasks; "
+                              f"with a mixture every input names its task")
 
 
 # --------------------------------------------------------------------------- loading
@@ -611,6 +663,10 @@ def _check_mode(fmt: FormatParams, ingest: IngestParams) -> None:
         raise ParamsError("ingest.format: text reads documents for continued pretraining; set "
                           "format.mode: text to train on them, or ingest.format: auto for "
                           "conversations")
+    if fmt.mode == "text" and ingest.mixture.tasks:
+        raise ParamsError("ingest.mixture.tasks: a mixture weights and evaluates conversations "
+                          "per task; format.mode: text packs documents across rows, so no row "
+                          "keeps its task; set ingest.mixture.tasks: {} or format.mode: chat")
     if fmt.mode == "text" and fmt.enable_thinking:
         raise ParamsError("format.enable_thinking: true has no effect with format.mode: text "
                           "(no chat template is applied); set it to false")

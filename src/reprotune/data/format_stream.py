@@ -85,7 +85,7 @@ def render_dataset(lines: Any, render: Renderer, *, num_proc: int, path: str) ->
                      num_proc=num_proc if num_proc > 1 else None,
                      fn_kwargs={"render": render, "path": path},
                      remove_columns=lines.column_names,
-                     features=Features.from_arrow_schema(rendered_schema()),
+                     features=Features.from_arrow_schema(rendered_schema(render.tasks)),
                      new_fingerprint=f"format-render-{num_proc}", desc="format: tokenise")
 
 
@@ -168,7 +168,7 @@ def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
                   outs: Mapping[str, str | Path], dropped: str | Path, max_length: int | str,
                   enable_thinking: bool, model_limit: int | None, warn_truncated: float,
                   num_proc: int, limit_from: str = "train", progress: bool = True,
-                  train_reasoning: bool = True) -> dict[str, Plan]:
+                  train_reasoning: bool = True, tasks: bool = False) -> dict[str, Plan]:
     """Format each split's canonical JSONL (``datas``) into its Parquet file (``outs``).
 
     ``format.max_length: auto`` is resolved from the ``limit_from`` split's lengths alone
@@ -177,14 +177,15 @@ def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
     :class:`~reprotune.data.formatting.Plan` (``stats`` complete, ``lengths`` for the plot).
     Raises :class:`~reprotune.data.formatting.FormatError`, naming the split, before writing
     anything when the limit leaves most of a split's rows without labels, or when a split
-    that had rows (and ``limit_from`` in any case) keeps none.
+    that had rows (and ``limit_from`` in any case) keeps none. ``tasks``: the rows carry a
+    mixture's ``task``, written as a column of the Parquet files.
     """
     from datasets.utils import logging as ds_logging
 
     first = Path(next(iter(outs.values())))
     first.parent.mkdir(parents=True, exist_ok=True)
     render = Renderer.create(tokenizer, enable_thinking=enable_thinking,
-                             train_reasoning=train_reasoning)
+                             train_reasoning=train_reasoning, tasks=tasks)
     shown = ds_logging.is_progress_bar_enabled()
     (ds_logging.enable_progress_bar if progress else ds_logging.disable_progress_bar)()
     try:
@@ -215,8 +216,9 @@ def format_splits(datas: Mapping[str, str | Path], tokenizer: Any, *,
             io.write_jsonl(dropped, ({**row, "split": name} for name, p in plans.items()
                                      for row in dropped_rows(p)))
             for name, (ds, _) in rendered.items():
-                tables = cut_tables(_batches(ds), plans[name]) if ds is not None else iter(())
-                write_parquet(outs[name], tables, formatted_schema())
+                tables = (cut_tables(_batches(ds), plans[name], tasks) if ds is not None
+                          else iter(()))
+                write_parquet(outs[name], tables, formatted_schema(tasks))
             del rendered, ds  # release the memory maps before the folder goes
     finally:
         (ds_logging.enable_progress_bar if shown else ds_logging.disable_progress_bar)()

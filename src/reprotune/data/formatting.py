@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from reprotune import markup
+from reprotune.data.mixture import TASK_FIELD
 from reprotune.data.rendering import (
     CANONICAL_FIELDS,
     DROP_TEMPLATE,
@@ -170,14 +171,16 @@ def dropped_rows(p: Plan) -> Iterator[dict[str, Any]]:
                "detail": f"{n} tokens, cut at {p.limit}: no assistant token left"}
 
 
-def cut_tables(batches: Batches, p: Plan) -> Iterator[Any]:
+def cut_tables(batches: Batches, p: Plan, tasks: bool = False) -> Iterator[Any]:
     """The kept rows, cut to ``p.limit`` tokens, as tables of :func:`formatted_schema`,
-    one per batch of ``batches``; adds their label tokens to ``p.stats``."""
+    one per batch of ``batches``; adds their label tokens to ``p.stats``. ``tasks``: the
+    rendered rows carry a mixture's ``task`` column, kept after ``meta``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    schema, start = formatted_schema(), 0
-    for batch in batches(CUT_FIELDS):
+    schema, start = formatted_schema(tasks), 0
+    canonical = CANONICAL_FIELDS + ((TASK_FIELD,) if tasks else ())
+    for batch in batches(CUT_FIELDS + ((TASK_FIELD,) if tasks else ())):
         keep = p.keep[start:start + batch.num_rows]
         start += batch.num_rows
         t = batch.filter(pa.array(keep)).combine_chunks()
@@ -189,7 +192,7 @@ def cut_tables(batches: Batches, p: Plan) -> Iterator[Any]:
         parents = pc.list_parent_indices(labels).to_numpy()
         n_label = np.bincount(parents[values != IGNORE_INDEX], minlength=t.num_rows)
         p.stats["label_tokens"] += int(n_label.sum())
-        cols = {k: t.column(k) for k in CANONICAL_FIELDS + ("text",)}
+        cols = {k: t.column(k) for k in canonical + ("text",)}
         cols.update(input_ids=ids, labels=labels,
                     n_tokens=pc.list_value_length(ids).cast(pa.int32()),
                     n_label_tokens=pa.array(n_label, pa.int32()),
@@ -257,11 +260,18 @@ def format_records(records: Sequence[dict[str, Any]], tokenizer: Any, *, max_len
     return rows, {**p.stats, "lengths": p.lengths.tolist()}, list(dropped_rows(p))
 
 
-def rendered_schema() -> Any:
-    """Arrow schema of :class:`~reprotune.data.rendering.Renderer`'s columns."""
+def _task(tasks: bool) -> list[tuple[str, Any]]:
     import pyarrow as pa
 
-    return pa.schema([(k, pa.string()) for k in CANONICAL_FIELDS] + [
+    return [(TASK_FIELD, pa.string())] if tasks else []
+
+
+def rendered_schema(tasks: bool = False) -> Any:
+    """Arrow schema of :class:`~reprotune.data.rendering.Renderer`'s columns (``tasks``:
+    with a mixture's ``task`` after the canonical fields)."""
+    import pyarrow as pa
+
+    return pa.schema([(k, pa.string()) for k in CANONICAL_FIELDS] + _task(tasks) + [
         ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())), ("n_full", pa.int32()), ("first_label", pa.int32()),
         ("reason", pa.string()), ("detail", pa.string()), ("decode_mismatch", pa.bool_()),
@@ -269,14 +279,16 @@ def rendered_schema() -> Any:
     ])
 
 
-def formatted_schema() -> Any:
-    """Arrow schema of formatted.parquet (and the split files)."""
+def formatted_schema(tasks: bool = False) -> Any:
+    """Arrow schema of formatted.parquet (and the split files); ``tasks``: with a mixture's
+    ``task`` column after ``meta`` (without one the files are as before mixtures existed)."""
     import pyarrow as pa
 
     return pa.schema([
         ("id", pa.string()), ("source", pa.string()), ("messages", pa.string()),
         ("tools", pa.string()), ("label", pa.string()), ("group", pa.string()),
-        ("meta", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
+        ("meta", pa.string()), *_task(tasks), ("text", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())), ("n_tokens", pa.int32()),
         ("n_label_tokens", pa.int32()), ("truncated", pa.bool_()),
     ])

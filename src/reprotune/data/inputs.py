@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -204,10 +204,15 @@ def merge_parts(parts: Sequence[IngestResult]) -> IngestResult:
 
 
 def merge_part_files(parts_root: str | Path, paths: Sequence[str], out: str | Path,
-                     rejected: str | Path) -> IngestCounts:
+                     rejected: str | Path,
+                     copy_records: Callable[[str, Path, BinaryIO], int] | None = None,
+                     ) -> IngestCounts:
     """Merge the parts of ``paths`` (in that order) into ``out`` and ``rejected`` by copying
     their JSONL bytes, chunk by chunk, and adding their counts: memory does not grow with
     the data, and the files are exactly what concatenating the rows would write.
+    ``copy_records(input path, part records file, out)``, when given, writes the part's
+    records instead of the byte copy and returns how many (``ingest.mixture`` adds each
+    input's task: :func:`reprotune.data.mixture.tag_part`).
 
     A part whose row files disagree with its ``counts.json`` (edited or cut short by hand)
     raises, naming it; both outputs appear complete or not at all.
@@ -218,7 +223,8 @@ def merge_part_files(parts_root: str | Path, paths: Sequence[str], out: str | Pa
             out_tmp.open("wb") as out_fh, rej_tmp.open("wb") as rej_fh:
         for path, part in zip(paths, parts, strict=True):
             c = io.read_json(part / "counts.json")
-            got = (io.append_file(part / "records.jsonl", out_fh),
+            got = (copy_records(path, part / "records.jsonl", out_fh) if copy_records
+                   else io.append_file(part / "records.jsonl", out_fh),
                    io.append_file(part / "rejected.jsonl", rej_fh))
             if got != (c["kept"], c["rejected_total"]):
                 raise IngestError(

@@ -47,6 +47,7 @@ from jinja2.exceptions import TemplateError
 
 from reprotune import markup
 from reprotune.constants import IGNORE_INDEX
+from reprotune.data.mixture import TASK_FIELD
 from reprotune.data.preference import KTO_FIELD
 
 log = logging.getLogger(__name__)
@@ -188,19 +189,21 @@ class Renderer:
     markers: TurnMarkers
     forbidden: tuple[str, ...]
     train_reasoning: bool = True  # label the think blocks the template renders
+    tasks: bool = False  # a mixture: each row's task as a column after the canonical fields
 
     @classmethod
     def create(cls, tokenizer: Any, *, enable_thinking: bool,
-               train_reasoning: bool = True) -> Renderer:
+               train_reasoning: bool = True, tasks: bool = False) -> Renderer:
         markers = turn_markers(tokenizer, enable_thinking=enable_thinking)
         forbidden = markup.forbidden_strings(tokenizer)
         log.info("assistant turn markers: header=%r gen_prompt=%r end=%r think=%r..%r; %d "
                  "forbidden strings", markers.header, markers.gen_prompt, markers.end,
                  markers.think_open, markers.think_close, len(forbidden))
-        return cls(tokenizer, enable_thinking, markers, forbidden, train_reasoning)
+        return cls(tokenizer, enable_thinking, markers, forbidden, train_reasoning, tasks)
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-        """Columns (``CANONICAL_FIELDS`` + ``RENDERED_FIELDS``) for ``records``, in order.
+        """Columns (``CANONICAL_FIELDS`` + ``RENDERED_FIELDS``, + ``task`` with ``tasks``) for
+        ``records``, in order.
 
         A row that cannot be used gets its drop ``reason`` and ``detail`` (no text, no
         tokens); the others get the full rendering: ``input_ids``/``labels`` untruncated,
@@ -210,6 +213,8 @@ class Renderer:
         tokenised in one call (the same ids as one call each, without padding).
         """
         cols: dict[str, list[Any]] = {k: [] for k in CANONICAL_FIELDS + RENDERED_FIELDS}
+        if self.tasks:
+            cols[TASK_FIELD] = [rec.get(TASK_FIELD) for rec in records]
         rendered = [self._prepare(rec) for rec in records]
         texts = [r[0] for r in rendered if isinstance(r, tuple)]
         enc = (self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

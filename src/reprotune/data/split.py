@@ -14,6 +14,12 @@ The split is a pure function of (rows, params). Rows are split in *units*: a gro
   Ties are broken by the seeded hash. ``split.stratify`` is not applied (label shares are
   still reported): balancing labels would move rows across the time cut.
 
+Tasks (``ingest.mixture``): when the rows carry a ``task``, each task is its own stratum
+(with ``split.stratify``, the strata are the (task, stratify value) pairs), so every task
+gets its share of val and test; a task left without rows in a part that should have some
+(too few rows for the ratio, or all dropped as leaks) is an error naming it. A time-ordered
+split does not stratify, but refuses a missing task the same way.
+
 The leakage check then compares val with train and test with train and val
 (:mod:`reprotune.data.leakage`).
 """
@@ -29,6 +35,7 @@ from typing import Any
 
 from reprotune.data import SPLITS
 from reprotune.data.leakage import Leakage, LeakageError, apply_leaks, find_leaks
+from reprotune.data.mixture import TASK_FIELD
 from reprotune.data.timeorder import ACCEPTED, iso, meta_value, row_times
 
 logger = logging.getLogger(__name__)
@@ -74,8 +81,9 @@ def check_fields(columns: Collection[str], *, stratify: str | None, group: str |
 
 def assign_splits(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: float,
                   stratify: str | None, group: str | None, seed: int,
-                  order_by: str | None = None) -> list[str]:
-    """Return the split name of every row (same order as ``rows``)."""
+                  order_by: str | None = None, task: str | None = None) -> list[str]:
+    """Return the split name of every row (same order as ``rows``). ``task``: a field that,
+    when rows carry it, is stratified on before ``stratify`` (a mixture's tasks)."""
     if rows:
         check_fields({k for r in rows for k in r}, stratify=stratify, group=group)
     units: dict[str, list[int]] = defaultdict(list)
@@ -93,6 +101,9 @@ def assign_splits(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_rati
             stratum = min(counts, key=lambda v: (-counts[v], v))
         else:
             stratum = ""
+        if task and any(task in rows[i] for i in idx):  # a mixture: strata (task, label)
+            counts = Counter(str(rows[i].get(task)) for i in idx)
+            stratum = min(counts, key=lambda v: (-counts[v], v)) + "\x00" + stratum
         strata[stratum].append(key)
 
     out = [""] * len(rows)
@@ -161,11 +172,37 @@ def _time_ranges(parts: dict[str, list[dict[str, Any]]], order_by: str) -> dict[
     return out
 
 
+def _task_counts(parts: dict[str, list[dict[str, Any]]], task: str) -> dict[str, dict[str, int]]:
+    """Rows per task of each split, every task named in every split (0 where it has none)."""
+    names = sorted({str(r.get(task)) for rows in parts.values() for r in rows})
+    return {s: {t: c.get(t, 0) for t in names}
+            for s, c in ((s, Counter(str(r.get(task)) for r in parts[s])) for s in SPLITS)}
+
+
+def _check_tasks(tasks: dict[str, dict[str, int]], ratios: dict[str, float]) -> None:
+    """:class:`SplitError` naming the first task without rows in a split that should have some."""
+    for name, ratio in ratios.items():
+        for t, n in tasks[name].items():
+            if ratio > 0 and n == 0:
+                total = sum(tasks[s][t] for s in SPLITS)
+                raise SplitError(
+                    f"ingest.mixture.tasks.{t}: no {name} rows ({total} rows after the split's "
+                    f"leakage check, split.{name}_ratio {ratio:g}): each task needs rows in train, "
+                    f"val and test to be trained and evaluated apart; add rows to the task, "
+                    f"raise split.{name}_ratio, or merge it into another task")
+        for t, n in tasks["train"].items():
+            if n == 0:
+                raise SplitError(f"ingest.mixture.tasks.{t}: no train rows; add rows to the task "
+                                 f"or lower split.val_ratio / split.test_ratio")
+
+
 def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: float,
                stratify: str | None, group: str | None, seed: int, leakage_threshold: float,
                order_by: str | None = None, on_leak: str = "drop",
-               texts: Sequence[str] | None = None, progress: bool = False) -> SplitResult:
+               texts: Sequence[str] | None = None, progress: bool = False,
+               task: str | None = TASK_FIELD) -> SplitResult:
     """Split rows, check leakage (acting on it as ``on_leak`` says), compute the metrics.
+    Rows carrying ``task`` are stratified by it and counted per task (module docstring).
 
     ``texts``: each row's :func:`~reprotune.data.leakage.conversation_text`, when the rows
     carry no ``messages`` (the stage keeps the texts on disk and the rows small).
@@ -180,7 +217,7 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
         logger.warning("split.order_by=%s: split.stratify=%s is not applied to a time-ordered "
                        "split (label shares are reported in metrics/split.json)", order_by, stratify)
     names = assign_splits(rows, val_ratio=val_ratio, test_ratio=test_ratio, stratify=stratify,
-                          group=group, seed=seed, order_by=order_by)
+                          group=group, seed=seed, order_by=order_by, task=task)
     parts: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     positions: dict[str, list[int]] = {s: [] for s in SPLITS}
     for i, (row, name) in enumerate(zip(rows, names, strict=True)):
@@ -205,6 +242,9 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
                              f"(each has a near-duplicate in an earlier split at "
                              f"split.leakage_threshold {leakage_threshold:g}); deduplicate harder "
                              f"(dedup.threshold) or use split.on_leak: report")
+    tasks = _task_counts(parts, task) if task and any(task in r for r in rows) else None
+    if tasks is not None:
+        _check_tasks(tasks, {"val": val_ratio, "test": test_ratio})
     gone = {(leak["split"], leak["id"]) for leak in leaks if leak.get("action") == "dropped"}
     positions = {s: [i for i in positions[s] if (s, rows[i]["id"]) not in gone] for s in SPLITS}
     leakage.counts["test_share"] = round(leakage.counts["test"] / max(1, held_out["test"]), 4)
@@ -220,6 +260,8 @@ def split_rows(rows: Sequence[dict[str, Any]], *, val_ratio: float, test_ratio: 
     if stratify:
         metrics["strata"] = {s: dict(sorted(Counter(str(r.get(stratify)) for r in parts[s]).items()))
                              for s in SPLITS}
+    if tasks is not None:
+        metrics["tasks"] = tasks
     if group:
         metrics["groups"] = {s: len({r.get(group) for r in parts[s] if r.get(group) not in (None, "")})
                              for s in SPLITS}

@@ -20,6 +20,7 @@ from typing import Any
 from reprotune import io
 from reprotune.evaluate import metrics as M
 from reprotune.evaluate.generation import generate_detailed, render_prompts, strip_think
+from reprotune.evaluate.tasks import TASK, task_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Example:
     reference: str
     user: str
     label: str | None
+    task: str | None = None  # a mixture's task (ingest.mixture), else None
 
 
 def _json_field(row: dict[str, Any], name: str, where: str) -> Any:
@@ -89,10 +91,11 @@ def parse_row(row: dict[str, Any], index: int, source: str) -> Example:
     tools = _json_field(row, "tools", where)
     user = next((m.get("content") or "" for m in reversed(messages[:last])
                  if m.get("role") == "user"), "")
-    label = row.get("label")
+    label, task = row.get("label"), row.get(TASK)
     return Example(id=str(row.get("id", index)), prompt=messages[:last], tools=tools or None,
                    reference=reference_text(messages[last]), user=user,
-                   label=None if label in (None, "") else str(label))
+                   label=None if label in (None, "") else str(label),
+                   task=None if task is None else str(task))
 
 
 def load_test_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -136,7 +139,9 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
     rouge_l, f1, em}`` plus the per-row statistics every metric is computed from
     (``bleu_stats``, ``chrf_stats``, ``rouge1``, ``rouge2``; ``nll``, ``n_tokens`` with
     perplexity; ``pred_label`` and ``label_probs`` with classification), so two prediction
-    files can be compared (:mod:`reprotune.evaluate.paired`) without the model.
+    files can be compared (:mod:`reprotune.evaluate.paired`) without the model. Rows that
+    carry a mixture's ``task`` give records with ``task`` and metrics with ``tasks``, each
+    task's metrics (:func:`reprotune.evaluate.tasks.task_metrics`).
 
     ``shard = (rank, processes)`` generates data-parallel (``eval.num_processes``): every
     process generates its share of the batches, and rank 0 alone scores (the others return
@@ -196,14 +201,21 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], c
         out.update(_label_probs_and_auc(model, tokenizer, examples, labelled, records,
                                         cm["confusion"]["labels"], cfg.batch_size,
                                         enable_thinking))
+    row_ppl: list[dict[str, Any]] = [{}] * len(rows)
     if all("input_ids" in r and "labels" in r for r in rows):
         ppl = _perplexity(model, tokenizer, rows, cfg.batch_size, source, progress)
-        for rec, nll, n_tok in zip(records, ppl.pop("row_nll"), ppl.pop("row_tokens"),
-                                   strict=True):
-            rec.update(nll=_round(nll), n_tokens=n_tok)
+        row_ppl = [{"nll": nll, "n_tokens": n_tok}
+                   for nll, n_tok in zip(ppl.pop("row_nll"), ppl.pop("row_tokens"), strict=True)]
+        for rec, r in zip(records, row_ppl, strict=True):
+            rec.update(nll=_round(r["nll"]), n_tokens=r["n_tokens"])
         out.update(ppl)
     else:
         log.warning("%s: rows lack input_ids/labels: perplexity not computed", source)
+    if any(e.task is not None for e in examples):  # a mixture: every metric per task too
+        for rec, e in zip(records, examples, strict=True):
+            rec[TASK] = e.task
+        out["tasks"] = task_metrics([{**rec, **r} for rec, r in zip(records, row_ppl, strict=True)],
+                                    tokenize=bc["tokenize"], classify=classify)
     out["settings"] = {
         "task": cfg.task, "classification": classify, "bleu_tokenize": bc["tokenize"],
         "bleu_signature": bc["bleu_signature"], "chrf_signature": bc["chrf_signature"],
@@ -265,13 +277,17 @@ def compare(finetuned: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """``{"finetuned": {...}, "base": {...}, "gain": {...}}`` of two :func:`evaluate_model`
     metric dicts. ``gain[m] = finetuned - base`` for the higher-is-better metrics, and
     ``gain["ppl_reduction"] = base - finetuned`` perplexity, so positive gain is always
-    better. Settings that must agree but differ are listed in ``settings_mismatch``.
+    better; ``tasks``: each task's gain, when both hold a mixture's tasks. Settings that
+    must agree but differ are listed in ``settings_mismatch``.
     """
     ft, bs = _numbers(finetuned), _numbers(base)
     gain = {k: _round(ft[k] - bs[k]) for k in HEADLINE if k in ft and k in bs}
     if "perplexity" in ft and "perplexity" in bs:
         gain["ppl_reduction"] = _round(bs["perplexity"] - ft["perplexity"])
     out: dict[str, Any] = {"finetuned": ft, "base": bs, "gain": gain}
+    if tasks := {t: compare(m, base["tasks"][t])["gain"] for t, m in
+                 finetuned.get("tasks", {}).items() if t in (base.get("tasks") or {})}:
+        out["tasks"] = tasks  # a mixture: each task's gain too
     s_ft, s_bs = finetuned.get("settings", {}), base.get("settings", {})
     mismatch = [k for k in COMPARABLE_SETTINGS if s_ft.get(k) != s_bs.get(k)] if base else []
     if mismatch:

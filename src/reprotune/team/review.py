@@ -3,7 +3,8 @@
 Compares the workspace against ``REV``. It leads with what changed beyond noise: every
 quality metric of the predictions at ``REV`` and now, recomputed from their per-row
 statistics on the rows both answered (paired by id), with the difference, its 95% paired-
-bootstrap interval and a verdict. Then, collapsed, ``dvc metrics diff`` (quality rows
+bootstrap interval and a verdict; for a mixture, the same per task (one task may gain
+while another loses). Then, collapsed, ``dvc metrics diff`` (quality rows
 first; timing, memory and size rows, different on every machine, left out unless
 ``--all``; unchanged rows and ``-0.0`` differences never appear), ``dvc params diff``, the
 plot files and a few predictions whose text changed, side by side.
@@ -24,6 +25,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from reprotune.evaluate.paired import compare_records
+from reprotune.evaluate.tasks import TABLE_METRICS, compare_by_task
 from reprotune.team.exps import HEADLINE
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,29 @@ def significance_markdown(cmp: dict[str, Any], rev: str) -> str:
     return note + "\n\n" + "\n".join(lines)
 
 
+def tasks_markdown(old: list[dict[str, Any]], new: list[dict[str, Any]], rev: str) -> str:
+    """Per task of a mixture (the predictions' ``task``): the main metrics at ``rev`` and
+    now on that task's rows, with the paired interval and verdict ('' without tasks), so a
+    task that gained and one that lost both show."""
+    per_task = compare_by_task(old, new)
+    if not per_task:
+        return ""
+    lines = [f"| task | rows | metric | `{rev}` | this change | change | 95% CI | verdict |",
+             "|---|---:|---|---:|---:|---:|---|---|"]
+    for task, cmp in per_task.items():
+        for name in TABLE_METRICS:
+            if name not in cmp["metrics"]:
+                continue
+            m = cmp["metrics"][name]
+            ci = "—" if m["low"] is None else f"[{_fmt(m['low'])}, {_fmt(m['high'])}]"
+            bold = "**" if m["verdict"] in ("better", "worse") else ""
+            lines.append(f"| {_cell(task, 40)} | {m['n']} | {name} | {_fmt(m['a'])} | "
+                         f"{_fmt(m['b'])} | {_fmt(m['diff'])} | {ci} | "
+                         f"{bold}{m['verdict']}{bold} |")
+    return ("Each task of the mixture on its own test rows (paired bootstrap per task, as "
+            "above; a verdict needs 30 rows of the task).\n\n" + "\n".join(lines))
+
+
 def plot_files(dvc_yaml: Path) -> list[str]:
     """Plot data files named in dvc.yaml: stage ``plots:`` outs and top-level plot sources."""
     spec = YAML(typ="safe", pure=True).load(dvc_yaml.read_text(encoding="utf-8")) or {}
@@ -229,6 +254,8 @@ def build_report(rev: str, predictions: str = PREDICTIONS, examples: int = 5,
         old_preds, new_preds = _jsonl(old_raw), _jsonl(new_raw)
         try:
             noise_md = significance_markdown(compare_records(old_preds, new_preds), rev)
+            if per_task := tasks_markdown(old_preds, new_preds, rev):
+                noise_md += "\n\n#### Per task\n\n" + per_task
         except ValueError as exc:
             raise ReviewError(f"{predictions}: {exc}") from None
         changed = changed_predictions(old_preds, new_preds, limit=len(new_preds))
