@@ -17,14 +17,8 @@ from typing import Any
 from reprotune import io, launcher, runtime, scorecard, verify
 from reprotune.chat_template import template_fingerprint
 from reprotune.evaluate import tasks
-from reprotune.evaluate.evaluation import (
-    EvalDataError,
-    compare,
-    evaluate_model,
-    is_finite_metrics,
-    load_test_rows,
-    metrics_file,
-)
+from reprotune.evaluate.comparison import compare, is_finite_metrics, metrics_file
+from reprotune.evaluate.evaluation import EvalDataError, evaluate_model, load_test_rows
 from reprotune.evaluate.forgetting import (
     GeneralTextError,
     compare_general,

@@ -7,7 +7,8 @@ import pytest
 
 from reprotune.evaluate import metrics as M
 from reprotune.evaluate import tasks
-from reprotune.evaluate.evaluation import compare, evaluate_model, metrics_file
+from reprotune.evaluate.comparison import compare, metrics_file
+from reprotune.evaluate.evaluation import evaluate_model
 from reprotune.params import EvalParams
 
 SCORED = ("bleu", "chrf", "rouge1", "rouge2", "rouge_l", "f1", "em")

@@ -14,13 +14,11 @@ import pytest
 
 from reprotune import io
 from reprotune.evaluate import metrics as M
+from reprotune.evaluate.comparison import compare, is_finite_metrics, metrics_file
 from reprotune.evaluate.evaluation import (
     EvalDataError,
-    compare,
     evaluate_model,
-    is_finite_metrics,
     load_test_rows,
-    metrics_file,
     parse_row,
     reference_text,
 )

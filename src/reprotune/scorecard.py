@@ -51,13 +51,14 @@ def path_for(record_path: str | Path) -> Path:
     return record.parent / SCORECARD_DIR / record.name
 
 
-def _get(data: dict[str, Any], dotted: str) -> Any:
+def lookup(data: dict[str, Any], dotted: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; None when a part is missing."""
     node: Any = data
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
-    return None if isinstance(node, dict | list) else node
+    return node
 
 
 def _put(out: dict[str, Any], dotted: str, value: Any) -> None:
@@ -76,8 +77,8 @@ def select(stem: str, record: dict[str, Any]) -> dict[str, Any]:
         keys = KEYS.get(stem, [])
     out: dict[str, Any] = {}
     for key in keys:
-        value = _get(record, key)
-        if value is not None:
+        value = lookup(record, key)
+        if value is not None and not isinstance(value, dict | list):  # leaves only
             _put(out, key, value)
     return out
 

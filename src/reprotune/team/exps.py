@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from reprotune import scorecard
+from reprotune.scorecard import lookup
 from reprotune.team import staleness
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,6 @@ def rows(shown: list[dict[str, Any]]) -> list[ExpRow]:
     head = next((r.label for r in out if r.kind == "commit"), "")
     # the workspace is based on HEAD, the first commit shown
     return [dataclasses.replace(r, baseline=head) if r.kind == "workspace" else r for r in out]
-
-
-def lookup(data: dict[str, Any], dotted: str) -> Any:
-    """``data["a"]["b"]`` for ``"a.b"``; None when a part is missing."""
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def metric(row: ExpRow, name: str) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from reprotune.params import ParamsError, read_params
-from reprotune.team.exps import lookup
+from reprotune.scorecard import lookup
 
 KINDS = ("float", "log", "int", "categorical")
 SAMPLERS = ("tpe", "gp", "random", "grid")

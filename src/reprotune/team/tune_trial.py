@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reprotune import scorecard
 from reprotune.params import ParamsError
 from reprotune.team import exps
 from reprotune.team.tune_space import VAL_CURVE, ParamSpace, TuneConfig, validate, with_overrides
@@ -179,7 +180,7 @@ class Objective:
         if output is not None:
             return self._fail(trial, error_line(output))
         file, _, key = self.cfg.metric.rpartition(":")
-        value = exps.lookup(json.loads(Path(file).read_text(encoding="utf-8")), key)
+        value = scorecard.lookup(json.loads(Path(file).read_text(encoding="utf-8")), key)
         if not _finite(value):
             return self._fail(trial, f"{self.cfg.metric} is {value!r} after the run")
         log.info("trial %d: %s = %s", trial.number, self.cfg.metric, value)
