@@ -40,8 +40,8 @@ LONG = "Translate 'good morning' into Chinese, and 'apple' too. " * 8
 PROMPTS = [[{"role": "user", "content": p}] for p, _ in TASKS["math"]] + \
     [[{"role": "user", "content": LONG}]]
 MAX_TOKENS = 12
-# different target layers, ranks and scalings (alpha / r: 2 and, as saved, 3): the mixed
-# batch step lines them up side by side
+# different target layers, ranks and scalings (alpha / r: 2 and, as saved, 3), so a mixed
+# batch step must give each layer and token exactly its own adapter's update
 SHAPES = {"math": (8, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], 16),
           "zh": (4, ["q_proj", "k_proj", "v_proj", "gate_proj", "down_proj"], 12)}
 
