@@ -4,7 +4,7 @@
 #   make test    same install, then the test suite
 # Team and review helpers (docs/team.md, docs/experiments.md):
 #   make remote URL=...   make push   make pull   make adopt EXP=...   make exps   make exps-plot   make tune   make report   make plots
-#   make serve [MODEL=models/merged PORT=8000 HOST=127.0.0.1]   (docs/deploy.md)
+#   make serve [MODEL=models/merged | ADAPTERS="a=dir b=dir"] [PORT=8000 HOST=127.0.0.1]   (docs/deploy.md)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -200,11 +200,14 @@ plots: install
 	$(BIN)/dvc plots show
 
 # OpenAI-compatible server with continuous batching (docs/deploy.md); Ctrl-C / SIGTERM drain.
+# ADAPTERS="medical=models/finetuned legal=other/adapter": several LoRA adapters on one base
+# instead of MODEL; the request's model field picks one (names and folders without spaces)
 MODEL ?= models/merged
+ADAPTERS ?=
 PORT  ?= 8000
 HOST  ?= 127.0.0.1
 serve: install
-	@$(BIN)/python -m reprotune.deploy.server --model '$(MODEL)' --port '$(PORT)' --host '$(HOST)'
+	@$(BIN)/python -m reprotune.deploy.server $(if $(strip $(ADAPTERS)),--adapters $(ADAPTERS),--model '$(MODEL)') --port '$(PORT)' --host '$(HOST)'
 
 clean-venv:
 	rm -rf $(VENV)

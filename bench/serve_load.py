@@ -96,11 +96,14 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def start_server(model: str, dtype: str) -> tuple[subprocess.Popen, str]:
-    """The server as `make serve` runs it, on an ephemeral loopback port; (process, url)."""
+def start_server(model: str, dtype: str, *,
+                 adapters: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """The server as `make serve` runs it, on an ephemeral loopback port; (process, url).
+    ``adapters`` (``name=folder`` items): serve those instead of ``model``."""
     import requests
 
-    proc = subprocess.Popen([sys.executable, "-m", "reprotune.deploy.server", "--model", model,
+    what = ["--adapters", *adapters] if adapters else ["--model", model]
+    proc = subprocess.Popen([sys.executable, "-m", "reprotune.deploy.server", *what,
                              "--port", "0", "--dtype", dtype], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve()
                                                                  .parents[1] / "src")})

@@ -190,7 +190,7 @@ def _clean_error(exc: ApiError) -> None:
 @given(raw_bodies)
 def test_request_parsing_is_a_request_or_a_clean_4xx(raw: bytes) -> None:
     try:
-        req = validate_chat(parse_body(raw), model_id="merged", default_max_tokens=2,
+        req = validate_chat(parse_body(raw), model_ids=["merged"], default_max_tokens=2,
                             max_tokens_limit=4)
     except ApiError as exc:
         _clean_error(exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,7 @@ class ApiError(Exception):
 class ChatRequest:
     """One validated chat-completions request."""
 
+    model: str
     messages: list[dict[str, str]]
     max_tokens: int
     stream: bool
@@ -119,16 +121,19 @@ def _int_field(body: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def validate_chat(body: dict[str, Any], *, model_id: str, default_max_tokens: int,
+def validate_chat(body: dict[str, Any], *, model_ids: Sequence[str], default_max_tokens: int,
                   max_tokens_limit: int) -> ChatRequest:
-    """Check a chat-completions body against what this server serves; raise :class:`ApiError`."""
+    """Check a chat-completions body against what this server serves (``model_ids``: the
+    names the ``model`` field may take); raise :class:`ApiError`."""
     unknown = sorted(set(body) - KNOWN_KEYS)
     if unknown:
         raise ApiError(400, f"unsupported parameter(s): {', '.join(unknown)}", param=unknown[0])
-    if body.get("model") != model_id:
-        raise ApiError(404, f"model {body.get('model')!r} is not served here; the model is "
-                            f"{model_id!r} (GET /v1/models)", param="model",
-                       code="model_not_found")
+    model = body.get("model")
+    if not isinstance(model, str) or model not in model_ids:
+        served = (f"the model is {model_ids[0]!r}" if len(model_ids) == 1 else
+                  f"the models are {', '.join(repr(m) for m in model_ids)}")
+        raise ApiError(404, f"model {model!r} is not served here; {served} (GET /v1/models)",
+                       param="model", code="model_not_found")
     for key, (neutral, why) in NEUTRAL.items():
         if key in body and body[key] is not None and body[key] not in neutral:
             raise ApiError(400, f"{key}={body[key]!r} is not supported: {why}", param=key)
@@ -164,7 +169,7 @@ def validate_chat(body: dict[str, Any], *, model_id: str, default_max_tokens: in
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
     options = body.get("stream_options") or {}
-    return ChatRequest(clean, max_tokens, stream,
+    return ChatRequest(model, clean, max_tokens, stream,
                        bool(isinstance(options, dict) and options.get("include_usage")))
 
 

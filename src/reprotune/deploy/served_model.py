@@ -99,18 +99,11 @@ def load_served_model(folder: str | Path, *, model_id: str | None = None,
     uses the CPU's bf16 matrix units (AMX, AVX512-BF16) where it has them."""
     import torch
 
-    from reprotune.evaluate.generation import stop_token_ids
     from reprotune.modeling import load_model, load_tokenizer
 
     folder = Path(folder)
     kind, info = read_serving_manifest(folder)
-    capability = torch.backends.cpu.get_cpu_capability()
-    if dtype == "bfloat16" and not torch.cuda.is_available() and \
-            capability not in ("AVX512", "AMX"):
-        # torch's CPU bf16 attention packs with AVX-512 instructions only
-        raise ServeError(f"--dtype bfloat16 on CPU needs AVX-512 kernels (torch runs "
-                         f"{capability} here); start the server "
-                         f"with REPROTUNE_NATIVE_CPU=1 on a CPU that has them, or use float32")
+    check_dtype(dtype)
     try:
         if kind == "merged":
             model, tok = load_model(folder, dtype=torch.float32), load_tokenizer(folder)
@@ -124,6 +117,28 @@ def load_served_model(folder: str | Path, *, model_id: str | None = None,
     except (OSError, ValueError, RuntimeError) as exc:
         raise ServeError(f"{folder}: cannot load the model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}); {WHAT_SERVES}") from exc
+    return served_as(model.eval(), tok, folder, info, model_id or folder.name)
+
+
+def check_dtype(dtype: str) -> None:
+    """:class:`ServeError` unless this machine computes ``dtype`` (bf16 on CPU: AVX-512)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if dtype == "bfloat16" and not torch.cuda.is_available() and \
+            capability not in ("AVX512", "AMX"):
+        # torch's CPU bf16 attention packs with AVX-512 instructions only
+        raise ServeError(f"--dtype bfloat16 on CPU needs AVX-512 kernels (torch runs "
+                         f"{capability} here); start the server "
+                         f"with REPROTUNE_NATIVE_CPU=1 on a CPU that has them, or use float32")
+
+
+def served_as(model: Any, tok: Any, folder: Path, info: dict[str, Any],
+              model_id: str) -> ServedModel:
+    """``model`` served under ``model_id`` with ``folder``'s prompt format, whose chat
+    template must still be the one training fingerprinted (``info``: its manifest)."""
+    from reprotune.evaluate.generation import stop_token_ids
+
     sha = template_fingerprint(tok.chat_template or "")
     if sha != info["chat_template_sha256"]:
         raise ServeError(f"{folder}: chat template sha256 {sha[:12]} is not the one training "
@@ -132,5 +147,5 @@ def load_served_model(folder: str | Path, *, model_id: str | None = None,
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     log.info("loaded %s (%s, enable_thinking=%s, context %d)", folder, info.get("method"),
              info["enable_thinking"], context)
-    return ServedModel(model.eval(), tok, model_id or folder.name, folder,
-                       bool(info["enable_thinking"]), stop_token_ids(model, tok), context)
+    return ServedModel(model, tok, model_id, folder, bool(info["enable_thinking"]),
+                       stop_token_ids(model, tok), context)

@@ -9,13 +9,15 @@ uvicorn. Decoding is greedy, so an answer equals offline greedy generation of th
 
 ``python -m reprotune.deploy.server --model models/merged --port 8000`` binds 127.0.0.1
 unless ``--host`` says otherwise; SIGTERM / Ctrl-C stop accepting, let in-flight requests
-finish, then stop the batching thread.
+finish, then stop the batching thread. ``--adapters medical=models/finetuned legal=...``
+serves several LoRA adapters over one base instead (:mod:`reprotune.deploy.adapters`): the
+request's ``model`` field picks the adapter, and requests for different adapters share each
+batch step (:mod:`reprotune.deploy.lora_routing`).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import logging
 import signal
@@ -29,6 +31,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from reprotune.deploy.engine import DEFAULT_MAX_TOKENS, GRACEFUL_S, Engine
+from reprotune.deploy.lora_routing import TokenRouter
 from reprotune.deploy.openai_api import (
     ApiError,
     chunk_body,
@@ -42,61 +46,7 @@ from reprotune.deploy.served_model import DTYPES, ServedModel, ServeError, load_
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 128
 MAX_TOKENS_LIMIT = 1024
-GRACEFUL_S = 60  # SIGTERM waits at most this long for in-flight requests
-MAX_SEQS = 32  # requests decoded together in one batch step
-PAGE_SIZE = 64  # tokens per KV-cache page
-CACHE_TOKENS = 16384  # KV cache size cap in tokens (about 3.7 GB for Qwen3-0.6B in float32)
-
-
-class Engine:
-    """Greedy generation through one running ``ContinuousBatchingManager``."""
-
-    def __init__(self, served: ServedModel, *, max_batch_tokens: int = 512) -> None:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-
-        self.served = served
-        gen = GenerationConfig(do_sample=False, max_new_tokens=DEFAULT_MAX_TOKENS,
-                               eos_token_id=served.stops,
-                               pad_token_id=served.tokenizer.pad_token_id)
-        # the KV cache sized for MAX_SEQS sequences of this model's context (capped): left to
-        # itself it takes most of free RAM, and allocating ~11 GB took 24 s on CPU
-        cache_tokens = min(MAX_SEQS * served.context, CACHE_TOKENS)
-        cb = ContinuousBatchingConfig(page_size=PAGE_SIZE, num_blocks=-(-cache_tokens // PAGE_SIZE),
-                                      max_batch_tokens=max_batch_tokens,
-                                      max_requests_per_batch=MAX_SEQS, max_queue_size=1024)
-        self.manager = served.model.init_continuous_batching(
-            generation_config=gen, continuous_batching_config=cb)
-        self.manager.start()
-
-    def alive(self) -> bool:
-        return self.manager.is_running()
-
-    async def generate(self, ids: list[int], max_new_tokens: int,
-                       streaming: bool) -> AsyncIterator[tuple[list[int], bool]]:
-        """Yield ``(tokens so far, finished)``: every token when ``streaming``, else once."""
-        rid = f"req-{uuid.uuid4().hex}"
-        outputs: asyncio.Queue[Any] = asyncio.Queue()
-        self.manager.register_result_handler(rid, outputs.put_nowait)
-        if self.manager.add_request(ids, request_id=rid, max_new_tokens=max_new_tokens,
-                                    streaming=streaming, eos_token_id=self.served.stops) is None:
-            raise ApiError(503, "the server is shutting down; retry elsewhere",
-                           code="server_unavailable")
-        finished = False
-        try:
-            while not finished:
-                out = await outputs.get()
-                if out.error:
-                    raise RuntimeError(f"generation failed: {out.error}")
-                finished = out.is_finished()
-                yield list(out.generated_tokens), finished
-        finally:
-            if not finished:  # the client went away: free its slot in the batch
-                self.manager.cancel_request(rid)
-
-    def stop(self) -> None:
-        self.manager.stop(block=True, timeout=GRACEFUL_S)
 
 
 def _finish(tokens: list[int], stops: Sequence[int]) -> tuple[list[int], str]:
@@ -106,19 +56,22 @@ def _finish(tokens: list[int], stops: Sequence[int]) -> tuple[list[int], str]:
     return tokens, "length"
 
 
-def build_app(served: ServedModel, *, max_tokens_limit: int = MAX_TOKENS_LIMIT,
+def build_app(served: ServedModel | dict[str, ServedModel], *,
+              router: TokenRouter | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
               default_max_tokens: int = DEFAULT_MAX_TOKENS, special_text: str = "refuse") -> Any:
-    """The FastAPI app serving ``served``; the batching thread runs while the app does.
-    ``special_text``: what a control token's text in a request does (request_guard)."""
+    """The FastAPI app serving ``served`` (or ``{name: adapter}`` over one base, with the
+    ``router`` of :func:`reprotune.deploy.adapters.load_adapters`); the batching thread runs
+    while the app does. ``special_text``: what a control token's text in a request does."""
     from reprotune.markup import forbidden_strings
 
+    models = served if isinstance(served, dict) else {served.model_id: served}
     state: dict[str, Engine] = {}
-    forbidden = forbidden_strings(served.tokenizer)
+    forbidden = {name: forbidden_strings(m.tokenizer) for name, m in models.items()}
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
-        state["engine"] = Engine(served)
-        log.info("continuous batching started for %s", served.model_id)
+        state["engine"] = Engine(next(iter(models.values())), router=router)
+        log.info("continuous batching started for %s", ", ".join(models))
         yield
         state.pop("engine").stop()  # after uvicorn drained the in-flight requests
         log.info("continuous batching stopped")
@@ -139,20 +92,22 @@ def build_app(served: ServedModel, *, max_tokens_limit: int = MAX_TOKENS_LIMIT,
     async def health() -> JSONResponse:
         engine = state.get("engine")
         ok = engine is not None and engine.alive()
-        return JSONResponse({"status": "ok" if ok else "unhealthy", "model": served.model_id},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unhealthy",
+                             "model": ", ".join(models)}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served.model_id, "object": "model",
-                                            "created": 0, "owned_by": "reprotune"}]}
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                            "owned_by": "reprotune"} for name in models]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        req = validate_chat(parse_body(await request.body()), model_id=served.model_id,
+        req = validate_chat(parse_body(await request.body()), model_ids=list(models),
                             default_max_tokens=default_max_tokens,
                             max_tokens_limit=max_tokens_limit)
-        ids = prompt_ids(served, req.messages, special_text=special_text, forbidden=forbidden)
+        served = models[req.model]
+        ids = prompt_ids(served, req.messages, special_text=special_text,
+                         forbidden=forbidden[req.model])
         if len(ids) + req.max_tokens > served.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens="
                                 f"{req.max_tokens} that is more than the model's context of "
@@ -160,14 +115,15 @@ def build_app(served: ServedModel, *, max_tokens_limit: int = MAX_TOKENS_LIMIT,
                            param="messages")
         engine = state["engine"]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        route = {"adapter": req.model if router is not None else None, "stops": served.stops}
         if not req.stream:
             final: list[int] = []
-            async for out, _ in engine.generate(ids, req.max_tokens, streaming=False):
+            async for out, _ in engine.generate(ids, req.max_tokens, streaming=False, **route):
                 final = out  # non-streaming: one output, the finished one
             answer, finish = _finish(final, served.stops)
             return completion_body(rid, served.model_id, served.decode(answer), finish,
                                    len(ids), len(answer))
-        gen = engine.generate(ids, req.max_tokens, streaming=True)
+        gen = engine.generate(ids, req.max_tokens, streaming=True, **route)
         first = await anext(gen)  # errors before the first byte still get a proper status
 
         async def events() -> AsyncIterator[str]:
@@ -221,20 +177,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def verify_folders(model_dir: str, info: dict[str, Any]) -> None:
-    """The served folder (and an adapter's base) rehashed against dvc.lock, as evaluate,
-    merge and quantize check theirs: a changed byte stops the start in one line."""
+def verify_folders(model_dir: str, info: dict[str, Any], *, also: Sequence[str] = ()) -> None:
+    """The served folder (and an adapter's base, and the folders in ``also``) rehashed
+    against dvc.lock, as evaluate, merge and quantize check theirs: a changed byte stops the
+    start in one line."""
     from pathlib import Path
 
     from reprotune.verify import IntegrityError, verify_paths
 
     folders = [model_dir] + ([str(info["base_dir"])] if info.get("kind") == "adapter" else [])
-    keys = []
-    for folder in folders:
+    keys: list[str] = []
+    for folder in [*folders, *also]:
         try:  # dvc.lock names folders relative to the repository root (here: the cwd)
-            keys.append(Path(folder).resolve().relative_to(Path.cwd().resolve()).as_posix())
+            key = Path(folder).resolve().relative_to(Path.cwd().resolve()).as_posix()
         except ValueError:
-            keys.append(Path(folder).as_posix())  # outside: not in dvc.lock, not verified
+            key = Path(folder).as_posix()  # outside: not in dvc.lock, not verified
+        keys += [] if key in keys else [key]  # one base under several adapters: hashed once
     try:
         checked = verify_paths(keys)
     except IntegrityError as exc:
@@ -242,27 +200,43 @@ def verify_folders(model_dir: str, info: dict[str, Any]) -> None:
     log.info("verified against dvc.lock: %s", ", ".join(checked) or "nothing (not DVC outputs)")
 
 
-def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
-          model_id: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-          dtype: str = "float32", special_text: str = "refuse", verify: bool = True) -> None:
-    """Load ``model_dir`` and serve it until SIGTERM / SIGINT (then drain and stop)."""
+def serve(model_dir: str, *, adapters: Sequence[str] = (), host: str = "127.0.0.1",
+          port: int = 8000, model_id: str | None = None,
+          max_tokens_limit: int = MAX_TOKENS_LIMIT, dtype: str = "float32",
+          special_text: str = "refuse", verify: bool = True) -> None:
+    """Load ``model_dir`` (or the ``name=folder`` LoRA ``adapters`` over their one base) and
+    serve it until SIGTERM / SIGINT (then drain and stop)."""
     import torch
     import uvicorn
 
+    from reprotune.deploy.adapters import check_specs, load_adapters, parse_specs
     from reprotune.deploy.served_model import read_serving_manifest
     from reprotune.runtime import usable_cpus
 
-    _, info = read_serving_manifest(model_dir)  # a wrong folder fails before the port is taken
+    # a wrong folder fails before the port is taken
+    specs = parse_specs(adapters) if adapters else []
+    if specs:
+        info = check_specs(specs)[specs[0].name]
+        model_dir = str(specs[0].folder)
+    else:
+        _, info = read_serving_manifest(model_dir)
     if verify:
-        verify_folders(model_dir, info)
+        verify_folders(model_dir, info, also=[str(s.folder) for s in specs[1:]])
     sock = bind(host, port)
     torch.set_num_threads(usable_cpus())  # once, before the batching thread starts
-    served = load_served_model(model_dir, model_id=model_id, dtype=dtype)
-    app = build_app(served, max_tokens_limit=max_tokens_limit, special_text=special_text)
+    router = None
+    if specs:
+        served, router = load_adapters(specs, dtype=dtype)
+        what = ", ".join(f"{s.name}={s.folder}" for s in specs) + " over one base"
+    else:
+        one = load_served_model(model_dir, model_id=model_id, dtype=dtype)
+        served, what = {one.model_id: one}, f"{one.model_id} ({model_dir})"
+    app = build_app(served, router=router, max_tokens_limit=max_tokens_limit,
+                    special_text=special_text)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S,
                             access_log=False)
-    print(f"serving {served.model_id} ({model_dir}) on http://{host}:{bound}/v1 "
+    print(f"serving {what} on http://{host}:{bound}/v1 "
           f"(continuous batching, {dtype}, {torch.get_num_threads()} threads)", flush=True)
     # uvicorn drains, then re-raises the signal that stopped it; with these handlers in place
     # that re-raise is a no-op, so a drained shutdown exits 0 instead of dying by the signal
@@ -286,7 +260,11 @@ def _int_option(flag: str, value: str, low: int, high: int | None, what: str) ->
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m reprotune.deploy.server",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="models/merged", help="merge or train output folder")
+    ap.add_argument("--model", default=None,
+                    help="merge or train output folder (default: models/merged)")
+    ap.add_argument("--adapters", nargs="+", default=[], metavar="NAME=FOLDER",
+                    help="serve these LoRA adapters (train outputs on one base) instead; the "
+                         "request's model field picks one by NAME")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", default="8000", help="0: any free port")
     ap.add_argument("--name", default=None, help="model id clients send (default: folder name)")
@@ -299,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--no-verify", action="store_true",
                     help="serve a folder whose bytes differ from dvc.lock")
     args = ap.parse_args(argv)
+    if args.adapters and (args.model or args.name):
+        sys.exit("serve: --adapters names its models itself: leave out --model and --name")
     port = _int_option("--port", args.port, 0, 65535, "a TCP port: 0-65535 (0: any free port)")
     limit = _int_option("--max-tokens-limit", args.max_tokens_limit, 1, None,
                         "the most tokens one answer may have: 1 or more")
@@ -307,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for noisy in ("transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        serve(args.model, host=args.host, port=port, model_id=args.name,
+        serve(args.model or "models/merged", adapters=args.adapters, host=args.host,
+              port=port, model_id=args.name,
               max_tokens_limit=limit, dtype=args.dtype, special_text=args.special_text,
               verify=not args.no_verify)
     except ServeError as exc:
