@@ -143,7 +143,8 @@ def test_repro_then_noop(project: Path) -> None:
                      "dedup: [dedup]",
                      "ingest: ingest.inputs=", "read@data/raw/demo.jsonl:", "demo: [demo]"):
         assert f"\n  {upstream}" in lineage, upstream
-    assert "group_by_length" not in lineage and len(lineage.splitlines()) <= 50
+    # one screen: 51 lines on the default pipeline since format records ingest.mixture
+    assert "group_by_length" not in lineage and len(lineage.splitlines()) <= 55
 
     # Retraining with the same code, params and data changes no tracked file: the model,
     # metrics and curves are identical on CPU, and timings live in the untracked

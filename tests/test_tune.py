@@ -131,6 +131,15 @@ def _study(repo: Path, name: str) -> optuna.Study:
         optuna.storages.journal.JournalFileBackend(path)))
 
 
+def _stage_locked(repo: Path) -> bool:
+    """True once a running dvc has written its stage's locks (the state a kill leaves)."""
+    path = repo / ".dvc" / "tmp" / "rwlock"
+    try:
+        return bool(json.loads(path.read_text() or "{}").get("write"))
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being rewritten
+        return False
+
+
 def _set_child_subreaper(on: bool) -> None:
     """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants become this process's children."""
     import ctypes
@@ -293,8 +302,8 @@ def test_a_killed_tune_continues_and_never_reruns_a_finished_trial(tmp_path: Pat
         while time.time() < deadline and proc.poll() is None:
             if journal.exists():
                 states = [t.state.name for t in _study(repo, "k").trials]
-                if states.count("COMPLETE") == 1 and "RUNNING" in states:
-                    time.sleep(2)  # into the second trial's training
+                if states.count("COMPLETE") == 1 and "RUNNING" in states and _stage_locked(repo):
+                    time.sleep(1)  # the second trial's stage runs: into its training
                     break
             time.sleep(0.5)
     finally:
