@@ -323,6 +323,7 @@ def test_base_and_format_stages(tmp_path, repo_root):
     assert (tmp_path / "m/len.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # > 15 s: make test runs it, make test-fast does not
 def test_tokenizer_and_max_length_come_from_the_train_split_only(tmp_path, repo_root):
     """A word repeated only in test is not in the tiny tokenizer's vocabulary (it is when
     train holds it), and format.max_length: auto is the p99 of the train lengths, so the long

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pipeline_cli import dvc, env, ran, unexplained_empty
 from pipeline_cli import run as run_ok
 from ruamel.yaml import YAML
@@ -56,6 +57,7 @@ def _outs(root: Path) -> list[str]:
     return [o["path"] for s in stages.values() for o in s.get("outs", [])]
 
 
+@pytest.mark.slow  # > 15 s: make test runs it, make test-fast does not
 def test_new_inputs_read_outputs_stay_ignored_after_a_failed_and_a_good_repro(
         tmp_path: Path) -> None:
     """About 20 s idle: `dvc repro split` twice on two small files (no model, no demo)."""

@@ -125,6 +125,7 @@ def test_torchao_cpu_notices_are_dropped(caplog: pytest.LogCaptureFixture) -> No
     assert {r.getMessage() for r in caplog.records} == {"a torchao message to act on"}
 
 
+@pytest.mark.slow  # > 15 s: make test runs it, make test-fast does not
 def test_trl_experimental_import_notice_is_dropped_at_stage_setup() -> None:
     """align.method orpo / simpo import trl.experimental, which warns on import: the real
     import, in a fresh process, shows it without the filter and not with it."""
