@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from lora_fit import fit_lora
 
 torch = pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
@@ -57,15 +58,7 @@ def make_models(base_dir: Path, root: Path) -> Path:
     texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": a}], tokenize=False,
                                      enable_thinking=False) for p, a in zip(PROMPTS, ANSWERS,
                                                                         strict=True)]
-    batch = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    model.train()
-    for _ in range(60):
-        opt.zero_grad()
-        model(**batch, labels=labels).loss.backward()
-        opt.step()
-    model.eval()
+    fit_lora(model, tok, texts)
     save_finetuned(model, tok, root / "finetuned", method="lora", base_dir=base_dir,
                    enable_thinking=False)
     merge_finetuned(root / "finetuned", root / "merged")

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from lora_fit import fit_lora
 
 torch = pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
@@ -64,14 +65,7 @@ def train_adapter(base_dir: Path, out: Path, pairs: list[tuple[str, str]],
     texts = [tok.apply_chat_template([{"role": "user", "content": p},
                                       {"role": "assistant", "content": a}], tokenize=False,
                                      enable_thinking=False) for p, a in pairs]
-    batch = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    model.train()
-    for _ in range(60):
-        opt.zero_grad()
-        model(**batch, labels=labels).loss.backward()
-        opt.step()
+    fit_lora(model, tok, texts)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
