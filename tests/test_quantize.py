@@ -21,7 +21,11 @@ from reprotune.deploy.quant_common import (  # noqa: E402
     TemplateMismatch,
 )
 from reprotune.deploy.quant_int8 import INT8_WEIGHTS, load_int8_dynamic  # noqa: E402
-from reprotune.deploy.quant_measure import measure, measure_in_subprocess  # noqa: E402
+from reprotune.deploy.quant_measure import (  # noqa: E402
+    FreshMeasurer,
+    measure,
+    measure_in_subprocess,
+)
 from reprotune.deploy.quantize import check_format, quantize_all  # noqa: E402
 from reprotune.modeling import load_model, load_tokenizer  # noqa: E402
 from reprotune.params import EvalParams, as_dict  # noqa: E402
@@ -210,6 +214,28 @@ def test_quantize_all_refuses_drifted_training_template(work: Path, tmp_path: Pa
                      methods=["gguf_f16"], keep=KEEP, eval_params=EVAL, eval_rows=1,
                      enable_thinking=True, seed=0)
     assert not (tmp_path / "q").exists()
+
+
+def test_one_measurer_forks_a_fresh_child_per_artifact_and_survives_a_failure(
+        work: Path, tmp_path: Path) -> None:
+    """A failed measurement ends in a one-line cause with the child's last lines, and the
+    next request is measured by a new child of the same serving process, equal to a
+    measurement in its own interpreter (nothing carried over from the failed one)."""
+    req = {"method": "merged", "path": str(work / "merged"), "test": str(work / "test.parquet"),
+           "eval": EVAL, "eval_rows": 2, "seed": 0}
+    with FreshMeasurer() as measurer:
+        server = measurer._proc.pid
+        with pytest.raises(RuntimeError, match=r"measuring merged \(.*missing\) failed with exit "
+                                               r"code 1:\n(.|\n)*missing"):
+            measurer.measure({**req, "path": str(tmp_path / "missing")})
+        first = measurer.measure(req)
+        second = measurer.measure(req)
+        assert measurer._proc.poll() is None and measurer._proc.pid == server
+    assert measurer._proc is None  # stopped on leaving the block
+    alone = measure_in_subprocess(req)
+    for res in (first, second):
+        assert res["peft_blocked"] is True
+        assert (res["first_tokens"], res["metrics"]) == (alone["first_tokens"], alone["metrics"])
 
 
 def test_skipped_method_has_recorded_reason(work: Path, tmp_path: Path) -> None:

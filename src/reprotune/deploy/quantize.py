@@ -39,7 +39,7 @@ from reprotune.deploy.quant_common import (
     MethodUnavailable,
     TemplateMismatch,
 )
-from reprotune.deploy.quant_measure import measure_in_subprocess
+from reprotune.deploy.quant_measure import FreshMeasurer
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,8 @@ def quantize_all(merged_dir: str | Path, test_path: str | Path, out_dir: str | P
     artifact formats prompts as training did; otherwise :class:`TemplateMismatch` is raised
     carrying ``(metrics, details)`` so the caller can still write them.
     """
-    import torch
 
-    from reprotune.modeling import load_model, load_tokenizer
+    from reprotune.modeling import load_tokenizer
 
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     merged = io.read_json(merged_dir / MERGED_INFO_FILE)
@@ -157,8 +156,24 @@ def quantize_all(merged_dir: str | Path, test_path: str | Path, out_dir: str | P
         return {"method": method, "path": str(path), "test": str(test_path),
                 "eval": dict(eval_params), "eval_rows": eval_rows, "seed": seed}
 
+    with FreshMeasurer() as measurer:
+        return _build_and_measure(measurer, request, merged_dir, out_dir, merged, sha, ref_render,
+                                  ref_ids, methods=methods, keep=keep,
+                                  enable_thinking=enable_thinking)
+
+
+def _build_and_measure(measurer: FreshMeasurer, request: Any, merged_dir: Path, out_dir: Path,
+                       merged: dict[str, Any], sha: str, ref_render: str, ref_ids: list[int], *,
+                       methods: Sequence[str], keep: Sequence[str], enable_thinking: bool,
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`quantize_all` after its checks: measure the reference, build and measure each
+    method (each measurement in a fresh process of ``measurer``)."""
+    import torch
+
+    from reprotune.modeling import load_model
+
     log.info("measuring the merged model (reference) in a fresh process")
-    ref = measure_in_subprocess(request("merged", merged_dir))
+    ref = measurer.measure(request("merged", merged_dir))
     ref_size = directory_size(merged_dir)
     metrics: dict[str, Any] = {"merged": _reference_row(ref, ref_size, merged),
                                "chat_template_sha256": sha, "enable_thinking": enable_thinking,
@@ -180,7 +195,7 @@ def quantize_all(merged_dir: str | Path, test_path: str | Path, out_dir: str | P
             log.info("%s built (%s); measuring in a fresh process", method,
                      f"{directory_size(dest) / 2**20:.3f} MiB")
             try:
-                result = measure_in_subprocess(request(method, dest))
+                result = measurer.measure(request(method, dest))
             except RuntimeError as exc:
                 if not method.startswith("bnb"):
                     raise
