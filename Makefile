@@ -86,9 +86,10 @@ repro-tiny: install
 
 # One pytest-xdist worker per core, at most 4 (a worker with a real model holds ~4 GB), each
 # with one torch thread (tests/conftest.py); a test file stays on one worker, in order (its
-# module fixtures, e.g. one dvc repro, are built once). TEST_JOBS=0 runs in one process.
+# module fixtures, e.g. one dvc repro, are built once), and the slowest files start first
+# (tests/conftest.py SLOWEST_FILES, hence --no-loadscope-reorder). TEST_JOBS=0: one process.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
-XDIST = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+XDIST = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
 test: install
 	$(BIN)/python -m pytest $(XDIST)
 

@@ -111,10 +111,52 @@ def set_nan_weight(model_dir: Path, tensor: str = "model.norm.weight") -> None:
 
 
 # The suite's time budget on the project's 2-core machine (README "Development"): make test
-# <= 20 minutes, make test-fast <= 5. Said at the end of every run with xdist's worker count,
-# so growth past the budget shows in CI's log before it is a problem.
+# <= 20 minutes, make test-fast <= 5. Said at the end of every run of the whole suite with
+# xdist's worker count, and a run past its budget fails (exit status 1), so growth shows in
+# CI before it is a habit.
 SUITE_BUDGET_S = {"all": 20 * 60, "not slow": 5 * 60}
 _SESSION_START: list[float] = []
+
+# The files that take longest, slowest first (seconds summed over their tests in `make test`,
+# `--durations=0 --junitxml`, 2026-12-07). pytest-xdist (`--dist loadfile
+# --no-loadscope-reorder`, Makefile) hands whole files to idle workers in collection order:
+# started first, the long files overlap and the short ones fill the gaps. xdist's own order
+# (most tests first) started the one-test align e2e file (190 s) last, alone on one worker.
+SLOWEST_FILES = (
+    "test_e2e.py", "test_real_model_methods.py", "test_align_e2e.py", "test_distributed_runs.py",
+    "test_quantize.py", "test_tune.py", "test_serve.py", "test_training.py",
+    "test_gguf_smollm2.py", "test_hub.py", "test_gpu_check.py", "test_align.py",
+    "test_formatting.py", "test_mixture_chain.py", "test_distributed_eval.py",
+)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    # stable: the tests of a file, and the files not listed, keep their order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def budget_verdict(marks: str, args: list[str], rootpath: Path, keyword: str,
+                   took: float) -> tuple[int, bool] | None:
+    """(budget in s, over it?) for a run of the whole suite under ``-m marks``; None for a
+    selection (some files, ``-k``, another ``-m``), which no budget covers."""
+    budget = SUITE_BUDGET_S.get(marks or "all")
+    whole = [str(a).rstrip("/") for a in args] in (["tests"], [str(rootpath / "tests")])
+    if budget is None or keyword or not whole:
+        return None
+    return budget, took > budget
+
+
+def _verdict(config: pytest.Config) -> tuple[float, int, bool] | None:
+    import time
+
+    if not _SESSION_START or os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    took = time.monotonic() - _SESSION_START[0]
+    found = budget_verdict(config.getoption("-m"), list(config.args), config.rootpath,
+                           config.getoption("keyword"), took)
+    return None if found is None else (took, *found)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -123,18 +165,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _SESSION_START.append(time.monotonic())
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    import time
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    found = _verdict(session.config)
+    if found is not None and found[2] and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # over budget: the run fails
 
-    if not _SESSION_START or os.environ.get("PYTEST_XDIST_WORKER"):
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    found = _verdict(config)
+    if found is None:
         return
+    took, budget, over = found
     marks = config.getoption("-m") or "all"
-    budget = SUITE_BUDGET_S.get(marks)
-    whole = [str(a).rstrip("/") for a in config.args] in (["tests"], [str(config.rootpath / "tests")])
-    if budget is None or config.getoption("keyword") or not whole:
-        return  # a selection of the suite: no budget applies
-    took = time.monotonic() - _SESSION_START[0]
-    verdict = "within" if took <= budget else "OVER"
+    workers = config.getoption("numprocesses", None) or 1
     terminalreporter.write_line(
-        f"suite time: {took:.0f} s for -m {marks!r} with {config.getoption('numprocesses', None) or 1} "
-        f"worker(s); budget {budget} s on the 2-core machine: {verdict} budget")
+        f"suite time: {took:.0f} s for -m {marks!r} with {workers} worker(s); budget {budget} s "
+        f"on the 2-core machine: {'OVER budget (the run fails)' if over else 'within budget'}")
