@@ -112,9 +112,11 @@ def set_nan_weight(model_dir: Path, tensor: str = "model.norm.weight") -> None:
 
 # The suite's time budget on the project's 2-core machine (README "Development"): make test
 # <= 20 minutes, make test-fast <= 5. Said at the end of every run of the whole suite with
-# xdist's worker count, and a run past its budget fails (exit status 1), so growth shows in
-# CI before it is a habit.
+# xdist's worker count ("OVER budget" past it), and a run past its budget by more than this
+# machine's day-to-day spread fails (exit status 1), so growth fails CI rather than a slow
+# day: the same training step ran 15% slower on one day than another (68.5 vs 80.6 tokens/s).
 SUITE_BUDGET_S = {"all": 20 * 60, "not slow": 5 * 60}
+MACHINE_SPREAD = 0.15
 _SESSION_START: list[float] = []
 
 # The files that take longest, slowest first (seconds summed over their tests in `make test`,
@@ -138,17 +140,17 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def budget_verdict(marks: str, args: list[str], rootpath: Path, keyword: str,
-                   took: float) -> tuple[int, bool] | None:
-    """(budget in s, over it?) for a run of the whole suite under ``-m marks``; None for a
-    selection (some files, ``-k``, another ``-m``), which no budget covers."""
+                   took: float) -> tuple[int, bool, bool] | None:
+    """(budget in s, over it?, fails?) for a run of the whole suite under ``-m marks``; None
+    for a selection (some files, ``-k``, another ``-m``), which no budget covers."""
     budget = SUITE_BUDGET_S.get(marks or "all")
     whole = [str(a).rstrip("/") for a in args] in (["tests"], [str(rootpath / "tests")])
     if budget is None or keyword or not whole:
         return None
-    return budget, took > budget
+    return budget, took > budget, took > budget * (1 + MACHINE_SPREAD)
 
 
-def _verdict(config: pytest.Config) -> tuple[float, int, bool] | None:
+def _verdict(config: pytest.Config) -> tuple[float, int, bool, bool] | None:
     import time
 
     if not _SESSION_START or os.environ.get("PYTEST_XDIST_WORKER"):
@@ -167,17 +169,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     found = _verdict(session.config)
-    if found is not None and found[2] and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # over budget: the run fails
+    if found is not None and found[3] and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # grown past the budget: it fails
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     found = _verdict(config)
     if found is None:
         return
-    took, budget, over = found
+    took, budget, over, fails = found
     marks = config.getoption("-m") or "all"
     workers = config.getoption("numprocesses", None) or 1
+    verdict = ("within budget" if not over else "OVER budget" if not fails else
+               f"OVER budget by more than {MACHINE_SPREAD:.0%}: the run fails")
     terminalreporter.write_line(
         f"suite time: {took:.0f} s for -m {marks!r} with {workers} worker(s); budget {budget} s "
-        f"on the 2-core machine: {'OVER budget (the run fails)' if over else 'within budget'}")
+        f"on the 2-core machine: {verdict}")

@@ -28,7 +28,7 @@ OVERRIDES = {  # the embedded model, small: a few SFT and DPO steps, a few gener
     ("demo", "rows"): 10,
     ("split", "stratify"): None,
     ("split", "group"): None,
-    ("train", "max_steps"): 4,
+    ("train", "max_steps"): 2,  # SFT is only DPO's starting point here
     ("train", "eval_steps"): 2,
     ("eval", "max_rows"): 4,
     ("eval", "max_new_tokens"): 8,

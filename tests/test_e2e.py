@@ -334,7 +334,7 @@ def test_killed_dvc_repro_resumes_training_and_keeps_its_curves(project: Path) -
     """SIGKILL `dvc repro` mid-training; the next `dvc repro` resumes from the checkpoint."""
     yaml = YAML()
     params = yaml.load((project / "params.yaml").read_text())
-    params["epochs"] = 6  # a param change that reruns train, long enough to be killed
+    params["epochs"] = 3  # a param change that reruns train (69 steps), killed at step 10
     with (project / "params.yaml").open("w") as fh:
         yaml.dump(params, fh)
     saved = project / "models" / "checkpoints" / "checkpoint-10" / "reprotune_counters.json"

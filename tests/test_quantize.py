@@ -219,8 +219,9 @@ def test_quantize_all_refuses_drifted_training_template(work: Path, tmp_path: Pa
 def test_one_measurer_forks_a_fresh_child_per_artifact_and_survives_a_failure(
         work: Path, tmp_path: Path) -> None:
     """A failed measurement ends in a one-line cause with the child's last lines, and the
-    next request is measured by a new child of the same serving process, equal to a
-    measurement in its own interpreter (nothing carried over from the failed one)."""
+    next requests are measured by new children of the same serving process: two equal
+    measurements (nothing carried over from the failed one or from the first), peft blocked
+    in each."""
     req = {"method": "merged", "path": str(work / "merged"), "test": str(work / "test.parquet"),
            "eval": EVAL, "eval_rows": 2, "seed": 0}
     with FreshMeasurer() as measurer:
@@ -232,10 +233,10 @@ def test_one_measurer_forks_a_fresh_child_per_artifact_and_survives_a_failure(
         second = measurer.measure(req)
         assert measurer._proc.poll() is None and measurer._proc.pid == server
     assert measurer._proc is None  # stopped on leaving the block
-    alone = measure_in_subprocess(req)
-    for res in (first, second):
-        assert res["peft_blocked"] is True
-        assert (res["first_tokens"], res["metrics"]) == (alone["first_tokens"], alone["metrics"])
+    assert first["peft_blocked"] is second["peft_blocked"] is True
+    assert (first["first_tokens"], first["metrics"]) == (second["first_tokens"],
+                                                         second["metrics"])
+    assert len(first["first_tokens"]) == 8 and first["metrics"]["n_rows"] == 2
 
 
 def test_skipped_method_has_recorded_reason(work: Path, tmp_path: Path) -> None:
