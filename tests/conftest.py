@@ -118,6 +118,7 @@ def set_nan_weight(model_dir: Path, tensor: str = "model.norm.weight") -> None:
 SUITE_BUDGET_S = {"all": 20 * 60, "not slow": 5 * 60}
 MACHINE_SPREAD = 0.15
 _SESSION_START: list[float] = []
+_VERDICT: list[tuple[float, int, bool, bool] | None] = []
 
 # The files that take longest, slowest first (seconds summed over their tests in `make test`,
 # `--durations=0 --junitxml`, 2026-12-07). pytest-xdist (`--dist loadfile
@@ -151,14 +152,18 @@ def budget_verdict(marks: str, args: list[str], rootpath: Path, keyword: str,
 
 
 def _verdict(config: pytest.Config) -> tuple[float, int, bool, bool] | None:
+    """(seconds taken, *budget_verdict) at the end of the session, once: the exit status and
+    the printed line judge the same time."""
     import time
 
     if not _SESSION_START or os.environ.get("PYTEST_XDIST_WORKER"):
         return None
-    took = time.monotonic() - _SESSION_START[0]
-    found = budget_verdict(config.getoption("-m"), list(config.args), config.rootpath,
-                           config.getoption("keyword"), took)
-    return None if found is None else (took, *found)
+    if not _VERDICT:
+        took = time.monotonic() - _SESSION_START[0]
+        found = budget_verdict(config.getoption("-m"), list(config.args), config.rootpath,
+                               config.getoption("keyword"), took)
+        _VERDICT.append(None if found is None else (took, *found))
+    return _VERDICT[0]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -126,9 +126,14 @@ class FreshMeasurer:
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._count = 0
 
+    @property
+    def _log(self) -> Path:
+        """The serving process's own output (imports, a crash before any child)."""
+        assert self._dir is not None
+        return Path(self._dir.name) / "serve.log"
+
     def __enter__(self) -> FreshMeasurer:
         self._dir = tempfile.TemporaryDirectory(prefix="reprotune-measure-")
-        self._log = Path(self._dir.name) / "serve.log"
         with self._log.open("w") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "reprotune.deploy.quant_measure", "--serve"],
@@ -201,13 +206,11 @@ def _preimport() -> None:
     import rouge_score.rouge_scorer  # noqa: F401
     import sacrebleu  # noqa: F401
     import torch  # noqa: F401
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import reprotune.deploy.artifacts  # noqa: F401
     import reprotune.evaluate.evaluation  # noqa: F401
 
-    del transformers
     if "peft" in sys.modules:  # pragma: no cover - a library started importing peft
         raise RuntimeError("peft was imported before measuring: it could not be blocked")
 

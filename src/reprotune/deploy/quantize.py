@@ -136,8 +136,9 @@ def quantize_all(merged_dir: str | Path, test_path: str | Path, out_dir: str | P
     artifact formats prompts as training did; otherwise :class:`TemplateMismatch` is raised
     carrying ``(metrics, details)`` so the caller can still write them.
     """
+    import torch
 
-    from reprotune.modeling import load_tokenizer
+    from reprotune.modeling import load_model, load_tokenizer
 
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
     merged = io.read_json(merged_dir / MERGED_INFO_FILE)
@@ -156,63 +157,49 @@ def quantize_all(merged_dir: str | Path, test_path: str | Path, out_dir: str | P
         return {"method": method, "path": str(path), "test": str(test_path),
                 "eval": dict(eval_params), "eval_rows": eval_rows, "seed": seed}
 
-    with FreshMeasurer() as measurer:
-        return _build_and_measure(measurer, request, merged_dir, out_dir, merged, sha, ref_render,
-                                  ref_ids, methods=methods, keep=keep,
-                                  enable_thinking=enable_thinking)
-
-
-def _build_and_measure(measurer: FreshMeasurer, request: Any, merged_dir: Path, out_dir: Path,
-                       merged: dict[str, Any], sha: str, ref_render: str, ref_ids: list[int], *,
-                       methods: Sequence[str], keep: Sequence[str], enable_thinking: bool,
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """:func:`quantize_all` after its checks: measure the reference, build and measure each
-    method (each measurement in a fresh process of ``measurer``)."""
-    import torch
-
-    from reprotune.modeling import load_model
-
-    log.info("measuring the merged model (reference) in a fresh process")
-    ref = measurer.measure(request("merged", merged_dir))
-    ref_size = directory_size(merged_dir)
-    metrics: dict[str, Any] = {"merged": _reference_row(ref, ref_size, merged),
-                               "chat_template_sha256": sha, "enable_thinking": enable_thinking,
-                               "n_eval_rows": ref["metrics"].get("n_rows"),
-                               "target_loss_pct": TARGET_LOSS_PCT}
-    details: dict[str, Any] = {"worst_layers": {}, "failures": []}
-    problems = check_format(ref, ref_render, ref_ids, enable_thinking)
-    metrics["merged"]["template_ok"] = not problems
-    details["failures"] += [f"merged: {p}" for p in problems]
-    float_model = load_model(merged_dir, dtype=torch.float32)
-    with io.atomic_dir(out_dir) as tmp:
-        for method in dict.fromkeys(methods):  # ordered, duplicates dropped
-            dest = tmp / method
-            try:
-                built = build_artifact(method, merged_dir, dest, keep, float_model)
-            except MethodUnavailable as exc:
-                metrics[method] = _skip(dest, method, str(exc))
-                continue
-            log.info("%s built (%s); measuring in a fresh process", method,
-                     f"{directory_size(dest) / 2**20:.3f} MiB")
-            try:
-                result = measurer.measure(request(method, dest))
-            except RuntimeError as exc:
-                if not method.startswith("bnb"):
-                    raise
-                metrics[method] = _skip(dest, method, f"built, but bitsandbytes inference "
-                                                      f"failed on this machine: {exc}")
-                continue
-            row = summarize(result, ref, directory_size(dest), ref_size, built)
-            problems = check_format(result, ref_render, ref_ids, enable_thinking)
-            row["template_ok"] = not problems
-            details["failures"] += [f"{method}: {p}" for p in problems]
-            details["worst_layers"][method] = built["worst_layers"]
-            metrics[method] = row  # timings stay out of the artifact: its bytes are reproducible
-            log.info("%s: %.3f MiB (x%.2f), %.1f tok/s, ppl %s (%s%%), %s %s (%s%%)", method,
-                     row["size_mb"], row["compression"], row["tokens_per_s"], row["perplexity"],
-                     row["ppl_delta_pct"], row["main_metric"], row["main"], row["main_delta_pct"])
-        metrics["format_ok"] = not details["failures"]
-        if details["failures"]:
-            raise TemplateMismatch("prompt format differs from training: "
-                                   + "; ".join(details["failures"]), (metrics, details))
-    return metrics, details
+    with FreshMeasurer() as measurer:  # one serving process; a fresh child per artifact
+        log.info("measuring the merged model (reference) in a fresh process")
+        ref = measurer.measure(request("merged", merged_dir))
+        ref_size = directory_size(merged_dir)
+        metrics: dict[str, Any] = {"merged": _reference_row(ref, ref_size, merged),
+                                   "chat_template_sha256": sha, "enable_thinking": enable_thinking,
+                                   "n_eval_rows": ref["metrics"].get("n_rows"),
+                                   "target_loss_pct": TARGET_LOSS_PCT}
+        details: dict[str, Any] = {"worst_layers": {}, "failures": []}
+        problems = check_format(ref, ref_render, ref_ids, enable_thinking)
+        metrics["merged"]["template_ok"] = not problems
+        details["failures"] += [f"merged: {p}" for p in problems]
+        float_model = load_model(merged_dir, dtype=torch.float32)
+        with io.atomic_dir(out_dir) as tmp:
+            for method in dict.fromkeys(methods):  # ordered, duplicates dropped
+                dest = tmp / method
+                try:
+                    built = build_artifact(method, merged_dir, dest, keep, float_model)
+                except MethodUnavailable as exc:
+                    metrics[method] = _skip(dest, method, str(exc))
+                    continue
+                log.info("%s built (%s); measuring in a fresh process", method,
+                         f"{directory_size(dest) / 2**20:.3f} MiB")
+                try:
+                    result = measurer.measure(request(method, dest))
+                except RuntimeError as exc:
+                    if not method.startswith("bnb"):
+                        raise
+                    metrics[method] = _skip(dest, method, f"built, but bitsandbytes inference "
+                                                          f"failed on this machine: {exc}")
+                    continue
+                row = summarize(result, ref, directory_size(dest), ref_size, built)
+                problems = check_format(result, ref_render, ref_ids, enable_thinking)
+                row["template_ok"] = not problems
+                details["failures"] += [f"{method}: {p}" for p in problems]
+                details["worst_layers"][method] = built["worst_layers"]
+                metrics[method] = row  # no timings in the artifact: its bytes are reproducible
+                log.info("%s: %.3f MiB (x%.2f), %.1f tok/s, ppl %s (%s%%), %s %s (%s%%)",
+                         method, row["size_mb"], row["compression"], row["tokens_per_s"],
+                         row["perplexity"], row["ppl_delta_pct"], row["main_metric"], row["main"],
+                         row["main_delta_pct"])
+            metrics["format_ok"] = not details["failures"]
+            if details["failures"]:
+                raise TemplateMismatch("prompt format differs from training: "
+                                       + "; ".join(details["failures"]), (metrics, details))
+        return metrics, details
