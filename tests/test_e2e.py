@@ -278,22 +278,33 @@ def test_dedup_threshold_experiment_reruns_from_dedup(project: Path) -> None:
 
 def test_queued_sweep_stops_at_evaluate_and_the_best_is_promoted(project: Path) -> None:
     """A 2-point queued sweep that ends at `evaluate` (no merge/quantize), then `dvc exp
-    apply` and `dvc exp branch` promote the better point."""
+    apply` and `dvc exp branch` promote the better point. One point (lr=1e-4) ran before as
+    the low-lr experiment: its queued run restores train and evaluate from the run cache."""
     _run(["git", "reset", "-q", "--hard"], project)
     _dvc(project, "checkout", "--force")
-    _dvc(project, "exp", "run", "--queue", "evaluate", "-S", "lr=2e-3,5e-3")
+    _dvc(project, "exp", "run", "--queue", "evaluate", "-S", "lr=1e-4,2e-3")
     _dvc(project, "exp", "run", "--run-all", "-j", "1")
     exps = _experiments(json.loads(_dvc(project, "exp", "show", "--json")))
-    sweep = {name: e for name, e in exps.items()
-             if e["params"]["params.yaml"]["data"]["lr"] in (2e-3, 5e-3)}
-    assert len(sweep) == 2
-    for e in sweep.values():  # each point trained and evaluated
+    sweep = {name: e for name, e in exps.items() if name not in ("low-lr", "strict-dedup")
+             and e["params"]["params.yaml"]["data"]["lr"] in (1e-4, 2e-3)}
+    assert len(sweep) == 2, sweep.keys()
+    for e in sweep.values():  # each point trained (or was restored) and evaluated
         assert e["metrics"]["metrics/scorecard/eval.json"]["data"]["perplexity"] > 0
+    for name, e in sweep.items():
+        log = _dvc(project, "queue", "logs", name)
+        if e["params"]["params.yaml"]["data"]["lr"] == 1e-4:  # the low-lr experiment's outputs
+            assert "Stage 'train' is cached - skipping run" in log, log[-3000:]
+            assert "Stage 'evaluate' is cached - skipping run" in log, log[-3000:]
+            for scorecard in ("train", "eval"):
+                key = f"metrics/scorecard/{scorecard}.json"
+                assert e["metrics"][key] == exps["low-lr"]["metrics"][key]
+        else:
+            assert "Running stage 'train'" in log and "Running stage 'evaluate'" in log
     best = min(sweep, key=lambda n: sweep[n]["metrics"]["metrics/scorecard/train.json"]["data"][
         "best_val_loss"])
     _dvc(project, "exp", "branch", best, "best-lr")
-    branch_params = _run(["git", "show", "best-lr:params.yaml"], project)
-    assert f"lr: {sweep[best]['params']['params.yaml']['data']['lr']}" in branch_params
+    branch_params = YAML(typ="safe").load(_run(["git", "show", "best-lr:params.yaml"], project))
+    assert branch_params["lr"] == sweep[best]["params"]["params.yaml"]["data"]["lr"]
     _dvc(project, "exp", "apply", best)
     applied = YAML().load((project / "params.yaml").read_text())
     assert applied["lr"] == sweep[best]["params"]["params.yaml"]["data"]["lr"]
