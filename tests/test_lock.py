@@ -43,3 +43,50 @@ def test_remote_locks_share_the_main_pins() -> None:
     for extra in ("s3", "gcs", "ssh"):
         pins = _pins(ROOT / "lock" / f"{extra}.txt")
         assert {n: pins.get(n) for n in main} == main, extra
+
+
+def _install_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_install", ROOT / "lock" / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+def test_the_parallel_install_parts_are_the_lock_split_disjointly(jobs: int) -> None:
+    """make install's parts (lock/install.py): every pin in exactly one part, with all its
+    hashes, each part a requirements file --require-hashes accepts."""
+    split_lock = _install_module().split_lock
+    text = (ROOT / "lock" / "requirements.txt").read_text()
+    parts = split_lock(text, jobs)
+    assert len(parts) == jobs
+    pinned = [_pins_and_hashes(part) for part in parts]
+    names = [n for part in pinned for n in part]
+    assert len(names) == len(set(names))  # disjoint
+    assert {n: h for part in pinned for n, h in part.items()} == _pins_and_hashes(text)
+    sizes = [len(part) for part in pinned]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _pins_and_hashes(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", text)
+    found = {}
+    for block in blocks:
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
+        if m:
+            found[m.group(1)] = (m.group(2), frozenset(re.findall(r"--hash=sha256:(\w+)", block)))
+    return found
+
+
+def test_the_parallel_install_keeps_global_options_and_refuses_a_stray_continuation() -> None:
+    module = _install_module()
+    text = "--extra-index-url file:///x\n# c\na==1 \\\n    --hash=sha256:aa\nb==2 \\\n    --hash=sha256:bb\n"
+    assert module.split_lock(text, 2) == [
+        "--extra-index-url file:///x\na==1 \\\n    --hash=sha256:aa\n",
+        "--extra-index-url file:///x\nb==2 \\\n    --hash=sha256:bb\n"]
+    assert module.split_lock(text, 5) == module.split_lock(text, 2)  # no empty parts
+    with pytest.raises(ValueError, match="continuation line before any requirement"):
+        module.requirement_blocks("    --hash=sha256:aa\n")
+    assert module.main(["two", "lock/requirements.txt"]) == 2  # usage, nothing installed
