@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, part in enumerate(parts):
             path = Path(tmp) / f"part{i}.txt"
             path.write_text(part, encoding="utf-8")
-            names = [b.split("==")[0] for b in part.splitlines() if b and not b[0].isspace()
-                     and not b.startswith("-")]
+            names = [block.split("==")[0] for block in requirement_blocks(part)[1]]
             commands[f"{lock} part {i + 1} of {len(parts)} ({names[0]} ... {names[-1]})"] = [
                 *pip, "--require-hashes", "-r", str(path)]
         if extra:
